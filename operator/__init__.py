@@ -1,0 +1,1 @@
+"""The luaq Kubernetes operator (renders QueueConsumer resources into worker Deployments)."""

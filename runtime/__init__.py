@@ -1,0 +1,1 @@
+"""luaq runtime: runs Lua queue handlers on asyncio, on the memory driver or a broker."""

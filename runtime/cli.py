@@ -1,0 +1,223 @@
+"""The `luaq` command: check entries files, run their consumers.
+
+Exit codes: 0 ok, 1 runtime failure, 2 configuration error (nothing was started).
+Every flag can also come from the environment as LUAQ_<FLAG> (the operator's way in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import entries, logs
+from .entries import Config
+from .errors import ConfigError, QueueError
+from .settings import Settings
+from .worker import Worker
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(f"LUAQ_{name.upper()}", default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="luaq", description="Run queue consumers written in Lua."
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env("log_level", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="minimum level of the JSON log lines on stderr (default: info)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate entries files and their Lua sources")
+    check.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+
+    run = commands.add_parser("run", help="run every consumer the entries declare")
+    run.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+    run.add_argument(
+        "--input",
+        type=Path,
+        metavar="FILE.jsonl",
+        help='publish each line {"queue": ID, "data": ..., "headers": {...}} before consuming',
+    )
+    run.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="exit once every consumed queue is empty and no handler runs, with a summary",
+    )
+    run.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env("shutdown_timeout", Settings.shutdown_timeout)),
+        metavar="SECONDS",
+        help="grace period for running handlers on SIGTERM/SIGINT (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-instructions",
+        type=int,
+        default=int(_env("max_instructions", Settings.max_instructions)),
+        metavar="N",
+        help="Lua instructions one invocation may run before it is stopped "
+        "(default: %(default)s)",
+    )
+    run.add_argument(
+        "--lua-max-memory",
+        type=int,
+        default=int(_env("lua_max_memory", Settings.lua_max_memory // 2**20)),
+        metavar="MIB",
+        help="memory limit of the process's Lua state in MiB (default: %(default)s)",
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class InputMessage:
+    queue: str
+    data: Any
+    headers: dict[str, Any]
+
+
+def read_input(path: Path, config: Config) -> list[InputMessage]:
+    """Parse and check every line up front, so a bad line stops the run before it starts."""
+    namespace = next(iter(config.queues.values())).namespace if config.queues else "app"
+    messages: list[InputMessage] = []
+    problems: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            problems.append(f"{where}: not valid JSON: {exc}")
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("queue"), str):
+            problems.append(f'{where}: expected {{"queue": ID, "data": ..., "headers": {{...}}}}')
+            continue
+        queue = entries.resolve_id(item["queue"], namespace)
+        headers = item.get("headers") or {}
+        if queue not in config.queues:
+            problems.append(f"{where}: queue: {queue} is not declared")
+        elif item.get("data") in (None, ""):
+            problems.append(f"{where}: data: message data is empty")
+        elif not isinstance(headers, dict):
+            problems.append(f"{where}: headers: must be an object")
+        elif unknown := sorted(set(item) - {"queue", "data", "headers"}):
+            problems.append(f"{where}: {', '.join(unknown)}: unknown field")
+        else:
+            messages.append(InputMessage(queue, item["data"], headers))
+    if problems:
+        raise ConfigError(problems)
+    return messages
+
+
+def _summary(worker: Worker, out: TextIO) -> None:
+    columns = ("processed", "acked", "nacked", "failed", "rejected")
+    width = max([len("consumer"), *(len(c.entry.id) for c in worker.consumers)])
+    out.write(f"{'consumer':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + "      msg/s\n")
+    for consumer in worker.consumers:
+        stats = consumer.stats
+        values = "  ".join(f"{getattr(stats, c):>9}" for c in columns)
+        out.write(f"{consumer.entry.id:<{width}}  {values}  {stats.rate:>9.1f}\n")
+    out.flush()
+
+
+async def _progress(worker: Worker, out: TextIO) -> None:
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(1.0)
+        done = sum(c.stats.processed for c in worker.consumers)
+        elapsed = time.monotonic() - started
+        out.write(f"\r{done} processed in {elapsed:.0f}s ({done / elapsed:.0f} msg/s)  ")
+        out.flush()
+
+
+async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, grace: float) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    progress = asyncio.create_task(_progress(worker, sys.stderr)) if sys.stderr.isatty() else None
+    try:
+        await worker.start()
+        for message in inputs:
+            await worker.publish("", message.queue, message.data, message.headers)
+        waiters = [asyncio.create_task(stop.wait())]
+        if until_idle:
+            waiters.append(asyncio.create_task(worker.wait_idle()))
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+    except QueueError as exc:
+        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if progress is not None:
+            progress.cancel()
+            sys.stderr.write("\n")
+        await worker.stop(grace)
+    _summary(worker, sys.stdout)
+    return EXIT_OK
+
+
+def _load(paths: Sequence[Path], settings: Settings) -> Worker:
+    return Worker(entries.load(paths), settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(args.log_level)
+    settings = Settings()
+    if args.command == "run":
+        settings = Settings(
+            max_instructions=args.max_instructions,
+            lua_max_memory=args.lua_max_memory * 2**20,
+            shutdown_timeout=args.shutdown_timeout,
+        )
+    try:
+        worker = _load(args.paths, settings)
+        inputs = read_input(args.input, worker.config) if getattr(args, "input", None) else []
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        config = worker.config
+        print(
+            f"ok: {len(config.files)} file(s), {len(config.drivers)} driver(s), "
+            f"{len(config.queues)} queue(s), {len(worker.handlers)} function(s), "
+            f"{len(config.consumers)} consumer(s)"
+        )
+        for consumer in config.consumers.values():
+            print(
+                f"  {consumer.id}: {consumer.queue} -> {consumer.function_id.removesuffix('#handler')}"
+                f" (concurrency {consumer.concurrency}, prefetch {consumer.prefetch})"
+            )
+        return EXIT_OK
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

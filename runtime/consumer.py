@@ -1,0 +1,169 @@
+"""The consumer pool: the loop that takes deliveries, runs handlers and settles messages.
+
+The driver pushes up to `prefetch` deliveries into a buffer; `concurrency` worker tasks take
+them one at a time and run the handler. Each outcome maps to one settlement (DESIGN.md's
+table), the first settlement wins, and nothing the handler does can stop the worker task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs import CODECS
+from .drivers import Delivery, Driver, Subscription
+from .entries import ConsumerEntry, QueueEntry
+from .lua import Outcome, Settle, Verdict
+
+Invoke = Callable[[Any, Delivery, Settle], Awaitable[Outcome]]
+_log = logging.getLogger("luaq.consumer")
+
+
+@dataclass
+class ConsumerStats:
+    processed: int = 0  # handler invocations that finished, whatever their outcome
+    acked: int = 0
+    nacked: int = 0  # given back for redelivery: `false`, errors, budget, shutdown
+    failed: int = 0  # invocations that ended in an error (also counted in nacked)
+    rejected: int = 0  # dropped without requeue: bodies that cannot be decoded
+    first_at: float | None = None
+    last_at: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Messages per second while the consumer was busy."""
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return 0.0
+        return self.processed / (self.last_at - self.first_at)
+
+
+class Consumer:
+    def __init__(
+        self, entry: ConsumerEntry, queue: QueueEntry, driver: Driver, invoke: Invoke
+    ) -> None:
+        self.entry = entry
+        self.queue = queue
+        self.driver = driver
+        self.stats = ConsumerStats()
+        self._invoke = invoke
+        self._codec = CODECS[queue.codec]
+        self._buffer: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._subscription: Subscription | None = None
+        self._busy = 0
+        self._held = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def held(self) -> int:
+        """Deliveries received from the driver and not yet settled."""
+        return self._held
+
+    async def start(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"{self.entry.id}#{n}")
+            for n in range(self.entry.concurrency)
+        ]
+        self._subscription = await self.driver.consume(self.queue, self.entry, self._receive)
+
+    def _receive(self, delivery: Delivery) -> None:
+        self._held += 1
+        self._buffer.put_nowait(delivery)
+
+    async def _work(self) -> None:
+        get = self._buffer.get
+        while True:
+            delivery = await get()
+            self._busy += 1
+            self._idle.clear()
+            try:
+                await self._handle(delivery)
+            except Exception:
+                # A bug in luaq itself, not in the handler: keep the message and the worker.
+                _log.exception("handling failed", extra={"consumer": self.entry.id})
+                await delivery.nack()
+            finally:
+                self._held -= 1
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        stats = self.stats
+        if stats.first_at is None:
+            stats.first_at = time.monotonic()
+        try:
+            payload = self._codec.decode(delivery.body)
+        except (ValueError, RecursionError) as exc:
+            # A poison message can never succeed: redelivering it would loop forever.
+            stats.rejected += 1
+            _log.warning(
+                "message body cannot be decoded, rejected",
+                extra={"consumer": self.entry.id, "message_id": delivery.id, "error": str(exc)},
+            )
+            await delivery.nack(requeue=False)
+            return
+        if self.entry.auto_ack:
+            await delivery.ack()
+        first: list[bool] = []
+
+        async def settle(ack: bool) -> None:
+            first.append(ack)
+            await (delivery.ack() if ack else delivery.nack())
+
+        outcome = await self._invoke(payload, delivery, settle)
+        stats.processed += 1
+        stats.last_at = time.monotonic()
+        if outcome.verdict is Verdict.FAIL:
+            stats.failed += 1
+            kind = outcome.kind or "UNKNOWN"
+            stats.errors[kind] = stats.errors.get(kind, 0) + 1
+            _log.warning(
+                "handler failed",
+                extra={
+                    "consumer": self.entry.id,
+                    "message_id": delivery.id,
+                    "attempt": delivery.attempts,
+                    "kind": kind,
+                    "error": outcome.error,
+                },
+            )
+        if self.entry.auto_ack:
+            stats.acked += 1
+        elif first:
+            stats.acked += first[0]
+            stats.nacked += not first[0]
+        elif outcome.verdict is Verdict.ACK:
+            stats.acked += 1
+            await delivery.ack()
+        else:
+            stats.nacked += 1
+            await delivery.nack()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking deliveries, let running handlers finish, give the rest back."""
+        if self._subscription is not None:
+            await self._subscription.cancel()
+        while not self._buffer.empty():
+            delivery = self._buffer.get_nowait()
+            self._held -= 1
+            await delivery.nack()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            _log.warning(
+                "handlers still running after the shutdown timeout; their messages are requeued",
+                extra={"consumer": self.entry.id, "running": self._busy},
+            )
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.close()
+        self._held = 0

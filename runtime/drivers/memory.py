@@ -1,0 +1,181 @@
+"""The embedded in-memory broker: AMQP-like semantics inside one process, for laptops and tests.
+
+Queues are bounded deques; consumers get deliveries pushed round-robin up to their prefetch;
+nack requeues at the tail with the same id; closing a subscription requeues what it held, as a
+broker does when a channel dies. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from ..entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
+from ..errors import Kind, QueueError
+from . import Delivery, Driver, OnDelivery, QueueInfo, Subscription
+
+
+class _Message:
+    __slots__ = ("attempts", "body", "content_type", "headers", "id")
+
+    def __init__(self, message_id: str, body: bytes, headers: dict[str, Any], content_type: str):
+        self.id = message_id
+        self.body = body
+        self.headers = headers
+        self.content_type = content_type
+        self.attempts = 0
+
+
+class _Queue:
+    def __init__(self, name: str, max_length: int) -> None:
+        self.name = name
+        self.max_length = max_length
+        self.ready: deque[_Message] = deque()
+        self.subscriptions: list[MemorySubscription] = []
+        self._next = 0
+        self._space = asyncio.Event()
+        self._space.set()
+
+    async def wait_for_space(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.ready) >= self.max_length:
+            self._space.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise QueueError(
+                    Kind.INTERNAL,
+                    f"queue {self.name} is full ({self.max_length} messages) "
+                    f"and stayed full for {timeout:g}s",
+                    retryable=True,
+                )
+            try:
+                await asyncio.wait_for(self._space.wait(), remaining)
+            except TimeoutError:
+                continue
+
+    def dispatch(self) -> None:
+        """Hand ready messages to subscriptions with free prefetch slots, round-robin."""
+        subscriptions = self.subscriptions
+        ready = self.ready
+        while ready and subscriptions:
+            count = len(subscriptions)
+            for _ in range(count):
+                subscription = subscriptions[self._next % count]
+                self._next += 1
+                if len(subscription.unsettled) < subscription.prefetch:
+                    break
+            else:
+                break
+            message = ready.popleft()
+            message.attempts += 1
+            subscription.deliver(message)
+        if len(ready) < self.max_length:
+            self._space.set()
+
+
+class MemoryDelivery(Delivery):
+    __slots__ = ("_message", "_subscription", "_tag")
+
+    def __init__(self, subscription: MemorySubscription, message: _Message, tag: int) -> None:
+        super().__init__(
+            message.id, message.body, message.headers, message.content_type, message.attempts
+        )
+        self._subscription = subscription
+        self._message = message
+        self._tag = tag
+
+    async def ack(self) -> None:
+        self._subscription.settle(self._tag, requeue=False)
+
+    async def nack(self, requeue: bool = True) -> None:
+        self._subscription.settle(self._tag, requeue=requeue)
+
+
+class MemorySubscription(Subscription):
+    def __init__(self, queue: _Queue, prefetch: int, on_delivery: OnDelivery) -> None:
+        self.queue = queue
+        self.prefetch = prefetch
+        self.on_delivery = on_delivery
+        self.unsettled: dict[int, _Message] = {}
+        self._tags = itertools.count()
+
+    def deliver(self, message: _Message) -> None:
+        tag = next(self._tags)
+        self.unsettled[tag] = message
+        self.on_delivery(MemoryDelivery(self, message, tag))
+
+    def settle(self, tag: int, requeue: bool) -> None:
+        message = self.unsettled.pop(tag, None)
+        if message is None:
+            return
+        if requeue:
+            self.queue.ready.append(message)
+        self.queue.dispatch()
+
+    async def cancel(self) -> None:
+        if self in self.queue.subscriptions:
+            self.queue.subscriptions.remove(self)
+
+    async def close(self) -> None:
+        await self.cancel()
+        held = list(self.unsettled.values())
+        self.unsettled.clear()
+        self.queue.ready.extendleft(reversed(held))
+        self.queue.dispatch()
+
+
+class MemoryDriver(Driver):
+    def __init__(self, entry: MemoryDriverEntry) -> None:
+        self.entry = entry
+        self._queues: dict[str, _Queue] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for queue in self._queues.values():
+            for subscription in list(queue.subscriptions):
+                await subscription.close()
+
+    def _queue(self, queue: QueueEntry) -> _Queue:
+        found = self._queues.get(queue.external_name)
+        if found is None:
+            raise QueueError(
+                Kind.NOT_FOUND,
+                f"queue {queue.external_name} is not declared on driver {self.entry.id}",
+            )
+        return found
+
+    async def declare(self, queue: QueueEntry) -> None:
+        name = queue.external_name
+        if name not in self._queues:
+            self._queues[name] = _Queue(name, queue.driver_options.memory.max_length)
+
+    async def publish(
+        self, queue: QueueEntry, body: bytes, headers: Mapping[str, Any], content_type: str
+    ) -> str:
+        target = self._queue(queue)
+        if len(target.ready) >= target.max_length:
+            await target.wait_for_space(self.entry.publish_timeout)
+        message_id = str(headers.get("message_id") or uuid.uuid4())
+        target.ready.append(_Message(message_id, body, dict(headers), content_type))
+        target.dispatch()
+        return message_id
+
+    async def info(self, queue: QueueEntry) -> QueueInfo:
+        target = self._queue(queue)
+        return QueueInfo(len(target.ready), len(target.subscriptions))
+
+    async def consume(
+        self, queue: QueueEntry, consumer: ConsumerEntry, on_delivery: OnDelivery
+    ) -> Subscription:
+        target = self._queue(queue)
+        subscription = MemorySubscription(target, consumer.prefetch, on_delivery)
+        target.subscriptions.append(subscription)
+        target.dispatch()
+        return subscription

@@ -1,0 +1,386 @@
+"""The entries file: what the user declared, validated as a whole before anything starts.
+
+One or more YAML files (or directories of them) describe drivers, queues, Lua functions and
+consumers. Every problem is collected and reported as `file: entry: field: message`, so a user
+fixes a file in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    PrivateAttr,
+    ValidationInfo,
+    model_validator,
+)
+
+VERSION = "1.0"
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+DEFAULT_MODULES = ("queue", "logger", "json")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `10s`, `500ms`, `1.5m`, `1h` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 10s, 500ms, 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 10s, 500ms, 1h, got {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def resolve_id(ref: str, namespace: str) -> str:
+    """`name` -> `namespace:name`; `ns:name` stays as it is."""
+    return ref if ":" in ref else f"{namespace}:{ref}"
+
+
+def _check_id(value: str) -> str:
+    parts = value.split(":")
+    if len(parts) != 2 or not all(NAME_RE.match(part) for part in parts):
+        raise ValueError(f"{value!r} is not a valid id (expected name or namespace:name)")
+    return value
+
+
+def _resolve_ref(value: str, info: ValidationInfo) -> str:
+    return _check_id(resolve_id(value, info.context["namespace"]))
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Ref = Annotated[str, AfterValidator(_resolve_ref)]
+Module = Literal["queue", "logger", "json", "time"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Entry(_Model):
+    id: str
+    kind: str
+    file: Path = Field(exclude=True)
+
+    @property
+    def namespace(self) -> str:
+        return self.id.split(":", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.split(":", 1)[1]
+
+
+class MemoryDriverEntry(_Entry):
+    """The embedded in-process broker: no server, nothing survives the process."""
+
+    kind: Literal["queue.driver.memory"]
+    publish_timeout: Duration = 5.0
+
+
+class MemoryQueueOptions(_Model):
+    max_length: int = Field(1000, ge=1, le=10_000_000)
+
+
+class AmqpQueueOptions(_Model):
+    durable: bool = True
+    auto_delete: bool = False
+    message_ttl: Duration | None = None
+    queue_expiry: Duration | None = None
+    max_length: int | None = Field(None, ge=1)
+    max_priority: int | None = Field(None, ge=1, le=255)
+    type: Literal["classic", "quorum"] = "classic"
+
+
+class QueueDriverOptions(_Model):
+    memory: MemoryQueueOptions = MemoryQueueOptions()
+    amqp: AmqpQueueOptions = AmqpQueueOptions()
+
+
+class QueueEntry(_Entry):
+    kind: Literal["queue.queue"]
+    driver: Ref
+    queue_name: str | None = Field(None, min_length=1)
+    codec: Literal["json/plain"] = "json/plain"
+    driver_options: QueueDriverOptions = QueueDriverOptions()
+
+    @property
+    def external_name(self) -> str:
+        return self.queue_name or self.name
+
+
+class _LuaSource(_Model):
+    """A `source:` that is `file://path` (relative to the entries file) or inline Lua."""
+
+    source: str | None = None
+    _text: str = PrivateAttr("")
+    _origin: str = PrivateAttr("")
+
+    @property
+    def source_text(self) -> str:
+        return self._text
+
+    @property
+    def source_name(self) -> str:
+        """The file the source came from, or "" when it is inline."""
+        return self._origin
+
+    @model_validator(mode="after")
+    def _read_source(self, info: ValidationInfo) -> _LuaSource:
+        if self.source is None:
+            return self
+        base: Path = info.context["base_dir"]
+        if self.source.startswith("file://"):
+            path = (base / self.source.removeprefix("file://")).resolve()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"source: cannot read {path}: {exc}") from exc
+            name = str(path)
+        else:
+            text, name = self.source, ""
+        self._text, self._origin = text, name
+        return self
+
+
+class FunctionEntry(_Entry, _LuaSource):
+    kind: Literal["function.lua"]
+    source: str = Field(min_length=1)
+    method: str = Field(min_length=1)
+    modules: tuple[Module, ...] = DEFAULT_MODULES
+
+
+class ConsumerAmqpOptions(_Model):
+    consumer_tag: str | None = None
+    exclusive: bool = False
+
+
+class ConsumerDriverOptions(_Model):
+    amqp: ConsumerAmqpOptions = ConsumerAmqpOptions()
+
+
+class ConsumerEntry(_Entry, _LuaSource):
+    kind: Literal["queue.consumer"]
+    queue: Ref
+    func: Ref | None = None
+    method: str | None = Field(None, min_length=1)
+    modules: tuple[Module, ...] = DEFAULT_MODULES
+    concurrency: int = Field(1, ge=1, le=1000)
+    prefetch: int = Field(10, ge=1, le=10_000)
+    auto_ack: bool = False
+    driver_options: ConsumerDriverOptions = ConsumerDriverOptions()
+
+    @model_validator(mode="after")
+    def _one_handler(self) -> ConsumerEntry:
+        if self.func and (self.method or self.source):
+            raise ValueError("give either func (a function.lua entry) or method with source")
+        if not self.func and not self.method:
+            raise ValueError("needs func (a function.lua entry) or method with source")
+        if self.method and not self.source:
+            raise ValueError("method: needs a source (file://path or inline Lua) on the consumer")
+        return self
+
+    @property
+    def function_id(self) -> str:
+        """The function this consumer runs; short-form consumers get a private one."""
+        return self.func or f"{self.id}#handler"
+
+    def inline_function(self) -> FunctionEntry | None:
+        if self.func or self.method is None or self.source is None:
+            return None
+        function = FunctionEntry.model_construct(
+            id=self.function_id,
+            kind="function.lua",
+            file=self.file,
+            source=self.source,
+            method=self.method,
+            modules=self.modules,
+        )
+        function._text, function._origin = self._text, self._origin
+        return function
+
+
+DriverEntry = MemoryDriverEntry
+KINDS: dict[str, type[_Entry]] = {
+    "queue.driver.memory": MemoryDriverEntry,
+    "queue.queue": QueueEntry,
+    "function.lua": FunctionEntry,
+    "queue.consumer": ConsumerEntry,
+}
+
+
+@dataclass
+class Config:
+    """Everything that validated; `problems` lists what did not (empty means runnable)."""
+
+    drivers: dict[str, DriverEntry] = field(default_factory=dict)
+    queues: dict[str, QueueEntry] = field(default_factory=dict)
+    functions: dict[str, FunctionEntry] = field(default_factory=dict)
+    consumers: dict[str, ConsumerEntry] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def label(self, entry: _Entry) -> str:
+        return f"{entry.file}: {entry.id}"
+
+
+def _format_error(error: Mapping[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"] if part != "function-after")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    message = {
+        "Extra inputs are not permitted": "unknown field",
+        "Field required": "required",
+    }.get(message, message)
+    return f"{loc}: {message}" if loc else message
+
+
+def _files(paths: Iterable[Path | str]) -> tuple[list[Path], list[str]]:
+    files: list[Path] = []
+    problems: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+            if not found:
+                problems.append(f"{path}: no .yaml or .yml files in this directory")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or directory")
+    return files, problems
+
+
+def _parse_file(path: Path, problems: list[str]) -> tuple[str, list[Any]] | None:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: cannot read: {exc}")
+        return None
+    except yaml.YAMLError as exc:
+        problems.append(f"{path}: not valid YAML: {exc}")
+        return None
+    if not isinstance(document, dict):
+        problems.append(f"{path}: expected a mapping with version, namespace and entries")
+        return None
+    ok = True
+    for key in sorted(set(document) - {"version", "namespace", "entries"}):
+        problems.append(f"{path}: {key}: unknown field")
+        ok = False
+    version = document.get("version", VERSION)
+    if str(version) != VERSION:
+        problems.append(f'{path}: version: unsupported version {version!r}, expected "{VERSION}"')
+        ok = False
+    namespace = document.get("namespace")
+    if not isinstance(namespace, str) or not NAME_RE.match(namespace):
+        problems.append(f"{path}: namespace: required, a name like app (got {namespace!r})")
+        ok = False
+    entries = document.get("entries")
+    if not isinstance(entries, list):
+        problems.append(f"{path}: entries: required, a list of entries")
+        ok = False
+    return (namespace, entries) if ok else None
+
+
+def _validate_entry(
+    raw: Any, index: int, path: Path, namespace: str, problems: list[str]
+) -> _Entry | None:
+    where = f"{path}: entries[{index}]"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping with kind and name")
+        return None
+    data = dict(raw)
+    name, entry_id = data.pop("name", None), data.pop("id", None)
+    if name is not None and entry_id is not None:
+        problems.append(f"{where}: id: give either id or name, not both")
+        return None
+    given = entry_id if entry_id is not None else name
+    if not isinstance(given, str):
+        problems.append(f"{where}: name: required, a name or namespace:name")
+        return None
+    try:
+        full_id = _check_id(resolve_id(given, namespace))
+    except ValueError as exc:
+        problems.append(f"{where}: name: {exc}")
+        return None
+    where = f"{path}: {full_id}"
+    kind = data.get("kind")
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        problems.append(f"{where}: kind: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        return None
+    context = {"namespace": namespace, "base_dir": path.parent}
+    try:
+        return model.model_validate({**data, "id": full_id, "file": path}, context=context)
+    except ValidationError as exc:
+        problems.extend(f"{where}: {_format_error(e)}" for e in exc.errors())
+        return None
+
+
+def _check_refs(config: Config) -> None:
+    targets: dict[str, dict[str, Any]] = {
+        "driver": config.drivers,
+        "queue": config.queues,
+        "func": config.functions,
+    }
+    kinds = {"driver": "queue driver", "queue": "queue.queue", "func": "function.lua"}
+    for entry in [*config.queues.values(), *config.consumers.values()]:
+        for field_name, table in targets.items():
+            ref = getattr(entry, field_name, None)
+            if ref is not None and ref not in table:
+                config.problems.append(
+                    f"{config.label(entry)}: {field_name}: {ref} is not a declared "
+                    f"{kinds[field_name]} entry"
+                )
+
+
+def load(paths: Iterable[Path | str]) -> Config:
+    """Read and validate entries files; a directory means every YAML file in it."""
+    files, problems = _files(paths)
+    config = Config(files=files, problems=problems)
+    seen: dict[str, Path] = {}
+    tables: dict[type[_Entry], dict[str, Any]] = {
+        MemoryDriverEntry: config.drivers,
+        QueueEntry: config.queues,
+        FunctionEntry: config.functions,
+        ConsumerEntry: config.consumers,
+    }
+    for path in files:
+        parsed = _parse_file(path, config.problems)
+        if parsed is None:
+            continue
+        namespace, raw_entries = parsed
+        for index, raw in enumerate(raw_entries):
+            entry = _validate_entry(raw, index, path, namespace, config.problems)
+            if entry is None:
+                continue
+            if entry.id in seen:
+                config.problems.append(
+                    f"{path}: {entry.id}: id: already declared in {seen[entry.id]}"
+                )
+                continue
+            seen[entry.id] = path
+            tables[type(entry)][entry.id] = entry
+    for consumer in config.consumers.values():
+        inline = consumer.inline_function()
+        if inline is not None:
+            config.functions[inline.id] = inline
+    _check_refs(config)
+    return config

@@ -1,0 +1,41 @@
+"""The error model shared by drivers, the Lua bridge and the CLI.
+
+Lua handlers see these as `errors` objects (`err:kind()`, `err:retryable()`); Python code raises
+`QueueError` so a driver failure keeps its kind on the way back into Lua.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    INVALID = "INVALID"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+    CANCELED = "CANCELED"
+    CONFLICT = "CONFLICT"
+    TIMEOUT = "TIMEOUT"
+    RATE_LIMITED = "RATE_LIMITED"
+    UNKNOWN = "UNKNOWN"
+
+
+class QueueError(Exception):
+    """A failure with a kind and a retry hint, as the Lua `errors` module models it."""
+
+    def __init__(self, kind: Kind, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retryable = retryable
+
+
+class ConfigError(Exception):
+    """Configuration that cannot run; carries every problem found, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

@@ -1,0 +1,288 @@
+"""The Python half of the async Lua bridge (see bridge.lua for the Lua half).
+
+One lupa `lua54` state per process, used only from the event-loop thread. An invocation is a
+Lua coroutine; when it yields a host request, `invoke` awaits the work and resumes it. Only
+plain values cross the boundary: no Python object is ever reachable from handler code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib import resources
+from typing import Any, NoReturn, Protocol
+
+import lupa.lua54 as lupa
+
+from ..errors import Kind, QueueError
+from ..settings import Settings
+
+MAX_DEPTH = 100
+_CONTAINERS = (dict, list)
+_log = logging.getLogger("luaq.lua")
+
+
+class Verdict(IntEnum):
+    """What the handler's outcome asks for; the consumer turns it into a settlement."""
+
+    ACK = 0
+    NACK = 1
+    FAIL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    kind: str | None = None
+    error: str | None = None
+
+
+ACKED = Outcome(Verdict.ACK)
+NACKED = Outcome(Verdict.NACK)
+
+
+class Host(Protocol):
+    """What handlers may ask of the process around them (the worker implements it)."""
+
+    async def publish(
+        self, namespace: str, queue_id: str, data: Any, headers: dict[str, Any]
+    ) -> None: ...
+
+    async def info(self, namespace: str, queue_id: str) -> tuple[int, int]: ...
+
+
+Settle = Callable[[bool], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class LuaHandler:
+    function_id: str
+    namespace: str
+    fn: Any
+
+
+class LuaLoadError(Exception):
+    """A function entry whose source does not compile, fails at load, or lacks its method."""
+
+
+class ConversionError(QueueError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Kind.INVALID, message)
+
+
+def _deny_attributes(obj: object, name: object, *rest: object) -> NoReturn:
+    raise AttributeError("Python objects are not accessible from Lua")
+
+
+class LuaRuntime:
+    """The process's Lua state: loads function entries and runs their invocations."""
+
+    def __init__(self, settings: Settings, host: Host | None = None) -> None:
+        self._lua = lupa.LuaRuntime(
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            max_memory=settings.lua_max_memory,
+            attribute_handlers=(_deny_attributes, _deny_attributes),
+        )
+        self.host = host
+        self._ids = itertools.count(1)
+        source = resources.files(__package__).joinpath("bridge.lua").read_text("utf-8")
+        helpers = self._lua.table_from(
+            {
+                "log": self._log,
+                "json_encode": self._json_encode,
+                "json_decode": self._json_decode,
+                "now": time.time,
+            }
+        )
+        bridge = self._lua.execute(source, helpers, settings.max_instructions)
+        self._load = bridge.load
+        self._start = bridge.start
+        self._resume = bridge.resume
+        self._cancel = bridge.cancel
+        self._array = bridge.array
+        self._shape = bridge.shape
+        self._table_from = self._lua.table_from
+        self._ops: dict[str, Callable[..., Awaitable[tuple[Any, ...]]]] = {
+            "publish": self._op_publish,
+            "info": self._op_info,
+            "sleep": self._op_sleep,
+        }
+
+    @property
+    def memory_used(self) -> int:
+        return int(self._lua.get_memory_used())
+
+    def load(
+        self,
+        function_id: str,
+        source: str,
+        method: str,
+        modules: tuple[str, ...],
+        chunkname: str = "",
+    ) -> LuaHandler:
+        """Compile the source in a fresh sandbox and run its top-level chunk once."""
+        namespace = function_id.split(":", 1)[0]
+        chunk = "@" + chunkname if chunkname else "=" + function_id
+        try:
+            fn, problem = self._load(source, chunk, namespace, self._table_from(modules), method)
+        except lupa.LuaError as exc:
+            raise LuaLoadError(str(exc)) from exc
+        if fn is None:
+            raise LuaLoadError(str(problem))
+        return LuaHandler(function_id, namespace, fn)
+
+    # -- conversion -----------------------------------------------------------------------
+
+    def to_lua(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is dict:
+            return self._table_from(
+                {k: self.to_lua(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+            )
+        if kind is list:
+            return self._array(
+                self._table_from([self.to_lua(v) if type(v) in _CONTAINERS else v for v in value])
+            )
+        return value
+
+    def to_python(self, value: Any, depth: int = 0) -> Any:
+        lua_type = lupa.lua_type(value)
+        if lua_type is None:
+            return value
+        if lua_type != "table":
+            raise ConversionError(f"a Lua {lua_type} cannot be sent as data")
+        if depth >= MAX_DEPTH:
+            raise ConversionError(
+                f"data is nested deeper than {MAX_DEPTH} levels or a table contains itself"
+            )
+        shape, length = self._shape(value)
+        if shape == "array":
+            return [self.to_python(value[i], depth + 1) for i in range(1, length + 1)]
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(key, int) and not isinstance(key, bool):
+                key = str(key)
+            elif not isinstance(key, str):
+                raise ConversionError(f"table keys must be strings or integers, not {key!r}")
+            result[key] = self.to_python(item, depth + 1)
+        return result
+
+    # -- helpers called synchronously from Lua -------------------------------------------------
+
+    def _log(
+        self,
+        level: str,
+        message: str,
+        fields: Any,
+        namespace: str,
+        consumer: str | None,
+        message_id: str | None,
+    ) -> None:
+        extra: dict[str, Any] = {"namespace": namespace}
+        if consumer is not None:
+            extra["consumer"] = consumer
+        if message_id is not None:
+            extra["message_id"] = message_id
+        if fields is not None:
+            try:
+                extra["fields"] = self.to_python(fields)
+            except QueueError as exc:
+                extra["fields_error"] = exc.message
+        _log.log(_LEVELS[level], message, extra=extra)
+
+    def _json_encode(self, value: Any) -> tuple[bool, str | None, str | None]:
+        try:
+            text = json.dumps(
+                self.to_python(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")
+            )
+        except (QueueError, ValueError, TypeError) as exc:
+            return False, None, f"json.encode: {exc}"
+        return True, text, None
+
+    def _json_decode(self, text: str) -> tuple[bool, Any, str | None]:
+        try:
+            return True, self.to_lua(json.loads(text)), None
+        except (ValueError, RecursionError) as exc:
+            return False, None, f"json.decode: {exc}"
+
+    # -- invocations -------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        handler: LuaHandler,
+        payload: Any,
+        message_id: str,
+        headers: Mapping[str, Any],
+        consumer: str,
+        settle: Settle,
+    ) -> Outcome:
+        """Run the handler for one delivery to completion, awaiting its host calls."""
+        invocation = next(self._ids)
+        try:
+            result = self._start(
+                invocation,
+                handler.fn,
+                self.to_lua(payload),
+                message_id,
+                self._table_from(headers),
+                consumer,
+            )
+            while result[0] == 1:
+                op = result[1]
+                try:
+                    if op == "settle":
+                        await settle(result[2] == "ack")
+                        answer: tuple[Any, ...] = (True,)
+                    else:
+                        answer = await self._ops[op](*result[2:])
+                except QueueError as exc:
+                    answer = (None, str(exc.kind), exc.message, exc.retryable)
+                result = self._resume(invocation, *answer)
+        except asyncio.CancelledError:
+            self._cancel(invocation)
+            raise
+        except lupa.LuaError as exc:
+            self._cancel(invocation)
+            return Outcome(Verdict.FAIL, Kind.INTERNAL, f"Lua runtime error: {exc}")
+        verdict = result[1]
+        if verdict == Verdict.ACK:
+            return ACKED
+        if verdict == Verdict.NACK:
+            return NACKED
+        return Outcome(Verdict.FAIL, result[2], result[3])
+
+    async def _op_publish(
+        self, namespace: str, queue_id: str, data: Any, headers: Any
+    ) -> tuple[Any, ...]:
+        assert self.host is not None, "no host: this runtime only checks sources"
+        await self.host.publish(
+            namespace,
+            queue_id,
+            self.to_python(data),
+            {} if headers is None else self.to_python(headers),
+        )
+        return (True,)
+
+    async def _op_info(self, namespace: str, queue_id: str) -> tuple[int, int]:
+        assert self.host is not None, "no host: this runtime only checks sources"
+        return await self.host.info(namespace, queue_id)
+
+    async def _op_sleep(self, seconds: float) -> tuple[bool]:
+        await asyncio.sleep(seconds)
+        return (True,)
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}

@@ -1,0 +1,423 @@
+-- The Lua half of the async bridge. Runs once per LuaRuntime with the full standard library,
+-- keeps it private, and hands Python a small table of entry points.
+--
+-- Each delivery runs as a coroutine. Host calls that must wait (publish, info, sleep, settle)
+-- yield a request tagged with REQ; Python awaits the work and resumes the coroutine with the
+-- answer. Coroutines never leave Lua: Python refers to them by integer id.
+
+local host, budget = ...
+
+local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
+local sethook, raw_getmetatable = debug.sethook, debug.getmetatable
+local raw_load, select, type, pairs, next = load, select, type, pairs, next
+local setmetatable, getmetatable, tostring = setmetatable, getmetatable, tostring
+local math_type = math.type
+
+-- Sandboxes reach string methods through the string metatable: take `dump` away from it and
+-- lock the metatable so no handler can change what `("x"):upper()` means for the others.
+string.dump = nil
+getmetatable("").__metatable = false
+
+local REQ = setmetatable({}, { __name = "luaq.request" })
+local LOADING = setmetatable({}, { __name = "luaq.loading" })
+local DONE, CALL = 0, 1
+local ACK, NACK, FAIL = 0, 1, 2
+
+local array_mt = { __metatable = false, __name = "luaq.array" }
+local contexts = setmetatable({}, { __mode = "k" }) -- coroutine -> invocation context
+local invocations = {} -- invocation id -> coroutine waiting for a host answer
+
+------------------------------------------------------------------------------------------------
+-- errors
+
+local KINDS = {
+  "INVALID", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAVAILABLE", "INTERNAL",
+  "CANCELED", "CONFLICT", "TIMEOUT", "RATE_LIMITED", "UNKNOWN",
+}
+
+local Error = { __metatable = false, __name = "luaq.error" }
+Error.__index = Error
+function Error.kind(self) return self._kind end
+function Error.message(self) return self._message end
+function Error.retryable(self) return self._retryable end
+function Error.details(self) return self._details end
+function Error.__tostring(self) return self._message end
+
+local function new_error(kind, message, retryable, details)
+  return setmetatable({
+    _kind = kind or "UNKNOWN",
+    _message = tostring(message),
+    _retryable = retryable == true,
+    _details = details,
+  }, Error)
+end
+
+local function is_error(value) return raw_getmetatable(value) == Error end
+
+local function describe(value)
+  -- the kind and text of whatever a handler failed with: an error object, a string, anything
+  if is_error(value) then return value._kind, value._message end
+  if type(value) == "string" then return "UNKNOWN", value end
+  local ok, text = pcall(tostring, value)
+  return "UNKNOWN", ok and text or type(value)
+end
+
+local function errors_module()
+  local errors = {}
+  for _, kind in ipairs(KINDS) do errors[kind] = kind end
+  function errors.new(spec)
+    if type(spec) == "table" and not is_error(spec) then
+      return new_error(spec.kind, spec.message or "", spec.retryable, spec.details)
+    end
+    return new_error("UNKNOWN", spec, false, nil)
+  end
+  function errors.wrap(err, message)
+    local kind, text = describe(err)
+    local retryable = is_error(err) and err._retryable or false
+    local details = is_error(err) and err._details or nil
+    local wrapped = new_error(kind, tostring(message) .. ": " .. text, retryable, details)
+    wrapped._cause = err
+    return wrapped
+  end
+  function errors.is(err, kind)
+    return is_error(err) and err._kind == kind
+  end
+  return errors
+end
+
+------------------------------------------------------------------------------------------------
+-- instruction budget
+
+local exhausted_error = new_error("TIMEOUT", "instruction budget of " .. budget .. " exceeded")
+
+local function exhausted()
+  -- from now on every instruction fails, so `pcall` in a loop cannot swallow the stop
+  error(exhausted_error, 0)
+end
+
+local function over_budget()
+  sethook(exhausted, "", 1)
+  error(exhausted_error, 0)
+end
+
+local function new_coroutine(fn, ctx)
+  local co = co_create(fn)
+  contexts[co] = ctx
+  sethook(co, over_budget, "", budget)
+  return co
+end
+
+------------------------------------------------------------------------------------------------
+-- host calls
+
+local function current()
+  return contexts[co_running()]
+end
+
+local function call_host(what, op, ...)
+  -- yields to the scheduler; nil + error when there is no invocation to wait in
+  local ctx = current()
+  if ctx == nil or ctx == LOADING then
+    return nil, "INVALID", what .. " is not available while the module loads", false
+  end
+  return co_yield(REQ, op, ...)
+end
+
+local function answer(ok, kind, message, retryable)
+  if ok then return ok end
+  return nil, new_error(kind, message, retryable)
+end
+
+-- Convert-friendly checks done in Lua so bad calls fail without a round trip to Python.
+local function check_headers(headers)
+  if headers == nil then return nil end
+  if type(headers) ~= "table" then return "headers must be a table" end
+  for key, value in pairs(headers) do
+    if type(key) ~= "string" then return "header names must be strings" end
+    local t = type(value)
+    if t ~= "string" and t ~= "number" and t ~= "boolean" then
+      return "header " .. key .. " must be a string, number or boolean, not " .. t
+    end
+  end
+  return nil
+end
+
+local function queue_module(ns)
+  local queue = {}
+
+  function queue.publish(queue_id, data, headers)
+    if type(queue_id) ~= "string" or queue_id == "" then
+      return nil, new_error("INVALID", "queue id is empty", false)
+    end
+    if data == nil or data == "" then
+      return nil, new_error("INVALID", "message data is empty", false)
+    end
+    local problem = check_headers(headers)
+    if problem then return nil, new_error("INVALID", problem, false) end
+    return answer(call_host("queue.publish", "publish", ns, queue_id, data, headers))
+  end
+
+  function queue.info(queue_id)
+    if type(queue_id) ~= "string" or queue_id == "" then
+      return nil, new_error("INVALID", "queue id is empty", false)
+    end
+    local messages, consumers_or_kind, message, retryable =
+      call_host("queue.info", "info", ns, queue_id)
+    if messages == nil then return answer(nil, consumers_or_kind, message, retryable) end
+    return { message_count = messages, consumer_count = consumers_or_kind }
+  end
+
+  function queue.message()
+    local ctx = current()
+    if ctx == nil or ctx == LOADING then
+      return nil, new_error("INVALID", "no delivery context: queue.message() works only " ..
+        "while a consumer handles a message", false)
+    end
+    local msg = ctx.msg
+    if msg then return msg end
+    msg = {}
+    -- methods accept both msg:id() and msg.id(): the first argument is skipped when it is msg
+    local function arg(self, value)
+      if self == msg then return value end
+      return self
+    end
+    function msg.id() return ctx.id end
+    function msg.header(self, key) return ctx.headers[arg(self, key)] end
+    function msg.headers()
+      local copy = {}
+      for k, v in pairs(ctx.headers) do copy[k] = v end
+      return copy
+    end
+    local function settle(action)
+      if ctx.settled then return false end
+      ctx.settled = true
+      return answer(call_host("msg:" .. action .. "()", "settle", action))
+    end
+    function msg.ack() return settle("ack") end
+    function msg.nack() return settle("nack") end
+    ctx.msg = msg
+    return msg
+  end
+
+  return queue
+end
+
+local function logger_module(ns)
+  local logger = {}
+  for _, level in ipairs({ "debug", "info", "warn", "error" }) do
+    logger[level] = function(self, message, fields)
+      if self ~= logger then message, fields = self, message end
+      local ctx = current()
+      local consumer, message_id
+      if ctx ~= nil and ctx ~= LOADING then consumer, message_id = ctx.consumer, ctx.id end
+      host.log(level, tostring(message), type(fields) == "table" and fields or nil, ns,
+        consumer, message_id)
+    end
+  end
+  return logger
+end
+
+local function json_module()
+  local json = {}
+  local function result(ok, value, message)
+    if ok then return value end
+    return nil, new_error("INVALID", message, false)
+  end
+  function json.encode(value)
+    return result(host.json_encode(value))
+  end
+  function json.decode(text)
+    if type(text) ~= "string" then
+      return nil, new_error("INVALID", "json.decode expects a string", false)
+    end
+    return result(host.json_decode(text))
+  end
+  return json
+end
+
+local function time_module()
+  local time = {}
+  function time.sleep(seconds)
+    if type(seconds) ~= "number" or seconds < 0 then
+      return nil, new_error("INVALID", "time.sleep expects a number of seconds >= 0", false)
+    end
+    return answer(call_host("time.sleep", "sleep", seconds))
+  end
+  function time.now() return host.now() end
+  return time
+end
+
+local MODULES = {
+  queue = queue_module, logger = logger_module, json = json_module, time = time_module,
+}
+
+------------------------------------------------------------------------------------------------
+-- sandbox
+
+local function copy(t, without)
+  local out = {}
+  for k, v in pairs(t) do
+    if not (without and without[k]) then out[k] = v end
+  end
+  return out
+end
+
+-- coroutine functions for handlers: host requests made inside a handler's own coroutines are
+-- passed up to the scheduler, and the answer is passed back down.
+local function sandbox_coroutine()
+  local lib = copy(coroutine)
+  local function forward(co, ok, first, ...)
+    if ok and first == REQ then
+      return forward(co, co_resume(co, co_yield(REQ, ...)))
+    end
+    return ok, first, ...
+  end
+  function lib.create(fn) return new_coroutine(fn, current()) end
+  function lib.resume(co, ...) return forward(co, co_resume(co, ...)) end
+  function lib.wrap(fn)
+    local co = lib.create(fn)
+    return function(...)
+      local function unwrap(ok, ...)
+        if not ok then error((...), 0) end
+        return ...
+      end
+      return unwrap(lib.resume(co, ...))
+    end
+  end
+  return lib
+end
+
+local SAFE_GLOBALS = {
+  "assert", "error", "ipairs", "next", "pairs", "pcall", "rawequal", "rawget", "rawlen", "rawset",
+  "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type", "xpcall", "_VERSION",
+}
+
+local function sandbox(ns, modules)
+  local env = {}
+  for _, name in ipairs(SAFE_GLOBALS) do env[name] = _ENV[name] end
+  env.string = copy(string)
+  env.table = copy(table)
+  env.math = copy(math)
+  env.utf8 = copy(utf8)
+  env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
+  env.coroutine = sandbox_coroutine()
+  env.errors = errors_module()
+  env._G = env
+  function env.load(chunk, name, _, chunk_env)
+    if type(chunk) ~= "string" then
+      return nil, "load accepts only source text"
+    end
+    return raw_load(chunk, name, "t", chunk_env or env)
+  end
+  local loaded = {}
+  for _, name in ipairs(modules) do
+    loaded[name] = MODULES[name](ns)
+    env[name] = loaded[name]
+  end
+  function env.require(name)
+    local module = loaded[name]
+    if module == nil then
+      error("module '" .. tostring(name) .. "' is not available to this function " ..
+        "(list it under modules:)", 2)
+    end
+    return module
+  end
+  if loaded.logger then
+    function env.print(...)
+      local parts = table.pack(...)
+      for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+      loaded.logger:info(table.concat(parts, "\t"))
+    end
+  end
+  return env
+end
+
+------------------------------------------------------------------------------------------------
+-- entry points for Python
+
+local bridge = {}
+
+-- Loads a function entry: compiles the source into its own sandbox, runs the chunk once (outside
+-- any delivery) and returns the handler, or nil and a message.
+function bridge.load(source, chunkname, ns, modules, method)
+  local env = sandbox(ns, modules)
+  local chunk, syntax = raw_load(source, chunkname, "t", env)
+  if not chunk then return nil, syntax end
+  local co = new_coroutine(chunk, LOADING)
+  local ok, result = co_resume(co)
+  if not ok then
+    local _, text = describe(result)
+    return nil, text
+  end
+  if co_status(co) ~= "dead" then
+    co_close(co)
+    return nil, "the module yielded while loading"
+  end
+  local handler = env[method]
+  if type(result) == "table" and result[method] ~= nil then handler = result[method] end
+  if type(handler) ~= "function" then
+    return nil, "method " .. method .. " is not defined (a global function or a field of " ..
+      "the table the source returns)"
+  end
+  return handler, nil
+end
+
+local function step(id, co, ok, first, ...)
+  if co_status(co) == "suspended" then
+    if ok and first == REQ then
+      invocations[id] = co
+      return CALL, ...
+    end
+    co_close(co)
+    invocations[id] = nil
+    return DONE, FAIL, "INVALID", "the handler yielded outside of a coroutine it created"
+  end
+  invocations[id] = nil
+  if not ok then return DONE, FAIL, describe(first) end
+  if first == false then return DONE, NACK end
+  local err = ...
+  if err ~= nil then return DONE, FAIL, describe(err) end
+  return DONE, ACK
+end
+
+-- Starts one invocation. Returns DONE, verdict[, kind, message] or CALL, op, args...
+function bridge.start(id, handler, payload, message_id, headers, consumer)
+  local co = new_coroutine(handler, {
+    id = message_id, headers = headers, consumer = consumer, settled = false,
+  })
+  return step(id, co, co_resume(co, payload))
+end
+
+function bridge.resume(id, ...)
+  local co = invocations[id]
+  return step(id, co, co_resume(co, ...))
+end
+
+-- Stops an invocation that will not be resumed (cancelled on shutdown); runs its to-be-closed
+-- variables.
+function bridge.cancel(id)
+  local co = invocations[id]
+  invocations[id] = nil
+  if co then co_close(co) end
+end
+
+function bridge.array(t) return setmetatable(t, array_mt) end
+
+-- How Python should read a table: "array", n for arrays (marked or with keys 1..n), else "map".
+function bridge.shape(t)
+  if raw_getmetatable(t) == array_mt then return "array", #t end
+  local n = 0
+  for key in pairs(t) do
+    if math_type(key) ~= "integer" or key < 1 then return "map", 0 end
+    n = n + 1
+  end
+  if n == 0 then return "map", 0 end
+  for i = 1, n do
+    if t[i] == nil then return "map", 0 end
+  end
+  return "array", n
+end
+
+bridge.DONE, bridge.CALL, bridge.ACK, bridge.NACK, bridge.FAIL = DONE, CALL, ACK, NACK, FAIL
+return bridge

@@ -1,0 +1,128 @@
+"""A worker process: the validated entries turned into running drivers, handlers and consumers.
+
+The worker is also the handlers' host: `queue.publish` and `queue.info` from Lua arrive here,
+are resolved against the declared queues and go to the queue's driver through its codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .codecs import CODECS
+from .consumer import Consumer, Invoke
+from .drivers import Delivery, Driver
+from .drivers.memory import MemoryDriver
+from .entries import Config, ConsumerEntry, QueueEntry, resolve_id
+from .errors import ConfigError, Kind, QueueError
+from .lua import LuaHandler, LuaLoadError, LuaRuntime, Outcome, Settle
+from .settings import Settings
+
+_log = logging.getLogger("luaq.worker")
+
+
+class Worker:
+    def __init__(self, config: Config, settings: Settings) -> None:
+        """Load every Lua function; raise ConfigError with all problems if anything is wrong."""
+        self.config = config
+        self.settings = settings
+        self.lua = LuaRuntime(settings, host=self)
+        problems = list(config.problems)
+        self.handlers: dict[str, LuaHandler] = {}
+        for function in config.functions.values():
+            try:
+                self.handlers[function.id] = self.lua.load(
+                    function.id,
+                    function.source_text,
+                    function.method,
+                    function.modules,
+                    function.source_name,
+                )
+            except LuaLoadError as exc:
+                owner = function.id.removesuffix("#handler")
+                problems.append(f"{function.file}: {owner}: source: {exc}")
+        if problems:
+            raise ConfigError(problems)
+        self.drivers: dict[str, Driver] = {
+            entry.id: MemoryDriver(entry) for entry in config.drivers.values()
+        }
+        self.consumers = [
+            Consumer(
+                entry,
+                config.queues[entry.queue],
+                self.drivers[config.queues[entry.queue].driver],
+                self._invoker(entry),
+            )
+            for entry in config.consumers.values()
+        ]
+
+    def _invoker(self, entry: ConsumerEntry) -> Invoke:
+        handler = self.handlers[entry.function_id]
+        invoke = self.lua.invoke
+        consumer_id = entry.id
+
+        async def run(payload: Any, delivery: Delivery, settle: Settle) -> Outcome:
+            return await invoke(handler, payload, delivery.id, delivery.headers, consumer_id, settle)
+
+        return run
+
+    async def start(self) -> None:
+        for driver in self.drivers.values():
+            await driver.start()
+        for queue in self.config.queues.values():
+            await self.drivers[queue.driver].declare(queue)
+        for consumer in self.consumers:
+            await consumer.start()
+        _log.info(
+            "worker started",
+            extra={"consumers": [c.entry.id for c in self.consumers], "memory": self.lua.memory_used},
+        )
+
+    async def stop(self, timeout: float) -> None:
+        """Graceful shutdown: consumers drain in parallel within `timeout`, then drivers close."""
+        await asyncio.gather(*(consumer.stop(timeout) for consumer in self.consumers))
+        for driver in self.drivers.values():
+            await driver.close()
+
+    async def idle(self) -> bool:
+        """True when no consumed queue has ready messages and no consumer holds a delivery."""
+        if any(consumer.held for consumer in self.consumers):
+            return False
+        for consumer in self.consumers:
+            if (await consumer.driver.info(consumer.queue)).message_count:
+                return False
+        return not any(consumer.held for consumer in self.consumers)
+
+    async def wait_idle(self, poll: float = 0.01) -> None:
+        while not await self.idle():
+            await asyncio.sleep(poll)
+
+    # -- host calls from Lua ---------------------------------------------------------------------
+
+    def queue(self, namespace: str, queue_id: str) -> QueueEntry:
+        full_id = resolve_id(queue_id, namespace)
+        queue = self.config.queues.get(full_id)
+        if queue is None:
+            raise QueueError(Kind.NOT_FOUND, f"queue {full_id} is not declared")
+        return queue
+
+    async def publish(
+        self, namespace: str, queue_id: str, data: Any, headers: dict[str, Any]
+    ) -> None:
+        queue = self.queue(namespace, queue_id)
+        codec = CODECS[queue.codec]
+        body = codec.encode(data)
+        try:
+            await self.drivers[queue.driver].publish(queue, body, headers, codec.content_type)
+        except QueueError:
+            raise
+        except Exception as exc:
+            raise QueueError(
+                Kind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
+            ) from exc
+
+    async def info(self, namespace: str, queue_id: str) -> tuple[int, int]:
+        queue = self.queue(namespace, queue_id)
+        info = await self.drivers[queue.driver].info(queue)
+        return info.message_count, info.consumer_count
