@@ -33,9 +33,7 @@ def _env(name: str, default: Any) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="luaq", description="Run queue consumers written in Lua."
-    )
+    parser = argparse.ArgumentParser(prog="luaq", description="Run queue consumers written in Lua.")
     parser.add_argument(
         "--log-level",
         default=_env("log_level", "info"),
@@ -72,8 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("max_instructions", Settings.max_instructions)),
         metavar="N",
-        help="Lua instructions one invocation may run before it is stopped "
-        "(default: %(default)s)",
+        help="Lua instructions one invocation may run before it is stopped (default: %(default)s)",
     )
     run.add_argument(
         "--lua-max-memory",
@@ -161,7 +158,7 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
         await worker.start()
         for message in inputs:
             await worker.publish("", message.queue, message.data, message.headers)
-        waiters = [asyncio.create_task(stop.wait())]
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if until_idle:
             waiters.append(asyncio.create_task(worker.wait_idle()))
         _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -209,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(config.consumers)} consumer(s)"
         )
         for consumer in config.consumers.values():
+            function = consumer.function_id.removesuffix("#handler")
             print(
-                f"  {consumer.id}: {consumer.queue} -> {consumer.function_id.removesuffix('#handler')}"
+                f"  {consumer.id}: {consumer.queue} -> {function}"
                 f" (concurrency {consumer.concurrency}, prefetch {consumer.prefetch})"
             )
         return EXIT_OK

@@ -146,7 +146,7 @@ class Consumer:
             stats.nacked += 1
             await delivery.nack()
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, grace: float) -> None:
         """Stop taking deliveries, let running handlers finish, give the rest back."""
         if self._subscription is not None:
             await self._subscription.cancel()
@@ -155,7 +155,7 @@ class Consumer:
             self._held -= 1
             await delivery.nack()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             _log.warning(
                 "handlers still running after the shutdown timeout; their messages are requeued",

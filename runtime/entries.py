@@ -20,15 +20,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     PrivateAttr,
+    ValidationError,
     ValidationInfo,
     model_validator,
 )
 
 VERSION = "1.0"
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-DEFAULT_MODULES = ("queue", "logger", "json")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -62,12 +61,14 @@ def _check_id(value: str) -> str:
 
 
 def _resolve_ref(value: str, info: ValidationInfo) -> str:
-    return _check_id(resolve_id(value, info.context["namespace"]))
+    context: dict[str, Any] = info.context or {}
+    return _check_id(resolve_id(value, context["namespace"]))
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Ref = Annotated[str, AfterValidator(_resolve_ref)]
 Module = Literal["queue", "logger", "json", "time"]
+DEFAULT_MODULES: tuple[Module, ...] = ("queue", "logger", "json")
 
 
 class _Model(BaseModel):
@@ -146,7 +147,7 @@ class _LuaSource(_Model):
     def _read_source(self, info: ValidationInfo) -> _LuaSource:
         if self.source is None:
             return self
-        base: Path = info.context["base_dir"]
+        base: Path = (info.context or {})["base_dir"]
         if self.source.startswith("file://"):
             path = (base / self.source.removeprefix("file://")).resolve()
             try:
@@ -296,7 +297,9 @@ def _parse_file(path: Path, problems: list[str]) -> tuple[str, list[Any]] | None
     if not isinstance(entries, list):
         problems.append(f"{path}: entries: required, a list of entries")
         ok = False
-    return (namespace, entries) if ok else None
+    if not ok or not isinstance(entries, list):
+        return None
+    return str(namespace), entries
 
 
 def _validate_entry(

@@ -63,7 +63,8 @@ class Worker:
         consumer_id = entry.id
 
         async def run(payload: Any, delivery: Delivery, settle: Settle) -> Outcome:
-            return await invoke(handler, payload, delivery.id, delivery.headers, consumer_id, settle)
+            headers = delivery.headers
+            return await invoke(handler, payload, delivery.id, headers, consumer_id, settle)
 
         return run
 
@@ -74,14 +75,13 @@ class Worker:
             await self.drivers[queue.driver].declare(queue)
         for consumer in self.consumers:
             await consumer.start()
-        _log.info(
-            "worker started",
-            extra={"consumers": [c.entry.id for c in self.consumers], "memory": self.lua.memory_used},
-        )
+        consumers = [consumer.entry.id for consumer in self.consumers]
+        _log.info("worker started", extra={"consumers": consumers})
 
-    async def stop(self, timeout: float) -> None:
-        """Graceful shutdown: consumers drain in parallel within `timeout`, then drivers close."""
-        await asyncio.gather(*(consumer.stop(timeout) for consumer in self.consumers))
+    async def stop(self, grace: float) -> None:
+        """Graceful shutdown: consumers drain in parallel within `grace` seconds, then drivers
+        close."""
+        await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
         for driver in self.drivers.values():
             await driver.close()
 
@@ -95,7 +95,8 @@ class Worker:
         return not any(consumer.held for consumer in self.consumers)
 
     async def wait_idle(self, poll: float = 0.01) -> None:
-        while not await self.idle():
+        # Brokers do not push queue depth, so idleness can only be observed by asking.
+        while not await self.idle():  # noqa: ASYNC110
             await asyncio.sleep(poll)
 
     # -- host calls from Lua ---------------------------------------------------------------------

@@ -40,9 +40,9 @@ class _Queue:
         self._space = asyncio.Event()
         self._space.set()
 
-    async def wait_for_space(self, timeout: float) -> None:
+    async def wait_for_space(self, patience: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + patience
         while len(self.ready) >= self.max_length:
             self._space.clear()
             remaining = deadline - loop.time()
@@ -50,7 +50,7 @@ class _Queue:
                 raise QueueError(
                     Kind.INTERNAL,
                     f"queue {self.name} is full ({self.max_length} messages) "
-                    f"and stayed full for {timeout:g}s",
+                    f"and stayed full for {patience:g}s",
                     retryable=True,
                 )
             try:

@@ -116,10 +116,6 @@ class LuaRuntime:
             "sleep": self._op_sleep,
         }
 
-    @property
-    def memory_used(self) -> int:
-        return int(self._lua.get_memory_used())
-
     def load(
         self,
         function_id: str,

@@ -1,0 +1,151 @@
+"""Shared test harness: real entries files, the real Lua runtime, the real memory driver."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from luaq.runtime import entries
+from luaq.runtime.codecs import CODECS
+from luaq.runtime.drivers import Delivery
+from luaq.runtime.settings import Settings
+from luaq.runtime.worker import Worker
+
+
+@dataclass
+class Received:
+    data: Any
+    headers: dict[str, Any]
+    id: str
+    attempts: int
+
+
+@dataclass
+class App:
+    """A running worker built from an entries file written into a temporary directory."""
+
+    worker: Worker
+    path: Path
+
+    @property
+    def consumer(self) -> Any:
+        return self.worker.consumers[0]
+
+    async def publish(self, queue: str, data: Any, headers: dict[str, Any] | None = None) -> None:
+        await self.worker.publish("app", queue, data, headers or {})
+
+    async def info(self, queue: str) -> tuple[int, int]:
+        return await self.worker.info("app", queue)
+
+    async def idle(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self.worker.wait_idle(), timeout)
+
+    async def drain(self, queue: str) -> list[Received]:
+        """Take every ready message out of a queue that no consumer reads (the test's sink)."""
+        entry = self.worker.queue("app", queue)
+        driver = self.worker.drivers[entry.driver]
+        got: list[Delivery] = []
+        consumer = entries.ConsumerEntry.model_construct(prefetch=10_000)
+        subscription = await driver.consume(entry, consumer, got.append)
+        await subscription.cancel()
+        for delivery in got:
+            await delivery.ack()
+        decode = CODECS[entry.codec].decode
+        return [Received(decode(d.body), dict(d.headers), d.id, d.attempts) for d in got]
+
+
+@dataclass
+class AppFactory:
+    tmp_path: Path
+    apps: list[App] = field(default_factory=list)
+
+    def write(self, lua: str, **consumer: Any) -> Path:
+        """An entries file with queues `in`, `out`, `other`, one consumer on `in` running `lua`."""
+        extra_entries = consumer.pop("extra_entries", [])
+        modules = consumer.pop("modules", None)
+        function: dict[str, Any] = {
+            "name": "handler",
+            "kind": "function.lua",
+            "source": "file://handler.lua",
+            "method": consumer.pop("method", "handle"),
+        }
+        if modules is not None:
+            function["modules"] = modules
+        max_length = consumer.pop("max_length", 1000)
+        document = {
+            "version": "1.0",
+            "namespace": "app",
+            "entries": [
+                {"name": "broker", "kind": "queue.driver.memory", "publish_timeout": "200ms"},
+                *(
+                    {
+                        "name": name,
+                        "kind": "queue.queue",
+                        "driver": "broker",
+                        "driver_options": {"memory": {"max_length": max_length}},
+                    }
+                    for name in ("in", "out", "other")
+                ),
+                function,
+                {"id": "worker", "kind": "queue.consumer", "queue": "in", "func": "handler"}
+                | consumer,
+                *extra_entries,
+            ],
+        }
+        (self.tmp_path / "handler.lua").write_text(textwrap.dedent(lua))
+        path = self.tmp_path / "app.yaml"
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    async def start(self, lua: str, settings: Settings | None = None, **consumer: Any) -> App:
+        path = self.write(lua, **consumer)
+        worker = Worker(entries.load([path]), settings or Settings(shutdown_timeout=5.0))
+        await worker.start()
+        app = App(worker, path)
+        self.apps.append(app)
+        return app
+
+    async def run(
+        self,
+        lua: str,
+        messages: Sequence[Any | tuple[Any, dict[str, Any]]],
+        settings: Settings | None = None,
+        **consumer: Any,
+    ) -> tuple[App, list[Received]]:
+        """Start, publish `messages` to `in`, wait until idle, return what reached `out`."""
+        app = await self.start(lua, settings, **consumer)
+        for message in messages:
+            data, headers = message if isinstance(message, tuple) else (message, {})
+            await app.publish("in", data, headers)
+        await app.idle()
+        return app, await app.drain("out")
+
+
+@pytest.fixture
+async def apps(tmp_path: Path) -> Any:
+    factory = AppFactory(tmp_path)
+    yield factory
+    for app in factory.apps:
+        await app.worker.stop(1.0)
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+    """Poll `check` until it is true or the deadline passes (no sleeps as synchronisation)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.005)
