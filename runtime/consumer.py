@@ -17,9 +17,9 @@ from typing import Any
 from .codecs import CODECS
 from .drivers import Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry
-from .lua import Outcome, Settle, Verdict
+from .lua import Outcome, Verdict
 
-Invoke = Callable[[Any, Delivery, Settle], Awaitable[Outcome]]
+Invoke = Callable[[Any, Delivery], Awaitable[Outcome]]
 _log = logging.getLogger("luaq.consumer")
 
 
@@ -111,13 +111,7 @@ class Consumer:
             return
         if self.entry.auto_ack:
             await delivery.ack()
-        first: list[bool] = []
-
-        async def settle(ack: bool) -> None:
-            first.append(ack)
-            await (delivery.ack() if ack else delivery.nack())
-
-        outcome = await self._invoke(payload, delivery, settle)
+        outcome = await self._invoke(payload, delivery)
         stats.processed += 1
         stats.last_at = time.monotonic()
         if outcome.verdict is Verdict.FAIL:
@@ -134,11 +128,10 @@ class Consumer:
                     "error": outcome.error,
                 },
             )
-        if self.entry.auto_ack:
-            stats.acked += 1
-        elif first:
-            stats.acked += first[0]
-            stats.nacked += not first[0]
+        if delivery.settled is not None:
+            # auto_ack, or the handler settled early with msg:ack() / msg:nack()
+            stats.acked += delivery.settled
+            stats.nacked += not delivery.settled
         elif outcome.verdict is Verdict.ACK:
             stats.acked += 1
             await delivery.ack()

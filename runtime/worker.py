@@ -11,12 +11,12 @@ import logging
 from typing import Any
 
 from .codecs import CODECS
-from .consumer import Consumer, Invoke
-from .drivers import Delivery, Driver
+from .consumer import Consumer
+from .drivers import Driver
 from .drivers.memory import MemoryDriver
-from .entries import Config, ConsumerEntry, QueueEntry, resolve_id
+from .entries import Config, QueueEntry, resolve_id
 from .errors import ConfigError, Kind, QueueError
-from .lua import LuaHandler, LuaLoadError, LuaRuntime, Outcome, Settle
+from .lua import LuaHandler, LuaLoadError, LuaRuntime
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
@@ -52,21 +52,10 @@ class Worker:
                 entry,
                 config.queues[entry.queue],
                 self.drivers[config.queues[entry.queue].driver],
-                self._invoker(entry),
+                self.lua.invoker(self.handlers[entry.function_id], entry.id),
             )
             for entry in config.consumers.values()
         ]
-
-    def _invoker(self, entry: ConsumerEntry) -> Invoke:
-        handler = self.handlers[entry.function_id]
-        invoke = self.lua.invoke
-        consumer_id = entry.id
-
-        async def run(payload: Any, delivery: Delivery, settle: Settle) -> Outcome:
-            headers = delivery.headers
-            return await invoke(handler, payload, delivery.id, headers, consumer_id, settle)
-
-        return run
 
     async def start(self) -> None:
         for driver in self.drivers.values():

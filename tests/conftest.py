@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from luaq.runtime import entries
 from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery

@@ -6,7 +6,8 @@ async def test_publish_roundtrip(apps: AppFactory) -> None:
         """
         function handle(p)
           local msg = queue.message()
-          assert(queue.publish("out", {echo = p, id = msg:id()}, {priority = msg:header("priority")}))
+          local headers = {priority = msg:header("priority")}
+          assert(queue.publish("out", {echo = p, id = msg:id()}, headers))
         end
         """,
         [({"n": 1, "xs": [1, 2.5, "é"]}, {"priority": "high"})],

@@ -22,9 +22,10 @@ class QueueInfo:
 
 
 class Delivery(ABC):
-    """One message handed to a consumer; settle it exactly once (later settles are no-ops)."""
+    """One message handed to a consumer. The first settlement wins; later ones are no-ops, so
+    a handler's early `msg:ack()` and the consumer's final settlement never conflict."""
 
-    __slots__ = ("attempts", "body", "content_type", "headers", "id")
+    __slots__ = ("attempts", "body", "content_type", "headers", "id", "settled")
 
     def __init__(
         self,
@@ -39,13 +40,21 @@ class Delivery(ABC):
         self.headers = headers
         self.content_type = content_type
         self.attempts = attempts
+        self.settled: bool | None = None  # True once acked, False once nacked
 
-    @abstractmethod
-    async def ack(self) -> None: ...
+    async def ack(self) -> None:
+        if self.settled is None:
+            self.settled = True
+            await self._settle(ack=True, requeue=False)
 
-    @abstractmethod
     async def nack(self, requeue: bool = True) -> None:
         """Give the message back (requeue) or drop it (requeue=False, a rejection)."""
+        if self.settled is None:
+            self.settled = False
+            await self._settle(ack=False, requeue=requeue)
+
+    @abstractmethod
+    async def _settle(self, ack: bool, requeue: bool) -> None: ...
 
 
 OnDelivery = Callable[[Delivery], None]

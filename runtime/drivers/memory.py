@@ -89,11 +89,8 @@ class MemoryDelivery(Delivery):
         self._message = message
         self._tag = tag
 
-    async def ack(self) -> None:
-        self._subscription.settle(self._tag, requeue=False)
-
-    async def nack(self, requeue: bool = True) -> None:
-        self._subscription.settle(self._tag, requeue=requeue)
+    async def _settle(self, ack: bool, requeue: bool) -> None:
+        self._subscription.settle(self._tag, requeue=requeue and not ack)
 
 
 class MemorySubscription(Subscription):

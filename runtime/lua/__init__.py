@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Protocol
 
 import lupa.lua54 as lupa
 
+from ..drivers import Delivery
 from ..errors import Kind, QueueError
 from ..settings import Settings
 
@@ -57,7 +58,8 @@ class Host(Protocol):
     async def info(self, namespace: str, queue_id: str) -> tuple[int, int]: ...
 
 
-Settle = Callable[[bool], Awaitable[None]]
+Invoke = Callable[[Any, "Delivery"], Awaitable[Outcome]]
+_ACK, _NACK, _CALL = 0, 1, 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,7 @@ class LuaRuntime:
         )
         bridge = self._lua.execute(source, helpers, settings.max_instructions)
         self._load = bridge.load
-        self._start = bridge.start
+        self._starter = bridge.starter
         self._resume = bridge.resume
         self._cancel = bridge.cancel
         self._array = bridge.array
@@ -140,6 +142,11 @@ class LuaRuntime:
     def to_lua(self, value: Any) -> Any:
         kind = type(value)
         if kind is dict:
+            for item in value.values():
+                if type(item) in _CONTAINERS:
+                    break
+            else:
+                return self._table_from(value)
             return self._table_from(
                 {k: self.to_lua(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
             )
@@ -211,49 +218,54 @@ class LuaRuntime:
 
     # -- invocations -------------------------------------------------------------------------
 
-    async def invoke(
-        self,
-        handler: LuaHandler,
-        payload: Any,
-        message_id: str,
-        headers: Mapping[str, Any],
-        consumer: str,
-        settle: Settle,
-    ) -> Outcome:
-        """Run the handler for one delivery to completion, awaiting its host calls."""
-        invocation = next(self._ids)
-        try:
-            result = self._start(
-                invocation,
-                handler.fn,
-                self.to_lua(payload),
-                message_id,
-                self._table_from(headers),
-                consumer,
-            )
-            while result[0] == 1:
-                op = result[1]
-                try:
-                    if op == "settle":
-                        await settle(result[2] == "ack")
-                        answer: tuple[Any, ...] = (True,)
-                    else:
-                        answer = await self._ops[op](*result[2:])
-                except QueueError as exc:
-                    answer = (None, str(exc.kind), exc.message, exc.retryable)
-                result = self._resume(invocation, *answer)
-        except asyncio.CancelledError:
-            self._cancel(invocation)
-            raise
-        except lupa.LuaError as exc:
-            self._cancel(invocation)
-            return Outcome(Verdict.FAIL, Kind.INTERNAL, f"Lua runtime error: {exc}")
-        verdict = result[1]
-        if verdict == Verdict.ACK:
-            return ACKED
-        if verdict == Verdict.NACK:
-            return NACKED
-        return Outcome(Verdict.FAIL, result[2], result[3])
+    def invoker(self, handler: LuaHandler, consumer: str) -> Invoke:
+        """The coroutine function a consumer calls per delivery to run `handler` to the end."""
+        start = self._starter(handler.fn, consumer)
+        ids = self._ids
+        to_lua = self.to_lua
+        table_from = self._table_from
+
+        async def invoke(payload: Any, delivery: Delivery) -> Outcome:
+            invocation = next(ids)
+            headers = delivery.headers
+            try:
+                result = start(
+                    invocation,
+                    to_lua(payload),
+                    delivery.id,
+                    table_from(headers) if headers else None,
+                )
+                if result[0] == _CALL:
+                    result = await self._serve(invocation, delivery, result)
+            except asyncio.CancelledError:
+                self._cancel(invocation)
+                raise
+            except lupa.LuaError as exc:
+                self._cancel(invocation)
+                return Outcome(Verdict.FAIL, Kind.INTERNAL, f"Lua runtime error: {exc}")
+            verdict = result[1]
+            if verdict == _ACK:
+                return ACKED
+            if verdict == _NACK:
+                return NACKED
+            return Outcome(Verdict.FAIL, result[2], result[3])
+
+        return invoke
+
+    async def _serve(self, invocation: int, delivery: Delivery, result: Any) -> Any:
+        """Answer host requests until the invocation finishes."""
+        while result[0] == _CALL:
+            op = result[1]
+            try:
+                if op == "settle":
+                    await (delivery.ack() if result[2] == "ack" else delivery.nack())
+                    answer: tuple[Any, ...] = (True,)
+                else:
+                    answer = await self._ops[op](*result[2:])
+            except QueueError as exc:
+                answer = (None, str(exc.kind), exc.message, exc.retryable)
+            result = self._resume(invocation, *answer)
+        return result
 
     async def _op_publish(
         self, namespace: str, queue_id: str, data: Any, headers: Any

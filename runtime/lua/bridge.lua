@@ -182,11 +182,12 @@ local function queue_module(ns)
       if self == msg then return value end
       return self
     end
+    local headers = ctx.headers or {}
     function msg.id() return ctx.id end
-    function msg.header(self, key) return ctx.headers[arg(self, key)] end
+    function msg.header(self, key) return headers[arg(self, key)] end
     function msg.headers()
       local copy = {}
-      for k, v in pairs(ctx.headers) do copy[k] = v end
+      for k, v in pairs(headers) do copy[k] = v end
       return copy
     end
     local function settle(action)
@@ -381,12 +382,16 @@ local function step(id, co, ok, first, ...)
   return DONE, ACK
 end
 
--- Starts one invocation. Returns DONE, verdict[, kind, message] or CALL, op, args...
-function bridge.start(id, handler, payload, message_id, headers, consumer)
-  local co = new_coroutine(handler, {
-    id = message_id, headers = headers, consumer = consumer, settled = false,
-  })
-  return step(id, co, co_resume(co, payload))
+-- Returns the function that starts invocations of one handler for one consumer:
+-- start(id, payload, message_id, headers or nil) -> DONE, verdict[, kind, message]
+--                                                 or CALL, op, args...
+function bridge.starter(handler, consumer)
+  return function(id, payload, message_id, headers)
+    local co = new_coroutine(handler, {
+      id = message_id, headers = headers, consumer = consumer, settled = false,
+    })
+    return step(id, co, co_resume(co, payload))
+  end
 end
 
 function bridge.resume(id, ...)
