@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import entries, logs
+from .codecs import CODECS
 from .entries import Config
 from .errors import ConfigError, QueueError
 from .settings import Settings
@@ -121,6 +122,11 @@ def read_input(path: Path, config: Config) -> list[InputMessage]:
         elif unknown := sorted(set(item) - {"queue", "data", "headers"}):
             problems.append(f"{where}: {', '.join(unknown)}: unknown field")
         else:
+            try:
+                CODECS[config.queues[queue].codec].encode(item["data"])
+            except QueueError as exc:
+                problems.append(f"{where}: data: {exc.message}")
+                continue
             messages.append(InputMessage(queue, item["data"], headers))
     if problems:
         raise ConfigError(problems)

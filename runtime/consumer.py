@@ -27,7 +27,7 @@ _log = logging.getLogger("luaq.consumer")
 class ConsumerStats:
     processed: int = 0  # handler invocations that finished, whatever their outcome
     acked: int = 0
-    nacked: int = 0  # given back for redelivery: `false`, errors, budget, shutdown
+    nacked: int = 0  # given back: `false`, errors, budget, not started or cut short at shutdown
     failed: int = 0  # invocations that ended in an error (also counted in nacked)
     rejected: int = 0  # dropped without requeue: bodies that cannot be decoded
     first_at: float | None = None
@@ -62,7 +62,10 @@ class Consumer:
 
     @property
     def held(self) -> int:
-        """Deliveries received from the driver and not yet settled."""
+        """Deliveries received from the driver that the consumer has not finished with.
+
+        At most prefetch + concurrency: a delivery acked early (msg:ack(), auto_ack) frees its
+        prefetch slot while its handler still runs."""
         return self._held
 
     async def start(self) -> None:
@@ -84,6 +87,11 @@ class Consumer:
             self._idle.clear()
             try:
                 await self._handle(delivery)
+            except asyncio.CancelledError:
+                # Cut short at shutdown: the subscription gives the message back unless the
+                # handler settled it early.
+                self._count(delivery.settled is True)
+                raise
             except Exception:
                 # A bug in luaq itself, not in the handler: keep the message and the worker.
                 _log.exception("handling failed", extra={"consumer": self.entry.id})
@@ -130,14 +138,19 @@ class Consumer:
             )
         if delivery.settled is not None:
             # auto_ack, or the handler settled early with msg:ack() / msg:nack()
-            stats.acked += delivery.settled
-            stats.nacked += not delivery.settled
+            self._count(delivery.settled)
         elif outcome.verdict is Verdict.ACK:
-            stats.acked += 1
+            self._count(True)
             await delivery.ack()
         else:
-            stats.nacked += 1
+            self._count(False)
             await delivery.nack()
+
+    def _count(self, acked: bool) -> None:
+        if acked:
+            self.stats.acked += 1
+        else:
+            self.stats.nacked += 1
 
     async def stop(self, grace: float) -> None:
         """Stop taking deliveries, let running handlers finish, give the rest back."""
@@ -146,6 +159,7 @@ class Consumer:
         while not self._buffer.empty():
             delivery = self._buffer.get_nowait()
             self._held -= 1
+            self._count(False)
             await delivery.nack()
         try:
             await asyncio.wait_for(self._idle.wait(), grace)

@@ -165,7 +165,7 @@ class FunctionEntry(_Entry, _LuaSource):
     kind: Literal["function.lua"]
     source: str = Field(min_length=1)
     method: str = Field(min_length=1)
-    modules: tuple[Module, ...] = DEFAULT_MODULES
+    modules: tuple[Module, ...] = Field(DEFAULT_MODULES, strict=False)
 
 
 class ConsumerAmqpOptions(_Model):
@@ -182,7 +182,7 @@ class ConsumerEntry(_Entry, _LuaSource):
     queue: Ref
     func: Ref | None = None
     method: str | None = Field(None, min_length=1)
-    modules: tuple[Module, ...] = DEFAULT_MODULES
+    modules: tuple[Module, ...] = Field(DEFAULT_MODULES, strict=False)
     concurrency: int = Field(1, ge=1, le=1000)
     prefetch: int = Field(10, ge=1, le=10_000)
     auto_ack: bool = False
@@ -191,9 +191,9 @@ class ConsumerEntry(_Entry, _LuaSource):
     @model_validator(mode="after")
     def _one_handler(self) -> ConsumerEntry:
         if self.func and (self.method or self.source):
-            raise ValueError("give either func (a function.lua entry) or method with source")
+            raise ValueError("func: give either func (a function.lua entry) or method with source")
         if not self.func and not self.method:
-            raise ValueError("needs func (a function.lua entry) or method with source")
+            raise ValueError("func: needs func (a function.lua entry) or method with source")
         if self.method and not self.source:
             raise ValueError("method: needs a source (file://path or inline Lua) on the consumer")
         return self
@@ -276,7 +276,10 @@ def _parse_file(path: Path, problems: list[str]) -> tuple[str, list[Any]] | None
         problems.append(f"{path}: cannot read: {exc}")
         return None
     except yaml.YAMLError as exc:
-        problems.append(f"{path}: not valid YAML: {exc}")
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problems.append(f"{path}: not valid YAML: {where}{problem}")
         return None
     if not isinstance(document, dict):
         problems.append(f"{path}: expected a mapping with version, namespace and entries")

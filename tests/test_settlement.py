@@ -10,10 +10,9 @@ import logging
 
 import pytest
 from conftest import AppFactory, Received
-
 from luaq.runtime.settings import Settings
 
-# Records the call and fails (in the way `FAIL` says) on the first `fail_times` calls per id.
+# Records every call, and runs the Lua statement `fail` on the first `fail_times` calls per id.
 RECORDING_HANDLER = """
 local calls = {}
 local fail_times = %(fail_times)d
@@ -139,7 +138,7 @@ async def test_error_message_reaches_the_log(
     apps: AppFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="luaq.consumer")
-    app, out = await apps.run(
+    _, out = await apps.run(
         recording('error(errors.new({message = "db down", kind = errors.UNAVAILABLE}))', 1),
         [{"n": 1}],
     )
@@ -327,21 +326,28 @@ async def test_second_settle_is_a_noop_returning_false(apps: AppFactory) -> None
 
 
 async def test_message_from_a_previous_invocation_cannot_settle_again(apps: AppFactory) -> None:
-    """A Message kept in module state settles only its own delivery, and only once."""
+    """A Message kept in module state belongs to its own delivery, already settled: settling it
+    again is a no-op and must not touch the delivery that is running now."""
     app, out = await apps.run(
         """
         local previous = nil
+        local tried = false
         function handle(p)
           local msg = queue.message()
-          local old = previous and previous:nack()
+          local old = nil
+          if previous and not tried then
+            tried = true
+            old = previous:nack()
+          end
           previous = msg
-          assert(queue.publish("out", {n = p.n, old = old}))
+          assert(queue.publish("out", {n = p.n, id = msg:id(), old = old}))
         end
         """,
         [{"n": 1}, {"n": 2}],
         concurrency=1,
     )
-    assert [r.data for r in out] == [{"n": 1}, {"n": 2, "old": False}]
+    assert [r.data["n"] for r in out] == [1, 2], "message 2 must not be redelivered"
+    assert out[1].data["old"] is False
     stats = app.consumer.stats
     assert (stats.processed, stats.acked, stats.nacked) == (2, 2, 0)
 

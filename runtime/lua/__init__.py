@@ -25,6 +25,7 @@ from ..errors import Kind, QueueError
 from ..settings import Settings
 
 MAX_DEPTH = 100
+BUDGET_STEP = 1000  # instructions between two charges to an invocation's budget
 _CONTAINERS = (dict, list)
 _log = logging.getLogger("luaq.lua")
 
@@ -104,7 +105,8 @@ class LuaRuntime:
                 "now": time.time,
             }
         )
-        bridge = self._lua.execute(source, helpers, settings.max_instructions)
+        budget = settings.max_instructions
+        bridge = self._lua.execute(source, helpers, budget, min(BUDGET_STEP, budget))
         self._load = bridge.load
         self._starter = bridge.starter
         self._resume = bridge.resume
@@ -156,7 +158,15 @@ class LuaRuntime:
             )
         return value
 
-    def to_python(self, value: Any, depth: int = 0) -> Any:
+    def to_python(self, value: Any) -> Any:
+        """A Lua value as plain Python data (JSON-like); ConversionError when it has no such
+        form."""
+        try:
+            return self._to_python(value, 0)
+        except UnicodeDecodeError as exc:
+            raise ConversionError(f"a string in the data is not valid UTF-8 text: {exc}") from exc
+
+    def _to_python(self, value: Any, depth: int) -> Any:
         lua_type = lupa.lua_type(value)
         if lua_type is None:
             return value
@@ -168,14 +178,14 @@ class LuaRuntime:
             )
         shape, length = self._shape(value)
         if shape == "array":
-            return [self.to_python(value[i], depth + 1) for i in range(1, length + 1)]
+            return [self._to_python(value[i], depth + 1) for i in range(1, length + 1)]
         result: dict[str, Any] = {}
         for key, item in value.items():
             if isinstance(key, int) and not isinstance(key, bool):
                 key = str(key)
             elif not isinstance(key, str):
                 raise ConversionError(f"table keys must be strings or integers, not {key!r}")
-            result[key] = self.to_python(item, depth + 1)
+            result[key] = self._to_python(item, depth + 1)
         return result
 
     # -- helpers called synchronously from Lua -------------------------------------------------
@@ -240,9 +250,12 @@ class LuaRuntime:
             except asyncio.CancelledError:
                 self._cancel(invocation)
                 raise
-            except lupa.LuaError as exc:
+            except Exception as exc:
+                # lupa failing to convert a result, a memory error outside any coroutine, a
+                # bug in luaq: this invocation fails, the worker does not.
                 self._cancel(invocation)
-                return Outcome(Verdict.FAIL, Kind.INTERNAL, f"Lua runtime error: {exc}")
+                _log.exception("invocation failed in the bridge", extra={"consumer": consumer})
+                return Outcome(Verdict.FAIL, Kind.INTERNAL, f"internal error: {exc}")
             verdict = result[1]
             if verdict == _ACK:
                 return ACKED

@@ -5,14 +5,15 @@
 -- yield a request tagged with REQ; Python awaits the work and resumes the coroutine with the
 -- answer. Coroutines never leave Lua: Python refers to them by integer id.
 
-local host, budget = ...
+local host, budget, step_size = ...
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
 local sethook, raw_getmetatable = debug.sethook, debug.getmetatable
 local raw_load, select, type, pairs, next = load, select, type, pairs, next
-local setmetatable, getmetatable, tostring = setmetatable, getmetatable, tostring
-local math_type = math.type
+local setmetatable, getmetatable, tostring, pcall = setmetatable, getmetatable, tostring, pcall
+local rawget, error = rawget, error
+local math_type, utf8_len, string_gsub = math.type, utf8.len, string.gsub
 
 -- Sandboxes reach string methods through the string metatable: take `dump` away from it and
 -- lock the metatable so no handler can change what `("x"):upper()` means for the others.
@@ -20,7 +21,6 @@ string.dump = nil
 getmetatable("").__metatable = false
 
 local REQ = setmetatable({}, { __name = "luaq.request" })
-local LOADING = setmetatable({}, { __name = "luaq.loading" })
 local DONE, CALL = 0, 1
 local ACK, NACK, FAIL = 0, 1, 2
 
@@ -55,12 +55,27 @@ end
 
 local function is_error(value) return raw_getmetatable(value) == Error end
 
+-- Text that crosses into Python must be UTF-8; other bytes are shown as \xNN.
+local function printable(text)
+  if utf8_len(text) then return text end
+  return (string_gsub(text, "[\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
+end
+
 local function describe(value)
   -- the kind and text of whatever a handler failed with: an error object, a string, anything
-  if is_error(value) then return value._kind, value._message end
-  if type(value) == "string" then return "UNKNOWN", value end
+  if is_error(value) then return value._kind, printable(value._message) end
+  if type(value) == "string" then return "UNKNOWN", printable(value) end
   local ok, text = pcall(tostring, value)
-  return "UNKNOWN", ok and text or type(value)
+  return "UNKNOWN", ok and type(text) == "string" and printable(text) or type(value)
+end
+
+-- Calls a Python helper. A Python exception must never reach a sandbox (it would arrive as a
+-- userdata with lupa's metatable), so failures come back as (false, nil, message).
+local function call_python(fn, ...)
+  local ok, a, b, c = pcall(fn, ...)
+  if ok then return a, b, c end
+  local _, text = describe(a)
+  return false, nil, "internal error: " .. text
 end
 
 local function errors_module()
@@ -88,6 +103,10 @@ end
 
 ------------------------------------------------------------------------------------------------
 -- instruction budget
+--
+-- One budget per invocation, shared by the coroutines the handler creates. Each coroutine's
+-- count hook fires every `step_size` instructions and charges the invocation; a new coroutine
+-- is charged a full step up front, so work spread over many short coroutines is never free.
 
 local exhausted_error = new_error("TIMEOUT", "instruction budget of " .. budget .. " exceeded")
 
@@ -96,15 +115,23 @@ local function exhausted()
   error(exhausted_error, 0)
 end
 
-local function over_budget()
-  sethook(exhausted, "", 1)
-  error(exhausted_error, 0)
+local function charge(ctx, instructions)
+  local used = ctx.used + instructions
+  ctx.used = used
+  if used > budget then
+    sethook(exhausted, "", 1)
+    error(exhausted_error, 0)
+  end
+end
+
+local function tick()
+  charge(contexts[co_running()], step_size)
 end
 
 local function new_coroutine(fn, ctx)
   local co = co_create(fn)
   contexts[co] = ctx
-  sethook(co, over_budget, "", budget)
+  sethook(co, tick, "", step_size)
   return co
 end
 
@@ -118,7 +145,7 @@ end
 local function call_host(what, op, ...)
   -- yields to the scheduler; nil + error when there is no invocation to wait in
   local ctx = current()
-  if ctx == nil or ctx == LOADING then
+  if ctx == nil or ctx.loading then
     return nil, "INVALID", what .. " is not available while the module loads", false
   end
   return co_yield(REQ, op, ...)
@@ -129,7 +156,7 @@ local function answer(ok, kind, message, retryable)
   return nil, new_error(kind, message, retryable)
 end
 
--- Convert-friendly checks done in Lua so bad calls fail without a round trip to Python.
+-- Checks done in Lua so bad calls fail without a round trip to Python.
 local function check_headers(headers)
   if headers == nil then return nil end
   if type(headers) ~= "table" then return "headers must be a table" end
@@ -137,11 +164,13 @@ local function check_headers(headers)
     if type(key) ~= "string" then return "header names must be strings" end
     local t = type(value)
     if t ~= "string" and t ~= "number" and t ~= "boolean" then
-      return "header " .. key .. " must be a string, number or boolean, not " .. t
+      return "header " .. printable(key) .. " must be a string, number or boolean, not " .. t
     end
   end
   return nil
 end
+
+local NOT_UTF8 = "is not valid UTF-8 text"
 
 local function queue_module(ns)
   local queue = {}
@@ -153,6 +182,12 @@ local function queue_module(ns)
     if data == nil or data == "" then
       return nil, new_error("INVALID", "message data is empty", false)
     end
+    if not utf8_len(queue_id) then
+      return nil, new_error("INVALID", "queue id " .. NOT_UTF8, false)
+    end
+    if type(data) == "string" and not utf8_len(data) then
+      return nil, new_error("INVALID", "message data " .. NOT_UTF8, false)
+    end
     local problem = check_headers(headers)
     if problem then return nil, new_error("INVALID", problem, false) end
     return answer(call_host("queue.publish", "publish", ns, queue_id, data, headers))
@@ -162,6 +197,9 @@ local function queue_module(ns)
     if type(queue_id) ~= "string" or queue_id == "" then
       return nil, new_error("INVALID", "queue id is empty", false)
     end
+    if not utf8_len(queue_id) then
+      return nil, new_error("INVALID", "queue id " .. NOT_UTF8, false)
+    end
     local messages, consumers_or_kind, message, retryable =
       call_host("queue.info", "info", ns, queue_id)
     if messages == nil then return answer(nil, consumers_or_kind, message, retryable) end
@@ -170,7 +208,7 @@ local function queue_module(ns)
 
   function queue.message()
     local ctx = current()
-    if ctx == nil or ctx == LOADING then
+    if ctx == nil or ctx.loading then
       return nil, new_error("INVALID", "no delivery context: queue.message() works only " ..
         "while a consumer handles a message", false)
     end
@@ -191,7 +229,8 @@ local function queue_module(ns)
       return copy
     end
     local function settle(action)
-      if ctx.settled then return false end
+      -- a Message kept past its invocation, or handed to another one, settles nothing
+      if ctx.settled or current() ~= ctx then return false end
       ctx.settled = true
       return answer(call_host("msg:" .. action .. "()", "settle", action))
     end
@@ -211,8 +250,9 @@ local function logger_module(ns)
       if self ~= logger then message, fields = self, message end
       local ctx = current()
       local consumer, message_id
-      if ctx ~= nil and ctx ~= LOADING then consumer, message_id = ctx.consumer, ctx.id end
-      host.log(level, tostring(message), type(fields) == "table" and fields or nil, ns,
+      if ctx ~= nil and not ctx.loading then consumer, message_id = ctx.consumer, ctx.id end
+      local _, text = describe(message)
+      call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
         consumer, message_id)
     end
   end
@@ -226,13 +266,19 @@ local function json_module()
     return nil, new_error("INVALID", message, false)
   end
   function json.encode(value)
-    return result(host.json_encode(value))
+    if type(value) == "string" and not utf8_len(value) then
+      return nil, new_error("INVALID", "json.encode: the string " .. NOT_UTF8, false)
+    end
+    return result(call_python(host.json_encode, value))
   end
   function json.decode(text)
     if type(text) ~= "string" then
       return nil, new_error("INVALID", "json.decode expects a string", false)
     end
-    return result(host.json_decode(text))
+    if not utf8_len(text) then
+      return nil, new_error("INVALID", "json.decode: the text " .. NOT_UTF8, false)
+    end
+    return result(call_python(host.json_decode, text))
   end
   return json
 end
@@ -245,7 +291,7 @@ local function time_module()
     end
     return answer(call_host("time.sleep", "sleep", seconds))
   end
-  function time.now() return host.now() end
+  function time.now() return (call_python(host.now)) end
   return time
 end
 
@@ -274,7 +320,11 @@ local function sandbox_coroutine()
     end
     return ok, first, ...
   end
-  function lib.create(fn) return new_coroutine(fn, current()) end
+  function lib.create(fn)
+    local ctx = current()
+    charge(ctx, step_size)
+    return new_coroutine(fn, ctx)
+  end
   function lib.resume(co, ...) return forward(co, co_resume(co, ...)) end
   function lib.wrap(fn)
     local co = lib.create(fn)
@@ -291,12 +341,33 @@ end
 
 local SAFE_GLOBALS = {
   "assert", "error", "ipairs", "next", "pairs", "pcall", "rawequal", "rawget", "rawlen", "rawset",
-  "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type", "xpcall", "_VERSION",
+  "select", "getmetatable", "tonumber", "tostring", "type", "_VERSION",
 }
+
+-- Lua runs finalizers with hooks off, so a __gc metamethod would escape the budget. Lua only
+-- honours __gc present when setmetatable is called, so checking here is enough.
+local function sandbox_setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("__gc metamethods are not available to handlers", 2)
+  end
+  return setmetatable(t, mt)
+end
+
+-- A message handler of the real xpcall runs before the stack unwinds, which for an error
+-- raised by the budget hook means with hooks off: run it after unwinding instead.
+local function sandbox_xpcall(f, handler, ...)
+  local function finish(ok, ...)
+    if ok then return true, ... end
+    return false, select(2, pcall(handler, (...)))
+  end
+  return finish(pcall(f, ...))
+end
 
 local function sandbox(ns, modules)
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _ENV[name] end
+  env.setmetatable = sandbox_setmetatable
+  env.xpcall = sandbox_xpcall
   env.string = copy(string)
   env.table = copy(table)
   env.math = copy(math)
@@ -345,7 +416,7 @@ function bridge.load(source, chunkname, ns, modules, method)
   local env = sandbox(ns, modules)
   local chunk, syntax = raw_load(source, chunkname, "t", env)
   if not chunk then return nil, syntax end
-  local co = new_coroutine(chunk, LOADING)
+  local co = new_coroutine(chunk, { loading = true, used = 0 })
   local ok, result = co_resume(co)
   if not ok then
     local _, text = describe(result)
@@ -375,6 +446,7 @@ local function step(id, co, ok, first, ...)
     return DONE, FAIL, "INVALID", "the handler yielded outside of a coroutine it created"
   end
   invocations[id] = nil
+  contexts[co].settled = true
   if not ok then return DONE, FAIL, describe(first) end
   if first == false then return DONE, NACK end
   local err = ...
@@ -388,7 +460,7 @@ end
 function bridge.starter(handler, consumer)
   return function(id, payload, message_id, headers)
     local co = new_coroutine(handler, {
-      id = message_id, headers = headers, consumer = consumer, settled = false,
+      id = message_id, headers = headers, consumer = consumer, settled = false, used = 0,
     })
     return step(id, co, co_resume(co, payload))
   end

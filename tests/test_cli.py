@@ -1,0 +1,554 @@
+"""The `luaq` command: runs with --input and --until-idle, the shipped example, bad input,
+runtime failures, graceful shutdown of a real process on SIGTERM/SIGINT, and --help.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import yaml
+from luaq.runtime.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "email"
+_SCRIPT = Path(sys.executable).with_name("luaq")
+LUAQ = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "luaq.runtime.cli"]
+COLUMNS = ("processed", "acked", "nacked", "failed", "rejected")
+SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main` points the root logger at capsys's stderr; put the previous handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def summary(out: str) -> dict[str, dict[str, float]]:
+    """The per-consumer summary table printed on stdout, as {consumer: {column: value}}."""
+    lines = out.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.split()[:1] == ["consumer"]]
+    assert headers, f"no summary table on stdout:\n{out}"
+    header = lines[headers[-1]].split()
+    assert header[1:6] == list(COLUMNS), header
+    assert header[6] == "msg/s", header
+    rows: dict[str, dict[str, float]] = {}
+    for line in lines[headers[-1] + 1 :]:
+        fields = line.split()
+        if not fields:
+            continue
+        assert len(fields) == 7, f"malformed summary row: {line!r}"
+        rows[fields[0]] = dict(zip((*COLUMNS, "rate"), map(float, fields[1:]), strict=True))
+    return rows
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every complete line of `text` parsed as a JSON object (fails on a line that is not)."""
+    complete = text[: text.rfind("\n") + 1] if "\n" in text else ""
+    parsed = []
+    for line in complete.splitlines():
+        item = json.loads(line)
+        assert isinstance(item, dict), line
+        parsed.append(item)
+    return parsed
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `check` until it holds or the deadline passes (polling, not sleeping to sync)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.01)
+
+
+def write_app(path: Path, entries: list[dict[str, Any]]) -> Path:
+    document = {"version": "1.0", "namespace": "app", "entries": entries}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def broker(**extra: Any) -> dict[str, Any]:
+    return {"name": "broker", "kind": "queue.driver.memory", **extra}
+
+
+def queue(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "queue.queue", "driver": "broker", **extra}
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def luaq(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+@dataclass
+class Process:
+    """`luaq` as a real child process, stdout and stderr going to files that tests poll."""
+
+    popen: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    files: tuple[IO[bytes], IO[bytes]]
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def logs(self) -> list[dict[str, Any]]:
+        return json_lines(self.stderr)
+
+    def wait(self, timeout: float) -> int:
+        code = self.popen.wait(timeout)
+        for file in self.files:
+            file.close()
+        return code
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(*args: str | Path) -> Process:
+        n = len(started)
+        out, err = tmp_path / f"stdout{n}.txt", tmp_path / f"stderr{n}.txt"
+        files = (out.open("wb"), err.open("wb"))
+        popen = subprocess.Popen(
+            [*LUAQ, *(str(arg) for arg in args)],
+            stdout=files[0],
+            stderr=files[1],
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+        process = Process(popen, out, err, files)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.popen.poll() is None:
+            process.popen.kill()
+        process.wait(10)
+
+
+# -- luaq run --input --until-idle ----------------------------------------------------------------
+
+COUNTING_HANDLER = """
+-- Module-level state: each message misbehaves at most once, so the counts are exact.
+local seen = {}
+
+function handle(payload)
+  local n = payload.n
+  local first = not seen[n]
+  seen[n] = true
+  if first and n % 3 == 0 then
+    return nil, errors.new({message = "try again", kind = errors.UNAVAILABLE, retryable = true})
+  end
+  if first and n % 4 == 0 then
+    return false
+  end
+  if first and n % 5 == 0 then
+    error("boom")
+  end
+  assert(queue.publish("out", {n = n}))
+end
+"""
+
+
+def test_run_until_idle_prints_exact_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "handler.lua").write_text(COUNTING_HANDLER)
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            broker(),
+            queue("in"),
+            queue("out"),
+            {"name": "handler", "kind": "function.lua", "source": "file://handler.lua"}
+            | {"method": "handle"},
+            {"id": "worker", "kind": "queue.consumer", "queue": "in", "func": "handler"}
+            | {"concurrency": 3},
+            {"id": "sink", "kind": "queue.consumer", "queue": "app:out", "method": "sink"}
+            | {"source": "function sink(payload) end"},
+        ],
+    )
+    inputs = [{"queue": "in", "data": {"n": n}} for n in range(1, 11)]
+    inputs.append({"queue": "app:out", "data": {"n": 0}, "headers": {"source": "input"}})
+    messages = write_jsonl(tmp_path / "messages.jsonl", inputs)
+
+    result = luaq(capsys, "run", app, "--input", messages, "--until-idle")
+
+    assert result.code == 0, result.err
+    rows = summary(result.out)
+    assert set(rows) == {"app:worker", "app:sink"}
+    # n = 1..10: 3, 6, 9 fail once (nil, err); 4, 8 return false once; 5, 10 raise once.
+    worker = rows["app:worker"]
+    assert worker["processed"] == 10 + 3 + 2 + 2
+    assert worker["acked"] == 10
+    assert worker["nacked"] == 7
+    assert worker["failed"] == 5
+    assert worker["rejected"] == 0
+    assert worker["rate"] > 0
+    sink = rows["app:sink"]
+    assert (sink["processed"], sink["acked"], sink["nacked"], sink["failed"]) == (11, 11, 0, 0)
+    failures = [line for line in json_lines(result.err) if line.get("msg") == "handler failed"]
+    assert len(failures) == 5
+    assert all(line["consumer"] == "app:worker" for line in failures)
+
+
+def test_run_until_idle_with_nothing_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            broker(),
+            queue("in"),
+            {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle"}
+            | {"source": "function handle() end"},
+        ],
+    )
+
+    result = luaq(capsys, "run", app, "--until-idle")
+
+    assert result.code == 0, result.err
+    assert summary(result.out)["app:worker"]["processed"] == 0
+
+
+# -- the shipped example --------------------------------------------------------------------------
+
+
+def test_email_example(tmp_path: Path, spawn: Callable[..., Process]) -> None:
+    messages = EXAMPLE / "messages.jsonl"
+    lines = [line for line in messages.read_text().splitlines() if line.strip()]
+
+    process = spawn("run", EXAMPLE / "app.yaml", "--input", messages, "--until-idle")
+    code = process.wait(15)
+
+    assert code == 0, process.stderr
+    rows = summary(process.stdout)
+    assert set(rows) == {"app:email_worker", "app:receipt_worker"}
+    receipts, emails = rows["app:receipt_worker"], rows["app:email_worker"]
+    assert receipts["processed"] == len(lines)
+    assert receipts["acked"] == len(lines)
+    assert emails["acked"] == len(lines)
+    assert emails["nacked"] > 0, "some emails fail on purpose and are redelivered"
+    assert emails["processed"] == emails["acked"] + emails["nacked"]
+    logs = process.logs()
+    assert len(logs) == len(process.stderr.splitlines()), "every stderr line is JSON"
+    handler_logs = [line for line in logs if line.get("msg") in ("Processing", "Receipt")]
+    assert len([line for line in handler_logs if line["msg"] == "Receipt"]) == len(lines)
+    for line in handler_logs:
+        expected = "app:email_worker" if line["msg"] == "Processing" else "app:receipt_worker"
+        assert line["consumer"] == expected, line
+        assert line["message_id"], line
+
+
+# -- bad --input ----------------------------------------------------------------------------------
+
+LOGGING_APP = [
+    broker(),
+    queue("in"),
+    {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle"}
+    | {"source": 'function handle(payload) logger:info("HANDLED", {}) end'},
+]
+
+
+def assert_nothing_ran(result: Result) -> list[str]:
+    assert result.code == 2, f"exit {result.code}\n{result.out}\n{result.err}"
+    assert result.out == "", "no summary: nothing ran"
+    assert "worker started" not in result.err
+    assert "HANDLED" not in result.err
+    lines = result.err.splitlines()
+    found = SUMMARY_RE.fullmatch(lines[-1])
+    assert found, result.err
+    assert int(found.group(1)) == len(lines) - 1
+    return lines[:-1]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"not valid JSON"),
+        ('{"queue": "nope", "data": 1}', r"queue: app:nope is not declared"),
+        ('{"queue": "app:missing", "data": 1}', r"queue: app:missing is not declared"),
+        ('{"queue": "in"}', r"data: .*empty"),
+        ('{"queue": "in", "data": ""}', r"data: .*empty"),
+        ('{"data": 1}', r"queue"),
+        ('{"queue": "in", "data": 1, "headers": [1]}', r"headers: "),
+        ('{"queue": "in", "data": 1, "extra": 1}', r"extra: unknown field"),
+    ],
+    ids=[
+        "invalid-json",
+        "unknown-queue",
+        "unknown-qualified-queue",
+        "missing-data",
+        "empty-data",
+        "missing-queue",
+        "headers-not-object",
+        "unknown-field",
+    ],
+)
+def test_bad_input_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, message: str
+) -> None:
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(f'{{"queue": "in", "data": 1}}\n\n{line}\n{{"queue": "in", "data": 2}}\n')
+
+    problems = assert_nothing_ran(luaq(capsys, "run", app, "--input", messages, "--until-idle"))
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{messages}:3: "), problems[0]
+    assert re.search(message, problems[0]), problems[0]
+
+
+def test_every_bad_input_line_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(
+        '{"queue": "in", "data": 1}\n'
+        "not json\n"
+        '{"queue": "elsewhere", "data": 1}\n'
+        '{"queue": "in", "headers": {"a": 1}}\n'
+    )
+
+    problems = assert_nothing_ran(luaq(capsys, "run", app, "--input", messages, "--until-idle"))
+
+    assert [problem.split(": ", 1)[0] for problem in problems] == [
+        f"{messages}:2",
+        f"{messages}:3",
+        f"{messages}:4",
+    ]
+
+
+def test_input_data_that_cannot_be_encoded_is_rejected_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`NaN` parses as JSON in Python but cannot be published: a bad line, caught before
+    anything is published or processed (not a runtime failure halfway through the input)."""
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text('{"queue": "in", "data": 1}\n{"queue": "in", "data": {"x": NaN}}\n')
+
+    problems = assert_nothing_ran(luaq(capsys, "run", app, "--input", messages, "--until-idle"))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{messages}:2: data: "), problems[0]
+
+
+def test_input_file_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    missing = tmp_path / "missing.jsonl"
+
+    problems = assert_nothing_ran(luaq(capsys, "run", app, "--input", missing, "--until-idle"))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{missing}: cannot read")
+
+
+# -- runtime failure ------------------------------------------------------------------------------
+
+
+def test_publishing_input_to_a_full_queue_is_a_runtime_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            broker(publish_timeout="100ms"),
+            queue("in"),
+            queue("full", driver_options={"memory": {"max_length": 1}}),
+            {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle"}
+            | {"source": "function handle() end"},
+        ],
+    )
+    messages = write_jsonl(
+        tmp_path / "messages.jsonl", [{"queue": "full", "data": {"n": n}} for n in range(3)]
+    )
+
+    started = time.monotonic()
+    result = luaq(capsys, "run", app, "--input", messages, "--until-idle")
+    elapsed = time.monotonic() - started
+
+    assert result.code == 1, f"exit {result.code}\n{result.out}\n{result.err}"
+    failure = [line for line in result.err.splitlines() if line.startswith("luaq: ")]
+    assert len(failure) == 1, result.err
+    assert re.fullmatch(r"luaq: INTERNAL: queue full is full .*", failure[0]), failure[0]
+    assert "Traceback" not in result.err
+    assert "nothing was started" not in result.err
+    assert elapsed < 5, "the publish timeout bounds the wait"
+
+
+# -- graceful shutdown ---------------------------------------------------------------------------
+
+SLEEPY_HANDLER = """
+local time = require("time")
+
+function handle(payload)
+  logger:info("handling", {n = payload.n})
+  time.sleep(payload.sleep)
+  logger:info("handled", {n = payload.n})
+end
+"""
+
+
+def sleepy_app(tmp_path: Path, seconds: float, count: int) -> tuple[Path, Path]:
+    (tmp_path / "sleepy.lua").write_text(SLEEPY_HANDLER)
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            broker(),
+            queue("jobs"),
+            {"name": "sleepy", "kind": "function.lua", "source": "file://sleepy.lua"}
+            | {"method": "handle", "modules": ["queue", "logger", "json", "time"]},
+            {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "func": "sleepy"}
+            | {"concurrency": 2},
+        ],
+    )
+    messages = write_jsonl(
+        tmp_path / "messages.jsonl",
+        [{"queue": "jobs", "data": {"n": n, "sleep": seconds}} for n in range(count)],
+    )
+    return app, messages
+
+
+def wait_for_handler(process: Process) -> None:
+    def handling() -> bool:
+        if process.popen.poll() is not None:
+            code = process.popen.returncode
+            raise AssertionError(f"luaq exited early ({code}):\n{process.stderr}")
+        return '"msg": "handling"' in process.stderr
+
+    wait_until(handling, timeout=10, what="a handler log line")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_in_flight_handlers_and_exits_0(
+    tmp_path: Path, spawn: Callable[..., Process], signum: signal.Signals
+) -> None:
+    app, messages = sleepy_app(tmp_path, seconds=0.3, count=20)
+    process = spawn("run", app, "--input", messages, "--shutdown-timeout", "5")
+    wait_for_handler(process)
+
+    process.popen.send_signal(signum)
+    sent = time.monotonic()
+    code = process.wait(timeout=10)
+    elapsed = time.monotonic() - sent
+
+    assert code == 0, process.stderr
+    assert elapsed < 3, f"20 x 0.3 s / 2 would take 3 s; draining took {elapsed:.2f}s"
+    worker = summary(process.stdout)["app:worker"]
+    assert 1 <= worker["processed"] < 20, "stopped early, after the in-flight handlers"
+    assert worker["acked"] == worker["processed"], "in-flight handlers finished within the grace"
+    # the prefetched deliveries (10 held, 2 of them running) that never started are given back
+    assert worker["nacked"] == min(8, 20 - worker["processed"])
+    logs = process.logs()
+    started = {line["fields"]["n"] for line in logs if line.get("msg") == "handling"}
+    finished = {line["fields"]["n"] for line in logs if line.get("msg") == "handled"}
+    assert started == finished, "every handler that started was allowed to finish"
+
+
+def test_shutdown_timeout_cuts_long_handlers_short(
+    tmp_path: Path, spawn: Callable[..., Process]
+) -> None:
+    app, messages = sleepy_app(tmp_path, seconds=30, count=5)
+    process = spawn("run", app, "--input", messages, "--shutdown-timeout", "0.2")
+    wait_for_handler(process)
+
+    process.popen.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = process.wait(timeout=10)
+    elapsed = time.monotonic() - sent
+
+    assert code == 0, process.stderr
+    assert elapsed < 5, f"exited {elapsed:.2f}s after SIGTERM"
+    worker = summary(process.stdout)["app:worker"]
+    assert worker["acked"] == 0
+    assert not any(line.get("msg") == "handled" for line in process.logs())
+    warnings = [line for line in process.logs() if "shutdown timeout" in str(line.get("msg"))]
+    assert warnings, process.stderr
+
+
+def test_handlers_cut_short_at_shutdown_count_as_nacked(
+    tmp_path: Path, spawn: Callable[..., Process]
+) -> None:
+    """ConsumerStats: nacked = "given back for redelivery: false, errors, budget, shutdown"."""
+    app, messages = sleepy_app(tmp_path, seconds=30, count=5)
+    process = spawn("run", app, "--input", messages, "--shutdown-timeout", "0.2")
+    wait_for_handler(process)
+    wait_until(
+        lambda: sum(line.get("msg") == "handling" for line in process.logs()) == 2,
+        what="both handlers (concurrency 2) running",
+    )
+
+    process.popen.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=10)
+
+    assert code == 0, process.stderr
+    worker = summary(process.stdout)["app:worker"]
+    assert worker["nacked"] >= 2, f"two invocations were cut off and requeued: {worker}"
+
+
+# -- help -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "flags"),
+    [
+        (["--help"], ["check", "run", "--log-level"]),
+        (["run", "--help"], ["--input", "--until-idle", "--shutdown-timeout", "PATH"]),
+        (["check", "--help"], ["PATH"]),
+    ],
+    ids=["luaq", "run", "check"],
+)
+def test_help(args: list[str], flags: list[str]) -> None:
+    result = subprocess.run([*LUAQ, *args], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: luaq")
+    for flag in flags:
+        assert flag in result.stdout, flag
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = subprocess.run([*LUAQ], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 2
+    assert "usage: luaq" in result.stderr
