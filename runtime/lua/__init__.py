@@ -60,7 +60,7 @@ class Host(Protocol):
 
 
 Invoke = Callable[[Any, "Delivery"], Awaitable[Outcome]]
-_ACK, _NACK, _CALL = 0, 1, 1
+_ACK, _NACK, _CALL = 0, 1, 3  # step results, as bridge.lua defines them
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +245,9 @@ class LuaRuntime:
                     delivery.id,
                     table_from(headers) if headers else None,
                 )
-                if result[0] == _CALL:
+                if result == _ACK:
+                    return ACKED
+                if type(result) is tuple and result[0] == _CALL:
                     result = await self._serve(invocation, delivery, result)
             except asyncio.CancelledError:
                 self._cancel(invocation)
@@ -256,18 +258,17 @@ class LuaRuntime:
                 self._cancel(invocation)
                 _log.exception("invocation failed in the bridge", extra={"consumer": consumer})
                 return Outcome(Verdict.FAIL, Kind.INTERNAL, f"internal error: {exc}")
-            verdict = result[1]
-            if verdict == _ACK:
+            if result == _ACK:
                 return ACKED
-            if verdict == _NACK:
+            if result == _NACK:
                 return NACKED
-            return Outcome(Verdict.FAIL, result[2], result[3])
+            return Outcome(Verdict.FAIL, result[1], result[2])
 
         return invoke
 
     async def _serve(self, invocation: int, delivery: Delivery, result: Any) -> Any:
         """Answer host requests until the invocation finishes."""
-        while result[0] == _CALL:
+        while type(result) is tuple and result[0] == _CALL:
             op = result[1]
             try:
                 if op == "settle":

@@ -19,10 +19,14 @@ local math_type, utf8_len, string_gsub = math.type, utf8.len, string.gsub
 -- lock the metatable so no handler can change what `("x"):upper()` means for the others.
 string.dump = nil
 getmetatable("").__metatable = false
+-- Nothing but this file needs `debug`; lupa would also look up debug.traceback on every call
+-- from Python and build a traceback for every error.
+debug = nil
 
 local REQ = setmetatable({}, { __name = "luaq.request" })
-local DONE, CALL = 0, 1
-local ACK, NACK, FAIL = 0, 1, 2
+-- What an invocation step returns to Python: ACK or NACK alone (the common case, no tuple),
+-- FAIL, kind, message, or CALL, op, args... for a host request.
+local ACK, NACK, FAIL, CALL = 0, 1, 2, 3
 
 local array_mt = { __metatable = false, __name = "luaq.array" }
 local contexts = setmetatable({}, { __mode = "k" }) -- coroutine -> invocation context
@@ -435,34 +439,62 @@ function bridge.load(source, chunkname, ns, modules, method)
   return handler, nil
 end
 
+-- Invocations run in runner coroutines that are parked and reused once their handler
+-- returns: a coroutine is the biggest allocation of an invocation. A runner whose handler
+-- failed is dead and simply dropped.
+local FINISHED = setmetatable({}, { __name = "luaq.finished" })
+local parked, parked_max = {}, 256
+
+local function runner(handler, payload)
+  while true do
+    handler, payload = co_yield(FINISHED, handler(payload))
+  end
+end
+
+local function verdict(ctx, first, ...)
+  ctx.settled = true
+  if first == false then return NACK end
+  local err = ...
+  if err ~= nil then return FAIL, describe(err) end
+  return ACK
+end
+
 local function step(id, co, ok, first, ...)
-  if co_status(co) == "suspended" then
-    if ok and first == REQ then
+  if ok then
+    if first == FINISHED then
+      invocations[id] = nil
+      local ctx = contexts[co]
+      if #parked < parked_max then parked[#parked + 1] = co end
+      return verdict(ctx, ...)
+    end
+    if first == REQ then
       invocations[id] = co
       return CALL, ...
     end
     co_close(co)
     invocations[id] = nil
-    return DONE, FAIL, "INVALID", "the handler yielded outside of a coroutine it created"
+    return FAIL, "INVALID", "the handler yielded outside of a coroutine it created"
   end
   invocations[id] = nil
   contexts[co].settled = true
-  if not ok then return DONE, FAIL, describe(first) end
-  if first == false then return DONE, NACK end
-  local err = ...
-  if err ~= nil then return DONE, FAIL, describe(err) end
-  return DONE, ACK
+  return FAIL, describe(first)
 end
 
 -- Returns the function that starts invocations of one handler for one consumer:
--- start(id, payload, message_id, headers or nil) -> DONE, verdict[, kind, message]
---                                                 or CALL, op, args...
+-- start(id, payload, message_id, headers or nil) -> a step result (see ACK above).
 function bridge.starter(handler, consumer)
   return function(id, payload, message_id, headers)
-    local co = new_coroutine(handler, {
-      id = message_id, headers = headers, consumer = consumer, settled = false, used = 0,
-    })
-    return step(id, co, co_resume(co, payload))
+    local ctx = { id = message_id, headers = headers, consumer = consumer, used = 0 }
+    local n = #parked
+    local co = parked[n]
+    if co then
+      parked[n] = nil
+      contexts[co] = ctx
+      sethook(co, tick, "", step_size)
+    else
+      co = new_coroutine(runner, ctx)
+    end
+    return step(id, co, co_resume(co, handler, payload))
   end
 end
 
@@ -496,5 +528,5 @@ function bridge.shape(t)
   return "array", n
 end
 
-bridge.DONE, bridge.CALL, bridge.ACK, bridge.NACK, bridge.FAIL = DONE, CALL, ACK, NACK, FAIL
+bridge.ACK, bridge.NACK, bridge.FAIL, bridge.CALL = ACK, NACK, FAIL, CALL
 return bridge
