@@ -1,4 +1,8 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
+#
+# Never `python -m ...` from here: with the working directory first on sys.path, the source
+# directory operator/ would shadow the standard library's operator module. The venv's console
+# scripts put their own directory first instead.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,9 +10,8 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	cd / && $(PYTHON) -m venv $(CURDIR)/$(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed  ## run the email example on the in-memory driver
@@ -20,7 +23,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy runtime operator
 
 test: lint  ## lint, type-check and run the whole suite
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/memory.py

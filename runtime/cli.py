@@ -80,7 +80,76 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="memory limit of the process's Lua state in MiB (default: %(default)s)",
     )
+
+    publish = commands.add_parser(
+        "publish",
+        help="publish one message through the driver of a declared queue",
+        description="Publish one message. DATA is JSON (a bare word is sent as a string).",
+    )
+    publish.add_argument(
+        "--entries",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="entries file or directory declaring the queue (repeatable)",
+    )
+    publish.add_argument("queue_id", metavar="QUEUE_ID", help="namespace:name of a queue entry")
+    publish.add_argument("data", metavar="DATA", help="the message data, as JSON")
+    publish.add_argument(
+        "-H", "--header", action="append", default=[], metavar="KEY=VALUE",
+        help="a message header; VALUE is read as JSON when it parses (numbers, true), "
+        "else as text (repeatable)",
+    )  # fmt: skip
     return parser
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _publish_args(args: argparse.Namespace, config: Config) -> tuple[str, Any, dict[str, Any]]:
+    problems = []
+    namespace = next(iter(config.queues.values())).namespace if config.queues else "app"
+    queue_id = entries.resolve_id(args.queue_id, namespace)
+    if queue_id not in config.queues:
+        problems.append(f"QUEUE_ID: {queue_id} is not a declared queue.queue entry")
+    data = _json_or_text(args.data)
+    if data in (None, ""):
+        problems.append("DATA: message data is empty")
+    headers: dict[str, Any] = {}
+    for header in args.header:
+        key, sep, value = header.partition("=")
+        if not sep or not key:
+            problems.append(f"-H {header}: expected KEY=VALUE")
+            continue
+        parsed = _json_or_text(value)
+        headers[key] = parsed if isinstance(parsed, str | int | float | bool) else value
+    if problems:
+        raise ConfigError(problems)
+    return queue_id, data, headers
+
+
+async def _publish_one(worker: Worker, queue_id: str, data: Any, headers: dict[str, Any]) -> int:
+    queue = worker.queue("", queue_id)
+    driver = worker.drivers[queue.driver]
+    codec = CODECS[queue.codec]
+    try:
+        body = codec.encode(data)
+        await driver.start()
+        try:
+            await driver.declare(queue)
+            message_id = await driver.publish(queue, body, headers, codec.content_type)
+        finally:
+            await driver.close()
+    except QueueError as exc:
+        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(message_id)
+    return EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -197,8 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_timeout=args.shutdown_timeout,
         )
     try:
-        worker = _load(args.paths, settings)
+        worker = _load(args.entries if args.command == "publish" else args.paths, settings)
         inputs = read_input(args.input, worker.config) if getattr(args, "input", None) else []
+        if args.command == "publish":
+            publish = _publish_args(args, worker.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -219,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
+        if args.command == "publish":
+            return asyncio.run(_publish_one(worker, *publish))
         return asyncio.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
     return EXIT_OK
 

@@ -1,29 +1,54 @@
-"""Message body codecs, named as the entries file names them (`codec:` on a queue)."""
+"""Message body codecs: named in the entries file (`codec:` on a queue), chosen by content
+type on receipt, so a consumer decodes whatever a publisher chose."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import msgpack
 
 from .errors import Kind, QueueError
 
 
-@dataclass(frozen=True)
+class Codec(Protocol):
+    content_type: str
+
+    def encode(self, data: Any) -> bytes: ...
+
+    def decode(self, body: bytes) -> Any:
+        """Raises ValueError (or RecursionError) for a body that is not this codec's."""
+
+
 class JsonCodec:
-    content_type: str = "application/json"
+    content_type = "application/json"
 
     def encode(self, data: Any) -> bytes:
         try:
-            return json.dumps(
-                data, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            ).encode()
+            text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            return text.encode()
         except (TypeError, ValueError) as exc:
             raise QueueError(Kind.INVALID, f"data cannot be encoded as JSON: {exc}") from exc
 
     def decode(self, body: bytes) -> Any:
-        """Raises ValueError (or RecursionError) for a body that is not this codec's."""
         return json.loads(body)
 
 
-CODECS = {"json/plain": JsonCodec()}
+class MsgpackCodec:
+    content_type = "application/msgpack"
+
+    def encode(self, data: Any) -> bytes:
+        try:
+            return bytes(msgpack.packb(data, use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise QueueError(Kind.INVALID, f"data cannot be encoded as msgpack: {exc}") from exc
+
+    def decode(self, body: bytes) -> Any:
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except (msgpack.UnpackException, TypeError, ValueError) as exc:
+            raise ValueError(f"not valid msgpack: {exc}") from exc
+
+
+CODECS: dict[str, Codec] = {"json/plain": JsonCodec(), "application/msgpack": MsgpackCodec()}
+BY_CONTENT_TYPE: dict[str, Codec] = {codec.content_type: codec for codec in CODECS.values()}

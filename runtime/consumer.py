@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codecs import CODECS
+from .codecs import BY_CONTENT_TYPE
 from .drivers import Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry
 from .lua import Outcome, Verdict
@@ -51,7 +51,6 @@ class Consumer:
         self.driver = driver
         self.stats = ConsumerStats()
         self._invoke = invoke
-        self._codec = CODECS[queue.codec]
         self._buffer: asyncio.Queue[Delivery] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._subscription: Subscription | None = None
@@ -106,8 +105,11 @@ class Consumer:
         stats = self.stats
         if stats.first_at is None:
             stats.first_at = time.monotonic()
+        codec = BY_CONTENT_TYPE.get(delivery.content_type)
         try:
-            payload = self._codec.decode(delivery.body)
+            if codec is None:
+                raise ValueError(f"unknown content type {delivery.content_type!r}")
+            payload = codec.decode(delivery.body)
         except (ValueError, RecursionError) as exc:
             # A poison message can never succeed: redelivering it would loop forever.
             stats.rejected += 1

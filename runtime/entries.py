@@ -7,6 +7,7 @@ fixes a file in one pass instead of one error per run.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -96,6 +97,66 @@ class MemoryDriverEntry(_Entry):
     publish_timeout: Duration = 5.0
 
 
+_ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, where: str = "") -> Any:
+    """Replace `${env:NAME}` in every string, so secrets come from the pod's environment."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}{k}.") for k, v in value.items()}
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ValueError(f"{where.rstrip('.')}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_RE.sub(lookup, value)
+    return value
+
+
+class TlsOptions(_Model):
+    """PEM material inline, as file://path, or from ${env:NAME}."""
+
+    enabled: bool = False
+    server_name: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure_skip_verify: bool = False
+
+
+class AmqpDriverEntry(_Entry):
+    """A RabbitMQ (or any AMQP 0-9-1) broker connection, recovered with backoff when lost."""
+
+    kind: Literal["queue.driver.amqp"]
+    url: str = "amqp://guest:guest@localhost:5672/"
+    vhost: str | None = None
+    connection_name: str | None = None
+    heartbeat: Duration | None = None
+    connection_timeout: Duration = 10.0
+    reconnect_delay: Duration = 1.0
+    reconnect_max_delay: Duration = 30.0
+    default_message_ttl: Duration | None = None
+    default_queue_expiry: Duration | None = None
+    prefetch_count: int | None = Field(None, ge=1, le=65_535)
+    tls: TlsOptions = TlsOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment(cls, data: Any) -> Any:
+        return _expand_env(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _check(self) -> AmqpDriverEntry:
+        if not self.url.startswith(("amqp://", "amqps://")):
+            raise ValueError("url: must start with amqp:// or amqps://")
+        if self.reconnect_max_delay < self.reconnect_delay:
+            raise ValueError("reconnect_max_delay: must not be less than reconnect_delay")
+        return self
+
+
 class MemoryQueueOptions(_Model):
     max_length: int = Field(1000, ge=1, le=10_000_000)
 
@@ -119,7 +180,7 @@ class QueueEntry(_Entry):
     kind: Literal["queue.queue"]
     driver: Ref
     queue_name: str | None = Field(None, min_length=1)
-    codec: Literal["json/plain"] = "json/plain"
+    codec: Literal["json/plain", "application/msgpack"] = "json/plain"
     driver_options: QueueDriverOptions = QueueDriverOptions()
 
     @property
@@ -218,9 +279,10 @@ class ConsumerEntry(_Entry, _LuaSource):
         return function
 
 
-DriverEntry = MemoryDriverEntry
+DriverEntry = MemoryDriverEntry | AmqpDriverEntry
 KINDS: dict[str, type[_Entry]] = {
     "queue.driver.memory": MemoryDriverEntry,
+    "queue.driver.amqp": AmqpDriverEntry,
     "queue.queue": QueueEntry,
     "function.lua": FunctionEntry,
     "queue.consumer": ConsumerEntry,
@@ -364,6 +426,7 @@ def load(paths: Iterable[Path | str]) -> Config:
     seen: dict[str, Path] = {}
     tables: dict[type[_Entry], dict[str, Any]] = {
         MemoryDriverEntry: config.drivers,
+        AmqpDriverEntry: config.drivers,
         QueueEntry: config.queues,
         FunctionEntry: config.functions,
         ConsumerEntry: config.consumers,

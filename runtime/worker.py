@@ -13,13 +13,20 @@ from typing import Any
 from .codecs import CODECS
 from .consumer import Consumer
 from .drivers import Driver
+from .drivers.amqp import AmqpDriver, priority
 from .drivers.memory import MemoryDriver
-from .entries import Config, QueueEntry, resolve_id
+from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
 from .errors import ConfigError, Kind, QueueError
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
+
+
+def _driver(entry: DriverEntry) -> Driver:
+    if isinstance(entry, AmqpDriverEntry):
+        return AmqpDriver(entry)
+    return MemoryDriver(entry)
 
 
 class Worker:
@@ -44,9 +51,7 @@ class Worker:
                 problems.append(f"{function.file}: {owner}: source: {exc}")
         if problems:
             raise ConfigError(problems)
-        self.drivers: dict[str, Driver] = {
-            entry.id: MemoryDriver(entry) for entry in config.drivers.values()
-        }
+        self.drivers = {entry.id: _driver(entry) for entry in config.drivers.values()}
         self.consumers = [
             Consumer(
                 entry,
@@ -101,6 +106,8 @@ class Worker:
         self, namespace: str, queue_id: str, data: Any, headers: dict[str, Any]
     ) -> None:
         queue = self.queue(namespace, queue_id)
+        if "priority" in headers:
+            priority(headers["priority"])  # the same rule on every driver
         codec = CODECS[queue.codec]
         body = codec.encode(data)
         try:
