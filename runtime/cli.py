@@ -14,10 +14,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+import uvloop
 
 from . import entries, logs
 from .codecs import CODECS
@@ -65,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         default=float(_env("shutdown_timeout", Settings.shutdown_timeout)),
         metavar="SECONDS",
         help="grace period for running handlers on SIGTERM/SIGINT (default: %(default)s)",
+    )
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=int(_env("processes", 1)),
+        metavar="N",
+        help="worker processes, each running every consumer (broker drivers only; "
+        "default: %(default)s)",
     )
     run.add_argument(
         "--max-instructions",
@@ -223,6 +233,54 @@ async def _progress(worker: Worker, out: TextIO) -> None:
         out.flush()
 
 
+async def _publish_inputs(worker: Worker, inputs: list[InputMessage]) -> int:
+    """Publish --input once, before worker processes fork (each would publish it again)."""
+    try:
+        for driver in worker.drivers.values():
+            await driver.start()
+        for queue in worker.config.queues.values():
+            await worker.drivers[queue.driver].declare(queue)
+        for message in inputs:
+            await worker.publish("", message.queue, message.data, message.headers)
+    except QueueError as exc:
+        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        for driver in worker.drivers.values():
+            await driver.close()
+    return EXIT_OK
+
+
+def _fork(count: int, child: Callable[[], int]) -> int:
+    """Run `child` in `count` processes; pass SIGTERM/SIGINT on; exit with the worst code."""
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_FAILURE
+            try:
+                code = child()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = EXIT_OK
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        worst = max(worst, code if code >= 0 else EXIT_FAILURE)  # < 0: killed by a signal
+    return worst
+
+
 async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, grace: float) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -291,9 +349,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "publish":
-            return asyncio.run(_publish_one(worker, *publish))
-        return asyncio.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
+            return uvloop.run(_publish_one(worker, *publish))
+        if args.processes > 1:
+            return _run_processes(worker, inputs, args)
+        return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
     return EXIT_OK
+
+
+def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Namespace) -> int:
+    memory = [d.id for d in worker.config.drivers.values() if d.kind == "queue.driver.memory"]
+    if memory:
+        print(
+            f"--processes: driver {memory[0]} is in-memory and cannot be shared between "
+            "processes; use a broker driver or --processes 1",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if inputs and (code := uvloop.run(_publish_inputs(worker, inputs))):
+        return code
+    grace = worker.settings.shutdown_timeout
+    return _fork(args.processes, lambda: uvloop.run(_run(worker, [], args.until_idle, grace)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import ssl
@@ -18,7 +19,7 @@ import tempfile
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiormq
@@ -209,6 +210,18 @@ def _with_server_name(context: ssl.SSLContext, server_name: str) -> ssl.SSLConte
     return named
 
 
+class MessageIds:
+    """Unique message ids without a uuid per message: a random 64-bit prefix per driver
+    instance (so per process) and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):08x}"
+
+
 class AmqpDelivery(Delivery):
     __slots__ = ("_subscription", "_tag")
 
@@ -381,12 +394,13 @@ class AmqpDriver(Driver):
         self.subscriptions: set[AmqpSubscription] = set()
         self._declared: dict[str, QueueEntry] = {}
         self._connection: aiormq.abc.AbstractConnection | None = None
-        self._publishers: list[aiormq.abc.AbstractChannel] = []
+        self._publishers: list[aiormq.Channel] = []
         self._next_publisher = 0
         self._admin: aiormq.abc.AbstractChannel | None = None
         self._linked = asyncio.Event()
         self._recovery: asyncio.Task[None] | None = None
         self._closing = False
+        self._ids = MessageIds()
 
     @property
     def url(self) -> str:
@@ -408,7 +422,8 @@ class AmqpDriver(Driver):
         try:
             await asyncio.wait_for(connection.connect(), self.entry.connection_timeout)
             self._publishers = [
-                await connection.channel(publisher_confirms=True) for _ in range(PUBLISHERS)
+                cast(aiormq.Channel, await connection.channel(publisher_confirms=True))
+                for _ in range(PUBLISHERS)
             ]
         except BaseException:
             with contextlib.suppress(Exception):
@@ -523,7 +538,7 @@ class AmqpDriver(Driver):
         await self._link()
         self._next_publisher += 1
         channel = self._publishers[self._next_publisher % len(self._publishers)]
-        message_id = str(headers.get("message_id") or uuid.uuid4().hex)
+        message_id = str(headers.get("message_id") or self._ids.next())
         properties = properties_for(
             headers, content_type, message_id, queue.driver_options.amqp.durable
         )
@@ -533,6 +548,9 @@ class AmqpDriver(Driver):
                 routing_key=queue.external_name,
                 properties=properties,
                 mandatory=True,
+                # do not hold the channel's lock until the frame is on the socket: the broker's
+                # confirmation is what this publish waits for
+                wait=False,
             )
         except PublishError as exc:
             raise QueueError(
