@@ -223,11 +223,12 @@ class MessageIds:
 
 
 class AmqpDelivery(Delivery):
-    __slots__ = ("_subscription", "_tag")
+    __slots__ = ("_channel", "_subscription", "_tag")
 
     def __init__(
         self,
         subscription: AmqpSubscription,
+        channel: object,
         tag: int,
         message_id: str,
         body: bytes,
@@ -237,10 +238,13 @@ class AmqpDelivery(Delivery):
     ) -> None:
         super().__init__(message_id, body, headers, content_type, attempts)
         self._subscription = subscription
+        self._channel = channel
         self._tag = tag
 
     async def _settle(self, ack: bool, requeue: bool) -> None:
-        self._subscription.settle(self._tag, ack, requeue)
+        # Tags restart on every channel: after a reconnect, this tag may name another message.
+        if self._channel is self._subscription.channel:
+            self._subscription.settle(self._tag, ack, requeue)
 
 
 class AmqpSubscription(Subscription):
@@ -299,6 +303,7 @@ class AmqpSubscription(Subscription):
         self.on_delivery(
             AmqpDelivery(
                 self,
+                message.channel,
                 tag,
                 # another client may publish without an id; such a message gets a fresh one
                 properties.message_id or uuid.uuid4().hex,
