@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import textwrap
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,17 @@ class AppFactory:
             await app.publish("in", data, headers)
         await app.idle()
         return app, await app.drain("out")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`luaq.runtime.cli.main` points the root logger at capsys's stderr; put the previous
+    handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ runtime failures, graceful shutdown of a real process on SIGTERM/SIGINT, and --h
 from __future__ import annotations
 
 import json
-import logging
 import re
 import signal
 import subprocess
@@ -26,16 +25,6 @@ _SCRIPT = Path(sys.executable).with_name("luaq")
 LUAQ = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "luaq.runtime.cli"]
 COLUMNS = ("processed", "acked", "nacked", "failed", "rejected")
 SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`main` points the root logger at capsys's stderr; put the previous handlers back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -7,10 +7,8 @@ and nothing may start.
 
 from __future__ import annotations
 
-import logging
 import re
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +20,6 @@ from luaq.runtime.cli import main
 SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
 
 HANDLER = "function handle(payload) return true end\n"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`main` points the root logger at capsys's stderr; put the previous handlers back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @dataclass

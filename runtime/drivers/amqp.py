@@ -463,22 +463,30 @@ class AmqpDriver(Driver):
                 await asyncio.sleep(delay)
                 try:
                     await self._connect()
-                    for queue in self._declared.values():
-                        await self._declare(queue)
-                    for subscription in list(self.subscriptions):
-                        if subscription.active:
-                            assert self._connection is not None
-                            await subscription.attach(self._connection)
+                    await self._restore()
                 except (AMQPError, OSError, TimeoutError, QueueError) as exc:
                     _log.warning(
                         "reconnect failed, retrying",
                         extra={"driver": self.entry.id, "error": str(exc), "delay": delay},
                     )
+                    if self._connection is not None and not self._connection.is_closed:
+                        with contextlib.suppress(AMQPError, OSError):
+                            await self._connection.close()  # a half-restored link
                     delay = min(delay * 2, self.entry.reconnect_max_delay)
                     continue
                 _log.info("connection restored", extra={"driver": self.entry.id})
                 self._linked.set()
                 break
+
+    async def _restore(self) -> None:
+        """On a new connection (not yet linked): the queues, then the consumers."""
+        assert self._connection is not None
+        channel = await self._admin_on(self._connection)
+        for queue in self._declared.values():
+            await self._declare_on(channel, queue)
+        for subscription in list(self.subscriptions):
+            if subscription.active:
+                await subscription.attach(self._connection)
 
     async def _link(self) -> aiormq.abc.AbstractConnection:
         if not self._linked.is_set():
@@ -494,8 +502,12 @@ class AmqpDriver(Driver):
         return self._connection
 
     async def _admin_channel(self) -> aiormq.abc.AbstractChannel:
+        return await self._admin_on(await self._link())
+
+    async def _admin_on(
+        self, connection: aiormq.abc.AbstractConnection
+    ) -> aiormq.abc.AbstractChannel:
         """A channel for declarations; a failed passive declare closes it, so reopen."""
-        connection = await self._link()
         if self._admin is None or self._admin.is_closed:
             self._admin = await connection.channel(publisher_confirms=False)
         return self._admin
@@ -512,8 +524,7 @@ class AmqpDriver(Driver):
             with contextlib.suppress(AMQPError, OSError):
                 await self._connection.close()
 
-    async def _declare(self, queue: QueueEntry) -> None:
-        channel = await self._admin_channel()
+    async def _declare_on(self, channel: aiormq.abc.AbstractChannel, queue: QueueEntry) -> None:
         options = queue.driver_options.amqp
         try:
             await channel.queue_declare(
@@ -529,7 +540,7 @@ class AmqpDriver(Driver):
             ) from exc
 
     async def declare(self, queue: QueueEntry) -> None:
-        await self._declare(queue)
+        await self._declare_on(await self._admin_channel(), queue)
         self._declared[queue.external_name] = queue
 
     async def publish(
