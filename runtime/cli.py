@@ -121,7 +121,7 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-def _publish_args(args: argparse.Namespace, config: Config) -> tuple[str, Any, dict[str, Any]]:
+def _publish_args(args: argparse.Namespace, config: Config) -> InputMessage:
     problems = []
     namespace = next(iter(config.queues.values())).namespace if config.queues else "app"
     queue_id = entries.resolve_id(args.queue_id, namespace)
@@ -140,26 +140,7 @@ def _publish_args(args: argparse.Namespace, config: Config) -> tuple[str, Any, d
         headers[key] = parsed if isinstance(parsed, str | int | float | bool) else value
     if problems:
         raise ConfigError(problems)
-    return queue_id, data, headers
-
-
-async def _publish_one(worker: Worker, queue_id: str, data: Any, headers: dict[str, Any]) -> int:
-    queue = worker.queue("", queue_id)
-    driver = worker.drivers[queue.driver]
-    codec = CODECS[queue.codec]
-    try:
-        body = codec.encode(data)
-        await driver.start()
-        try:
-            await driver.declare(queue)
-            message_id = await driver.publish(queue, body, headers, codec.content_type)
-        finally:
-            await driver.close()
-    except QueueError as exc:
-        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(message_id)
-    return EXIT_OK
+    return InputMessage(queue_id, data, headers)
 
 
 @dataclass(frozen=True)
@@ -233,21 +214,20 @@ async def _progress(worker: Worker, out: TextIO) -> None:
         out.flush()
 
 
-async def _publish_inputs(worker: Worker, inputs: list[InputMessage]) -> int:
-    """Publish --input once, before worker processes fork (each would publish it again)."""
+async def _publish(worker: Worker, messages: list[InputMessage], show_ids: bool) -> int:
+    """Publish without consuming: `luaq publish`, and --input before worker processes fork
+    (each would publish it again)."""
     try:
-        for driver in worker.drivers.values():
-            await driver.start()
-        for queue in worker.config.queues.values():
-            await worker.drivers[queue.driver].declare(queue)
-        for message in inputs:
-            await worker.publish("", message.queue, message.data, message.headers)
+        await worker.connect()
+        for message in messages:
+            message_id = await worker.publish("", message.queue, message.data, message.headers)
+            if show_ids:
+                print(message_id)
     except QueueError as exc:
         print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        for driver in worker.drivers.values():
-            await driver.close()
+        await worker.stop(0)
     return EXIT_OK
 
 
@@ -349,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "publish":
-            return uvloop.run(_publish_one(worker, *publish))
+            return uvloop.run(_publish(worker, [publish], show_ids=True))
         if args.processes > 1:
             return _run_processes(worker, inputs, args)
         return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
@@ -365,7 +345,7 @@ def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Na
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if inputs and (code := uvloop.run(_publish_inputs(worker, inputs))):
+    if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
         return code
     grace = worker.settings.shutdown_timeout
     return _fork(args.processes, lambda: uvloop.run(_run(worker, [], args.until_idle, grace)))

@@ -62,11 +62,15 @@ class Worker:
             for entry in config.consumers.values()
         ]
 
-    async def start(self) -> None:
+    async def connect(self) -> None:
+        """Start the drivers and declare every queue, without consuming."""
         for driver in self.drivers.values():
             await driver.start()
         for queue in self.config.queues.values():
             await self.drivers[queue.driver].declare(queue)
+
+    async def start(self) -> None:
+        await self.connect()
         for consumer in self.consumers:
             await consumer.start()
         consumers = [consumer.entry.id for consumer in self.consumers]
@@ -104,14 +108,17 @@ class Worker:
 
     async def publish(
         self, namespace: str, queue_id: str, data: Any, headers: dict[str, Any]
-    ) -> None:
+    ) -> str:
+        """Publish through the queue's codec and driver; returns the message id."""
         queue = self.queue(namespace, queue_id)
         if "priority" in headers:
             priority(headers["priority"])  # the same rule on every driver
         codec = CODECS[queue.codec]
         body = codec.encode(data)
         try:
-            await self.drivers[queue.driver].publish(queue, body, headers, codec.content_type)
+            return await self.drivers[queue.driver].publish(
+                queue, body, headers, codec.content_type
+            )
         except QueueError:
             raise
         except Exception as exc:
