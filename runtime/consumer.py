@@ -30,6 +30,7 @@ class ConsumerStats:
     nacked: int = 0  # given back: `false`, errors, budget, not started or cut short at shutdown
     failed: int = 0  # invocations that ended in an error (also counted in nacked)
     rejected: int = 0  # dropped without requeue: bodies that cannot be decoded
+    denied: int = 0  # publishes from the handler refused by a security policy
     first_at: float | None = None
     last_at: float | None = None
     errors: dict[str, int] = field(default_factory=dict)

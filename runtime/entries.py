@@ -238,6 +238,69 @@ class ConsumerDriverOptions(_Model):
     amqp: ConsumerAmqpOptions = ConsumerAmqpOptions()
 
 
+Operator = Literal[
+    "eq", "ne", "lt", "gt", "lte", "gte", "in", "nin", "exists", "nexists",
+    "contains", "ncontains", "matches", "nmatches",
+]  # fmt: skip
+Patterns = Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)]
+
+
+class Condition(_Model):
+    """`field` (actor.id, actor.meta.*, action, resource, meta.*) compared with `value`, or
+    with another field named by `value_from`."""
+
+    field: str = Field(pattern=r"^(actor\.id|actor\.meta\..+|action|resource|meta\..+)$")
+    operator: Operator
+    value: Any = None
+    value_from: str | None = Field(
+        None, pattern=r"^(actor\.id|actor\.meta\..+|action|resource|meta\..+)$"
+    )
+
+    @model_validator(mode="after")
+    def _operand(self) -> Condition:
+        unary = self.operator in ("exists", "nexists")
+        given = ("value" in self.model_fields_set) + (self.value_from is not None)
+        if unary and given:
+            raise ValueError(f"operator: {self.operator} takes no value")
+        if not unary and given != 1:
+            raise ValueError(f"value: {self.operator} needs exactly one of value or value_from")
+        listed = self.value_from is not None or isinstance(self.value, list)
+        if self.operator in ("in", "nin") and not listed:
+            raise ValueError(f"value: {self.operator} needs a list")
+        if self.operator in ("matches", "nmatches") and self.value_from is None:
+            try:
+                re.compile(str(self.value))
+            except re.error as exc:
+                raise ValueError(f"value: not a valid regular expression: {exc}") from exc
+        return self
+
+
+class PolicyRule(_Model):
+    actions: Patterns = Field(strict=False, min_length=1)
+    resources: Patterns = Field(("*",), strict=False, min_length=1)
+    effect: Literal["allow", "deny"]
+    conditions: tuple[Condition, ...] = Field((), strict=False)
+
+
+class PolicyEntry(_Entry):
+    """A rule for actors that name it, or that are in one of its groups."""
+
+    kind: Literal["security.policy"]
+    policy: PolicyRule
+    groups: tuple[str, ...] = Field((), strict=False)
+
+
+class Actor(_Model):
+    id: str = Field(min_length=1)
+    meta: dict[str, Any] = {}
+
+
+class ConsumerSecurity(_Model):
+    actor: Actor | None = None
+    policies: tuple[Ref, ...] = Field((), strict=False)
+    groups: tuple[str, ...] = Field((), strict=False)
+
+
 class ConsumerEntry(_Entry, _LuaSource):
     kind: Literal["queue.consumer"]
     queue: Ref
@@ -248,6 +311,7 @@ class ConsumerEntry(_Entry, _LuaSource):
     prefetch: int = Field(10, ge=1, le=10_000)
     auto_ack: bool = False
     driver_options: ConsumerDriverOptions = ConsumerDriverOptions()
+    security: ConsumerSecurity = ConsumerSecurity()
 
     @model_validator(mode="after")
     def _one_handler(self) -> ConsumerEntry:
@@ -286,6 +350,7 @@ KINDS: dict[str, type[_Entry]] = {
     "queue.queue": QueueEntry,
     "function.lua": FunctionEntry,
     "queue.consumer": ConsumerEntry,
+    "security.policy": PolicyEntry,
 }
 
 
@@ -297,6 +362,7 @@ class Config:
     queues: dict[str, QueueEntry] = field(default_factory=dict)
     functions: dict[str, FunctionEntry] = field(default_factory=dict)
     consumers: dict[str, ConsumerEntry] = field(default_factory=dict)
+    policies: dict[str, PolicyEntry] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -417,6 +483,13 @@ def _check_refs(config: Config) -> None:
                     f"{config.label(entry)}: {field_name}: {ref} is not a declared "
                     f"{kinds[field_name]} entry"
                 )
+    for consumer in config.consumers.values():
+        for ref in consumer.security.policies:
+            if ref not in config.policies:
+                config.problems.append(
+                    f"{config.label(consumer)}: security.policies: {ref} is not a declared "
+                    "security.policy entry"
+                )
 
 
 def load(paths: Iterable[Path | str]) -> Config:
@@ -430,6 +503,7 @@ def load(paths: Iterable[Path | str]) -> Config:
         QueueEntry: config.queues,
         FunctionEntry: config.functions,
         ConsumerEntry: config.consumers,
+        PolicyEntry: config.policies,
     }
     for path in files:
         parsed = _parse_file(path, config.problems)

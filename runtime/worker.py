@@ -18,6 +18,7 @@ from .drivers.memory import MemoryDriver
 from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
 from .errors import ConfigError, Kind, QueueError
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
+from .security import access_for
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
@@ -52,6 +53,7 @@ class Worker:
         if problems:
             raise ConfigError(problems)
         self.drivers = {entry.id: _driver(entry) for entry in config.drivers.values()}
+        self.access = {entry.id: access_for(entry, config) for entry in config.consumers.values()}
         self.consumers = [
             Consumer(
                 entry,
@@ -61,6 +63,7 @@ class Worker:
             )
             for entry in config.consumers.values()
         ]
+        self.consumers_by_id = {consumer.entry.id: consumer for consumer in self.consumers}
 
     async def connect(self) -> None:
         """Start the drivers and declare every queue, without consuming."""
@@ -75,6 +78,13 @@ class Worker:
             await consumer.start()
         consumers = [consumer.entry.id for consumer in self.consumers]
         _log.info("worker started", extra={"consumers": consumers})
+        if not self.config.policies:
+            _log.warning("no security.policy entries: every publish is allowed")
+        elif unguarded := [id_ for id_, access in self.access.items() if access.open]:
+            _log.warning(
+                "consumers without policies: their publishes are allowed",
+                extra={"consumers": unguarded},
+            )
 
     async def stop(self, grace: float) -> None:
         """Graceful shutdown: consumers drain in parallel within `grace` seconds, then drivers
@@ -107,10 +117,23 @@ class Worker:
         return queue
 
     async def publish(
-        self, namespace: str, queue_id: str, data: Any, headers: dict[str, Any]
+        self,
+        namespace: str,
+        queue_id: str,
+        data: Any,
+        headers: dict[str, Any],
+        consumer: str | None = None,
     ) -> str:
-        """Publish through the queue's codec and driver; returns the message id."""
+        """Publish through the queue's codec and driver; returns the message id. A handler's
+        publish is checked against its consumer's policies first."""
         queue = self.queue(namespace, queue_id)
+        if consumer is not None:
+            try:
+                self.access[consumer].check_publish(queue.id, headers)
+            except QueueError as exc:
+                self.consumers_by_id[consumer].stats.denied += 1
+                _log.warning("publish denied", extra={"consumer": consumer, "error": exc.message})
+                raise
         if "priority" in headers:
             priority(headers["priority"])  # the same rule on every driver
         codec = CODECS[queue.codec]

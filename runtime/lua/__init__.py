@@ -53,8 +53,15 @@ class Host(Protocol):
     """What handlers may ask of the process around them (the worker implements it)."""
 
     async def publish(
-        self, namespace: str, queue_id: str, data: Any, headers: dict[str, Any]
-    ) -> str: ...
+        self,
+        namespace: str,
+        queue_id: str,
+        data: Any,
+        headers: dict[str, Any],
+        consumer: str | None = None,
+    ) -> str:
+        """`consumer`: whose handler publishes (its actor's policies apply); None for luaq
+        itself (--input, luaq publish)."""
 
     async def info(self, namespace: str, queue_id: str) -> tuple[int, int]: ...
 
@@ -114,11 +121,6 @@ class LuaRuntime:
         self._array = bridge.array
         self._shape = bridge.shape
         self._table_from = self._lua.table_from
-        self._ops: dict[str, Callable[..., Awaitable[tuple[Any, ...]]]] = {
-            "publish": self._op_publish,
-            "info": self._op_info,
-            "sleep": self._op_sleep,
-        }
 
     def load(
         self,
@@ -248,7 +250,7 @@ class LuaRuntime:
                 if result == _ACK:
                     return ACKED
                 if type(result) is tuple and result[0] == _CALL:
-                    result = await self._serve(invocation, delivery, result)
+                    result = await self._serve(invocation, delivery, consumer, result)
             except asyncio.CancelledError:
                 self._cancel(invocation)
                 raise
@@ -266,39 +268,36 @@ class LuaRuntime:
 
         return invoke
 
-    async def _serve(self, invocation: int, delivery: Delivery, result: Any) -> Any:
+    async def _serve(self, invocation: int, delivery: Delivery, consumer: str, result: Any) -> Any:
         """Answer host requests until the invocation finishes."""
         while type(result) is tuple and result[0] == _CALL:
-            op = result[1]
             try:
-                if op == "settle":
-                    await (delivery.ack() if result[2] == "ack" else delivery.nack())
-                    answer: tuple[Any, ...] = (True,)
-                else:
-                    answer = await self._ops[op](*result[2:])
+                answer = await self._answer(result[1], result[2:], delivery, consumer)
             except QueueError as exc:
                 answer = (None, str(exc.kind), exc.message, exc.retryable)
             result = self._resume(invocation, *answer)
         return result
 
-    async def _op_publish(
-        self, namespace: str, queue_id: str, data: Any, headers: Any
+    async def _answer(
+        self, op: str, args: tuple[Any, ...], delivery: Delivery, consumer: str
     ) -> tuple[Any, ...]:
         assert self.host is not None, "no host: this runtime only checks sources"
-        await self.host.publish(
-            namespace,
-            queue_id,
-            self.to_python(data),
-            {} if headers is None else self.to_python(headers),
-        )
-        return (True,)
-
-    async def _op_info(self, namespace: str, queue_id: str) -> tuple[int, int]:
-        assert self.host is not None, "no host: this runtime only checks sources"
-        return await self.host.info(namespace, queue_id)
-
-    async def _op_sleep(self, seconds: float) -> tuple[bool]:
-        await asyncio.sleep(seconds)
+        if op == "publish":
+            namespace, queue_id, data, headers = args
+            await self.host.publish(
+                namespace,
+                queue_id,
+                self.to_python(data),
+                {} if headers is None else self.to_python(headers),
+                consumer,
+            )
+            return (True,)
+        if op == "settle":
+            await (delivery.ack() if args[0] == "ack" else delivery.nack())
+            return (True,)
+        if op == "info":
+            return await self.host.info(*args)
+        await asyncio.sleep(args[0])  # "sleep"
         return (True,)
 
 
