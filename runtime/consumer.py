@@ -20,6 +20,7 @@ from .entries import ConsumerEntry, QueueEntry
 from .lua import Outcome, Verdict
 
 Invoke = Callable[[Any, Delivery], Awaitable[Outcome]]
+YIELD_EVERY = 64
 _log = logging.getLogger("luaq.consumer")
 
 
@@ -81,7 +82,14 @@ class Consumer:
 
     async def _work(self) -> None:
         get = self._buffer.get
+        handled = 0
         while True:
+            handled += 1
+            if not handled % YIELD_EVERY or self._buffer.empty():
+                # A driver that refills the buffer synchronously (memory) and handlers that
+                # never wait would otherwise keep this loop from ever giving way: no signal,
+                # no other consumer would run while a backlog lasts or a message fails forever.
+                await asyncio.sleep(0)
             delivery = await get()
             self._busy += 1
             self._idle.clear()

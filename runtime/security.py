@@ -57,8 +57,8 @@ def _compare(operator: str, left: Any, right: Any) -> bool:
                 return re.search(str(right), str(left)) is not None
             case "nmatches":
                 return re.search(str(right), str(left)) is None
-    except TypeError:
-        pass  # values that cannot be compared (a number against a text) do not match
+    except (TypeError, re.error):
+        pass  # values that cannot be compared, or a pattern from value_from that is not one
     return False
 
 
@@ -100,7 +100,9 @@ class Access:
     ) -> Decision:
         if self.open:
             return Decision(True, "no security policies are declared")
-        context = {"actor": self.actor, "action": action, "resource": resource, "meta": meta or {}}
+        context: dict[str, Any] = {"actor": self.actor, "action": action, "meta": meta or {}}
+        if resource is not None:  # the general check has no resource: `exists` must not hold
+            context["resource"] = resource
         allowed_by = None
         for entry in self.policies:
             rule = entry.policy
