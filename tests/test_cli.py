@@ -515,6 +515,36 @@ def test_handlers_cut_short_at_shutdown_count_as_nacked(
     assert worker["nacked"] >= 2, f"two invocations were cut off and requeued: {worker}"
 
 
+def test_signal_reaches_a_worker_whose_handler_fails_forever(
+    tmp_path: Path, spawn: Callable[..., Process]
+) -> None:
+    """On the memory driver a handler that fails without ever waiting is redelivered at once,
+    again and again: the worker must still give way to the loop, so SIGTERM gets through."""
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            broker(),
+            queue("jobs"),
+            {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle"}
+            | {"source": 'function handle(p) error("boom") end'},
+        ],
+    )
+    messages = write_jsonl(tmp_path / "messages.jsonl", [{"queue": "jobs", "data": 1}])
+    process = spawn("run", app, "--input", messages)
+    wait_until(
+        lambda: process.stderr.count('"handler failed"') >= 100,
+        what="the message failing over and over",
+    )
+
+    process.popen.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=10)
+
+    assert code == 0, process.stderr[-2000:]
+    worker = summary(process.stdout)["app:worker"]
+    assert worker["failed"] >= 100
+    assert worker["acked"] == 0
+
+
 # -- help -----------------------------------------------------------------------------------------
 
 
