@@ -85,10 +85,10 @@ class Consumer:
         handled = 0
         while True:
             handled += 1
-            if not handled % YIELD_EVERY or self._buffer.empty():
-                # A driver that refills the buffer synchronously (memory) and handlers that
-                # never wait would otherwise keep this loop from ever giving way: no signal,
-                # no other consumer would run while a backlog lasts or a message fails forever.
+            if not handled % YIELD_EVERY:
+                # get() only waits on an empty buffer: with a driver that refills it at once
+                # (memory) and handlers that never wait, nothing else (no signal, no other
+                # consumer) would run while a backlog lasts or a message fails forever.
                 await asyncio.sleep(0)
             delivery = await get()
             self._busy += 1

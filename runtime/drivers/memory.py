@@ -79,14 +79,13 @@ class _Queue:
 
 
 class MemoryDelivery(Delivery):
-    __slots__ = ("_message", "_subscription", "_tag")
+    __slots__ = ("_subscription", "_tag")
 
     def __init__(self, subscription: MemorySubscription, message: _Message, tag: int) -> None:
         super().__init__(
             message.id, message.body, message.headers, message.content_type, message.attempts
         )
         self._subscription = subscription
-        self._message = message
         self._tag = tag
 
     async def _settle(self, ack: bool, requeue: bool) -> None:

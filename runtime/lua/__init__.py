@@ -73,7 +73,6 @@ _ACK, _NACK, _CALL = 0, 1, 3  # step results, as bridge.lua defines them
 @dataclass(frozen=True, slots=True)
 class LuaHandler:
     function_id: str
-    namespace: str
     fn: Any
 
 
@@ -139,7 +138,7 @@ class LuaRuntime:
             raise LuaLoadError(str(exc)) from exc
         if fn is None:
             raise LuaLoadError(str(problem))
-        return LuaHandler(function_id, namespace, fn)
+        return LuaHandler(function_id, fn)
 
     # -- conversion -----------------------------------------------------------------------
 
