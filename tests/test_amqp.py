@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 from uuid import uuid4
 
@@ -33,13 +31,18 @@ import yaml
 from luaq.runtime import entries
 from luaq.runtime.cli import main
 from pamqp.commands import Basic
+from processes import (
+    Process,
+    Spawner,
+    summaries,
+    summary,
+    write_app,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "email"
-_SCRIPT = Path(sys.executable).with_name("luaq")
-LUAQ = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "luaq.runtime.cli"]
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-COLUMNS = ("processed", "acked", "nacked", "failed", "rejected")
 REJECTED_LOG = "message body cannot be decoded, rejected"
 
 
@@ -178,111 +181,15 @@ async def poll(
 # -- luaq as a child process ----------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    """`luaq` as a real child process, stdout and stderr going to files that tests poll."""
-
-    popen: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-    files: tuple[IO[bytes], IO[bytes]]
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def logs(self) -> list[dict[str, Any]]:
-        return json_lines(self.stderr)
-
-    def messages(self) -> list[str]:
-        return [str(line.get("msg")) for line in self.logs()]
-
-    def wait(self, timeout: float) -> int:
-        code = self.popen.wait(timeout)
-        for file in self.files:
-            file.close()
-        return code
-
-
 @pytest.fixture
-def spawn(tmp_path: Path, rabbit: Rabbit) -> Iterator[Callable[..., Process]]:
-    """Start `luaq`; at teardown kill what still runs (before `rabbit` deletes the queues)."""
-    started: list[Process] = []
-
-    def start(*args: str | Path, env: dict[str, str] | None = None) -> Process:
-        n = len(started)
-        out, err = tmp_path / f"stdout{n}.txt", tmp_path / f"stderr{n}.txt"
-        files = (out.open("wb"), err.open("wb"))
-        popen = subprocess.Popen(
-            [*LUAQ, *(str(arg) for arg in args)],
-            stdout=files[0],
-            stderr=files[1],
-            stdin=subprocess.DEVNULL,
-            cwd=tmp_path,
-            env={**os.environ, **(env or {})},
-        )
-        process = Process(popen, out, err, files)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-        process.wait(10)
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    """Every complete line of `text` parsed as a JSON object (fails on a line that is not)."""
-    complete = text[: text.rfind("\n") + 1] if "\n" in text else ""
-    parsed = []
-    for line in complete.splitlines():
-        item = json.loads(line)
-        assert isinstance(item, dict), line
-        parsed.append(item)
-    return parsed
-
-
-def summaries(out: str) -> list[dict[str, dict[str, float]]]:
-    """Every per-consumer summary table on stdout (one per worker process), in order."""
-    tables: list[dict[str, dict[str, float]]] = []
-    for line in out.splitlines():
-        fields = line.split()
-        if not fields:
-            continue
-        if fields[0] == "consumer":
-            assert fields[1:] == [*COLUMNS, "msg/s"], line
-            tables.append({})
-            continue
-        assert tables, f"a summary row before any header: {line!r}"
-        assert len(fields) == 7, f"malformed summary row: {line!r}"
-        tables[-1][fields[0]] = dict(zip((*COLUMNS, "rate"), map(float, fields[1:]), strict=True))
-    assert tables, f"no summary table on stdout:\n{out}"
-    return tables
-
-
-def summary(out: str) -> dict[str, dict[str, float]]:
-    tables = summaries(out)
-    assert len(tables) == 1, out
-    return tables[0]
+def spawn(rabbit: Rabbit, tmp_path: Path) -> Iterator[Spawner]:
+    """Processes are killed at teardown before `rabbit` deletes their queues."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
 
 
 # -- entries files --------------------------------------------------------------------------------
-
-
-def write_app(path: Path, app_entries: list[dict[str, Any]]) -> Path:
-    document = {"version": "1.0", "namespace": "app", "entries": app_entries}
-    path.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
-    return path
-
-
-def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-    return path
 
 
 def amqp_broker(**extra: Any) -> dict[str, Any]:

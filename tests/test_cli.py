@@ -4,79 +4,34 @@ runtime failures, graceful shutdown of a real process on SIGTERM/SIGINT, and --h
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
-import yaml
 from luaq.runtime.cli import main
+from processes import (
+    LUAQ,
+    Process,
+    Spawner,
+    json_lines,
+    summary,
+    wait_until,
+    write_app,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "email"
-_SCRIPT = Path(sys.executable).with_name("luaq")
-LUAQ = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "luaq.runtime.cli"]
-COLUMNS = ("processed", "acked", "nacked", "failed", "rejected")
 SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def summary(out: str) -> dict[str, dict[str, float]]:
-    """The per-consumer summary table printed on stdout, as {consumer: {column: value}}."""
-    lines = out.splitlines()
-    headers = [i for i, line in enumerate(lines) if line.split()[:1] == ["consumer"]]
-    assert headers, f"no summary table on stdout:\n{out}"
-    header = lines[headers[-1]].split()
-    assert header[1:6] == list(COLUMNS), header
-    assert header[6] == "msg/s", header
-    rows: dict[str, dict[str, float]] = {}
-    for line in lines[headers[-1] + 1 :]:
-        fields = line.split()
-        if not fields:
-            continue
-        assert len(fields) == 7, f"malformed summary row: {line!r}"
-        rows[fields[0]] = dict(zip((*COLUMNS, "rate"), map(float, fields[1:]), strict=True))
-    return rows
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    """Every complete line of `text` parsed as a JSON object (fails on a line that is not)."""
-    complete = text[: text.rfind("\n") + 1] if "\n" in text else ""
-    parsed = []
-    for line in complete.splitlines():
-        item = json.loads(line)
-        assert isinstance(item, dict), line
-        parsed.append(item)
-    return parsed
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `check` until it holds or the deadline passes (polling, not sleeping to sync)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)
-
-
-def write_app(path: Path, entries: list[dict[str, Any]]) -> Path:
-    document = {"version": "1.0", "namespace": "app", "entries": entries}
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
-
-
-def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(item) + "\n" for item in items))
-    return path
 
 
 def broker(**extra: Any) -> dict[str, Any]:
@@ -100,57 +55,11 @@ def luaq(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
     return Result(code, captured.out, captured.err)
 
 
-@dataclass
-class Process:
-    """`luaq` as a real child process, stdout and stderr going to files that tests poll."""
-
-    popen: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-    files: tuple[IO[bytes], IO[bytes]]
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def logs(self) -> list[dict[str, Any]]:
-        return json_lines(self.stderr)
-
-    def wait(self, timeout: float) -> int:
-        code = self.popen.wait(timeout)
-        for file in self.files:
-            file.close()
-        return code
-
-
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    started: list[Process] = []
-
-    def start(*args: str | Path) -> Process:
-        n = len(started)
-        out, err = tmp_path / f"stdout{n}.txt", tmp_path / f"stderr{n}.txt"
-        files = (out.open("wb"), err.open("wb"))
-        popen = subprocess.Popen(
-            [*LUAQ, *(str(arg) for arg in args)],
-            stdout=files[0],
-            stderr=files[1],
-            stdin=subprocess.DEVNULL,
-            cwd=tmp_path,
-        )
-        process = Process(popen, out, err, files)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-        process.wait(10)
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
 
 
 # -- luaq run --input --until-idle ----------------------------------------------------------------
