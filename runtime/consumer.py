@@ -17,9 +17,11 @@ from typing import Any
 from .codecs import BY_CONTENT_TYPE
 from .drivers import Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry
+from .errors import QueueError
 from .lua import Outcome, Verdict
 
 Invoke = Callable[[Any, Delivery], Awaitable[Outcome]]
+DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
 YIELD_EVERY = 64
 _log = logging.getLogger("luaq.consumer")
 
@@ -30,7 +32,8 @@ class ConsumerStats:
     acked: int = 0
     nacked: int = 0  # given back: `false`, errors, budget, not started or cut short at shutdown
     failed: int = 0  # invocations that ended in an error (also counted in nacked)
-    rejected: int = 0  # dropped without requeue: bodies that cannot be decoded
+    rejected: int = 0  # dropped without requeue: undecodable, or out of attempts with no DLQ
+    dead_lettered: int = 0  # moved to the queue's dead-letter queue
     denied: int = 0  # publishes from the handler refused by a security policy
     first_at: float | None = None
     last_at: float | None = None
@@ -46,9 +49,15 @@ class ConsumerStats:
 
 class Consumer:
     def __init__(
-        self, entry: ConsumerEntry, queue: QueueEntry, driver: Driver, invoke: Invoke
+        self,
+        entry: ConsumerEntry,
+        queue: QueueEntry,
+        driver: Driver,
+        invoke: Invoke,
+        dead_letter: DeadLetterSink | None = None,
     ) -> None:
         self.entry = entry
+        self._dead_letter_sink = dead_letter
         self.queue = queue
         self.driver = driver
         self.stats = ConsumerStats()
@@ -121,12 +130,7 @@ class Consumer:
             payload = codec.decode(delivery.body)
         except (ValueError, RecursionError) as exc:
             # A poison message can never succeed: redelivering it would loop forever.
-            stats.rejected += 1
-            _log.warning(
-                "message body cannot be decoded, rejected",
-                extra={"consumer": self.entry.id, "message_id": delivery.id, "error": str(exc)},
-            )
-            await delivery.nack(requeue=False)
+            await self._give_up(delivery, "poison", str(exc))
             return
         if self.entry.auto_ack:
             await delivery.ack()
@@ -153,9 +157,42 @@ class Consumer:
         elif outcome.verdict is Verdict.ACK:
             self._count(True)
             await delivery.ack()
+        elif outcome.verdict is Verdict.FAIL and (limit := self.queue.dead_letter):
+            if delivery.attempts >= limit.max_attempts:
+                await self._give_up(delivery, "max_attempts", outcome.error or "")
+            else:
+                self._count(False)
+                await delivery.retry()
         else:
             self._count(False)
             await delivery.nack()
+
+    async def _give_up(self, delivery: Delivery, reason: str, error: str) -> None:
+        """Dead-letter the message, or reject it when its queue has no dead-letter queue.
+        Should the dead-letter queue refuse it, the message is requeued, never lost."""
+        what = "message body cannot be decoded" if reason == "poison" else "attempts exhausted"
+        extra = {
+            "consumer": self.entry.id,
+            "message_id": delivery.id,
+            "attempt": delivery.attempts,
+            "reason": reason,
+            "error": error,
+        }
+        if self._dead_letter_sink is None:
+            self.stats.rejected += 1
+            _log.warning(f"{what}, rejected", extra=extra)
+            await delivery.nack(requeue=False)
+            return
+        try:
+            await self._dead_letter_sink(delivery, reason, error)
+        except QueueError as exc:
+            _log.error("dead-lettering failed, message requeued", extra={**extra, "dlq": str(exc)})
+            self._count(False)
+            await delivery.nack()
+            return
+        self.stats.dead_lettered += 1
+        _log.warning(f"{what}, dead-lettered", extra=extra)
+        await delivery.ack()
 
     def _count(self, acked: bool) -> None:
         if acked:

@@ -176,11 +176,20 @@ class QueueDriverOptions(_Model):
     amqp: AmqpQueueOptions = AmqpQueueOptions()
 
 
+class DeadLetter(_Model):
+    """After `max_attempts` failed invocations a message moves to `queue` (without one it is
+    rejected); a body that cannot be decoded moves at once."""
+
+    queue: Ref | None = None
+    max_attempts: int = Field(5, ge=1, le=1000)
+
+
 class QueueEntry(_Entry):
     kind: Literal["queue.queue"]
     driver: Ref
     queue_name: str | None = Field(None, min_length=1)
     codec: Literal["json/plain", "application/msgpack"] = "json/plain"
+    dead_letter: DeadLetter | None = None
     driver_options: QueueDriverOptions = QueueDriverOptions()
 
     @property
@@ -483,6 +492,13 @@ def _check_refs(config: Config) -> None:
                     f"{config.label(entry)}: {field_name}: {ref} is not a declared "
                     f"{kinds[field_name]} entry"
                 )
+    for queue in config.queues.values():
+        target = queue.dead_letter.queue if queue.dead_letter else None
+        if target is not None and (target not in config.queues or target == queue.id):
+            config.problems.append(
+                f"{config.label(queue)}: dead_letter.queue: {target} is not another declared "
+                "queue.queue entry"
+            )
     for consumer in config.consumers.values():
         for ref in consumer.security.policies:
             if ref not in config.policies:

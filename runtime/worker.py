@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from .codecs import CODECS
-from .consumer import Consumer
-from .drivers import Driver
+from .consumer import Consumer, DeadLetterSink
+from .drivers import Delivery, Driver
 from .drivers.amqp import AmqpDriver, priority
 from .drivers.memory import MemoryDriver
 from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
@@ -60,6 +61,7 @@ class Worker:
                 config.queues[entry.queue],
                 self.drivers[config.queues[entry.queue].driver],
                 self.lua.invoker(self.handlers[entry.function_id], entry.id),
+                self._dead_letter_sink(config.queues[entry.queue]),
             )
             for entry in config.consumers.values()
         ]
@@ -92,6 +94,26 @@ class Worker:
         await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
         for driver in self.drivers.values():
             await driver.close()
+
+    def _dead_letter_sink(self, source: QueueEntry) -> DeadLetterSink | None:
+        if source.dead_letter is None or source.dead_letter.queue is None:
+            return None
+        target = self.config.queues[source.dead_letter.queue]
+        driver = self.drivers[target.driver]
+
+        async def sink(delivery: Delivery, reason: str, error: str) -> None:
+            headers = {
+                **delivery.headers,
+                "message_id": delivery.id,
+                "x_dead_letter_reason": reason,
+                "x_original_queue": source.id,
+                "x_attempts": delivery.attempts,
+                "x_last_error": error,
+                "x_failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+            await driver.publish(target, delivery.body, headers, delivery.content_type)
+
+        return sink
 
     async def idle(self) -> bool:
         """True when no consumed queue has ready messages and no consumer holds a delivery."""

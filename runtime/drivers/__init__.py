@@ -53,6 +53,11 @@ class Delivery(ABC):
             self.settled = False
             await self._settle(ack=False, requeue=requeue)
 
+    async def retry(self) -> None:
+        """Give the message back for another attempt, counted in `attempts` next time. Drivers
+        whose broker does not count redeliveries republish it with its count instead."""
+        await self.nack()
+
     @abstractmethod
     async def _settle(self, ack: bool, requeue: bool) -> None: ...
 

@@ -44,6 +44,7 @@ _log = logging.getLogger("luaq.amqp")
 # table carries everything else, and the originals of values a property cannot hold exactly.
 PROPERTIES = ("correlation_id", "reply_to", "message_type", "expiration", "priority")
 PRIORITY_NAMES = {"low": 1, "normal": 5, "high": 9}
+ATTEMPTS = "x-luaq-attempts"  # attempts a retried message has had, carried in its headers
 # aiormq holds a channel's lock until each published frame is written; publishes from many
 # concurrent handlers spread over a few confirm channels instead of queueing on one.
 PUBLISHERS = 4
@@ -246,6 +247,20 @@ class AmqpDelivery(Delivery):
         if self._channel is self._subscription.channel:
             self._subscription.settle(self._tag, ack, requeue)
 
+    async def retry(self) -> None:
+        """A broker requeue only says "redelivered", so the count would stop at 2: publish the
+        message again carrying its attempts, then ack this copy (at-least-once either way)."""
+        if self.settled is not None:
+            return
+        subscription = self._subscription
+        try:
+            await subscription.driver.republish(subscription.queue, self)
+        except QueueError as exc:
+            _log.warning("retry by republish failed, requeued instead", extra={"error": str(exc)})
+            await self.nack()
+            return
+        await self.ack()
+
 
 class AmqpSubscription(Subscription):
     """A consumer on its own channel. Acks are coalesced: the lowest tag still open bounds a
@@ -298,6 +313,8 @@ class AmqpSubscription(Subscription):
             attempts = delivery_count + 1
         else:
             attempts = 2 if message.delivery.redelivered else 1  # type: ignore[union-attr]
+        earlier = headers.pop(ATTEMPTS, 0)  # attempts before it was republished for a retry
+        attempts += earlier if isinstance(earlier, int) else 0
         tag = int(message.delivery.delivery_tag)  # type: ignore[union-attr,arg-type]
         self._open[tag] = False
         self.on_delivery(
@@ -546,6 +563,22 @@ class AmqpDriver(Driver):
     async def publish(
         self, queue: QueueEntry, body: bytes, headers: Mapping[str, Any], content_type: str
     ) -> str:
+        message_id = str(headers.get("message_id") or self._ids.next())
+        return await self._publish(queue, body, headers, content_type, message_id)
+
+    async def republish(self, queue: QueueEntry, delivery: Delivery) -> None:
+        """The same message again, with the attempts it has had, for another try."""
+        headers = {**delivery.headers, ATTEMPTS: delivery.attempts}
+        await self._publish(queue, delivery.body, headers, delivery.content_type, delivery.id)
+
+    async def _publish(
+        self,
+        queue: QueueEntry,
+        body: bytes,
+        headers: Mapping[str, Any],
+        content_type: str,
+        message_id: str,
+    ) -> str:
         if queue.external_name not in self._declared:
             raise QueueError(
                 Kind.NOT_FOUND,
@@ -554,7 +587,6 @@ class AmqpDriver(Driver):
         await self._link()
         self._next_publisher += 1
         channel = self._publishers[self._next_publisher % len(self._publishers)]
-        message_id = str(headers.get("message_id") or self._ids.next())
         properties = properties_for(
             headers, content_type, message_id, queue.driver_options.amqp.durable
         )
