@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any, TextIO
 
 import uvloop
 
-from . import entries, logs
+from . import dlq, entries, logs
 from .codecs import CODECS
 from .entries import Config
 from .errors import ConfigError, QueueError
@@ -90,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="memory limit of the process's Lua state in MiB (default: %(default)s)",
     )
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="list, replay or purge the messages of a dead-letter queue",
+        description="list shows each message's reason and attempts; replay moves messages "
+        "back to their original queue; purge deletes them (asks first unless --yes).",
+    )
+    dlq.add_argument("action", choices=["list", "replay", "purge"])
+    dlq.add_argument("queue_id", metavar="QUEUE_ID", help="namespace:name of the queue entry")
+    dlq.add_argument(
+        "--entries", type=Path, action="append", required=True, metavar="PATH",
+        help="entries file or directory declaring the queue (repeatable)",
+    )  # fmt: skip
+    dlq.add_argument("--yes", action="store_true", help="purge without asking")
 
     publish = commands.add_parser(
         "publish",
@@ -304,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_timeout=args.shutdown_timeout,
         )
     try:
-        worker = _load(args.entries if args.command == "publish" else args.paths, settings)
+        paths = args.entries if args.command in ("publish", "dlq") else args.paths
+        worker = _load(paths, settings)
         inputs = read_input(args.input, worker.config) if getattr(args, "input", None) else []
         if args.command == "publish":
             publish = _publish_args(args, worker.config)
@@ -330,10 +346,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "publish":
             return uvloop.run(_publish(worker, [publish], show_ids=True))
+        if args.command == "dlq":
+            return uvloop.run(_dlq(worker, args))
         if args.processes > 1:
             return _run_processes(worker, inputs, args)
         return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
     return EXIT_OK
+
+
+async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
+    namespace = next(iter(worker.config.queues.values())).namespace if worker.config.queues else ""
+    try:
+        queue = worker.queue(namespace, args.queue_id)
+        dlq.require_durable(worker, queue)
+        await worker.connect()
+        batch = await dlq.take(worker, queue)
+        try:
+            if args.action == "list":
+                for delivery in batch.deliveries:
+                    print(json.dumps(dlq.describe(delivery), ensure_ascii=False, default=str))
+                print(f"{len(batch.deliveries)} message(s) in {queue.id}", file=sys.stderr)
+            elif args.action == "replay":
+                report = functools.partial(print, file=sys.stderr)
+                moved = await dlq.replay(worker, batch, report)
+                print(f"replayed {moved} of {len(batch.deliveries)} message(s)")
+            elif _confirmed(args.yes, f"delete {len(batch.deliveries)} message(s) of {queue.id}"):
+                for delivery in batch.deliveries:
+                    await delivery.ack()
+                print(f"purged {len(batch.deliveries)} message(s)")
+            else:
+                print("nothing deleted", file=sys.stderr)
+        finally:
+            await batch.subscription.close()  # gives back whatever was not acked
+    except QueueError as exc:
+        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await worker.stop(0)
+    return EXIT_OK
+
+
+def _confirmed(yes: bool, what: str) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"refusing to {what} without --yes (no terminal to ask on)", file=sys.stderr)
+        return False
+    return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
 
 
 def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Namespace) -> int:
