@@ -9,9 +9,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import yaml
+from broker import rabbitmqctl
 from luaq.runtime import entries
 from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery
@@ -137,6 +139,18 @@ def _restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A vhost of the test's own, with guest allowed in; deleted (queues and all) afterwards."""
+    name = f"luaq-test-{uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 import json
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ import aiormq.abc
 import msgpack
 import pytest
 import yaml
+from broker import rabbitmqctl
 from luaq.runtime import entries
 from luaq.runtime.cli import main
 from pamqp.commands import Basic
@@ -124,14 +124,6 @@ class Rabbit:
                 await channel.queue_delete(name)
 
 
-def rabbitmqctl(*args: str) -> str:
-    result = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
 @pytest.fixture
 async def rabbit() -> AsyncIterator[Rabbit]:
     broker = Rabbit()
@@ -139,18 +131,6 @@ async def rabbit() -> AsyncIterator[Rabbit]:
         yield broker
     finally:
         await broker.delete_queues()
-
-
-@pytest.fixture
-def vhost() -> Iterator[str]:
-    """A vhost of the test's own, with guest allowed in; deleted (queues and all) afterwards."""
-    name = f"luaq-test-{uuid4().hex[:12]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        rabbitmqctl("delete_vhost", name)
 
 
 async def poll(

@@ -292,6 +292,9 @@ class AmqpSubscription(Subscription):
         await channel.basic_qos(prefetch_count=self.prefetch)
         self._open.clear()  # tags of an old channel mean nothing on the new one
         self._outbox.clear()
+        if self._writer is not None:
+            self._writer.cancel()  # it may hang on the dead connection's write queue
+            self._writer = None
         self.channel = channel
         try:
             await channel.basic_consume(
@@ -378,10 +381,11 @@ class AmqpSubscription(Subscription):
 
     async def _write(self) -> None:
         outbox = self._outbox
+        writing = self.channel
         while outbox:
             tag, ack, multiple, requeue = outbox.popleft()
             channel = self.channel
-            if channel is None or channel.is_closed:
+            if channel is None or channel is not writing or channel.is_closed:
                 outbox.clear()  # the broker requeues whatever that channel held
                 return
             try:

@@ -1,0 +1,133 @@
+"""Nothing lost under faults (issue 4): 20,000 messages through a worker that publishes one
+message per input, while the broker drops every connection, then restarts its application.
+
+Every input must reach the sink at least once (at-least-once: duplicates are counted and
+reported, never a loss), and the worker must reconnect by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import aiormq
+from broker import rabbitmqctl
+from pamqp.commands import Basic
+from processes import Process, Spawner, summary, write_app
+
+MESSAGES = 20_000
+HANDLER = 'function handle(p) return queue.publish("app:out", {n = p.n}) end'
+
+
+async def fill(url: str, queue: str) -> None:
+    connection = await aiormq.connect(url)
+    channel = await connection.channel()
+    await channel.queue_declare(queue, durable=True)
+    properties = Basic.Properties(content_type="application/json", delivery_mode=2)
+    for start in range(0, MESSAGES, 1000):
+        await asyncio.gather(
+            *(
+                channel.basic_publish(
+                    json.dumps({"n": n}).encode(), routing_key=queue, properties=properties
+                )
+                for n in range(start, min(start + 1000, MESSAGES))
+            )
+        )
+    await connection.close()
+
+
+async def _depth(url: str, queue: str) -> tuple[int, int]:
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(queue, passive=True)
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
+    finally:
+        await connection.close()
+
+
+def depth(url: str, queue: str) -> tuple[int, int]:
+    """(ready, consumers) by a passive declare (cheap, unlike rabbitmqctl, which boots an
+    Erlang VM per call); (-1, -1) while the broker is down."""
+    try:
+        return asyncio.run(_depth(url, queue))
+    except (aiormq.exceptions.AMQPError, OSError):
+        return -1, -1
+
+
+def wait(check: Callable[[], bool], seconds: float, what: str, process: Process) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert process.popen.poll() is None, f"luaq exited:\n{process.stderr[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} not reached:\n{process.stderr[-3000:]}"
+        time.sleep(0.5)
+
+
+async def drain(url: str, queue: str) -> list[int]:
+    connection = await aiormq.connect(url)
+    channel = await connection.channel()
+    seen: list[int] = []
+    while True:
+        message = await channel.basic_get(queue, no_ack=True)
+        if message.delivery is None or isinstance(message.delivery, Basic.GetEmpty):
+            break
+        seen.append(json.loads(message.body)["n"])
+    await connection.close()
+    return seen
+
+
+def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
+    tmp_path: Path, vhost: str
+) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
+    asyncio.run(fill(url, "in"))
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            {"name": "broker", "kind": "queue.driver.amqp", "url": url,
+             "reconnect_delay": "200ms", "reconnect_max_delay": "2s",
+             "connection_timeout": "20s"},
+            {"name": "in", "kind": "queue.queue", "driver": "broker"},
+            {"name": "out", "kind": "queue.queue", "driver": "broker"},
+            {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle",
+             "source": HANDLER, "concurrency": 32, "prefetch": 200},
+        ],
+    )  # fmt: skip
+    spawner = Spawner(tmp_path)
+    try:
+        process = spawner("run", app, "--shutdown-timeout", "10")
+
+        wait(lambda: depth(url, "out")[0] >= 3_000, 60, "3,000 outputs", process)
+        rabbitmqctl("close_all_connections", "--vhost", vhost, "fault test: connections")
+        wait(lambda: depth(url, "out")[0] >= 9_000, 60, "9,000 outputs", process)
+        rabbitmqctl("stop_app")
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+        # drained: no message ready and the worker consuming again (so none is unacked by a
+        # consumer that is gone)
+        wait(lambda: depth(url, "in") == (0, 1), 120, "the input queue drained", process)
+        wait(lambda: depth(url, "out")[0] >= MESSAGES, 60, "every output", process)
+
+        process.popen.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, process.stderr[-3000:]
+    finally:
+        spawner.stop_all()
+
+    outputs = asyncio.run(drain(url, "out"))
+    distinct = set(outputs)
+    lost = set(range(MESSAGES)) - distinct
+    duplicates = len(outputs) - len(distinct)
+    print(
+        f"published {MESSAGES}, outputs {len(outputs)}, distinct {len(distinct)}, "
+        f"duplicates {duplicates}, lost {len(lost)}"
+    )
+    assert not lost, f"{len(lost)} inputs never reached the sink, e.g. {sorted(lost)[:10]}"
+    messages = [line.get("msg") for line in process.logs()]
+    assert messages.count("connection lost, reconnecting") >= 2, messages
+    assert messages.count("connection restored") >= 2, messages
+    assert summary(process.stdout)["app:worker"]["acked"] >= MESSAGES - duplicates
