@@ -24,18 +24,18 @@ MESSAGES = 20_000
 HANDLER = 'function handle(p) return queue.publish("app:out", {n = p.n}) end'
 
 
-async def fill(url: str, queue: str) -> None:
+async def fill(url: str, queue: str, count: int = MESSAGES) -> None:
     connection = await aiormq.connect(url)
     channel = await connection.channel()
     await channel.queue_declare(queue, durable=True)
     properties = Basic.Properties(content_type="application/json", delivery_mode=2)
-    for start in range(0, MESSAGES, 1000):
+    for start in range(0, count, 1000):
         await asyncio.gather(
             *(
                 channel.basic_publish(
                     json.dumps({"n": n}).encode(), routing_key=queue, properties=properties
                 )
-                for n in range(start, min(start + 1000, MESSAGES))
+                for n in range(start, min(start + 1000, count))
             )
         )
     await connection.close()
@@ -131,3 +131,47 @@ def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
     assert messages.count("connection lost, reconnecting") >= 2, messages
     assert messages.count("connection restored") >= 2, messages
     assert summary(process.stdout)["app:worker"]["acked"] >= MESSAGES - duplicates
+
+
+SLOW_HANDLER = """
+function handle(p)
+  time.sleep(0.2)
+  return queue.publish("app:out", {n = p.n})
+end
+"""
+
+
+def test_a_killed_workers_unacked_messages_go_to_the_next_worker(
+    tmp_path: Path, vhost: str
+) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
+    total = 200
+    asyncio.run(fill(url, "in", total))
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            {"name": "broker", "kind": "queue.driver.amqp", "url": url},
+            {"name": "in", "kind": "queue.queue", "driver": "broker"},
+            {"name": "out", "kind": "queue.queue", "driver": "broker"},
+            {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle",
+             "source": SLOW_HANDLER, "modules": ["queue", "time"], "concurrency": 10,
+             "prefetch": 50},
+        ],
+    )  # fmt: skip
+    spawner = Spawner(tmp_path)
+    try:
+        first = spawner("run", app)
+        wait(lambda: depth(url, "out")[0] >= 20, 30, "the first outputs", first)
+        first.popen.kill()  # SIGKILL: no shutdown, its 50 prefetched deliveries unacked
+        assert first.wait(10) == -signal.SIGKILL
+
+        second = spawner("run", app, "--until-idle")
+        assert second.wait(120) == 0, second.stderr[-3000:]
+    finally:
+        spawner.stop_all()
+
+    outputs = asyncio.run(drain(url, "out"))
+    assert set(outputs) == set(range(total)), "every input handled by one worker or the other"
+    # the first worker handles ~50 messages/s and is killed after its first ~20: the second
+    # takes over the unacked deliveries and the rest
+    assert summary(second.stdout)["app:worker"]["acked"] >= total / 2
