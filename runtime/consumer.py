@@ -55,8 +55,10 @@ class Consumer:
         driver: Driver,
         invoke: Invoke,
         dead_letter: DeadLetterSink | None = None,
+        max_message_size: int | None = None,
     ) -> None:
         self.entry = entry
+        self._max_size = max_message_size
         self._dead_letter_sink = dead_letter
         self.queue = queue
         self.driver = driver
@@ -125,6 +127,10 @@ class Consumer:
             stats.first_at = time.monotonic()
         codec = BY_CONTENT_TYPE.get(delivery.content_type)
         try:
+            if self._max_size is not None and len(delivery.body) > self._max_size:
+                raise ValueError(
+                    f"body of {len(delivery.body)} bytes is over max_message_size {self._max_size}"
+                )
             if codec is None:
                 raise ValueError(f"unknown content type {delivery.content_type!r}")
             payload = codec.decode(delivery.body)

@@ -90,7 +90,12 @@ class _Entry(_Model):
         return self.id.split(":", 1)[1]
 
 
-class MemoryDriverEntry(_Entry):
+class _DriverEntry(_Entry):
+    # Bigger bodies are refused on publish and rejected (or dead-lettered) on receipt.
+    max_message_size: int = Field(4 * 2**20, ge=1)
+
+
+class MemoryDriverEntry(_DriverEntry):
     """The embedded in-process broker: no server, nothing survives the process."""
 
     kind: Literal["queue.driver.memory"]
@@ -127,7 +132,7 @@ class TlsOptions(_Model):
     insecure_skip_verify: bool = False
 
 
-class AmqpDriverEntry(_Entry):
+class AmqpDriverEntry(_DriverEntry):
     """A RabbitMQ (or any AMQP 0-9-1) broker connection, recovered with backoff when lost."""
 
     kind: Literal["queue.driver.amqp"]

@@ -62,6 +62,7 @@ class Worker:
                 self.drivers[config.queues[entry.queue].driver],
                 self.lua.invoker(self.handlers[entry.function_id], entry.id),
                 self._dead_letter_sink(config.queues[entry.queue]),
+                config.drivers[config.queues[entry.queue].driver].max_message_size,
             )
             for entry in config.consumers.values()
         ]
@@ -160,6 +161,13 @@ class Worker:
             priority(headers["priority"])  # the same rule on every driver
         codec = CODECS[queue.codec]
         body = codec.encode(data)
+        limit = self.config.drivers[queue.driver].max_message_size
+        if len(body) > limit:
+            raise QueueError(
+                Kind.INVALID,
+                f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
+                f"of driver {queue.driver}",
+            )
         try:
             return await self.drivers[queue.driver].publish(
                 queue, body, headers, codec.content_type
