@@ -59,6 +59,7 @@ class Consumer:
     ) -> None:
         self.entry = entry
         self._max_size = max_message_size
+        self._backoff = entry.retry or queue.retry
         self._dead_letter_sink = dead_letter
         self.queue = queue
         self.driver = driver
@@ -163,12 +164,14 @@ class Consumer:
         elif outcome.verdict is Verdict.ACK:
             self._count(True)
             await delivery.ack()
-        elif outcome.verdict is Verdict.FAIL and (limit := self.queue.dead_letter):
-            if delivery.attempts >= limit.max_attempts:
+        elif outcome.verdict is Verdict.FAIL and (self.queue.dead_letter or self._backoff):
+            limit = self.queue.dead_letter
+            if limit and delivery.attempts >= limit.max_attempts:
                 await self._give_up(delivery, "max_attempts", outcome.error or "")
             else:
                 self._count(False)
-                await delivery.retry()
+                backoff = self._backoff
+                await delivery.retry(backoff.delay_after(delivery.attempts) if backoff else 0.0)
         else:
             self._count(False)
             await delivery.nack()

@@ -189,12 +189,25 @@ class DeadLetter(_Model):
     max_attempts: int = Field(5, ge=1, le=1000)
 
 
+class Retry(_Model):
+    """Wait before a failed message is tried again: `delay`, times `multiplier` per attempt,
+    at most `max_delay`. The consumer is not blocked meanwhile."""
+
+    delay: Duration = 1.0
+    max_delay: Duration = 60.0
+    multiplier: float = Field(2.0, ge=1.0, le=100.0, strict=False)
+
+    def delay_after(self, attempts: int) -> float:
+        return float(min(self.delay * self.multiplier ** max(attempts - 1, 0), self.max_delay))
+
+
 class QueueEntry(_Entry):
     kind: Literal["queue.queue"]
     driver: Ref
     queue_name: str | None = Field(None, min_length=1)
     codec: Literal["json/plain", "application/msgpack"] = "json/plain"
     dead_letter: DeadLetter | None = None
+    retry: Retry | None = None
     driver_options: QueueDriverOptions = QueueDriverOptions()
 
     @property
@@ -324,6 +337,7 @@ class ConsumerEntry(_Entry, _LuaSource):
     concurrency: int = Field(1, ge=1, le=1000)
     prefetch: int = Field(10, ge=1, le=10_000)
     auto_ack: bool = False
+    retry: Retry | None = None  # overrides the queue's
     driver_options: ConsumerDriverOptions = ConsumerDriverOptions()
     security: ConsumerSecurity = ConsumerSecurity()
 

@@ -7,6 +7,7 @@ Parametrized over the memory driver and a real RabbitMQ: on AMQP a broker requeu
 from __future__ import annotations
 
 import asyncio
+import logging
 import textwrap
 import uuid
 from collections.abc import AsyncIterator
@@ -33,12 +34,28 @@ end
 """
 
 
-def app_file(tmp_path: Path, driver: str, dead_letter: dict[str, Any]) -> Path:
+FLAKY = """
+local tries = {}
+function handle(p)
+  tries[p.n] = (tries[p.n] or 0) + 1
+  logger:info("attempt", {n = p.n, attempt = tries[p.n], at = time.now()})
+  if p.n == 1 and tries[p.n] < 3 then return nil, "not yet" end
+end
+"""
+
+
+def app_file(
+    tmp_path: Path,
+    driver: str,
+    dead_letter: dict[str, Any],
+    retry: dict[str, Any] | None = None,
+    handler: str = FAILING,
+) -> Path:
     suffix = uuid.uuid4().hex[:10]
     broker: dict[str, Any] = {"name": "broker", "kind": f"queue.driver.{driver}"}
     if driver == "amqp":
         broker["url"] = AMQP_URL
-    (tmp_path / "handler.lua").write_text(textwrap.dedent(FAILING))
+    (tmp_path / "handler.lua").write_text(textwrap.dedent(handler))
     document = {
         "version": "1.0",
         "namespace": "app",
@@ -49,9 +66,12 @@ def app_file(tmp_path: Path, driver: str, dead_letter: dict[str, Any]) -> Path:
             {"name": "dlq", "kind": "queue.queue", "driver": "broker",
              "queue_name": f"luaq-test-dlq-{suffix}"},
             {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
-             "source": "file://handler.lua", "concurrency": 2},
+             "source": "file://handler.lua", "concurrency": 2,
+             "modules": ["queue", "logger", "json", "time"]},
         ],
     }  # fmt: skip
+    if retry is not None:
+        document["entries"][1]["retry"] = retry
     path = tmp_path / "app.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -61,9 +81,9 @@ def app_file(tmp_path: Path, driver: str, dead_letter: dict[str, Any]) -> Path:
 async def make_worker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     workers: list[Worker] = []
 
-    async def make(dead_letter: dict[str, Any]) -> Worker:
+    async def make(dead_letter: dict[str, Any], **options: Any) -> Worker:
         worker = Worker(
-            entries.load([app_file(tmp_path, request.param, dead_letter)]),
+            entries.load([app_file(tmp_path, request.param, dead_letter, **options)]),
             Settings(shutdown_timeout=2.0),
         )
         await worker.start()
@@ -78,6 +98,8 @@ async def make_worker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
             channel = await connection.channel()
             for queue in worker.config.queues.values():
                 await channel.queue_delete(queue.external_name)
+                for delay in ("300ms", "600ms"):  # the retry test's delay queues
+                    await channel.queue_delete(f"{queue.external_name}.retry.{delay}")
             await connection.close()
 
 
@@ -202,3 +224,27 @@ async def test_return_false_is_never_dead_lettered(tmp_path: Path) -> None:
         assert (await worker.info("app", "dlq"))[0] == 0
     finally:
         await worker.stop(1.0)
+
+
+async def test_retry_waits_between_attempts_without_blocking_the_consumer(
+    make_worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="luaq.lua")
+    worker = await make_worker(
+        {"max_attempts": 5}, retry={"delay": "300ms", "multiplier": 2}, handler=FLAKY
+    )
+    await worker.publish("app", "jobs", {"n": 1}, {})
+    await worker.publish("app", "jobs", {"n": 2}, {})
+    stats = worker.consumers[0].stats
+
+    await eventually(lambda: stats.acked == 2, timeout=15)
+
+    attempts = [r.fields for r in caplog.records if r.getMessage() == "attempt"]  # type: ignore[attr-defined]
+    first = sorted((a["attempt"], a["at"]) for a in attempts if a["n"] == 1)
+    assert [attempt for attempt, _ in first] == [1, 2, 3]
+    assert first[1][1] - first[0][1] >= 0.3 - 0.01, "waited the delay"
+    assert first[2][1] - first[1][1] >= 0.6 - 0.01, "and twice the delay the next time"
+    second = [a["at"] for a in attempts if a["n"] == 2]
+    assert len(second) == 1
+    assert second[0] < first[1][1], "the other message did not wait for the retry"
+    assert (stats.failed, stats.dead_lettered) == (2, 0)

@@ -53,9 +53,10 @@ class Delivery(ABC):
             self.settled = False
             await self._settle(ack=False, requeue=requeue)
 
-    async def retry(self) -> None:
-        """Give the message back for another attempt, counted in `attempts` next time. Drivers
-        whose broker does not count redeliveries republish it with its count instead."""
+    async def retry(self, delay: float = 0.0) -> None:
+        """Give the message back for another attempt, counted in `attempts` next time, ready
+        again after `delay` seconds. Drivers whose broker does not count redeliveries
+        republish it with its count instead."""
         await self.nack()
 
     @abstractmethod

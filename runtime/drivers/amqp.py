@@ -247,14 +247,15 @@ class AmqpDelivery(Delivery):
         if self._channel is self._subscription.channel:
             self._subscription.settle(self._tag, ack, requeue)
 
-    async def retry(self) -> None:
+    async def retry(self, delay: float = 0.0) -> None:
         """A broker requeue only says "redelivered", so the count would stop at 2: publish the
-        message again carrying its attempts, then ack this copy (at-least-once either way)."""
+        message again carrying its attempts (through a delay queue when it should wait), then
+        ack this copy (at-least-once either way)."""
         if self.settled is not None:
             return
         subscription = self._subscription
         try:
-            await subscription.driver.republish(subscription.queue, self)
+            await subscription.driver.republish(subscription.queue, self, delay)
         except QueueError as exc:
             _log.warning("retry by republish failed, requeued instead", extra={"error": str(exc)})
             await self.nack()
@@ -427,6 +428,7 @@ class AmqpDriver(Driver):
         self._recovery: asyncio.Task[None] | None = None
         self._closing = False
         self._ids = MessageIds()
+        self._delay_queues: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -457,6 +459,7 @@ class AmqpDriver(Driver):
             raise
         self._connection = connection
         self._admin = None
+        self._delay_queues = set()  # declared lazily, again on a new connection
 
     async def start(self) -> None:
         try:
@@ -570,10 +573,34 @@ class AmqpDriver(Driver):
         message_id = str(headers.get("message_id") or self._ids.next())
         return await self._publish(queue, body, headers, content_type, message_id)
 
-    async def republish(self, queue: QueueEntry, delivery: Delivery) -> None:
-        """The same message again, with the attempts it has had, for another try."""
+    async def republish(self, queue: QueueEntry, delivery: Delivery, delay: float) -> None:
+        """The same message again, with the attempts it has had, for another try: straight
+        into its queue, or into a delay queue whose TTL dead-letters it back there."""
         headers = {**delivery.headers, ATTEMPTS: delivery.attempts}
-        await self._publish(queue, delivery.body, headers, delivery.content_type, delivery.id)
+        route = await self._delay_queue(queue, delay) if delay > 0 else None
+        await self._publish(
+            queue, delivery.body, headers, delivery.content_type, delivery.id, route
+        )
+
+    async def _delay_queue(self, queue: QueueEntry, delay: float) -> str:
+        """One queue per distinct delay, so its single TTL keeps it first-in first-out. No
+        x-expires: RabbitMQ would delete it while messages still wait in it (publishes do not
+        count as use); an idle, empty delay queue costs nothing."""
+        milliseconds = max(_milliseconds(delay), 1)
+        name = f"{queue.external_name}.retry.{milliseconds}ms"
+        if name not in self._delay_queues:
+            channel = await self._admin_channel()
+            await channel.queue_declare(
+                name,
+                durable=queue.driver_options.amqp.durable,
+                arguments={
+                    "x-message-ttl": milliseconds,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue.external_name,
+                },
+            )
+            self._delay_queues.add(name)
+        return name
 
     async def _publish(
         self,
@@ -582,6 +609,7 @@ class AmqpDriver(Driver):
         headers: Mapping[str, Any],
         content_type: str,
         message_id: str,
+        route: str | None = None,
     ) -> str:
         if queue.external_name not in self._declared:
             raise QueueError(
@@ -597,7 +625,7 @@ class AmqpDriver(Driver):
         try:
             confirmation = await channel.basic_publish(
                 body,
-                routing_key=queue.external_name,
+                routing_key=route or queue.external_name,
                 properties=properties,
                 mandatory=True,
                 # do not hold the channel's lock until the frame is on the socket: the broker's

@@ -39,6 +39,16 @@ class _Queue:
         self._next = 0
         self._space = asyncio.Event()
         self._space.set()
+        self.delayed = 0  # waiting to be retried: still in the queue, not ready yet
+
+    def delay(self, message: _Message, seconds: float) -> None:
+        self.delayed += 1
+        asyncio.get_running_loop().call_later(seconds, self._ready_again, message)
+
+    def _ready_again(self, message: _Message) -> None:
+        self.delayed -= 1
+        self.ready.append(message)
+        self.dispatch()
 
     async def wait_for_space(self, patience: float) -> None:
         loop = asyncio.get_running_loop()
@@ -91,6 +101,13 @@ class MemoryDelivery(Delivery):
     async def _settle(self, ack: bool, requeue: bool) -> None:
         self._subscription.settle(self._tag, requeue=requeue and not ack)
 
+    async def retry(self, delay: float = 0.0) -> None:
+        if delay <= 0 or self.settled is not None:
+            await self.nack()
+            return
+        self.settled = False
+        self._subscription.settle_later(self._tag, delay)
+
 
 class MemorySubscription(Subscription):
     def __init__(self, queue: _Queue, prefetch: int, on_delivery: OnDelivery) -> None:
@@ -104,6 +121,12 @@ class MemorySubscription(Subscription):
         tag = next(self._tags)
         self.unsettled[tag] = message
         self.on_delivery(MemoryDelivery(self, message, tag))
+
+    def settle_later(self, tag: int, delay: float) -> None:
+        message = self.unsettled.pop(tag, None)
+        if message is not None:
+            self.queue.delay(message, delay)
+        self.queue.dispatch()
 
     def settle(self, tag: int, requeue: bool) -> None:
         message = self.unsettled.pop(tag, None)
@@ -165,7 +188,7 @@ class MemoryDriver(Driver):
 
     async def info(self, queue: QueueEntry) -> QueueInfo:
         target = self._queue(queue)
-        return QueueInfo(len(target.ready), len(target.subscriptions))
+        return QueueInfo(len(target.ready) + target.delayed, len(target.subscriptions))
 
     async def consume(
         self, queue: QueueEntry, consumer: ConsumerEntry, on_delivery: OnDelivery
