@@ -122,9 +122,10 @@ def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
     distinct = set(outputs)
     lost = set(range(MESSAGES)) - distinct
     duplicates = len(outputs) - len(distinct)
+    processed = summary(process.stdout)["app:worker"]["processed"]
     print(
-        f"published {MESSAGES}, outputs {len(outputs)}, distinct {len(distinct)}, "
-        f"duplicates {duplicates}, lost {len(lost)}"
+        f"published {MESSAGES}, processed {processed:.0f}, outputs {len(outputs)}, "
+        f"distinct {len(distinct)}, duplicates {duplicates}, lost {len(lost)}"
     )
     assert not lost, f"{len(lost)} inputs never reached the sink, e.g. {sorted(lost)[:10]}"
     messages = [line.get("msg") for line in process.logs()]
