@@ -138,8 +138,7 @@ def _json_or_text(text: str) -> Any:
 
 def _publish_args(args: argparse.Namespace, config: Config) -> InputMessage:
     problems = []
-    namespace = next(iter(config.queues.values())).namespace if config.queues else "app"
-    queue_id = entries.resolve_id(args.queue_id, namespace)
+    queue_id = entries.resolve_id(args.queue_id, config.namespace)
     if queue_id not in config.queues:
         problems.append(f"QUEUE_ID: {queue_id} is not a declared queue.queue entry")
     data = _json_or_text(args.data)
@@ -167,7 +166,6 @@ class InputMessage:
 
 def read_input(path: Path, config: Config) -> list[InputMessage]:
     """Parse and check every line up front, so a bad line stops the run before it starts."""
-    namespace = next(iter(config.queues.values())).namespace if config.queues else "app"
     messages: list[InputMessage] = []
     problems: list[str] = []
     try:
@@ -186,7 +184,7 @@ def read_input(path: Path, config: Config) -> list[InputMessage]:
         if not isinstance(item, dict) or not isinstance(item.get("queue"), str):
             problems.append(f'{where}: expected {{"queue": ID, "data": ..., "headers": {{...}}}}')
             continue
-        queue = entries.resolve_id(item["queue"], namespace)
+        queue = entries.resolve_id(item["queue"], config.namespace)
         headers = item.get("headers") or {}
         if queue not in config.queues:
             problems.append(f"{where}: queue: {queue} is not declared")
@@ -239,11 +237,15 @@ async def _publish(worker: Worker, messages: list[InputMessage], show_ids: bool)
             if show_ids:
                 print(message_id)
     except QueueError as exc:
-        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(exc)
     finally:
         await worker.stop(0)
     return EXIT_OK
+
+
+def _failed(exc: QueueError) -> int:
+    print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _fork(count: int, child: Callable[[], int]) -> int:
@@ -293,8 +295,7 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
         for task in pending:
             task.cancel()
     except QueueError as exc:
-        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(exc)
     finally:
         if progress is not None:
             progress.cancel()
@@ -355,9 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
-    namespace = next(iter(worker.config.queues.values())).namespace if worker.config.queues else ""
     try:
-        queue = worker.queue(namespace, args.queue_id)
+        queue = worker.queue(worker.config.namespace, args.queue_id)
         dlq.require_durable(worker, queue)
         await worker.connect()
         batch = await dlq.take(worker, queue)
@@ -379,8 +379,7 @@ async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
         finally:
             await batch.subscription.close()  # gives back whatever was not acked
     except QueueError as exc:
-        print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(exc)
     finally:
         await worker.stop(0)
     return EXIT_OK

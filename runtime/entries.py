@@ -397,6 +397,11 @@ class Config:
     def label(self, entry: _Entry) -> str:
         return f"{entry.file}: {entry.id}"
 
+    @property
+    def namespace(self) -> str:
+        """Where a bare queue name given on the command line resolves: the queues' namespace."""
+        return next(iter(self.queues.values())).namespace if self.queues else "app"
+
 
 def _format_error(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(part) for part in error["loc"] if part != "function-after")

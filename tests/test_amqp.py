@@ -27,7 +27,7 @@ import aiormq.abc
 import msgpack
 import pytest
 import yaml
-from broker import rabbitmqctl
+from broker import AMQP_URL, delete_queues, queue_depth, rabbitmqctl
 from luaq.runtime import entries
 from luaq.runtime.cli import main
 from pamqp.commands import Basic
@@ -42,7 +42,7 @@ from processes import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "email"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
 REJECTED_LOG = "message body cannot be decoded, rejected"
 
 
@@ -91,10 +91,8 @@ class Rabbit:
         assert isinstance(confirmation, Basic.Ack), confirmation
 
     async def counts(self, queue: str) -> tuple[int, int]:
-        """(ready messages, consumers) by a passive declare; fails if the queue is missing."""
-        async with self.channel() as channel:
-            ok = await channel.queue_declare(queue, passive=True)
-        return ok.message_count or 0, ok.consumer_count or 0
+        """(ready messages, consumers); fails if the queue is missing."""
+        return await queue_depth(queue, self.url)
 
     async def depth(self, queue: str) -> int:
         return (await self.counts(queue))[0]
@@ -119,9 +117,7 @@ class Rabbit:
                 got.append(message)
 
     async def delete_queues(self) -> None:
-        async with self.channel() as channel:
-            for name in self.names:
-                await channel.queue_delete(name)
+        await delete_queues(*self.names, url=self.url)
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiormq
 import pytest
 import yaml
+from broker import AMQP_URL, delete_queues
 from conftest import eventually
 from luaq.runtime import entries
 from luaq.runtime.cli import main
@@ -25,7 +25,6 @@ from luaq.runtime.drivers import Delivery
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 FAILING = """
 function handle(p)
   if p.ok then return true end
@@ -94,13 +93,10 @@ async def make_worker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
     for worker in workers:
         await worker.stop(1.0)
         if request.param == "amqp":
-            connection = await aiormq.connect(AMQP_URL)
-            channel = await connection.channel()
-            for queue in worker.config.queues.values():
-                await channel.queue_delete(queue.external_name)
-                for delay in ("300ms", "600ms"):  # the retry test's delay queues
-                    await channel.queue_delete(f"{queue.external_name}.retry.{delay}")
-            await connection.close()
+            names = [queue.external_name for queue in worker.config.queues.values()]
+            # with the retry test's delay queues
+            delays = [f"{name}.retry.{delay}" for name in names for delay in ("300ms", "600ms")]
+            await delete_queues(*names, *delays)
 
 
 async def take(worker: Worker, queue_id: str, count: int) -> list[Delivery]:

@@ -8,29 +8,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiormq
 import pytest
+from broker import AMQP_URL, delete_queues, queue_depth
 from luaq.runtime.cli import main
 from processes import write_app, write_jsonl
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
-
-async def depth(name: str) -> int:
-    connection = await aiormq.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        return int((await channel.queue_declare(name, passive=True)).message_count or 0)
-    finally:
-        await connection.close()
-
-
-async def delete(*names: str) -> None:
-    connection = await aiormq.connect(AMQP_URL)
-    channel = await connection.channel()
-    for name in names:
-        await channel.queue_delete(name)
-    await connection.close()
+def depth(name: str) -> int:
+    return asyncio.run(queue_depth(name))[0]
 
 
 @pytest.fixture
@@ -53,7 +38,7 @@ def app(tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
     )
     assert main(["run", str(path), "--input", str(inputs), "--until-idle"]) == 0
     yield path, jobs, dead
-    asyncio.run(delete(jobs, dead))
+    asyncio.run(delete_queues(jobs, dead))
 
 
 def test_list_shows_reason_and_attempts_and_keeps_the_messages(
@@ -70,7 +55,7 @@ def test_list_shows_reason_and_attempts_and_keeps_the_messages(
     assert {item["attempts"] for item in listed} == {1}
     assert {item["queue"] for item in listed} == {"app:jobs"}
     assert sorted(item["error"] for item in listed) == ["refused 0", "refused 1", "refused 2"]
-    assert asyncio.run(depth(dead)) == 3
+    assert depth(dead) == 3
 
 
 def test_replay_moves_messages_back_to_their_queue(
@@ -82,8 +67,8 @@ def test_replay_moves_messages_back_to_their_queue(
     assert main(["dlq", "replay", "app:dlq", "--entries", str(path)]) == 0
 
     assert "replayed 3 of 3 message(s)" in capsys.readouterr().out
-    assert asyncio.run(depth(dead)) == 0
-    assert asyncio.run(depth(jobs)) == 3
+    assert depth(dead) == 0
+    assert depth(jobs) == 3
 
 
 def test_purge_asks_first_and_deletes_with_yes(
@@ -94,11 +79,11 @@ def test_purge_asks_first_and_deletes_with_yes(
 
     assert main(["dlq", "purge", "app:dlq", "--entries", str(path)]) == 0
     assert "refusing to delete 3 message(s) of app:dlq without --yes" in capsys.readouterr().err
-    assert asyncio.run(depth(dead)) == 3
+    assert depth(dead) == 3
 
     assert main(["dlq", "purge", "app:dlq", "--entries", str(path), "--yes"]) == 0
     assert "purged 3 message(s)" in capsys.readouterr().out
-    assert asyncio.run(depth(dead)) == 0
+    assert depth(dead) == 0
 
 
 def test_memory_queues_cannot_be_inspected_from_outside(

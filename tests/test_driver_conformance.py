@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import aiormq
 import pytest
+from broker import AMQP_URL, delete_queues
 from conftest import eventually
 from luaq.runtime.codecs import BY_CONTENT_TYPE, CODECS
 from luaq.runtime.drivers import Delivery, Driver, QueueInfo, Subscription
@@ -29,7 +29,6 @@ from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, MemoryDriverEnt
 from luaq.runtime.errors import Kind, QueueError
 
 DRIVERS = ["memory", "amqp"]
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONTEXT = {"namespace": "app", "base_dir": Path(".")}
 JSON = CODECS["json/plain"]
 MSGPACK = CODECS["application/msgpack"]
@@ -79,18 +78,6 @@ async def _start_driver(name: str) -> Driver:
         raise AssertionError(f"no factory for driver {name!r}")
     await driver.start()
     return driver
-
-
-async def _delete_amqp_queues(names: list[str]) -> None:
-    connection = await aiormq.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for name in names:
-            if channel.is_closed:
-                channel = await connection.channel()
-            await channel.queue_delete(name)
-    finally:
-        await connection.close()
 
 
 @dataclass
@@ -208,7 +195,7 @@ async def driver(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         await harness.settled()
         await harness.driver.close()
         if kind == "amqp":
-            await _delete_amqp_queues(harness.names)
+            await delete_queues(*harness.names)
 
 
 # -- declare, publish, consume -----------------------------------------------------------------

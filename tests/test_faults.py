@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiormq
-from broker import rabbitmqctl
+from broker import queue_depth, rabbitmqctl
 from pamqp.commands import Basic
 from processes import Process, Spawner, summary, write_app
 
@@ -41,21 +41,10 @@ async def fill(url: str, queue: str, count: int = MESSAGES) -> None:
     await connection.close()
 
 
-async def _depth(url: str, queue: str) -> tuple[int, int]:
-    connection = await aiormq.connect(url)
-    try:
-        channel = await connection.channel()
-        ok = await channel.queue_declare(queue, passive=True)
-        return int(ok.message_count or 0), int(ok.consumer_count or 0)
-    finally:
-        await connection.close()
-
-
 def depth(url: str, queue: str) -> tuple[int, int]:
-    """(ready, consumers) by a passive declare (cheap, unlike rabbitmqctl, which boots an
-    Erlang VM per call); (-1, -1) while the broker is down."""
+    """(ready, consumers); (-1, -1) while the broker is down."""
     try:
-        return asyncio.run(_depth(url, queue))
+        return asyncio.run(queue_depth(queue, url))
     except (aiormq.exceptions.AMQPError, OSError):
         return -1, -1
 
