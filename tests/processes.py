@@ -84,7 +84,10 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     complete = text[: text.rfind("\n") + 1] if "\n" in text else ""
     parsed = []
     for line in complete.splitlines():
-        item = json.loads(line)
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise AssertionError(f"a line that is not a JSON log record in:\n{text}") from None
         assert isinstance(item, dict), line
         parsed.append(item)
     return parsed

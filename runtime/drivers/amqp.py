@@ -1,7 +1,7 @@
-"""RabbitMQ and any AMQP 0-9-1 broker, on aiormq (aio-pika's protocol layer).
+"""RabbitMQ and any AMQP 0-9-1 broker, on luaq's own AMQP client (amqp_client.py).
 
-The hot path stays at aiormq's level: no per-message wrapper objects beyond our Delivery,
-acks written without waiting for the socket drain, and consecutive acks coalesced into one
+What the broker needs to know is mapped here: headers to properties and back, queue options to
+declare arguments, reply codes to error kinds. Consecutive acks are coalesced into one
 `multiple` ack per loop iteration. Recovery is owned here, as aio-pika's robust connection
 does it: when the connection drops, reconnect with exponential backoff, declare the queues
 again and re-attach every consumer; publishes wait for the link (bounded) meanwhile.
@@ -17,49 +17,36 @@ import os
 import ssl
 import tempfile
 import uuid
-from collections import deque
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
-
-import aiormq
-import aiormq.abc
-import pamqp.encode
-from aiormq.exceptions import (
-    AMQPError,
-    ChannelInvalidStateError,
-    ChannelNotFoundEntity,
-    ChannelPreconditionFailed,
-    PublishError,
-)
-from pamqp.commands import Basic
 
 from ..entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 from ..errors import Kind, QueueError
 from . import Delivery, Driver, OnDelivery, QueueInfo, Subscription
+from .amqp_client import Channel, ChannelClosed, Confirm, Connection, Endpoint
 
 _log = logging.getLogger("luaq.amqp")
 
-# Header names that travel as AMQP properties (other clients read them there). The headers
-# table carries everything else, and the originals of values a property cannot hold exactly.
-PROPERTIES = ("correlation_id", "reply_to", "message_type", "expiration", "priority")
+# Header names that travel as AMQP properties (other clients read them there), with the
+# property's name. The headers table carries everything else, and the originals of values a
+# property cannot hold exactly.
+PROPERTIES = {
+    "correlation_id": "correlation_id",
+    "reply_to": "reply_to",
+    "message_type": "type",
+    "expiration": "expiration",
+    "priority": "priority",
+}
 PRIORITY_NAMES = {"low": 1, "normal": 5, "high": 9}
 ATTEMPTS = "x-luaq-attempts"  # attempts a retried message has had, carried in its headers
-# aiormq holds a channel's lock until each published frame is written; publishes from many
-# concurrent handlers spread over a few confirm channels instead of queueing on one.
-PUBLISHERS = 4
-_OWNED = ("content_type", "content_encoding", "message_id")  # set by luaq, kept as headers
-
-
-def _encode_table_value(value: Any, _encode: Any = pamqp.encode.encode_table_value) -> bytes:
-    """pamqp writes every float in a headers table as a 32-bit single, so 0.1 would arrive as
-    0.10000000149011612; AMQP's field type `d` (and every decoder) carries the full double."""
-    if isinstance(value, float):
-        return b"d" + pamqp.encode.double(value)
-    return bytes(_encode(value))
-
-
-pamqp.encode.encode_table_value = _encode_table_value
+# Broker reply codes (channel closes) as error kinds
+REPLY_KINDS = {
+    403: Kind.PERMISSION_DENIED,  # access refused
+    404: Kind.NOT_FOUND,
+    405: Kind.CONFLICT,  # resource locked: another connection's exclusive consumer
+    406: Kind.CONFLICT,  # precondition failed: declared before with other options
+}
 
 
 def safe_url(url: str) -> str:
@@ -111,46 +98,53 @@ def priority(value: Any) -> int:
 
 def properties_for(
     headers: Mapping[str, Any], content_type: str, message_id: str, persistent: bool
-) -> Basic.Properties:
+) -> dict[str, Any]:
     table: dict[str, Any] = {}
-    fields: dict[str, Any] = {}
+    properties: dict[str, Any] = {
+        "content_type": content_type,
+        "delivery_mode": 2 if persistent else 1,
+        "message_id": message_id,
+    }
     for key, value in headers.items():
-        if key in PROPERTIES:
-            if key == "priority":
-                fields["priority"] = priority(value)
-                if not isinstance(value, int):
-                    table[key] = value
-            elif key == "expiration":
-                fields["expiration"] = str(value)
-                if not isinstance(value, str):
-                    table[key] = value
-            elif isinstance(value, str):
-                fields["message_type" if key == "message_type" else key] = value
-            else:
+        name = PROPERTIES.get(key)
+        if name is None:
+            table[key] = value
+        elif key == "priority":
+            properties[name] = priority(value)
+            if not isinstance(value, int):
                 table[key] = value
+        elif key == "expiration":
+            properties[name] = expiration(value)
+            if not isinstance(value, str):
+                table[key] = value
+        elif isinstance(value, str):
+            properties[name] = value
         else:
             table[key] = value
-    return Basic.Properties(
-        content_type=content_type,
-        delivery_mode=2 if persistent else 1,
-        message_id=message_id,
-        headers=table or None,
-        correlation_id=fields.get("correlation_id"),
-        reply_to=fields.get("reply_to"),
-        message_type=fields.get("message_type"),
-        expiration=fields.get("expiration"),
-        priority=fields.get("priority"),
-    )
+    if table:
+        properties["headers"] = table
+    return properties
 
 
-def headers_from(properties: Basic.Properties) -> dict[str, Any]:
+def expiration(value: Any) -> str:
+    """A per-message TTL in milliseconds; the broker closes the channel on anything else."""
+    text = str(value)
+    if isinstance(value, bool) or not text.isdigit():
+        raise QueueError(
+            Kind.INVALID, f"expiration must be a number of milliseconds, not {value!r}"
+        )
+    return text
+
+
+def headers_from(properties: Mapping[str, Any]) -> dict[str, Any]:
     headers: dict[str, Any] = {}
-    for key in PROPERTIES:
-        value = getattr(properties, key)
+    for key, name in PROPERTIES.items():
+        value = properties.get(name)
         if value is not None:
             headers[key] = value
-    if properties.headers:
-        for key, value in properties.headers.items():
+    table = properties.get("headers")
+    if table:
+        for key, value in table.items():
             headers[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return headers
 
@@ -172,8 +166,6 @@ def ssl_context(entry: AmqpDriverEntry) -> ssl.SSLContext | None:
     if tls.insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    if tls.server_name:
-        context = _with_server_name(context, tls.server_name)
     return context
 
 
@@ -196,21 +188,6 @@ def _pem_file(value: str) -> Any:
         yield handle.name
 
 
-def _with_server_name(context: ssl.SSLContext, server_name: str) -> ssl.SSLContext:
-    """Verify (and send SNI for) `server_name` instead of the host in the URL."""
-
-    class Context(ssl.SSLContext):
-        def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
-            kwargs["server_hostname"] = server_name
-            return super().wrap_bio(*args, **kwargs)
-
-    named = Context(context.protocol)
-    named.check_hostname = context.check_hostname
-    named.verify_mode = context.verify_mode
-    named.load_default_certs()
-    return named
-
-
 class MessageIds:
     """Unique message ids without a uuid per message: a random 64-bit prefix per driver
     instance (so per process) and a counter."""
@@ -229,7 +206,7 @@ class AmqpDelivery(Delivery):
     def __init__(
         self,
         subscription: AmqpSubscription,
-        channel: object,
+        channel: Channel | None,
         tag: int,
         message_id: str,
         body: bytes,
@@ -265,7 +242,8 @@ class AmqpDelivery(Delivery):
 
 class AmqpSubscription(Subscription):
     """A consumer on its own channel. Acks are coalesced: the lowest tag still open bounds a
-    `multiple` ack, sent once per loop iteration; nacks go out at once."""
+    `multiple` ack, sent once per loop iteration; nacks go out at once. The connection writes
+    frames in call order, so a nack always reaches the broker before a later `multiple` ack."""
 
     def __init__(
         self,
@@ -280,57 +258,50 @@ class AmqpSubscription(Subscription):
         self.consumer = consumer
         self.prefetch = prefetch
         self.on_delivery = on_delivery
-        self.channel: aiormq.abc.AbstractChannel | None = None
+        self.channel: Channel | None = None
         self.tag = consumer.driver_options.amqp.consumer_tag or f"{consumer.id}.{uuid.uuid4().hex}"
         self.active = True
         self._open: dict[int, bool] = {}  # delivery tag -> acked, in delivery order
         self._flush_scheduled = False
-        self._outbox: deque[tuple[int, bool, bool, bool]] = deque()  # tag, ack, multiple, requeue
-        self._writer: asyncio.Future[None] | None = None
 
-    async def attach(self, connection: aiormq.abc.AbstractConnection) -> None:
-        channel = await connection.channel(publisher_confirms=False)
-        await channel.basic_qos(prefetch_count=self.prefetch)
+    async def attach(self, connection: Connection) -> None:
+        channel = await connection.channel()
+        await channel.qos(self.prefetch)
         self._open.clear()  # tags of an old channel mean nothing on the new one
-        self._outbox.clear()
-        if self._writer is not None:
-            self._writer.cancel()  # it may hang on the dead connection's write queue
-            self._writer = None
         self.channel = channel
         try:
-            await channel.basic_consume(
+            await channel.consume(
                 self.queue.external_name,
                 self._on_message,
-                consumer_tag=self.tag,
+                self.tag,
                 exclusive=self.consumer.driver_options.amqp.exclusive,
             )
-        except ChannelNotFoundEntity as exc:
-            raise QueueError(
-                Kind.NOT_FOUND, f"queue {self.queue.external_name} does not exist on the broker"
-            ) from exc
+        except ChannelClosed as exc:
+            what = f"cannot consume from queue {self.queue.external_name}"
+            raise broker_error(exc, what) from exc
 
-    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
-        properties = message.header.properties
+    def _on_message(
+        self, tag: int, redelivered: bool, properties: dict[str, Any], body: bytes
+    ) -> None:
         headers = headers_from(properties)
         delivery_count = headers.pop("x-delivery-count", None)
         if isinstance(delivery_count, int):
             attempts = delivery_count + 1
         else:
-            attempts = 2 if message.delivery.redelivered else 1  # type: ignore[union-attr]
+            attempts = 2 if redelivered else 1
         earlier = headers.pop(ATTEMPTS, 0)  # attempts before it was republished for a retry
         attempts += earlier if isinstance(earlier, int) else 0
-        tag = int(message.delivery.delivery_tag)  # type: ignore[union-attr,arg-type]
         self._open[tag] = False
         self.on_delivery(
             AmqpDelivery(
                 self,
-                message.channel,
+                self.channel,
                 tag,
                 # another client may publish without an id; such a message gets a fresh one
-                properties.message_id or uuid.uuid4().hex,
-                message.body,
+                properties.get("message_id") or uuid.uuid4().hex,
+                body,
                 headers,
-                properties.content_type or "",
+                properties.get("content_type") or "",
                 attempts,
             )
         )
@@ -346,7 +317,7 @@ class AmqpSubscription(Subscription):
                 asyncio.get_running_loop().call_soon(self._flush)
             return
         del self._open[tag]
-        self._send((tag, False, False, requeue))
+        channel.nack(tag, requeue)
 
     def _flush(self) -> None:
         """Ack every leading acked tag with one frame."""
@@ -364,55 +335,32 @@ class AmqpSubscription(Subscription):
                 if tag > last:
                     break
                 del self._open[tag]
-            self._send((last, True, True, False))
+            channel.ack(last, multiple=True)
         # acked tags behind an open one are sent on their own: none waits for a slow handler,
         # and each frees its prefetch slot at once
         stragglers = [tag for tag, acked in self._open.items() if acked]
         for tag in stragglers:
             del self._open[tag]
-            self._send((tag, True, False, False))
-
-    def _send(self, frame: tuple[int, bool, bool, bool]) -> None:
-        """Queue a settlement frame. One writer per subscription keeps them in order: a single
-        ack overtaken by a `multiple` ack covering it is an unknown tag to the broker, which
-        then closes the channel."""
-        self._outbox.append(frame)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._write())
-
-    async def _write(self) -> None:
-        outbox = self._outbox
-        writing = self.channel
-        while outbox:
-            tag, ack, multiple, requeue = outbox.popleft()
-            channel = self.channel
-            if channel is None or channel is not writing or channel.is_closed:
-                outbox.clear()  # the broker requeues whatever that channel held
-                return
-            try:
-                if ack:
-                    await channel.basic_ack(tag, multiple=multiple, wait=False)
-                else:
-                    await channel.basic_nack(tag, requeue=requeue, wait=False)
-            except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-                _log.debug("settlement not sent: %s", exc)
-                outbox.clear()
-                return
+            channel.ack(tag)
 
     async def cancel(self) -> None:
         self.active = False
         channel = self.channel
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
-                await channel.basic_cancel(self.tag)
+            with contextlib.suppress(ChannelClosed, ConnectionError):
+                await channel.cancel(self.tag)
 
     async def close(self) -> None:
         await self.cancel()
         channel, self.channel = self.channel, None
         self.driver.subscriptions.discard(self)
-        if channel is not None and not channel.is_closed:
-            with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError):
-                await channel.close()
+        if channel is not None:
+            await channel.close()
+
+
+def broker_error(exc: ChannelClosed, what: str) -> QueueError:
+    kind = REPLY_KINDS.get(exc.code, Kind.INTERNAL)
+    return QueueError(kind, f"{what}: {exc.text}", retryable=kind is Kind.INTERNAL)
 
 
 class AmqpDriver(Driver):
@@ -420,10 +368,10 @@ class AmqpDriver(Driver):
         self.entry = entry
         self.subscriptions: set[AmqpSubscription] = set()
         self._declared: dict[str, QueueEntry] = {}
-        self._connection: aiormq.abc.AbstractConnection | None = None
-        self._publishers: list[aiormq.Channel] = []
-        self._next_publisher = 0
-        self._admin: aiormq.abc.AbstractChannel | None = None
+        self._connection: Connection | None = None
+        self._publisher: Channel | None = None
+        self._admin: Channel | None = None
+        self._channel_lock = asyncio.Lock()
         self._linked = asyncio.Event()
         self._recovery: asyncio.Task[None] | None = None
         self._closing = False
@@ -432,42 +380,47 @@ class AmqpDriver(Driver):
 
     @property
     def url(self) -> str:
+        """The broker's URL as logs and errors show it: password masked, vhost applied."""
         url = self.entry.url
         if self.entry.vhost is not None:
             parts = urlsplit(url)
             url = urlunsplit(parts._replace(path="/" + quote(self.entry.vhost, safe="")))
-        query = []
-        if self.entry.heartbeat is not None:
-            query.append(f"heartbeat={round(self.entry.heartbeat)}")
-        if self.entry.connection_name:
-            query.append(f"name={quote(self.entry.connection_name)}")
-        if query:
-            url += ("&" if "?" in url else "?") + "&".join(query)
-        return url
+        return safe_url(url)
+
+    def endpoint(self) -> Endpoint:
+        entry = self.entry
+        options: dict[str, Any] = {
+            "name": entry.connection_name,
+            "ssl": ssl_context(entry),
+            "server_name": entry.tls.server_name,
+        }
+        if entry.heartbeat is not None:
+            options["heartbeat"] = round(entry.heartbeat)
+        if entry.vhost is not None:
+            options["vhost"] = entry.vhost
+        return Endpoint.from_url(entry.url, **options)
 
     async def _connect(self) -> None:
-        connection = aiormq.Connection(self.url, context=ssl_context(self.entry))
+        async with asyncio.timeout(self.entry.connection_timeout):
+            connection = await Connection.open(self.endpoint())
         try:
-            await asyncio.wait_for(connection.connect(), self.entry.connection_timeout)
-            self._publishers = [
-                cast(aiormq.Channel, await connection.channel(publisher_confirms=True))
-                for _ in range(PUBLISHERS)
-            ]
+            publisher = await connection.channel()
+            await publisher.confirm_select()
         except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await connection.close()
             raise
         self._connection = connection
+        self._publisher = publisher
         self._admin = None
         self._delay_queues = set()  # declared lazily, again on a new connection
 
     async def start(self) -> None:
         try:
             await self._connect()
-        except (AMQPError, OSError, TimeoutError) as exc:
+        except (ChannelClosed, OSError, TimeoutError) as exc:
             raise QueueError(
                 Kind.UNAVAILABLE,
-                f"cannot connect to {safe_url(self.url)}: {exc or type(exc).__name__}",
+                f"cannot connect to {self.url}: {exc or type(exc).__name__}",
                 retryable=True,
             ) from exc
         self._linked.set()
@@ -477,25 +430,27 @@ class AmqpDriver(Driver):
         """Wait for the connection to drop; reconnect with backoff and restore what we had."""
         while not self._closing:
             assert self._connection is not None
-            await asyncio.wait([self._connection.closing])
+            await asyncio.wait([self._connection.closed])
             if self._closing:
                 return
             self._linked.clear()
             delay = self.entry.reconnect_delay
-            _log.warning("connection lost, reconnecting", extra={"driver": self.entry.id})
+            _log.warning(
+                "connection lost, reconnecting",
+                extra={"driver": self.entry.id, "error": str(self._connection.closed_by)},
+            )
             while not self._closing:
                 await asyncio.sleep(delay)
                 try:
                     await self._connect()
                     await self._restore()
-                except (AMQPError, OSError, TimeoutError, QueueError) as exc:
+                except (ChannelClosed, OSError, TimeoutError, QueueError) as exc:
                     _log.warning(
                         "reconnect failed, retrying",
                         extra={"driver": self.entry.id, "error": str(exc), "delay": delay},
                     )
-                    if self._connection is not None and not self._connection.is_closed:
-                        with contextlib.suppress(AMQPError, OSError):
-                            await self._connection.close()  # a half-restored link
+                    if self._connection is not None:
+                        await self._connection.close()  # a half-restored link
                     delay = min(delay * 2, self.entry.reconnect_max_delay)
                     continue
                 _log.info("connection restored", extra={"driver": self.entry.id})
@@ -512,29 +467,41 @@ class AmqpDriver(Driver):
             if subscription.active:
                 await subscription.attach(self._connection)
 
-    async def _link(self) -> aiormq.abc.AbstractConnection:
+    async def _link(self) -> Connection:
         if not self._linked.is_set():
             try:
                 await asyncio.wait_for(self._linked.wait(), self.entry.connection_timeout)
             except TimeoutError as exc:
                 raise QueueError(
                     Kind.UNAVAILABLE,
-                    f"no connection to {safe_url(self.url)} for {self.entry.connection_timeout:g}s",
+                    f"no connection to {self.url} for {self.entry.connection_timeout:g}s",
                     retryable=True,
                 ) from exc
         assert self._connection is not None
         return self._connection
 
-    async def _admin_channel(self) -> aiormq.abc.AbstractChannel:
+    async def _admin_channel(self) -> Channel:
         return await self._admin_on(await self._link())
 
-    async def _admin_on(
-        self, connection: aiormq.abc.AbstractConnection
-    ) -> aiormq.abc.AbstractChannel:
-        """A channel for declarations; a failed passive declare closes it, so reopen."""
-        if self._admin is None or self._admin.is_closed:
-            self._admin = await connection.channel(publisher_confirms=False)
-        return self._admin
+    async def _admin_on(self, connection: Connection) -> Channel:
+        """A channel for declarations; a failed (passive) declare closes it, so reopen."""
+        async with self._channel_lock:
+            if self._admin is None or self._admin.is_closed:
+                self._admin = await connection.channel()
+            return self._admin
+
+    async def _publisher_channel(self) -> Channel:
+        """The confirm channel; the broker closes it on a publish it refuses, so reopen."""
+        connection = await self._link()
+        publisher = self._publisher
+        if publisher is not None and not publisher.is_closed:
+            return publisher
+        async with self._channel_lock:
+            if self._publisher is None or self._publisher.is_closed:
+                publisher = await connection.channel()
+                await publisher.confirm_select()
+                self._publisher = publisher
+            return self._publisher
 
     async def close(self) -> None:
         self._closing = True
@@ -545,10 +512,9 @@ class AmqpDriver(Driver):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery
         if self._connection is not None:
-            with contextlib.suppress(AMQPError, OSError):
-                await self._connection.close()
+            await self._connection.close()
 
-    async def _declare_on(self, channel: aiormq.abc.AbstractChannel, queue: QueueEntry) -> None:
+    async def _declare_on(self, channel: Channel, queue: QueueEntry) -> None:
         options = queue.driver_options.amqp
         try:
             await channel.queue_declare(
@@ -557,11 +523,11 @@ class AmqpDriver(Driver):
                 auto_delete=options.auto_delete,
                 arguments=queue_arguments(queue, self.entry),
             )
-        except ChannelPreconditionFailed as exc:
-            raise QueueError(
-                Kind.CONFLICT,
-                f"queue {queue.external_name} exists on the broker with other options: {exc}",
-            ) from exc
+        except ChannelClosed as exc:
+            what = f"cannot declare queue {queue.external_name}"
+            if exc.code == 406:
+                what = f"queue {queue.external_name} exists on the broker with other options"
+            raise broker_error(exc, what) from exc
 
     async def declare(self, queue: QueueEntry) -> None:
         await self._declare_on(await self._admin_channel(), queue)
@@ -590,15 +556,18 @@ class AmqpDriver(Driver):
         name = f"{queue.external_name}.retry.{milliseconds}ms"
         if name not in self._delay_queues:
             channel = await self._admin_channel()
-            await channel.queue_declare(
-                name,
-                durable=queue.driver_options.amqp.durable,
-                arguments={
-                    "x-message-ttl": milliseconds,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue.external_name,
-                },
-            )
+            try:
+                await channel.queue_declare(
+                    name,
+                    durable=queue.driver_options.amqp.durable,
+                    arguments={
+                        "x-message-ttl": milliseconds,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": queue.external_name,
+                    },
+                )
+            except ChannelClosed as exc:
+                raise broker_error(exc, f"cannot declare delay queue {name}") from exc
             self._delay_queues.add(name)
         return name
 
@@ -616,34 +585,25 @@ class AmqpDriver(Driver):
                 Kind.NOT_FOUND,
                 f"queue {queue.external_name} is not declared on driver {self.entry.id}",
             )
-        await self._link()
-        self._next_publisher += 1
-        channel = self._publishers[self._next_publisher % len(self._publishers)]
         properties = properties_for(
             headers, content_type, message_id, queue.driver_options.amqp.durable
         )
+        channel = await self._publisher_channel()
         try:
-            confirmation = await channel.basic_publish(
-                body,
-                routing_key=route or queue.external_name,
-                properties=properties,
-                mandatory=True,
-                # do not hold the channel's lock until the frame is on the socket: the broker's
-                # confirmation is what this publish waits for
-                wait=False,
-            )
-        except PublishError as exc:
-            raise QueueError(
-                Kind.NOT_FOUND,
-                f"queue {queue.external_name} does not exist on the broker (message returned)",
-            ) from exc
+            await channel.connection.drained()
+            confirmation = await channel.publish(body, route or queue.external_name, properties)
         except TypeError as exc:  # a header value AMQP's field tables cannot carry
             raise QueueError(Kind.INVALID, f"headers cannot be sent over AMQP: {exc}") from exc
-        except (AMQPError, ChannelInvalidStateError, OSError) as exc:
+        except (ChannelClosed, OSError) as exc:
             raise QueueError(
                 Kind.INTERNAL, f"publish to {queue.external_name} failed: {exc}", retryable=True
             ) from exc
-        if not isinstance(confirmation, Basic.Ack):
+        if confirmation == Confirm.RETURNED:
+            raise QueueError(
+                Kind.NOT_FOUND,
+                f"queue {queue.external_name} does not exist on the broker (message returned)",
+            )
+        if confirmation != Confirm.ACK:
             raise QueueError(
                 Kind.INTERNAL,
                 f"the broker did not accept the message for {queue.external_name}",
@@ -655,10 +615,9 @@ class AmqpDriver(Driver):
         channel = await self._admin_channel()
         try:
             ok = await channel.queue_declare(queue.external_name, passive=True)
-        except ChannelNotFoundEntity as exc:
-            raise QueueError(
-                Kind.NOT_FOUND, f"queue {queue.external_name} does not exist on the broker"
-            ) from exc
+        except ChannelClosed as exc:
+            what = f"no information on queue {queue.external_name}"
+            raise broker_error(exc, what) from exc
         return QueueInfo(ok.message_count or 0, ok.consumer_count or 0)
 
     async def consume(
