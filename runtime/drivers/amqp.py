@@ -263,6 +263,7 @@ class AmqpSubscription(Subscription):
         self.active = True
         self._open: dict[int, bool] = {}  # delivery tag -> acked, in delivery order
         self._flush_scheduled = False
+        self._reattaching: asyncio.Future[None] | None = None
 
     async def attach(self, connection: Connection) -> None:
         channel = await connection.channel()
@@ -275,10 +276,36 @@ class AmqpSubscription(Subscription):
                 self._on_message,
                 self.tag,
                 exclusive=self.consumer.driver_options.amqp.exclusive,
+                on_cancel=self._on_cancel,
             )
         except ChannelClosed as exc:
             what = f"cannot consume from queue {self.queue.external_name}"
             raise broker_error(exc, what) from exc
+
+    def _on_cancel(self) -> None:
+        if self.active:
+            self._reattaching = asyncio.ensure_future(self._reattach())
+
+    async def _reattach(self) -> None:
+        """The broker ended this consumer, because its queue was deleted: the entries file
+        still wants it, so declare the queue again and consume anew (deliveries still held
+        went with the old queue)."""
+        old = self.channel
+        try:
+            await self.driver.declare(self.queue)
+            await self.attach(await self.driver._link())
+        except (QueueError, ChannelClosed, OSError) as exc:
+            _log.error(
+                "consumer not restored after the broker cancelled it",
+                extra={"queue": self.queue.external_name, "error": str(exc)},
+            )
+            return
+        _log.warning(
+            "queue declared again and consumer restored",
+            extra={"queue": self.queue.external_name},
+        )
+        if old is not None:
+            await old.close()
 
     def _on_message(
         self, tag: int, redelivered: bool, properties: dict[str, Any], body: bytes
@@ -351,6 +378,8 @@ class AmqpSubscription(Subscription):
                 await channel.cancel(self.tag)
 
     async def close(self) -> None:
+        if self._reattaching is not None:
+            self._reattaching.cancel()
         await self.cancel()
         channel, self.channel = self.channel, None
         self.driver.subscriptions.discard(self)

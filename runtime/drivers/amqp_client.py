@@ -248,6 +248,7 @@ class Channel:
         self._lock = asyncio.Lock()
         self._waiter: tuple[tuple[type[base.Frame], ...], asyncio.Future[Any]] | None = None
         self._consumers: dict[bytes, OnMessage] = {}
+        self._on_cancel: dict[bytes, Callable[[], None]] = {}
         self._incoming: _Incoming | None = None
         self._routes: dict[str, bytes] = {}  # routing key -> its publish method frame
         self._next_tag = 1  # of the next publish, once confirms are on
@@ -311,22 +312,34 @@ class Channel:
         return await self.call(method, spec.Queue.DeclareOk)
 
     async def consume(
-        self, queue: str, on_message: OnMessage, tag: str, exclusive: bool = False
+        self,
+        queue: str,
+        on_message: OnMessage,
+        tag: str,
+        exclusive: bool = False,
+        on_cancel: Callable[[], None] | None = None,
     ) -> None:
         """Deliveries go to `on_message` as they arrive, from the first (which may come
-        right after the broker's reply)."""
+        right after the broker's reply). `on_cancel` hears of the broker ending the consumer
+        (its queue was deleted, say)."""
         key = tag.encode()
         self._consumers[key] = on_message
+        if on_cancel is not None:
+            self._on_cancel[key] = on_cancel
         method = spec.Basic.Consume(queue=queue, consumer_tag=tag, exclusive=exclusive)
         try:
             await self.call(method, spec.Basic.ConsumeOk)
         except BaseException:
-            self._consumers.pop(key, None)
+            self._forget(key)
             raise
 
     async def cancel(self, tag: str) -> None:
         await self.call(spec.Basic.Cancel(consumer_tag=tag), spec.Basic.CancelOk)
-        self._consumers.pop(tag.encode(), None)
+        self._forget(tag.encode())
+
+    def _forget(self, key: bytes) -> Callable[[], None] | None:
+        self._consumers.pop(key, None)
+        return self._on_cancel.pop(key, None)
 
     def publish(
         self, body: bytes, routing_key: str, properties: Mapping[str, Any]
@@ -437,10 +450,12 @@ class Channel:
         elif isinstance(method, spec.Basic.Cancel):
             tag = method.consumer_tag or ""
             _log.warning("the broker cancelled consumer %s", tag)
-            self._consumers.pop(tag.encode(), None)
+            on_cancel = self._forget(tag.encode())
             if not method.nowait:
                 cancelled = spec.Basic.CancelOk(consumer_tag=tag)
                 self.connection.write(pamqp.frame.marshal(cancelled, self.number))
+            if on_cancel is not None:
+                on_cancel()
         elif isinstance(method, spec.Channel.Flow):
             flow = spec.Channel.FlowOk(active=method.active)
             self.connection.write(pamqp.frame.marshal(flow, self.number))
@@ -464,6 +479,7 @@ class Channel:
                 future.set_exception(reason)
         self._unconfirmed.clear()
         self._consumers.clear()
+        self._on_cancel.clear()
         self._incoming = None
 
 

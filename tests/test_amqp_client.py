@@ -1,0 +1,489 @@
+"""luaq's own AMQP client (runtime/drivers/amqp_client.py).
+
+The hand-packed frames are checked against pamqp, an independent codec: what the client writes
+is read back with pamqp, and what pamqp writes (as a broker would) is fed to the client, split
+at every possible point. The rest runs against the real RabbitMQ: login and vhost failures,
+channels the broker closes, heartbeats, exclusive consumers, returned messages. A silent broker
+(one that stops answering, which RabbitMQ cannot be made to do) is a small fake server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pamqp.frame
+import pytest
+from broker import AMQP_URL, delete_queues, queue_depth
+from conftest import eventually
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from luaq.runtime.drivers.amqp import AmqpDriver
+from luaq.runtime.drivers.amqp_client import (
+    HEARTBEAT_FRAME,
+    Channel,
+    ChannelClosed,
+    Confirm,
+    Connection,
+    ConnectionClosed,
+    Endpoint,
+    decode_properties,
+    encode_properties,
+    encode_table,
+)
+from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
+from luaq.runtime.errors import Kind, QueueError
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+CONTEXT = {"namespace": "app", "base_dir": Path(".")}
+
+
+class Wire:
+    """Stands in for the socket under a Connection: keeps what the client writes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def frames(self) -> list[Any]:
+        """Everything written so far, read by pamqp; then forget it."""
+        data, found = bytes(self.data), []
+        while data:
+            consumed, _, value = pamqp.frame.unmarshal(data)
+            found.append(value)
+            data = data[consumed:]
+        self.data.clear()
+        return found
+
+
+def server(*frames: Any, channel: int = 1) -> bytes:
+    """Frames as the broker would send them, encoded by pamqp."""
+    return b"".join(pamqp.frame.marshal(value, channel) for value in frames)
+
+
+async def on_a_wire() -> tuple[Connection, Channel, Wire]:
+    """A connection on a fake socket with channel 1 open."""
+    connection = Connection(Endpoint.from_url(AMQP_URL))
+    wire = Wire()
+    connection.connection_made(wire)  # type: ignore[arg-type]
+    opening = asyncio.ensure_future(connection.channel())
+    await eventually(lambda: bool(wire.data))
+    assert isinstance(wire.frames()[0], spec.Channel.Open)
+    connection.data_received(server(spec.Channel.OpenOk()))
+    return connection, await opening, wire
+
+
+# -- frames, against pamqp ------------------------------------------------------------------------
+
+HEADERS = {
+    "n": 7,
+    "big": 2**40,
+    "ratio": 0.1,
+    "ok": True,
+    "none": None,
+    "text": "héllo",
+    "nested": {"list": [1, "two", 3.5, False], "inner": {"deep": "yes"}},
+}
+
+
+async def test_a_publish_is_what_pamqp_reads() -> None:
+    connection, channel, wire = await on_a_wire()
+    body = bytes(range(256)) * 1200  # 307,200 bytes: three body frames
+    properties = {
+        "content_type": "application/json",
+        "delivery_mode": 2,
+        "message_id": "m-1",
+        "priority": 9,
+        "correlation_id": "c-1",
+        "type": "greeting",
+        "expiration": "60000",
+        "headers": HEADERS,
+    }
+
+    channel.publish(body, "jobs", properties)
+    await eventually(lambda: bool(wire.data))
+    method, header, *chunks = wire.frames()
+
+    assert isinstance(method, spec.Basic.Publish)
+    assert (method.exchange, method.routing_key, method.mandatory) == ("", "jobs", True)
+    assert isinstance(header, ContentHeader)
+    assert header.body_size == len(body)
+    sent = header.properties
+    assert sent.content_type == "application/json"
+    assert (sent.delivery_mode, sent.priority, sent.message_id) == (2, 9, "m-1")
+    assert (sent.correlation_id, sent.message_type, sent.expiration) == ("c-1", "greeting", "60000")
+    assert sent.headers == HEADERS  # 0.1 arrives exact: a double, not a 32-bit float
+    assert len(chunks) == math.ceil(len(body) / (connection.frame_max - 8))
+    assert b"".join(chunk.value for chunk in chunks) == body
+
+
+async def test_settlements_are_what_pamqp_reads() -> None:
+    _, channel, wire = await on_a_wire()
+
+    channel.ack(5, multiple=True)
+    channel.ack(6)
+    channel.nack(7, requeue=True)
+    channel.nack(8, requeue=False)
+    await eventually(lambda: bool(wire.data))
+    frames = wire.frames()
+
+    assert [(type(f), f.delivery_tag, f.multiple) for f in frames] == [
+        (spec.Basic.Ack, 5, True),
+        (spec.Basic.Ack, 6, False),
+        (spec.Basic.Nack, 7, False),
+        (spec.Basic.Nack, 8, False),
+    ]
+    assert [f.requeue for f in frames[2:]] == [True, False]
+
+
+def deliveries() -> tuple[bytes, list[tuple[int, bool, dict[str, Any], bytes]]]:
+    """A broker's byte stream of three deliveries (one in two body frames with a heartbeat
+    between them, one empty) and what the consumer should see of it."""
+    big = b"x" * 1000 + b"y" * 500
+    properties = spec.Basic.Properties(
+        content_type="application/json", message_id="m-1", headers={"n": 1, "s": "é"}
+    )
+    stream = b"".join(
+        [
+            server(
+                spec.Basic.Deliver("c1", 1, False, "", "q"),
+                ContentHeader(0, 5, properties),
+                ContentBody(b"hello"),
+            ),
+            server(spec.Basic.Deliver("c1", 2, True, "", "q"), ContentHeader(0, len(big))),
+            server(ContentBody(big[:1000])),
+            server(Heartbeat(), channel=0),
+            server(ContentBody(big[1000:])),
+            server(spec.Basic.Deliver("c1", 3, False, "", "q"), ContentHeader(0, 0)),
+        ]
+    )
+    expected_properties = {
+        "content_type": "application/json",
+        "message_id": "m-1",
+        "headers": {"n": 1, "s": "é"},
+    }
+    return stream, [
+        (1, False, expected_properties, b"hello"),
+        (2, True, {}, big),
+        (3, False, {}, b""),
+    ]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 100, 10_000])
+async def test_deliveries_arrive_whole_however_the_stream_is_cut(chunk: int) -> None:
+    connection, channel, _ = await on_a_wire()
+    got: list[tuple[int, bool, dict[str, Any], bytes]] = []
+    consuming = asyncio.ensure_future(
+        channel.consume("q", lambda *delivery: got.append(delivery), "c1")
+    )
+    await eventually(lambda: channel._waiter is not None)
+    connection.data_received(server(spec.Basic.ConsumeOk("c1")))
+    await consuming
+    stream, expected = deliveries()
+
+    for start in range(0, len(stream), chunk):
+        connection.data_received(stream[start : start + chunk])
+
+    assert got == expected
+    assert not connection.is_closed
+
+
+async def test_confirms_multiple_acks_nacks_and_returns() -> None:
+    connection, channel, _ = await on_a_wire()
+    ids = ["a", "b", "c", "dup", "dup", "f"]
+    futures = [channel.publish(b"{}", "q", {"message_id": i}) for i in ids]
+
+    # returns precede the confirm of their publish and name it only by message id
+    connection.data_received(
+        server(
+            spec.Basic.Return(312, "NO_ROUTE", "", "q"),
+            ContentHeader(0, 0, spec.Basic.Properties(message_id="b")),
+            spec.Basic.Return(312, "NO_ROUTE", "", "q"),
+            ContentHeader(0, 0, spec.Basic.Properties(message_id="dup")),
+            spec.Basic.Ack(3, multiple=True),
+            spec.Basic.Nack(5),
+            spec.Basic.Ack(4),
+        )
+    )
+    assert [f.result() for f in futures[:5]] == [
+        Confirm.ACK,
+        Confirm.RETURNED,
+        Confirm.ACK,
+        Confirm.RETURNED,  # the first "dup": returns come in publish order
+        Confirm.NACK,
+    ]
+    assert not futures[5].done()
+
+    connection.connection_lost(None)
+    with pytest.raises(ConnectionClosed, match="connection lost"):
+        futures[5].result()
+    assert connection.is_closed
+    with pytest.raises(ConnectionClosed):
+        channel.publish(b"{}", "q", {})
+
+
+async def test_a_malformed_frame_closes_the_connection() -> None:
+    connection, _, wire = await on_a_wire()
+    frame = bytearray(server(spec.Basic.Ack(1)))
+    frame[-1] = 0x00  # not the frame-end octet
+
+    connection.data_received(bytes(frame))
+
+    assert wire.closed
+    assert isinstance(connection.closed_by, ConnectionClosed)
+    assert "malformed frame" in str(connection.closed_by)
+
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), values, max_size=6))
+def test_tables_round_trip_through_pamqp(table: dict[str, Any]) -> None:
+    encoded = encode_table(table)
+    assert pamqp.decode.field_table(encoded) == (len(encoded), table)
+    properties = {"headers": table, "message_id": "m", "delivery_mode": 1, "timestamp": 17}
+    assert decode_properties(encode_properties(properties), 0) == properties
+
+
+def test_values_a_table_cannot_carry_are_named() -> None:
+    with pytest.raises(TypeError, match="set"):
+        encode_table({"k": {1, 2}})
+    with pytest.raises(TypeError, match="64 bits"):
+        encode_table({"k": 2**64})
+
+
+# -- against RabbitMQ ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def connection() -> AsyncIterator[Connection]:
+    connection = await Connection.open(Endpoint.from_url(AMQP_URL))
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def queue_name() -> Iterator[str]:
+    name = f"luaq-test-client-{uuid4().hex[:12]}"
+    yield name
+    asyncio.run(delete_queues(name))
+
+
+async def test_a_wrong_password_is_refused_by_name() -> None:
+    with pytest.raises(ConnectionClosed, match="ACCESS_REFUSED") as refused:
+        await Connection.open(Endpoint.from_url("amqp://guest:wrong@127.0.0.1:5672/"))
+    assert refused.value.code == 403
+
+
+async def test_an_unknown_vhost_is_refused_by_name() -> None:
+    with pytest.raises(ConnectionClosed, match="NOT_ALLOWED") as refused:
+        await Connection.open(Endpoint.from_url(f"{AMQP_URL}luaq-no-such-vhost"))
+    assert refused.value.code == 530
+
+
+async def test_the_driver_reports_a_refused_login_without_the_password() -> None:
+    driver = AmqpDriver(amqp_entry(url="amqp://guest:s3cr3t-pw@127.0.0.1:5672/"))
+    with pytest.raises(QueueError) as failed:
+        await driver.start()
+    assert failed.value.kind is Kind.UNAVAILABLE
+    assert "ACCESS_REFUSED" in failed.value.message
+    assert "amqp://guest:***@127.0.0.1:5672/" in failed.value.message
+    assert "s3cr3t-pw" not in failed.value.message
+
+
+async def test_a_channel_the_broker_closes_fails_its_waiters_only(
+    connection: Connection, queue_name: str
+) -> None:
+    channel = await connection.channel()
+    await channel.confirm_select()
+    await channel.queue_declare(queue_name)
+
+    # RabbitMQ refuses a user_id that is not the connection's user, and closes the channel
+    refused = channel.publish(b"{}", queue_name, {"user_id": "somebody-else"})
+    with pytest.raises(ChannelClosed, match="PRECONDITION_FAILED") as closed:
+        await refused
+    assert closed.value.code == 406
+    assert channel.is_closed
+    with pytest.raises(ChannelClosed):
+        channel.publish(b"{}", queue_name, {})
+
+    other = await connection.channel()
+    await other.confirm_select()
+    assert await other.publish(b"{}", queue_name, {"message_id": "m"}) == Confirm.ACK
+    assert (await other.queue_declare(queue_name, passive=True)).message_count == 1
+
+
+async def test_heartbeats_keep_an_idle_connection_open() -> None:
+    connection = await Connection.open(Endpoint.from_url(AMQP_URL, heartbeat=1))
+    try:
+        assert connection.heartbeat == 1
+        # RabbitMQ drops a client it has not heard from for two intervals
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(connection.closed), 3.5)
+        channel = await connection.channel()
+        await channel.qos(1)
+    finally:
+        await connection.close()
+
+
+async def test_a_silent_broker_is_given_up_on() -> None:
+    """Handshake, then silence: the client must notice within a few heartbeat intervals, and
+    keep sending its own heartbeats meanwhile."""
+    heard = bytearray()
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)  # protocol header
+        writer.write(pamqp.frame.marshal(spec.Connection.Start(), 0))
+        await reader.read(4096)  # StartOk
+        writer.write(pamqp.frame.marshal(spec.Connection.Tune(2047, 131072, 1), 0))
+        await reader.read(4096)  # TuneOk, Open
+        writer.write(pamqp.frame.marshal(spec.Connection.OpenOk(), 0))
+        while chunk := await reader.read(4096):
+            heard.extend(chunk)
+
+    listener = await asyncio.start_server(broker, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        endpoint = Endpoint.from_url(f"amqp://guest:guest@127.0.0.1:{port}/")
+        connection = await asyncio.wait_for(Connection.open(endpoint), 5)
+        await asyncio.wait_for(asyncio.shield(connection.closed), 6)
+        assert "missed heartbeats" in str(connection.closed_by)
+        assert HEARTBEAT_FRAME in heard
+    finally:
+        listener.close()
+
+
+# -- the driver on the client ---------------------------------------------------------------------
+
+
+def amqp_entry(**fields: Any) -> AmqpDriverEntry:
+    document = {"id": "app:broker", "kind": "queue.driver.amqp", "file": Path("x.yaml")}
+    return AmqpDriverEntry.model_validate(
+        {"url": AMQP_URL, "connection_timeout": "5s", **document, **fields}, context=CONTEXT
+    )
+
+
+def queue_entry(name: str) -> QueueEntry:
+    return QueueEntry.model_validate(
+        {
+            "id": "app:jobs",
+            "kind": "queue.queue",
+            "file": Path("x.yaml"),
+            "driver": "broker",
+            "queue_name": name,
+        },
+        context=CONTEXT,
+    )
+
+
+def consumer_entry(**fields: Any) -> ConsumerEntry:
+    return ConsumerEntry.model_validate(
+        {
+            "id": f"app:worker-{uuid4().hex[:6]}",
+            "kind": "queue.consumer",
+            "file": Path("x.yaml"),
+            "queue": "jobs",
+            "func": "handler",
+            **fields,
+        },
+        context=CONTEXT,
+    )
+
+
+@pytest.fixture
+async def driver() -> AsyncIterator[AmqpDriver]:
+    driver = AmqpDriver(amqp_entry())
+    await driver.start()
+    yield driver
+    await driver.close()
+
+
+async def test_a_message_no_queue_takes_is_not_found(driver: AmqpDriver, queue_name: str) -> None:
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    await delete_queues(queue_name)  # behind the driver's back: the broker returns the message
+
+    with pytest.raises(QueueError, match="message returned") as returned:
+        await driver.publish(queue, b"{}", {}, "application/json")
+    assert returned.value.kind is Kind.NOT_FOUND
+
+    await driver.declare(queue)
+    assert await driver.publish(queue, b"{}", {"message_id": "back"}, "application/json")
+    assert (await driver.info(queue)).message_count == 1
+
+
+async def test_an_exclusive_consumer_holds_its_queue(driver: AmqpDriver, queue_name: str) -> None:
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    exclusive = consumer_entry(driver_options={"amqp": {"exclusive": True}})
+    first = await driver.consume(queue, exclusive, lambda delivery: None)
+    other = AmqpDriver(amqp_entry())
+    await other.start()
+    try:
+        with pytest.raises(QueueError, match="in exclusive use") as refused:
+            await other.consume(queue, consumer_entry(), lambda delivery: None)
+        assert refused.value.kind is Kind.PERMISSION_DENIED  # the broker's 403 ACCESS_REFUSED
+        assert f"cannot consume from queue {queue_name}" in refused.value.message
+    finally:
+        await other.close()
+        await first.close()
+
+
+async def test_the_publisher_channel_is_reopened_after_the_broker_closes_it(
+    driver: AmqpDriver, queue_name: str
+) -> None:
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    publisher = await driver._publisher_channel()
+    with pytest.raises(ChannelClosed):
+        await publisher.publish(b"{}", queue_name, {"user_id": "somebody-else"})
+
+    assert await driver.publish(queue, b"{}", {"message_id": "after"}, "application/json")
+    assert (await driver.info(queue)).message_count == 1
+
+
+async def test_a_consumer_whose_queue_is_deleted_comes_back(
+    driver: AmqpDriver, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    got: list[str] = []
+    subscription = await driver.consume(queue, consumer_entry(), lambda d: got.append(d.id))
+    caplog.set_level(logging.WARNING, "luaq.amqp")
+
+    await delete_queues(queue_name)  # RabbitMQ cancels the consumer
+
+    await eventually(lambda: "consumer restored" in caplog.text)
+    assert "the broker cancelled consumer" in caplog.text
+    assert await queue_depth(queue_name) == (0, 1)
+    await driver.publish(queue, b"{}", {"message_id": "after"}, "application/json")
+    await eventually(lambda: got == ["after"])
+    await subscription.close()
