@@ -507,6 +507,7 @@ class Connection(asyncio.Protocol):
         self._wrote = True
         self._silent_beats = 0
         self._beat: asyncio.TimerHandle | None = None
+        self._opened = False  # the AMQP handshake is through
 
     @property
     def is_closed(self) -> bool:
@@ -565,6 +566,7 @@ class Connection(asyncio.Protocol):
             0, spec.Connection.TuneOk(self._channel_max, self.frame_max, self.heartbeat)
         )
         await self._zero.call(spec.Connection.Open(endpoint.vhost), spec.Connection.OpenOk)
+        self._opened = True
         if self.heartbeat:
             self._beat = self.loop.call_later(self.heartbeat / 2, self._on_beat)
 
@@ -650,6 +652,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         detail = f": {exc}" if exc else ""
+        if not self._opened:  # a TLS peer refusing our certificate, or not an AMQP port
+            detail = f" before the AMQP handshake was through{detail}"
         self._closing_reason(ConnectionClosed(f"connection lost{detail}"))
         reason = self.closed_by
         assert reason is not None
