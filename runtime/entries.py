@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -157,6 +158,16 @@ class AmqpDriverEntry(_DriverEntry):
     def _check(self) -> AmqpDriverEntry:
         if not self.url.startswith(("amqp://", "amqps://")):
             raise ValueError("url: must start with amqp:// or amqps://")
+        parts = urlsplit(self.url)
+        try:
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        if parts.query:
+            raise ValueError(
+                f"url: query parameters ({parts.query}) are not read; use the entry's fields "
+                "(heartbeat, connection_timeout, connection_name, tls, ...)"
+            )
         if self.reconnect_max_delay < self.reconnect_delay:
             raise ValueError("reconnect_max_delay: must not be less than reconnect_delay")
         return self

@@ -644,6 +644,15 @@ BAD_DRIVERS: dict[str, tuple[dict[str, Any], str]] = {
         {"url": "http://guest:guest@127.0.0.1:5672/"},
         "url: must start with amqp:// or amqps://",
     ),
+    "port": (
+        {"url": "amqp://guest:guest@127.0.0.1:amqp/"},
+        "url: Port could not be cast to integer value as 'amqp'",
+    ),
+    "query": (
+        {"url": "amqp://guest:guest@127.0.0.1:5672/?heartbeat=30"},
+        "url: query parameters (heartbeat=30) are not read; use the entry's fields "
+        "(heartbeat, connection_timeout, connection_name, tls, ...)",
+    ),
     "delays": (
         {"reconnect_delay": "5s", "reconnect_max_delay": "500ms"},
         "reconnect_max_delay: must not be less than reconnect_delay",

@@ -193,7 +193,7 @@ async def test_deliveries_arrive_whole_however_the_stream_is_cut(chunk: int) -> 
     consuming = asyncio.ensure_future(
         channel.consume("q", lambda *delivery: got.append(delivery), "c1")
     )
-    await eventually(lambda: channel._waiter is not None)
+    await eventually(lambda: bool(channel._waiters))
     connection.data_received(server(spec.Basic.ConsumeOk("c1")))
     await consuming
     stream, expected = deliveries()
@@ -203,6 +203,22 @@ async def test_deliveries_arrive_whole_however_the_stream_is_cut(chunk: int) -> 
 
     assert got == expected
     assert not connection.is_closed
+
+
+async def test_a_reply_goes_to_its_caller_even_when_an_earlier_one_gave_up() -> None:
+    connection, channel, _ = await on_a_wire()
+    abandoned = asyncio.ensure_future(channel.queue_declare("first"))
+    await eventually(lambda: bool(channel._waiters))
+    abandoned.cancel()
+    second = asyncio.ensure_future(channel.queue_declare("second"))
+    await eventually(lambda: len(channel._waiters) == 2)
+
+    connection.data_received(
+        server(spec.Queue.DeclareOk("first", 1, 0), spec.Queue.DeclareOk("second", 2, 0))
+    )
+
+    assert (await second).queue == "second"
+    assert abandoned.cancelled()
 
 
 async def test_confirms_multiple_acks_nacks_and_returns() -> None:

@@ -420,7 +420,7 @@ class AmqpDriver(Driver):
         entry = self.entry
         options: dict[str, Any] = {
             "name": entry.connection_name,
-            "ssl": ssl_context(entry),
+            "tls": ssl_context(entry),
             "server_name": entry.tls.server_name,
         }
         if entry.heartbeat is not None:

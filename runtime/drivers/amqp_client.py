@@ -20,6 +20,7 @@ import datetime
 import logging
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
@@ -33,7 +34,7 @@ from pamqp import commands as spec
 _log = logging.getLogger("luaq.amqp")
 
 PROTOCOL_HEADER: Final = b"AMQP\x00\x00\x09\x01"
-METHOD, HEADER, BODY, HEARTBEAT = 1, 2, 3, 8
+METHOD, HEADER, BODY = 1, 2, 3  # frame types; heartbeats (8) need no handling
 FRAME_END: Final = 0xCE
 FRAME_MAX: Final = 131_072  # what we propose; the broker may lower it
 HEARTBEAT_FRAME: Final = b"\x08\x00\x00\x00\x00\x00\x00\xce"
@@ -117,7 +118,7 @@ class Endpoint:
     vhost: str
     heartbeat: int | None = None  # None: take the broker's proposal
     name: str | None = None
-    ssl: ssl.SSLContext | None = None
+    tls: ssl.SSLContext | None = None
     server_name: str | None = None
 
     @classmethod
@@ -222,13 +223,18 @@ def frame(kind: int, channel: int, payload: bytes) -> bytes:
     return _frame.pack(kind, channel, len(payload)) + payload + b"\xce"
 
 
+def _discard(tag: int, redelivered: bool, properties: dict[str, Any], body: bytes) -> None:
+    pass
+
+
 class _Incoming:
-    """A message whose content frames are still arriving: a delivery, or a return."""
+    """A message whose content frames are still arriving, and who takes it when whole: a
+    consumer, or the channel's handler of returned messages."""
 
     __slots__ = ("chunks", "consumer", "properties", "received", "redelivered", "size", "tag")
 
-    def __init__(self, consumer: OnMessage | None, tag: int, redelivered: bool) -> None:
-        self.consumer = consumer  # None for a returned message
+    def __init__(self, consumer: OnMessage, tag: int, redelivered: bool) -> None:
+        self.consumer = consumer
         self.tag = tag
         self.redelivered = redelivered
         self.properties: dict[str, Any] = {}
@@ -246,7 +252,9 @@ class Channel:
         self.number = number
         self.closed_by: Exception | None = None
         self._lock = asyncio.Lock()
-        self._waiter: tuple[tuple[type[base.Frame], ...], asyncio.Future[Any]] | None = None
+        # replies awaited, in request order: one left by a cancelled caller still takes its
+        # reply, which would otherwise go to the next caller
+        self._waiters: deque[tuple[tuple[type[base.Frame], ...], asyncio.Future[Any]]] = deque()
         self._consumers: dict[bytes, OnMessage] = {}
         self._on_cancel: dict[bytes, Callable[[], None]] = {}
         self._incoming: _Incoming | None = None
@@ -262,7 +270,7 @@ class Channel:
 
     def _expect(self, *replies: type[base.Frame]) -> asyncio.Future[Any]:
         future = self.connection.loop.create_future()
-        self._waiter = (replies, future)
+        self._waiters.append((replies, future))
         return future
 
     async def call(self, method: base.Frame, reply: type[Reply]) -> Reply:
@@ -272,11 +280,8 @@ class Channel:
                 raise self.closed_by
             future = self._expect(reply)
             self.connection.write(pamqp.frame.marshal(method, self.number))
-            try:
-                result: Reply = await future
-                return result
-            finally:
-                self._waiter = None
+            result: Reply = await future
+            return result
 
     async def open(self) -> None:
         await self.call(spec.Channel.Open(), spec.Channel.OpenOk)
@@ -380,10 +385,11 @@ class Channel:
         end = offset + 1 + data[offset]
         consumer = self._consumers.get(data[offset + 1 : end])
         tag, redelivered = _deliver.unpack_from(data, end)
-        self._incoming = _Incoming(consumer, tag, bool(redelivered & 1))
         if consumer is None:
             _log.warning("delivery for an unknown consumer, requeued", extra={"tag": tag})
             self.nack(tag, requeue=True)
+            consumer = _discard
+        self._incoming = _Incoming(consumer, tag, bool(redelivered & 1))
 
     def _on_header(self, data: bytes, offset: int) -> None:
         incoming = self._incoming
@@ -406,10 +412,6 @@ class Channel:
 
     def _complete(self, incoming: _Incoming, body: bytes) -> None:
         self._incoming = None
-        if incoming.consumer is None:
-            if incoming.tag < 0:
-                self._on_returned(incoming.properties)
-            return
         try:
             incoming.consumer(incoming.tag, incoming.redelivered, incoming.properties, body)
         except Exception:
@@ -432,7 +434,9 @@ class Channel:
                 outcome = Confirm.RETURNED
             entry[0].set_result(outcome)
 
-    def _on_returned(self, properties: Mapping[str, Any]) -> None:
+    def _on_returned(
+        self, _tag: int, _redelivered: bool, properties: dict[str, Any], _body: bytes
+    ) -> None:
         """A return comes before the confirm of its publish and carries no tag: it belongs to
         the oldest unconfirmed publish with its message id not returned yet."""
         message_id = properties.get("message_id")
@@ -446,7 +450,7 @@ class Channel:
             self.connection.write(pamqp.frame.marshal(spec.Channel.CloseOk(), self.number))
             self._fail(ChannelClosed(method.reply_code or 0, method.reply_text))
         elif isinstance(method, spec.Basic.Return):
-            self._incoming = _Incoming(None, -1, False)
+            self._incoming = _Incoming(self._on_returned, 0, False)
         elif isinstance(method, spec.Basic.Cancel):
             tag = method.consumer_tag or ""
             _log.warning("the broker cancelled consumer %s", tag)
@@ -459,8 +463,8 @@ class Channel:
         elif isinstance(method, spec.Channel.Flow):
             flow = spec.Channel.FlowOk(active=method.active)
             self.connection.write(pamqp.frame.marshal(flow, self.number))
-        elif self._waiter is not None and isinstance(method, self._waiter[0]):
-            future = self._waiter[1]
+        elif self._waiters and isinstance(method, self._waiters[0][0]):
+            future = self._waiters.popleft()[1]
             if not future.done():
                 future.set_result(method)
         else:
@@ -472,8 +476,10 @@ class Channel:
             return
         self.closed_by = reason
         self.connection.release(self)
-        if self._waiter is not None and not self._waiter[1].done():
-            self._waiter[1].set_exception(reason)
+        for _, waiting in self._waiters:
+            if not waiting.done():
+                waiting.set_exception(reason)
+        self._waiters.clear()
         for future, _ in self._unconfirmed.values():
             if not future.done():
                 future.set_exception(reason)
@@ -518,12 +524,12 @@ class Connection(asyncio.Protocol):
         """Connect, authenticate and open the vhost (callers bound it with a timeout)."""
         loop = asyncio.get_running_loop()
         connection = cls(endpoint)
-        server_name = (endpoint.server_name or endpoint.host) if endpoint.ssl else None
+        server_name = (endpoint.server_name or endpoint.host) if endpoint.tls else None
         await loop.create_connection(
             lambda: connection,
             endpoint.host,
             endpoint.port,
-            ssl=endpoint.ssl,
+            ssl=endpoint.tls,
             server_hostname=server_name,
         )
         try:
