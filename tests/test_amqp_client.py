@@ -19,7 +19,7 @@ from uuid import uuid4
 
 import pamqp.frame
 import pytest
-from broker import AMQP_URL, delete_queues, queue_depth
+from broker import AMQP_URL, delete_queues, queue_depth, rabbitmqctl
 from conftest import eventually
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -503,3 +503,19 @@ async def test_a_consumer_whose_queue_is_deleted_comes_back(
     await driver.publish(queue, b"{}", {"message_id": "after"}, "application/json")
     await eventually(lambda: got == ["after"])
     await subscription.close()
+
+
+async def test_the_broker_sees_the_connection_name_and_heartbeat() -> None:
+    name = f"luaq-test-{uuid4().hex[:8]}"
+    driver = AmqpDriver(amqp_entry(connection_name=name, heartbeat="7s"))
+    await driver.start()
+    try:
+        rows = rabbitmqctl("list_connections", "timeout", "client_properties").splitlines()
+        ours = [row for row in rows if name in row]
+        assert len(ours) == 1, rows
+        timeout, properties = ours[0].split("\t")
+        assert timeout == "7"
+        assert f'{{"connection_name","{name}"}}' in properties
+        assert '{"product","luaq"}' in properties
+    finally:
+        await driver.close()
