@@ -428,10 +428,10 @@ class Channel:
 
     def _confirm(self, tag: int, outcome: str) -> None:
         entry = self._unconfirmed.pop(tag, None)
-        if entry is not None and not entry[0].done():
-            if tag in self._returned:
-                self._returned.discard(tag)
-                outcome = Confirm.RETURNED
+        if tag in self._returned:
+            self._returned.discard(tag)
+            outcome = Confirm.RETURNED
+        if entry is not None and not entry[0].done():  # not given up on by its publisher
             entry[0].set_result(outcome)
 
     def _on_returned(
@@ -542,8 +542,7 @@ class Connection(asyncio.Protocol):
     async def _handshake(self) -> None:
         endpoint = self.endpoint
         start = self._zero._expect(spec.Connection.Start)
-        self._outgoing.append(PROTOCOL_HEADER)
-        self._flush()
+        self.write(PROTOCOL_HEADER)
         server: spec.Connection.Start = await start
         if "PLAIN" not in server.mechanisms.split():
             raise ConnectionClosed(f"the broker does not offer PLAIN login ({server.mechanisms})")
