@@ -1,10 +1,17 @@
-"""The test broker, managed from outside luaq."""
+"""The test broker, managed from outside luaq, and entries for tests that drive a driver
+directly (as if loaded from x.yaml in namespace `app`)."""
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
 
 import aiormq
+from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
+
+CONTEXT = {"namespace": "app", "base_dir": Path(".")}
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -41,3 +48,28 @@ async def delete_queues(*names: str, url: str = AMQP_URL) -> None:
             await channel.queue_delete(name)
     finally:
         await connection.close()
+
+
+def driver_entry(**fields: Any) -> AmqpDriverEntry:
+    """`app:broker` on the test broker; `fields` override or add."""
+    return AmqpDriverEntry.model_validate(
+        {"id": "app:broker", "kind": "queue.driver.amqp", "file": Path("x.yaml"),
+         "url": AMQP_URL, "connection_timeout": "5s", **fields},
+        context=CONTEXT,
+    )  # fmt: skip
+
+
+def queue_entry(name: str, **fields: Any) -> QueueEntry:
+    return QueueEntry.model_validate(
+        {"id": f"app:{name}", "kind": "queue.queue", "file": Path("x.yaml"),
+         "driver": "app:broker", "queue_name": name, **fields},
+        context=CONTEXT,
+    )  # fmt: skip
+
+
+def consumer_entry(queue: QueueEntry, **fields: Any) -> ConsumerEntry:
+    return ConsumerEntry.model_validate(
+        {"id": f"app:consumer-{uuid4().hex[:8]}", "kind": "queue.consumer",
+         "file": Path("x.yaml"), "queue": queue.id, "func": "app:handler", **fields},
+        context=CONTEXT,
+    )  # fmt: skip

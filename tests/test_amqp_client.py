@@ -13,13 +13,20 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pamqp.frame
 import pytest
-from broker import AMQP_URL, delete_queues, queue_depth, rabbitmqctl
+from broker import (
+    AMQP_URL,
+    consumer_entry,
+    delete_queues,
+    driver_entry,
+    queue_depth,
+    queue_entry,
+    rabbitmqctl,
+)
 from conftest import eventually
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,14 +43,11 @@ from luaq.runtime.drivers.amqp_client import (
     encode_properties,
     encode_table,
 )
-from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 from luaq.runtime.errors import Kind, QueueError
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
-
-CONTEXT = {"namespace": "app", "base_dir": Path(".")}
 
 
 class Wire:
@@ -326,7 +330,7 @@ async def test_an_unknown_vhost_is_refused_by_name() -> None:
 
 
 async def test_the_driver_reports_a_refused_login_without_the_password() -> None:
-    driver = AmqpDriver(amqp_entry(url="amqp://guest:s3cr3t-pw@127.0.0.1:5672/"))
+    driver = AmqpDriver(driver_entry(url="amqp://guest:s3cr3t-pw@127.0.0.1:5672/"))
     with pytest.raises(QueueError) as failed:
         await driver.start()
     assert failed.value.kind is Kind.UNAVAILABLE
@@ -400,43 +404,9 @@ async def test_a_silent_broker_is_given_up_on() -> None:
 # -- the driver on the client ---------------------------------------------------------------------
 
 
-def amqp_entry(**fields: Any) -> AmqpDriverEntry:
-    document = {"id": "app:broker", "kind": "queue.driver.amqp", "file": Path("x.yaml")}
-    return AmqpDriverEntry.model_validate(
-        {"url": AMQP_URL, "connection_timeout": "5s", **document, **fields}, context=CONTEXT
-    )
-
-
-def queue_entry(name: str) -> QueueEntry:
-    return QueueEntry.model_validate(
-        {
-            "id": "app:jobs",
-            "kind": "queue.queue",
-            "file": Path("x.yaml"),
-            "driver": "broker",
-            "queue_name": name,
-        },
-        context=CONTEXT,
-    )
-
-
-def consumer_entry(**fields: Any) -> ConsumerEntry:
-    return ConsumerEntry.model_validate(
-        {
-            "id": f"app:worker-{uuid4().hex[:6]}",
-            "kind": "queue.consumer",
-            "file": Path("x.yaml"),
-            "queue": "jobs",
-            "func": "handler",
-            **fields,
-        },
-        context=CONTEXT,
-    )
-
-
 @pytest.fixture
 async def driver() -> AsyncIterator[AmqpDriver]:
-    driver = AmqpDriver(amqp_entry())
+    driver = AmqpDriver(driver_entry())
     await driver.start()
     yield driver
     await driver.close()
@@ -459,13 +429,13 @@ async def test_a_message_no_queue_takes_is_not_found(driver: AmqpDriver, queue_n
 async def test_an_exclusive_consumer_holds_its_queue(driver: AmqpDriver, queue_name: str) -> None:
     queue = queue_entry(queue_name)
     await driver.declare(queue)
-    exclusive = consumer_entry(driver_options={"amqp": {"exclusive": True}})
+    exclusive = consumer_entry(queue, driver_options={"amqp": {"exclusive": True}})
     first = await driver.consume(queue, exclusive, lambda delivery: None)
-    other = AmqpDriver(amqp_entry())
+    other = AmqpDriver(driver_entry())
     await other.start()
     try:
         with pytest.raises(QueueError, match="in exclusive use") as refused:
-            await other.consume(queue, consumer_entry(), lambda delivery: None)
+            await other.consume(queue, consumer_entry(queue), lambda delivery: None)
         assert refused.value.kind is Kind.PERMISSION_DENIED  # the broker's 403 ACCESS_REFUSED
         assert f"cannot consume from queue {queue_name}" in refused.value.message
     finally:
@@ -492,7 +462,7 @@ async def test_a_consumer_whose_queue_is_deleted_comes_back(
     queue = queue_entry(queue_name)
     await driver.declare(queue)
     got: list[str] = []
-    subscription = await driver.consume(queue, consumer_entry(), lambda d: got.append(d.id))
+    subscription = await driver.consume(queue, consumer_entry(queue), lambda d: got.append(d.id))
     caplog.set_level(logging.WARNING, "luaq.amqp")
 
     await delete_queues(queue_name)  # RabbitMQ cancels the consumer
@@ -507,7 +477,7 @@ async def test_a_consumer_whose_queue_is_deleted_comes_back(
 
 async def test_the_broker_sees_the_connection_name_and_heartbeat() -> None:
     name = f"luaq-test-{uuid4().hex[:8]}"
-    driver = AmqpDriver(amqp_entry(connection_name=name, heartbeat="7s"))
+    driver = AmqpDriver(driver_entry(connection_name=name, heartbeat="7s"))
     await driver.start()
     try:
         rows = rabbitmqctl("list_connections", "timeout", "client_properties").splitlines()

@@ -19,12 +19,10 @@ from uuid import uuid4
 
 import pytest
 import trustme
-from broker import delete_queues
+from broker import delete_queues, driver_entry, queue_entry
 from luaq.runtime.drivers.amqp import AmqpDriver
-from luaq.runtime.entries import AmqpDriverEntry, QueueEntry
 from luaq.runtime.errors import Kind, QueueError
 
-CONTEXT = {"namespace": "app", "base_dir": Path(".")}
 SERVER_NAME = "broker.test"  # the name on the terminator's certificate, not 127.0.0.1
 
 
@@ -77,28 +75,13 @@ async def terminator(client_certs: bool = False) -> AsyncIterator[Terminator]:
 
 
 def driver_for(url: str, **tls: Any) -> AmqpDriver:
-    entry = AmqpDriverEntry.model_validate(
-        {
-            "id": "app:broker",
-            "kind": "queue.driver.amqp",
-            "file": Path("x.yaml"),
-            "url": url,
-            "connection_timeout": "5s",
-            "tls": tls,
-        },
-        context=CONTEXT,
-    )
-    return AmqpDriver(entry)
+    return AmqpDriver(driver_entry(url=url, tls=tls))
 
 
 async def round_trip(driver: AmqpDriver) -> None:
     """Start, declare, publish (confirmed by the broker), count it; then clean up."""
     name = f"luaq-test-tls-{uuid4().hex[:12]}"
-    queue = QueueEntry.model_validate(
-        {"id": "app:jobs", "kind": "queue.queue", "file": Path("x.yaml"), "driver": "broker",
-         "queue_name": name},
-        context=CONTEXT,
-    )  # fmt: skip
+    queue = queue_entry(name)
     await driver.start()
     try:
         await driver.declare(queue)

@@ -19,17 +19,16 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from broker import AMQP_URL, delete_queues
+from broker import CONTEXT, consumer_entry, delete_queues, driver_entry, queue_entry
 from conftest import eventually
 from luaq.runtime.codecs import BY_CONTENT_TYPE, CODECS
 from luaq.runtime.drivers import Delivery, Driver, QueueInfo, Subscription
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.drivers.memory import MemoryDriver
-from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, MemoryDriverEntry, QueueEntry
+from luaq.runtime.entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
 from luaq.runtime.errors import Kind, QueueError
 
 DRIVERS = ["memory", "amqp"]
-CONTEXT = {"namespace": "app", "base_dir": Path(".")}
 JSON = CODECS["json/plain"]
 MSGPACK = CODECS["application/msgpack"]
 JSON_TYPE = JSON.content_type
@@ -63,17 +62,7 @@ async def _start_driver(name: str) -> Driver:
         )
         driver = MemoryDriver(memory)
     elif name == "amqp":
-        amqp = AmqpDriverEntry.model_validate(
-            {
-                "id": "app:broker",
-                "kind": "queue.driver.amqp",
-                "file": Path("x.yaml"),
-                "url": AMQP_URL,
-                "connection_timeout": "5s",
-            },
-            context=CONTEXT,
-        )
-        driver = AmqpDriver(amqp)
+        driver = AmqpDriver(driver_entry())
     else:
         raise AssertionError(f"no factory for driver {name!r}")
     await driver.start()
@@ -94,19 +83,12 @@ class Harness:
     ) -> QueueEntry:
         name = f"luaq-test-{uuid4().hex[:12]}"
         self.names.append(name)
-        return QueueEntry.model_validate(
-            {
-                "id": f"app:{name}",
-                "kind": "queue.queue",
-                "driver": "app:broker",
-                "file": Path("x.yaml"),
-                "queue_name": name,
-                "driver_options": {
-                    "amqp": dict(amqp or {}),
-                    "memory": {"max_length": 100_000, **(memory or {})},
-                },
+        return queue_entry(
+            name,
+            driver_options={
+                "amqp": dict(amqp or {}),
+                "memory": {"max_length": 100_000, **(memory or {})},
             },
-            context=CONTEXT,
         )
 
     async def declared(
@@ -117,17 +99,7 @@ class Harness:
         return queue
 
     def consumer(self, queue: QueueEntry, prefetch: int = 100) -> ConsumerEntry:
-        return ConsumerEntry.model_validate(
-            {
-                "id": f"app:consumer-{uuid4().hex[:8]}",
-                "kind": "queue.consumer",
-                "file": Path("x.yaml"),
-                "queue": queue.id,
-                "func": "app:handler",
-                "prefetch": prefetch,
-            },
-            context=CONTEXT,
-        )
+        return consumer_entry(queue, prefetch=prefetch)
 
     async def publish(
         self,
