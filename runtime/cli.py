@@ -206,14 +206,20 @@ def read_input(path: Path, config: Config) -> list[InputMessage]:
     return messages
 
 
+SUMMARY = (
+    "processed", "acked", "failed", "retried", "requeued", "dead_lettered", "rejected", "stale",
+)  # fmt: skip
+
+
 def _summary(worker: Worker, out: TextIO) -> None:
-    columns = ("processed", "acked", "nacked", "failed", "rejected")
+    """One row per consumer: invocations, then what became of the messages (see ConsumerStats:
+    `stale` ones came on a connection that was lost, and the broker delivers them again)."""
     width = max([len("consumer"), *(len(c.entry.id) for c in worker.consumers)])
-    out.write(f"{'consumer':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + "      msg/s\n")
+    out.write(f"{'consumer':<{width}}  " + "  ".join(f"{c:>7}" for c in SUMMARY) + "    msg/s\n")
     for consumer in worker.consumers:
         stats = consumer.stats
-        values = "  ".join(f"{getattr(stats, c):>9}" for c in columns)
-        out.write(f"{consumer.entry.id:<{width}}  {values}  {stats.rate:>9.1f}\n")
+        values = "  ".join(f"{getattr(stats, c):>{max(len(c), 7)}}" for c in SUMMARY)
+        out.write(f"{consumer.entry.id:<{width}}  {values}  {stats.rate:>7.1f}\n")
     out.flush()
 
 
@@ -291,9 +297,11 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if until_idle:
             waiters.append(asyncio.create_task(worker.wait_idle()))
-        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
+        for task in done:
+            task.result()  # a failure to tell idleness is not idleness
     except QueueError as exc:
         return _failed(exc)
     finally:

@@ -3,6 +3,10 @@
 The driver pushes up to `prefetch` deliveries into a buffer; `concurrency` worker tasks take
 them one at a time and run the handler. Each outcome maps to one settlement (DESIGN.md's
 table), the first settlement wins, and nothing the handler does can stop the worker task.
+
+A message given back is never offered again at once: it waits out a backoff (the consumer's
+`retry`, its queue's, or DEFAULT_RETRY), so a message that fails every time costs a few
+attempts a minute, not a core.
 """
 
 from __future__ import annotations
@@ -16,24 +20,29 @@ from typing import Any
 
 from .codecs import BY_CONTENT_TYPE
 from .drivers import Delivery, Driver, Subscription
-from .entries import ConsumerEntry, QueueEntry
+from .entries import ConsumerEntry, QueueEntry, Retry
 from .errors import QueueError
 from .lua import Outcome, Verdict
 
-Invoke = Callable[[Any, Delivery], Awaitable[Outcome]]
+SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
+Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]
 DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
-YIELD_EVERY = 64
+DEFAULT_RETRY = Retry()  # 1s, doubling up to 60s
+REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
 _log = logging.getLogger("luaq.consumer")
 
 
 @dataclass
 class ConsumerStats:
+    received: int = 0  # deliveries taken from the driver
     processed: int = 0  # handler invocations that finished, whatever their outcome
+    failed: int = 0  # invocations that ended in an error
     acked: int = 0
-    nacked: int = 0  # given back: `false`, errors, budget, not started or cut short at shutdown
-    failed: int = 0  # invocations that ended in an error (also counted in nacked)
-    rejected: int = 0  # dropped without requeue: undecodable, or out of attempts with no DLQ
+    retried: int = 0  # given back for another attempt after a backoff: `false`, errors
+    requeued: int = 0  # given back at once: not started, or cut short, at shutdown
     dead_lettered: int = 0  # moved to the queue's dead-letter queue
+    rejected: int = 0  # dropped: out of attempts, or undecodable, with no dead-letter queue
+    stale: int = 0  # from a channel that closed before they were settled: redelivered there
     denied: int = 0  # publishes from the handler refused by a security policy
     first_at: float | None = None
     last_at: float | None = None
@@ -47,6 +56,54 @@ class ConsumerStats:
         return self.processed / (self.last_at - self.first_at)
 
 
+class Pace:
+    """Time slices for the event loop, shared by every consumer of a process.
+
+    Lua runs on the loop's thread, and a worker task whose buffer is full goes from one handler
+    to the next without waiting for anything: the loop would neither read its sockets nor run
+    its timers (heartbeats, signals) nor write the acks of finished handlers until the backlog
+    is gone. So, once `slice` seconds have passed since the loop last had a turn, the task
+    about to start a handler gives it one first."""
+
+    def __init__(self, slice_seconds: float = 0.005) -> None:
+        self.slice = slice_seconds
+        self.since = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.since > self.slice
+
+    async def turn(self) -> None:
+        # The first yield lets the loop poll its sockets and timers; the second lets the
+        # callbacks that found (data received, heartbeats, acks written) run before this task.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        self.since = time.monotonic()
+
+
+class LogBudget:
+    """At most `burst` lines per `interval` seconds for one kind of line; what is held back is
+    counted and reported with the next line that goes out."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._window = -interval
+        self._spent = 0
+        self._suppressed = 0
+
+    def take(self) -> int | None:
+        """None: hold this line back. Otherwise: how many were held back before it."""
+        now = time.monotonic()
+        if now - self._window >= self.interval:
+            self._window, self._spent = now, 0
+        if self._spent >= self.burst:
+            self._suppressed += 1
+            return None
+        self._spent += 1
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
+
+
 class Consumer:
     def __init__(
         self,
@@ -56,22 +113,31 @@ class Consumer:
         invoke: Invoke,
         dead_letter: DeadLetterSink | None = None,
         max_message_size: int | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self.entry = entry
         self._max_size = max_message_size
-        self._backoff = entry.retry or queue.retry
+        self._backoff = entry.retry or queue.retry or DEFAULT_RETRY
+        self._max_attempts = queue.dead_letter.max_attempts if queue.dead_letter else None
         self._dead_letter_sink = dead_letter
         self.queue = queue
         self.driver = driver
         self.stats = ConsumerStats()
         self._invoke = invoke
+        self._settle_early_fn: SettleEarly = self._settle_early
+        self._pace = pace or Pace()
         self._buffer: asyncio.Queue[Delivery] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
+        self._holding: dict[Delivery, asyncio.Task[None]] = {}
+        # A plain requeue tells the next delivery only "redelivered": the attempts of messages
+        # given back that way (after a failed retry), to count on from there.
+        self._requeued_attempts: dict[str, int] = {}
         self._subscription: Subscription | None = None
         self._busy = 0
         self._held = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._log_budget = LogBudget()
 
     @property
     def held(self) -> int:
@@ -90,18 +156,18 @@ class Consumer:
 
     def _receive(self, delivery: Delivery) -> None:
         self._held += 1
+        self.stats.received += 1
+        if self._requeued_attempts:
+            earlier = self._requeued_attempts.pop(delivery.id, 0)
+            delivery.attempts = max(delivery.attempts, earlier + 1)
         self._buffer.put_nowait(delivery)
 
     async def _work(self) -> None:
         get = self._buffer.get
-        handled = 0
+        pace = self._pace
         while True:
-            handled += 1
-            if not handled % YIELD_EVERY:
-                # get() only waits on an empty buffer: with a driver that refills it at once
-                # (memory) and handlers that never wait, nothing else (no signal, no other
-                # consumer) would run while a backlog lasts or a message fails forever.
-                await asyncio.sleep(0)
+            if pace.due():
+                await pace.turn()
             delivery = await get()
             self._busy += 1
             self._idle.clear()
@@ -110,12 +176,13 @@ class Consumer:
             except asyncio.CancelledError:
                 # Cut short at shutdown: the subscription gives the message back unless the
                 # handler settled it early.
-                self._count(delivery.settled is True)
+                if delivery.settled is None:
+                    self.stats.requeued += 1
                 raise
             except Exception:
                 # A bug in luaq itself, not in the handler: keep the message and the worker.
                 _log.exception("handling failed", extra={"consumer": self.entry.id})
-                await delivery.nack()
+                await self._retry(delivery, self._backoff.delay_after(delivery.attempts))
             finally:
                 self._held -= 1
                 self._busy -= 1
@@ -124,61 +191,122 @@ class Consumer:
 
     async def _handle(self, delivery: Delivery) -> None:
         stats = self.stats
+        if not delivery.live:
+            stats.stale += 1  # its channel closed while it waited here: the broker has it back
+            return
         if stats.first_at is None:
             stats.first_at = time.monotonic()
-        codec = BY_CONTENT_TYPE.get(delivery.content_type)
         try:
-            if self._max_size is not None and len(delivery.body) > self._max_size:
-                raise ValueError(
-                    f"body of {len(delivery.body)} bytes is over max_message_size {self._max_size}"
-                )
-            if codec is None:
-                raise ValueError(f"unknown content type {delivery.content_type!r}")
-            payload = codec.decode(delivery.body)
+            payload = self._decode(delivery)
         except (ValueError, RecursionError) as exc:
             # A poison message can never succeed: redelivering it would loop forever.
             await self._give_up(delivery, "poison", str(exc))
             return
         if self.entry.auto_ack:
-            await delivery.ack()
-        outcome = await self._invoke(payload, delivery)
+            await self._ack(delivery)
+        outcome = await self._invoke(payload, delivery, self._settle_early_fn)
         stats.processed += 1
         stats.last_at = time.monotonic()
-        if outcome.verdict is Verdict.FAIL:
+        failed = outcome.verdict is Verdict.FAIL
+        if failed:
             stats.failed += 1
             kind = outcome.kind or "UNKNOWN"
             stats.errors[kind] = stats.errors.get(kind, 0) + 1
-            _log.warning(
-                "handler failed",
-                extra={
-                    "consumer": self.entry.id,
-                    "message_id": delivery.id,
-                    "attempt": delivery.attempts,
-                    "kind": kind,
-                    "error": outcome.error,
-                },
-            )
         if delivery.settled is not None:
             # auto_ack, or the handler settled early with msg:ack() / msg:nack()
-            self._count(delivery.settled)
+            if failed:
+                self._log_failure(delivery, outcome, "the message was settled before")
         elif outcome.verdict is Verdict.ACK:
-            self._count(True)
-            await delivery.ack()
-        elif outcome.verdict is Verdict.FAIL and (self.queue.dead_letter or self._backoff):
-            limit = self.queue.dead_letter
-            if limit and delivery.attempts >= limit.max_attempts:
-                await self._give_up(delivery, "max_attempts", outcome.error or "")
-            else:
-                self._count(False)
-                backoff = self._backoff
-                await delivery.retry(backoff.delay_after(delivery.attempts) if backoff else 0.0)
+            await self._ack(delivery)
+        elif failed and self._max_attempts is not None and delivery.attempts >= self._max_attempts:
+            await self._give_up(delivery, "max_attempts", outcome.error or "")
         else:
-            self._count(False)
+            delay = self._backoff.delay_after(delivery.attempts)
+            if failed:
+                self._log_failure(delivery, outcome, f"retried in {delay:g}s")
+            await self._retry(delivery, delay)
+
+    def _decode(self, delivery: Delivery) -> Any:
+        if delivery.problem is not None:
+            raise ValueError(delivery.problem)
+        if self._max_size is not None and len(delivery.body) > self._max_size:
+            raise ValueError(
+                f"body of {len(delivery.body)} bytes is over max_message_size {self._max_size}"
+            )
+        codec = BY_CONTENT_TYPE.get(delivery.content_type)
+        if codec is None:
+            raise ValueError(f"unknown content type {delivery.content_type!r}")
+        return codec.decode(delivery.body)
+
+    def _log_failure(self, delivery: Delivery, outcome: Outcome, then: str) -> None:
+        """A message's first failure is always logged; its later ones within a budget, so a
+        message failing forever (or a flood of them) cannot flood the log."""
+        extra: dict[str, Any] = {
+            "consumer": self.entry.id,
+            "message_id": delivery.id,
+            "attempt": delivery.attempts,
+            "kind": outcome.kind or "UNKNOWN",
+            "error": outcome.error,
+            "then": then,
+        }
+        if delivery.attempts > 1:
+            suppressed = self._log_budget.take()
+            if suppressed is None:
+                return
+            if suppressed:
+                extra["suppressed"] = suppressed  # failure lines held back since the last one
+        _log.warning("handler failed", extra=extra)
+
+    async def _settle_early(self, delivery: Delivery, ack: bool) -> None:
+        """msg:ack() and msg:nack() from a handler: a nack is a retry, with its backoff."""
+        if ack:
+            await self._ack(delivery)
+        else:
+            await self._retry(delivery, self._backoff.delay_after(delivery.attempts))
+
+    async def _ack(self, delivery: Delivery) -> None:
+        await delivery.ack()
+        if delivery.reached:
+            self.stats.acked += 1
+        else:
+            self.stats.stale += 1
+
+    async def _retry(self, delivery: Delivery, delay: float) -> None:
+        if delivery.settled is not None:
+            return
+        if not delivery.live:
+            self.stats.stale += 1
+            return
+        if await delivery.retry(delay):
+            if delivery.reached:
+                self.stats.retried += 1
+            else:
+                self.stats.stale += 1
+            return
+        # The driver could not send it round (a republish failed): keep it here and give it
+        # back when its delay is over. Giving it back now would spin, and dropping it would
+        # lose it.
+        self.stats.retried += 1
+        self._held += 1
+        self._holding[delivery] = asyncio.create_task(self._hold(delivery, delay))
+
+    async def _hold(self, delivery: Delivery, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._holding.pop(delivery, None)
+            self._held -= 1
+            remembered = self._requeued_attempts
+            remembered[delivery.id] = delivery.attempts
+            if len(remembered) > REMEMBERED:
+                del remembered[next(iter(remembered))]
             await delivery.nack()
 
     async def _give_up(self, delivery: Delivery, reason: str, error: str) -> None:
-        """Dead-letter the message, or reject it when its queue has no dead-letter queue.
-        Should the dead-letter queue refuse it, the message is requeued, never lost."""
+        """Out of attempts, or poison: to the dead-letter queue; with `dead_letter` but no
+        queue, rejected; without `dead_letter` at all, kept and retried with backoff (nothing
+        is dropped unless asked for). If the dead-letter queue refuses the message, it is
+        retried too: nothing is lost."""
         what = "message body cannot be decoded" if reason == "poison" else "attempts exhausted"
         extra = {
             "consumer": self.entry.id,
@@ -187,27 +315,39 @@ class Consumer:
             "reason": reason,
             "error": error,
         }
-        if self._dead_letter_sink is None:
-            self.stats.rejected += 1
-            _log.warning(f"{what}, rejected", extra=extra)
+        delay = self._backoff.delay_after(delivery.attempts)
+        if self._dead_letter_sink is not None:
+            try:
+                await self._dead_letter_sink(delivery, reason, error)
+            except QueueError as exc:
+                if (suppressed := self._log_budget.take()) is not None:
+                    _log.error(
+                        f"{what}, dead-lettering failed, retried in {delay:g}s",
+                        extra={**extra, "dlq": exc.message, "suppressed": suppressed},
+                    )
+                await self._retry(delivery, delay)
+                return
+            await delivery.ack()
+            if delivery.reached:
+                self.stats.dead_lettered += 1
+            else:
+                self.stats.stale += 1
+            _log.warning(f"{what}, dead-lettered", extra=extra)
+        elif self.queue.dead_letter is not None:
             await delivery.nack(requeue=False)
-            return
-        try:
-            await self._dead_letter_sink(delivery, reason, error)
-        except QueueError as exc:
-            _log.error("dead-lettering failed, message requeued", extra={**extra, "dlq": str(exc)})
-            self._count(False)
-            await delivery.nack()
-            return
-        self.stats.dead_lettered += 1
-        _log.warning(f"{what}, dead-lettered", extra=extra)
-        await delivery.ack()
-
-    def _count(self, acked: bool) -> None:
-        if acked:
-            self.stats.acked += 1
+            if delivery.reached:
+                self.stats.rejected += 1
+            else:
+                self.stats.stale += 1
+            _log.warning(f"{what}, rejected", extra=extra)
         else:
-            self.stats.nacked += 1
+            if delivery.attempts == 1 or self._log_budget.take() is not None:
+                _log.warning(
+                    f"{what}, retried in {delay:g}s (set dead_letter on queue "
+                    f"{self.queue.id} to move such messages aside)",
+                    extra=extra,
+                )
+            await self._retry(delivery, delay)
 
     async def stop(self, grace: float) -> None:
         """Stop taking deliveries, let running handlers finish, give the rest back."""
@@ -216,18 +356,25 @@ class Consumer:
         while not self._buffer.empty():
             delivery = self._buffer.get_nowait()
             self._held -= 1
-            self._count(False)
             await delivery.nack()
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace)
-        except TimeoutError:
-            _log.warning(
-                "handlers still running after the shutdown timeout; their messages are requeued",
-                extra={"consumer": self.entry.id, "running": self._busy},
-            )
+            if delivery.reached:
+                self.stats.requeued += 1
+            else:
+                self.stats.stale += 1
+        for task in list(self._holding.values()):
+            task.cancel()  # held back for a retry: given back now
+        if not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                _log.warning(
+                    "handlers still running after the shutdown timeout; their messages are "
+                    "requeued",
+                    extra={"consumer": self.entry.id, "running": self._busy},
+                )
         for task in self._workers:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*self._workers, *self._holding.values(), return_exceptions=True)
         if self._subscription is not None:
             await self._subscription.close()
         self._held = 0

@@ -141,7 +141,9 @@ class AmqpDriverEntry(_DriverEntry):
     vhost: str | None = None
     connection_name: str | None = None
     heartbeat: Duration | None = None
-    connection_timeout: Duration = 10.0
+    connection_timeout: Duration = 10.0  # also bounds every other wait on the broker
+    # how long a publish may wait for the link, a blocking broker and its confirm
+    publish_timeout: Duration = 10.0
     reconnect_delay: Duration = 1.0
     reconnect_max_delay: Duration = 30.0
     default_message_ttl: Duration | None = None
@@ -193,8 +195,10 @@ class QueueDriverOptions(_Model):
 
 
 class DeadLetter(_Model):
-    """After `max_attempts` failed invocations a message moves to `queue` (without one it is
-    rejected); a body that cannot be decoded moves at once."""
+    """After `max_attempts` failed invocations a message moves to `queue`, or, without one, is
+    rejected (dropped, unless the broker dead-letters it by its own policy); a body that cannot
+    be decoded goes the same way at once. Without `dead_letter` nothing is ever dropped: a
+    failing message is retried, with backoff, until it succeeds."""
 
     queue: Ref | None = None
     max_attempts: int = Field(5, ge=1, le=1000)
@@ -202,11 +206,18 @@ class DeadLetter(_Model):
 
 class Retry(_Model):
     """Wait before a failed message is tried again: `delay`, times `multiplier` per attempt,
-    at most `max_delay`. The consumer is not blocked meanwhile."""
+    at most `max_delay`. The consumer is not blocked meanwhile. There is always a delay: an
+    instant requeue would run a failing message again and again as fast as the CPU allows."""
 
     delay: Duration = 1.0
     max_delay: Duration = 60.0
     multiplier: float = Field(2.0, ge=1.0, le=100.0, strict=False)
+
+    @model_validator(mode="after")
+    def _some_delay(self) -> Retry:
+        if self.delay < 0.001:
+            raise ValueError("delay: must be at least 1ms (a retry without delay would spin)")
+        return self
 
     def delay_after(self, attempts: int) -> float:
         return float(min(self.delay * self.multiplier ** max(attempts - 1, 0), self.max_delay))

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .codecs import CODECS
-from .consumer import Consumer, DeadLetterSink
+from .consumer import Consumer, DeadLetterSink, Pace
 from .drivers import Delivery, Driver
 from .drivers.amqp import AmqpDriver, priority
 from .drivers.memory import MemoryDriver
@@ -23,6 +23,7 @@ from .security import access_for
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
+MAX_ERROR_TEXT = 2000  # characters of a handler's error kept in a dead letter's x_last_error
 
 
 def _driver(entry: DriverEntry) -> Driver:
@@ -55,6 +56,7 @@ class Worker:
             raise ConfigError(problems)
         self.drivers = {entry.id: _driver(entry) for entry in config.drivers.values()}
         self.access = {entry.id: access_for(entry, config) for entry in config.consumers.values()}
+        pace = Pace()
         self.consumers = [
             Consumer(
                 entry,
@@ -63,6 +65,7 @@ class Worker:
                 self.lua.invoker(self.handlers[entry.function_id], entry.id),
                 self._dead_letter_sink(config.queues[entry.queue]),
                 config.drivers[config.queues[entry.queue].driver].max_message_size,
+                pace,
             )
             for entry in config.consumers.values()
         ]
@@ -91,10 +94,13 @@ class Worker:
 
     async def stop(self, grace: float) -> None:
         """Graceful shutdown: consumers drain in parallel within `grace` seconds, then drivers
-        close."""
+        close (each bounded, whatever the broker does)."""
         await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
+        await asyncio.gather(*(driver.close() for driver in self.drivers.values()))
+
+    def keepalive(self) -> None:
         for driver in self.drivers.values():
-            await driver.close()
+            driver.keepalive()
 
     def _dead_letter_sink(self, source: QueueEntry) -> DeadLetterSink | None:
         if source.dead_letter is None or source.dead_letter.queue is None:
@@ -109,7 +115,7 @@ class Worker:
                 "x_dead_letter_reason": reason,
                 "x_original_queue": source.id,
                 "x_attempts": delivery.attempts,
-                "x_last_error": error,
+                "x_last_error": _shortened(error),
                 "x_failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
             await driver.publish(target, delivery.body, headers, delivery.content_type)
@@ -117,11 +123,16 @@ class Worker:
         return sink
 
     async def idle(self) -> bool:
-        """True when no consumed queue has ready messages and no consumer holds a delivery."""
+        """True when no consumed queue has messages (ready or waiting for a retry) and no
+        consumer holds a delivery. A broker that cannot tell is not idle."""
         if any(consumer.held for consumer in self.consumers):
             return False
         for consumer in self.consumers:
-            if (await consumer.driver.info(consumer.queue)).message_count:
+            try:
+                if (await consumer.driver.info(consumer.queue)).message_count:
+                    return False
+            except QueueError as exc:
+                _log.warning("cannot tell if the queues are empty", extra={"error": exc.message})
                 return False
         return not any(consumer.held for consumer in self.consumers)
 
@@ -183,3 +194,11 @@ class Worker:
         queue = self.queue(namespace, queue_id)
         info = await self.drivers[queue.driver].info(queue)
         return info.message_count, info.consumer_count
+
+
+def _shortened(text: str) -> str:
+    """At most MAX_ERROR_TEXT characters: an error text goes into a header, and the headers of a
+    message must fit in one AMQP frame."""
+    if len(text) <= MAX_ERROR_TEXT:
+        return text
+    return f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} more characters)"

@@ -9,6 +9,7 @@ from typing import Any
 from uuid import uuid4
 
 import aiormq
+from luaq.runtime.consumer import DEFAULT_RETRY
 from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 
 CONTEXT = {"namespace": "app", "base_dir": Path(".")}
@@ -37,15 +38,23 @@ async def queue_depth(name: str, url: str = AMQP_URL) -> tuple[int, int]:
         await connection.close()
 
 
+# luaq's delay queues for the default backoff and the retry delays tests use
+RETRY_DELAYS_MS = sorted(
+    {round(DEFAULT_RETRY.delay_after(n) * 1000) for n in range(1, 12)} | {50, 100, 200, 300, 600}
+)
+
+
 async def delete_queues(*names: str, url: str = AMQP_URL) -> None:
-    """Delete queues, whether they exist or not."""
+    """Delete queues, whether they exist or not, and the delay queues luaq may have declared
+    for them (`<name>.retry.<ms>ms`)."""
     connection = await aiormq.connect(url)
     try:
         channel = await connection.channel()
         for name in names:
-            if channel.is_closed:
-                channel = await connection.channel()
-            await channel.queue_delete(name)
+            for queue in (name, *(f"{name}.retry.{ms}ms" for ms in RETRY_DELAYS_MS)):
+                if channel.is_closed:
+                    channel = await connection.channel()
+                await channel.queue_delete(queue)
     finally:
         await connection.close()
 

@@ -63,14 +63,22 @@ class App:
         return [Received(decode(d.body), dict(d.headers), d.id, d.attempts) for d in got]
 
 
+FAST_RETRY = {"delay": "5ms", "max_delay": "20ms"}
+
+
 @dataclass
 class AppFactory:
     tmp_path: Path
     apps: list[App] = field(default_factory=list)
 
     def write(self, lua: str, **consumer: Any) -> Path:
-        """An entries file with queues `in`, `out`, `other`, one consumer on `in` running `lua`."""
+        """An entries file with queues `in`, `out`, `other`, one consumer on `in` running `lua`.
+
+        `in` retries after 5 ms (FAST_RETRY), so that tests counting redeliveries do not wait
+        out the default backoff; `in_queue` adds or overrides fields of `in` (`retry: None`
+        for the default backoff)."""
         extra_entries = consumer.pop("extra_entries", [])
+        in_queue = {"retry": FAST_RETRY, **consumer.pop("in_queue", {})}
         modules = consumer.pop("modules", None)
         function: dict[str, Any] = {
             "name": "handler",
@@ -93,6 +101,7 @@ class AppFactory:
                         "driver": "broker",
                         "driver_options": {"memory": {"max_length": max_length}},
                     }
+                    | (in_queue if name == "in" else {})
                     for name in ("in", "out", "other")
                 ),
                 function,
@@ -102,6 +111,9 @@ class AppFactory:
             ],
         }
         (self.tmp_path / "handler.lua").write_text(textwrap.dedent(lua))
+        for entry in document["entries"]:
+            if entry.get("retry", "") is None:
+                del entry["retry"]
         path = self.tmp_path / "app.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         return path

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from luaq.runtime.cli import SUMMARY
 
 _SCRIPT = Path(sys.executable).with_name("luaq")
 LUAQ = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "luaq.runtime.cli"]
-COLUMNS = ("processed", "acked", "nacked", "failed", "rejected")
+COLUMNS = SUMMARY
 
 
 @dataclass
@@ -105,7 +106,7 @@ def summaries(out: str) -> list[dict[str, dict[str, float]]]:
             tables.append({})
             continue
         assert tables, f"a summary row before any header: {line!r}"
-        assert len(fields) == 7, f"malformed summary row: {line!r}"
+        assert len(fields) == len(COLUMNS) + 2, f"malformed summary row: {line!r}"
         tables[-1][fields[0]] = dict(zip((*COLUMNS, "rate"), map(float, fields[1:]), strict=True))
     assert tables, f"no summary table on stdout:\n{out}"
     return tables

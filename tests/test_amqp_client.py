@@ -475,17 +475,19 @@ async def test_a_consumer_whose_queue_is_deleted_comes_back(
     await subscription.close()
 
 
-async def test_the_broker_sees_the_connection_name_and_heartbeat() -> None:
+async def test_the_broker_sees_the_connection_names_and_heartbeat() -> None:
+    """Two connections per driver, one publishing and one consuming, named for what they do."""
     name = f"luaq-test-{uuid4().hex[:8]}"
     driver = AmqpDriver(driver_entry(connection_name=name, heartbeat="7s"))
     await driver.start()
     try:
         rows = rabbitmqctl("list_connections", "timeout", "client_properties").splitlines()
-        ours = [row for row in rows if name in row]
-        assert len(ours) == 1, rows
-        timeout, properties = ours[0].split("\t")
-        assert timeout == "7"
-        assert f'{{"connection_name","{name}"}}' in properties
-        assert '{"product","luaq"}' in properties
+        ours = sorted(row for row in rows if name in row)
+        assert len(ours) == 2, rows
+        for row, role in zip(ours, ("consume", "publish"), strict=True):
+            timeout, properties = row.split("\t")
+            assert timeout == "7"
+            assert f'{{"connection_name","{name} ({role})"}}' in properties
+            assert '{"product","luaq"}' in properties
     finally:
         await driver.close()

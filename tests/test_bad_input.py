@@ -50,7 +50,9 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
         "namespace": "app",
         "entries": [
             {"name": "broker", "kind": "queue.driver.memory", "max_message_size": 4 * 2**20},
-            {"name": "in", "kind": "queue.queue", "driver": "broker"},
+            # dead_letter without a queue: given up messages are rejected, not retried
+            {"name": "in", "kind": "queue.queue", "driver": "broker",
+             "dead_letter": {"max_attempts": 3}, "retry": {"delay": "5ms"}},
             {"name": "out", "kind": "queue.queue", "driver": "broker"},
             {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle",
              "source": "file://h.lua"},

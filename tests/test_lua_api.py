@@ -390,7 +390,7 @@ async def test_message_id_is_the_delivery_id_and_survives_redelivery(
     failures = [r for r in caplog.records if r.getMessage() == "handler failed"]
     assert [getattr(r, "message_id", None) for r in failures] == [retried_id]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (4, 2, 2, 1)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (4, 2, 2, 1)
 
 
 async def test_message_header_and_headers(apps: AppFactory) -> None:
@@ -642,7 +642,7 @@ async def test_returned_error_kinds_reach_the_consumer(apps: AppFactory) -> None
     )
     stats = app.consumer.stats
     assert stats.errors == dict.fromkeys(KINDS, 1)
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (22, 11, 11, 11)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (22, 11, 11, 11)
 
 
 # -- json -----------------------------------------------------------------------------------------

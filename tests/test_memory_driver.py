@@ -248,7 +248,7 @@ async def test_nack_order_through_lua(apps: AppFactory) -> None:
     assert [r.data["name"] for r in out] == ["A", "B", "C", "A"]
     assert out[0].data["id"] == out[3].data["id"]
     assert len({r.data["id"] for r in out}) == 3
-    assert app.consumer.stats.nacked == 1
+    assert app.consumer.stats.retried == 1
 
 
 async def test_nack_without_requeue_drops_the_message(apps: AppFactory) -> None:

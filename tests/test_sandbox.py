@@ -354,7 +354,7 @@ async def test_runaway_handler_is_stopped(apps: AppFactory, loop: str) -> None:
     assert got == [("after", 1, False), ("before", 1, False), ("runaway", 2, False)]
     stats = app.consumer.stats
     assert stats.errors == {"TIMEOUT": 1}
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (4, 3, 1, 1)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (4, 3, 1, 1)
 
 
 async def test_runaway_handler_does_not_stop_other_consumers(apps: AppFactory) -> None:
@@ -442,7 +442,7 @@ async def test_memory_exhaustion_fails_the_invocation_not_the_worker(
     got = sorted((m.data["name"], m.data["attempt"], m.data.get("size")) for m in out)
     assert got == [("after", 1, 8 * 1024 * 1024), ("grow", 2, None)]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (3, 2, 1, 1)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (3, 2, 1, 1)
     failures = [r for r in caplog.records if r.getMessage() == "handler failed"]
     assert len(failures) == 1
     assert "memory" in str(getattr(failures[0], "error", ""))

@@ -69,7 +69,7 @@ async def test_normal_return_acks_once(apps: AppFactory, ending: str) -> None:
     assert sorted(r.data["n"] for r in out) == [1, 2]
     assert len({r.data["id"] for r in out}) == 2
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed, stats.rejected) == (
+    assert (stats.processed, stats.acked, stats.retried, stats.failed, stats.rejected) == (
         2,
         2,
         0,
@@ -89,7 +89,7 @@ async def test_return_false_nacks_and_redelivers_same_message(apps: AppFactory) 
     assert next(iter(calls.values())) == [1, 2, 3]
     assert all(r.data["p"] == {"n": 7} for r in out)
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (3, 1, 2, 0)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (3, 1, 2, 0)
     assert await app.info("in") == (0, 1)
 
 
@@ -129,7 +129,7 @@ async def test_errors_nack_and_redeliver(
     # the same delivery came back with its attempt counter increased
     assert failure_attempts(caplog) == [1, 2]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (3, 1, 2, 2)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (3, 1, 2, 2)
     assert stats.errors == {kind: 2}
     assert await app.info("in") == (0, 1)
 
@@ -184,7 +184,7 @@ async def test_budget_exceeded_redelivers_and_worker_keeps_going(
     # every message got through, the runaway one on its second delivery
     assert sorted(r.data["n"] for r in out) == [1, 2, 3, 4]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (5, 4, 1, 1)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (5, 4, 1, 1)
     assert stats.errors == {"TIMEOUT": 1}
     assert await app.info("in") == (0, 1)
 
@@ -212,12 +212,15 @@ async def test_budget_applies_per_invocation(apps: AppFactory) -> None:
 
 @pytest.mark.parametrize("body", [b"\xff{not json", b"{not json", b"", b'{"a": 1'])
 async def test_poison_body_rejected_once_never_redelivered(apps: AppFactory, body: bytes) -> None:
+    """With `dead_letter` but no dead-letter queue, rejected (see test_reliability for a queue
+    without `dead_letter`, where nothing is dropped)."""
     app = await apps.start(
         """
         function handle(p)
           assert(queue.publish("out", {seen = p}))
         end
-        """
+        """,
+        in_queue={"dead_letter": {"max_attempts": 3}},
     )
     queue_entry = app.worker.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
@@ -229,7 +232,7 @@ async def test_poison_body_rejected_once_never_redelivered(apps: AppFactory, bod
     # the handler never saw the poison body; the good messages around it went through
     assert [r.data["seen"] for r in out] == [{"n": 1}, {"n": 2}]
     stats = app.consumer.stats
-    assert (stats.rejected, stats.processed, stats.acked, stats.nacked, stats.failed) == (
+    assert (stats.rejected, stats.processed, stats.acked, stats.retried, stats.failed) == (
         1,
         2,
         2,
@@ -257,7 +260,7 @@ async def test_early_ack_then_failure_is_acked_once(apps: AppFactory) -> None:
     )
     assert [r.data["ok"] for r in out] == [True]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (1, 1, 0, 1)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (1, 1, 0, 1)
     assert await app.info("in") == (0, 1)
 
 
@@ -276,7 +279,7 @@ async def test_early_ack_wins_over_a_nack_verdict(apps: AppFactory, ending: str)
     )
     assert len(out) == 1
     assert app.consumer.stats.acked == 1
-    assert app.consumer.stats.nacked == 0
+    assert app.consumer.stats.retried == 0
     assert await app.info("in") == (0, 1)
 
 
@@ -301,7 +304,7 @@ async def test_early_nack_then_normal_return_is_redelivered_once(apps: AppFactor
     assert list(calls.values()) == [[1, 2]]
     assert [r.data.get("nacked") for r in out] == [True, None]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked, stats.failed) == (2, 1, 1, 0)
+    assert (stats.processed, stats.acked, stats.retried, stats.failed) == (2, 1, 1, 0)
     assert await app.info("in") == (0, 1)
 
 
@@ -321,7 +324,7 @@ async def test_second_settle_is_a_noop_returning_false(apps: AppFactory) -> None
     )
     assert [r.data for r in out] == [{"first": True, "second": False, "third": False}]
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked) == (1, 1, 0)
+    assert (stats.processed, stats.acked, stats.retried) == (1, 1, 0)
     assert await app.info("in") == (0, 1)
 
 
@@ -349,7 +352,7 @@ async def test_message_from_a_previous_invocation_cannot_settle_again(apps: AppF
     assert [r.data["n"] for r in out] == [1, 2], "message 2 must not be redelivered"
     assert out[1].data["old"] is False
     stats = app.consumer.stats
-    assert (stats.processed, stats.acked, stats.nacked) == (2, 2, 0)
+    assert (stats.processed, stats.acked, stats.retried) == (2, 2, 0)
 
 
 # -- auto_ack -------------------------------------------------------------------------------
@@ -374,5 +377,5 @@ async def test_auto_ack_failing_handler_is_not_redelivered(apps: AppFactory, fai
     stats = app.consumer.stats
     assert stats.processed == 2
     assert stats.acked == 2
-    assert stats.nacked == 0
+    assert stats.retried == 0
     assert await app.info("in") == (0, 1)

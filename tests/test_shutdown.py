@@ -168,8 +168,8 @@ async def test_interrupted_handler_that_acked_early_is_not_requeued(apps: AppFac
 async def test_shutdown_stats_account_for_every_delivery(
     apps: AppFactory, seconds: float, grace: float, early_ack: bool, acked: int
 ) -> None:
-    """ConsumerStats: `nacked` counts deliveries "given back for redelivery: `false`, errors,
-    budget, shutdown". Every delivery the consumer held when stop() began is either acked or
+    """ConsumerStats: `requeued` counts deliveries "given back at once: not started, or cut
+    short, at shutdown". Every delivery the consumer held when stop() began is either acked or
     given back, and the counters must say so."""
     app = await start_busy(apps, seconds, early_ack=early_ack)
     held = app.consumer.held
@@ -177,5 +177,5 @@ async def test_shutdown_stats_account_for_every_delivery(
         assert held == 4  # prefetch
     await asyncio.wait_for(app.worker.stop(grace=grace), 3)
     stats = app.consumer.stats
-    assert (stats.acked, stats.nacked) == (acked, held - acked)
+    assert (stats.acked, stats.requeued) == (acked, held - acked)
     assert await app.info("in") == (N - acked, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ..entries import ConsumerEntry, QueueEntry
@@ -21,11 +22,25 @@ class QueueInfo:
     consumer_count: int
 
 
+class Settlement(StrEnum):
+    """How a delivery was settled; metrics and summaries count by these."""
+
+    ACK = "ack"
+    RETRY = "retry"  # given back for another attempt, after a delay
+    REQUEUE = "requeue"  # given back at once (shutdown)
+    REJECT = "reject"  # dropped (a broker may dead-letter it by its own policy)
+
+
 class Delivery(ABC):
     """One message handed to a consumer. The first settlement wins; later ones are no-ops, so
-    a handler's early `msg:ack()` and the consumer's final settlement never conflict."""
+    a handler's early `msg:ack()` and the consumer's final settlement never conflict.
 
-    __slots__ = ("attempts", "body", "content_type", "headers", "id", "settled")
+    `reached` tells whether the settlement got to the broker: not when the channel the message
+    came on has closed meanwhile, and the broker then delivers it again (at-least-once)."""
+
+    __slots__ = (
+        "attempts", "body", "content_type", "headers", "id", "problem", "reached", "settled",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -34,33 +49,43 @@ class Delivery(ABC):
         headers: Mapping[str, Any],
         content_type: str,
         attempts: int,
+        problem: str | None = None,
     ) -> None:
         self.id = message_id
         self.body = body
         self.headers = headers
         self.content_type = content_type
         self.attempts = attempts
-        self.settled: bool | None = None  # True once acked, False once nacked
+        self.problem = problem  # why the driver could not read the message (it is poison)
+        self.settled: Settlement | None = None
+        self.reached = False
+
+    @property
+    def live(self) -> bool:
+        """False once the message cannot be settled any more (its channel is gone): the broker
+        has given it back to the queue, and handling it would only duplicate it."""
+        return True
 
     async def ack(self) -> None:
         if self.settled is None:
-            self.settled = True
-            await self._settle(ack=True, requeue=False)
+            self.settled = Settlement.ACK
+            self.reached = await self._settle(ack=True, requeue=False)
 
     async def nack(self, requeue: bool = True) -> None:
-        """Give the message back (requeue) or drop it (requeue=False, a rejection)."""
+        """Give the message back at once (requeue) or drop it (requeue=False, a rejection)."""
         if self.settled is None:
-            self.settled = False
-            await self._settle(ack=False, requeue=requeue)
-
-    async def retry(self, delay: float = 0.0) -> None:
-        """Give the message back for another attempt, counted in `attempts` next time, ready
-        again after `delay` seconds. Drivers whose broker does not count redeliveries
-        republish it with its count instead."""
-        await self.nack()
+            self.settled = Settlement.REQUEUE if requeue else Settlement.REJECT
+            self.reached = await self._settle(ack=False, requeue=requeue)
 
     @abstractmethod
-    async def _settle(self, ack: bool, requeue: bool) -> None: ...
+    async def retry(self, delay: float) -> bool:
+        """Give the message back for another attempt, ready again after `delay` seconds and
+        counted in `attempts` then. False when the driver could not (the message is still
+        unsettled): the caller must not requeue it at once, or a failing message would spin."""
+
+    @abstractmethod
+    async def _settle(self, ack: bool, requeue: bool) -> bool:
+        """Settle with the broker; False when it cannot be reached for this delivery."""
 
 
 OnDelivery = Callable[[Delivery], None]
@@ -81,7 +106,14 @@ class Driver(ABC):
     async def start(self) -> None: ...
 
     @abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Let go of the broker, giving back what is unsettled; bounded even when the broker
+        does not answer."""
+
+    @abstractmethod
+    def keepalive(self) -> None:
+        """Called, time and again, while a handler keeps the event loop busy: send what cannot
+        wait for the loop's next turn, such as heartbeats. Synchronous and cheap."""
 
     @abstractmethod
     async def declare(self, queue: QueueEntry) -> None:
@@ -91,10 +123,12 @@ class Driver(ABC):
     async def publish(
         self, queue: QueueEntry, body: bytes, headers: Mapping[str, Any], content_type: str
     ) -> str:
-        """Enqueue a message and return its id; raises QueueError (NOT_FOUND, INTERNAL)."""
+        """Enqueue a message and return its id; raises QueueError (NOT_FOUND, INVALID,
+        UNAVAILABLE, TIMEOUT, INTERNAL), never anything else."""
 
     @abstractmethod
-    async def info(self, queue: QueueEntry) -> QueueInfo: ...
+    async def info(self, queue: QueueEntry) -> QueueInfo:
+        """Messages in the queue, those waiting for a retry included, and its consumers."""
 
     @abstractmethod
     async def consume(

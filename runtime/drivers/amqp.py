@@ -1,10 +1,17 @@
 """RabbitMQ and any AMQP 0-9-1 broker, on luaq's own AMQP client (amqp_client.py).
 
 What the broker needs to know is mapped here: headers to properties and back, queue options to
-declare arguments, reply codes to error kinds. Consecutive acks are coalesced into one
-`multiple` ack per loop iteration. Recovery is owned here, as aio-pika's robust connection
-does it: when the connection drops, reconnect with exponential backoff, declare the queues
-again and re-attach every consumer; publishes wait for the link (bounded) meanwhile.
+declare arguments, reply codes and connection failures to error kinds (nothing else leaves the
+driver). Consecutive acks are coalesced into one `multiple` ack per loop iteration.
+
+Two connections per driver, as RabbitMQ advises: one publishes, the other consumes, declares
+and acks. Under a resource alarm the broker stops reading from publishing connections, and acks
+on such a connection would stall with them; on their own they keep flowing and the queues drain.
+
+Recovery is owned here, as aio-pika's robust connection does it: when a connection drops,
+reconnect with exponential backoff, declare the queues again and re-attach every consumer;
+publishes and declarations wait for the link (bounded) meanwhile. Every wait on the broker is
+bounded: a broker that blocks or stalls gives an error, never a hang.
 """
 
 from __future__ import annotations
@@ -17,16 +24,17 @@ import os
 import ssl
 import tempfile
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 from ..errors import Kind, QueueError
-from . import Delivery, Driver, OnDelivery, QueueInfo, Subscription
-from .amqp_client import Channel, ChannelClosed, Confirm, Connection, Endpoint
+from . import Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
+from .amqp_client import MALFORMED, Channel, ChannelClosed, Confirm, Connection, Endpoint
 
 _log = logging.getLogger("luaq.amqp")
+T = TypeVar("T")
 
 # Header names that travel as AMQP properties (other clients read them there), with the
 # property's name. The headers table carries everything else, and the originals of values a
@@ -40,6 +48,7 @@ PROPERTIES = {
 }
 PRIORITY_NAMES = {"low": 1, "normal": 5, "high": 9}
 ATTEMPTS = "x-luaq-attempts"  # attempts a retried message has had, carried in its headers
+CLOSE_TIMEOUT = 2.0  # for closing consumers and connections, after which they are dropped
 # Broker reply codes (channel closes) as error kinds
 REPLY_KINDS = {
     403: Kind.PERMISSION_DENIED,  # access refused
@@ -144,8 +153,7 @@ def headers_from(properties: Mapping[str, Any]) -> dict[str, Any]:
             headers[key] = value
     table = properties.get("headers")
     if table:
-        for key, value in table.items():
-            headers[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        headers.update(table)  # as decoded: bytes, decimals, timestamps kept for a republish
     return headers
 
 
@@ -213,31 +221,48 @@ class AmqpDelivery(Delivery):
         headers: Mapping[str, Any],
         content_type: str,
         attempts: int,
+        problem: str | None,
     ) -> None:
-        super().__init__(message_id, body, headers, content_type, attempts)
+        super().__init__(message_id, body, headers, content_type, attempts, problem)
         self._subscription = subscription
         self._channel = channel
         self._tag = tag
 
-    async def _settle(self, ack: bool, requeue: bool) -> None:
-        # Tags restart on every channel: after a reconnect, this tag may name another message.
-        if self._channel is self._subscription.channel:
-            self._subscription.settle(self._tag, ack, requeue)
+    @property
+    def live(self) -> bool:
+        channel = self._channel
+        return (
+            channel is self._subscription.channel
+            and channel is not None
+            and not (channel.is_closed)
+        )
 
-    async def retry(self, delay: float = 0.0) -> None:
+    async def _settle(self, ack: bool, requeue: bool) -> bool:
+        # Tags restart on every channel: after a reconnect, this tag may name another message.
+        if self._channel is not self._subscription.channel:
+            return False
+        return self._subscription.settle(self._tag, ack, requeue)
+
+    async def retry(self, delay: float) -> bool:
         """A broker requeue only says "redelivered", so the count would stop at 2: publish the
         message again carrying its attempts (through a delay queue when it should wait), then
         ack this copy (at-least-once either way)."""
         if self.settled is not None:
-            return
+            return True
+        if not self.live:
+            return False  # the broker has it back already; republishing would duplicate it
         subscription = self._subscription
         try:
             await subscription.driver.republish(subscription.queue, self, delay)
         except QueueError as exc:
-            _log.warning("retry by republish failed, requeued instead", extra={"error": str(exc)})
-            await self.nack()
-            return
-        await self.ack()
+            _log.warning(
+                "retry by republish failed",
+                extra={"queue": subscription.queue.external_name, "error": exc.message},
+            )
+            return False
+        self.settled = Settlement.RETRY
+        self.reached = await self._settle(ack=True, requeue=False)
+        return True
 
 
 class AmqpSubscription(Subscription):
@@ -266,6 +291,11 @@ class AmqpSubscription(Subscription):
         self._reattaching: asyncio.Future[None] | None = None
 
     async def attach(self, connection: Connection) -> None:
+        """Consume on `connection`, unless this subscription already does (recovery may have
+        attached it there meanwhile)."""
+        channel = self.channel
+        if channel is not None and channel.connection is connection and not channel.is_closed:
+            return
         channel = await connection.channel()
         await channel.qos(self.prefetch)
         self._open.clear()  # tags of an old channel mean nothing on the new one
@@ -293,11 +323,12 @@ class AmqpSubscription(Subscription):
         old = self.channel
         try:
             await self.driver.declare(self.queue)
-            await self.attach(await self.driver._link())
-        except (QueueError, ChannelClosed, OSError) as exc:
+            self.channel = None  # attach on a fresh channel, even on the same connection
+            await self.driver.on_link("restore a consumer", self.attach)
+        except QueueError as exc:
             _log.error(
                 "consumer not restored after the broker cancelled it",
-                extra={"queue": self.queue.external_name, "error": str(exc)},
+                extra={"queue": self.queue.external_name, "error": exc.message},
             )
             return
         _log.warning(
@@ -330,24 +361,27 @@ class AmqpSubscription(Subscription):
                 headers,
                 properties.get("content_type") or "",
                 attempts,
+                properties.get(MALFORMED),
             )
         )
 
-    def settle(self, tag: int, ack: bool, requeue: bool) -> None:
+    def settle(self, tag: int, ack: bool, requeue: bool) -> bool:
         channel = self.channel
         if tag not in self._open or channel is None or channel.is_closed:
-            return  # from a channel that is gone: the broker has requeued it already
+            return False  # from a channel that is gone: the broker has requeued it already
         if ack:
             self._open[tag] = True
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
-            return
+            return True
         del self._open[tag]
         channel.nack(tag, requeue)
+        return True
 
     def _flush(self) -> None:
-        """Ack every leading acked tag with one frame."""
+        """Ack every leading acked tag with one frame, and write at once: the next callback
+        may be a handler that keeps the loop busy for a while."""
         self._flush_scheduled = False
         channel = self.channel
         if channel is None or channel.is_closed:
@@ -369,12 +403,13 @@ class AmqpSubscription(Subscription):
         for tag in stragglers:
             del self._open[tag]
             channel.ack(tag)
+        channel.connection.flush()
 
     async def cancel(self) -> None:
         self.active = False
         channel = self.channel
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(ChannelClosed, ConnectionError):
+            with contextlib.suppress(ChannelClosed, ConnectionError, TimeoutError):
                 await channel.cancel(self.tag)
 
     async def close(self) -> None:
@@ -392,20 +427,127 @@ def broker_error(exc: ChannelClosed, what: str) -> QueueError:
     return QueueError(kind, f"{what}: {exc.text}", retryable=kind is Kind.INTERNAL)
 
 
+class Link:
+    """One connection to the broker, kept up: when it drops, reconnect with backoff, and run
+    `restore` on the new connection before anyone may use it."""
+
+    def __init__(
+        self, driver: AmqpDriver, role: str, restore: Callable[[Connection], Awaitable[None]]
+    ) -> None:
+        self.driver = driver
+        self.role = role
+        self.connection: Connection | None = None
+        self._restore = restore
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        try:
+            await self._connect()
+        except (ChannelClosed, OSError, TimeoutError, QueueError) as exc:
+            raise QueueError(
+                Kind.UNAVAILABLE,
+                f"cannot connect to {self.driver.url}: {exc or type(exc).__name__}",
+                retryable=True,
+            ) from exc
+        self._up.set()
+        entry = self.driver.entry
+        self._task = asyncio.create_task(self._keep(), name=f"{entry.id}#{self.role}")
+
+    async def _connect(self) -> None:
+        async with asyncio.timeout(self.driver.entry.connection_timeout):
+            connection = await Connection.open(self.driver.endpoint(self.role))
+        try:
+            await self._restore(connection)
+        except BaseException:
+            connection.abort()
+            raise
+        self.connection = connection
+
+    async def _keep(self) -> None:
+        """Wait for the connection to drop; reconnect with backoff and restore what we had."""
+        entry = self.driver.entry
+        where = {"driver": entry.id, "connection": self.role}
+        while not self._closing:
+            assert self.connection is not None
+            await asyncio.wait([self.connection.closed])
+            if self._closing:
+                return
+            self._up.clear()
+            delay = entry.reconnect_delay
+            _log.warning(
+                "connection lost, reconnecting",
+                extra={**where, "error": str(self.connection.closed_by)},
+            )
+            while not self._closing:
+                await asyncio.sleep(delay)
+                try:
+                    await self._connect()
+                except (ChannelClosed, OSError, TimeoutError, QueueError) as exc:
+                    _log.warning(
+                        "reconnect failed, retrying",
+                        extra={**where, "error": str(exc) or type(exc).__name__, "delay": delay},
+                    )
+                    delay = min(delay * 2, entry.reconnect_max_delay)
+                    continue
+                _log.info("connection restored", extra=where)
+                self._up.set()
+                break
+
+    async def get(self) -> Connection:
+        """The connection; while it is down, wait for the recovery (at most
+        connection_timeout)."""
+        connection = self.connection
+        if connection is not None and connection.is_closed:
+            self._up.clear()  # the recovery task is about to notice
+        if not self._up.is_set():
+            timeout = self.driver.entry.connection_timeout
+            try:
+                await asyncio.wait_for(self._up.wait(), timeout)
+            except TimeoutError as exc:
+                raise QueueError(
+                    Kind.UNAVAILABLE,
+                    f"no connection to {self.driver.url} for {timeout:g}s",
+                    retryable=True,
+                ) from exc
+        assert self.connection is not None
+        return self.connection
+
+    def keepalive(self) -> None:
+        if self.connection is not None and not self.connection.is_closed:
+            self.connection.keepalive()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.connection is not None:
+            await self.connection.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        if self.connection is not None:
+            self.connection.abort()
+
+
 class AmqpDriver(Driver):
     def __init__(self, entry: AmqpDriverEntry) -> None:
         self.entry = entry
         self.subscriptions: set[AmqpSubscription] = set()
         self._declared: dict[str, QueueEntry] = {}
-        self._connection: Connection | None = None
+        # name -> (the queue it feeds, its TTL in ms); declared again after a reconnect
+        self._delay_queues: dict[str, tuple[QueueEntry, int]] = {}
+        self._consuming = Link(self, "consume", self._restore)
+        self._publishing = Link(self, "publish", self._open_publisher)
         self._publisher: Channel | None = None
         self._admin: Channel | None = None
         self._channel_lock = asyncio.Lock()
-        self._linked = asyncio.Event()
-        self._recovery: asyncio.Task[None] | None = None
-        self._closing = False
         self._ids = MessageIds()
-        self._delay_queues: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -416,12 +558,13 @@ class AmqpDriver(Driver):
             url = urlunsplit(parts._replace(path="/" + quote(self.entry.vhost, safe="")))
         return safe_url(url)
 
-    def endpoint(self) -> Endpoint:
+    def endpoint(self, role: str) -> Endpoint:
         entry = self.entry
         options: dict[str, Any] = {
-            "name": entry.connection_name,
+            "name": f"{entry.connection_name or 'luaq ' + entry.id} ({role})",
             "tls": ssl_context(entry),
             "server_name": entry.tls.server_name,
+            "timeout": entry.connection_timeout,
         }
         if entry.heartbeat is not None:
             options["heartbeat"] = round(entry.heartbeat)
@@ -429,119 +572,99 @@ class AmqpDriver(Driver):
             options["vhost"] = entry.vhost
         return Endpoint.from_url(entry.url, **options)
 
-    async def _connect(self) -> None:
-        async with asyncio.timeout(self.entry.connection_timeout):
-            connection = await Connection.open(self.endpoint())
-        try:
-            publisher = await connection.channel()
-            await publisher.confirm_select()
-        except BaseException:
-            await connection.close()
-            raise
-        self._connection = connection
-        self._publisher = publisher
-        self._admin = None
-        self._delay_queues = set()  # declared lazily, again on a new connection
-
     async def start(self) -> None:
+        await self._consuming.start()
         try:
-            await self._connect()
-        except (ChannelClosed, OSError, TimeoutError) as exc:
-            raise QueueError(
-                Kind.UNAVAILABLE,
-                f"cannot connect to {self.url}: {exc or type(exc).__name__}",
-                retryable=True,
-            ) from exc
-        self._linked.set()
-        self._recovery = asyncio.create_task(self._keep_linked(), name=f"{self.entry.id}#link")
+            await self._publishing.start()
+        except BaseException:
+            await self._consuming.close()
+            raise
 
-    async def _keep_linked(self) -> None:
-        """Wait for the connection to drop; reconnect with backoff and restore what we had."""
-        while not self._closing:
-            assert self._connection is not None
-            await asyncio.wait([self._connection.closed])
-            if self._closing:
-                return
-            self._linked.clear()
-            delay = self.entry.reconnect_delay
-            _log.warning(
-                "connection lost, reconnecting",
-                extra={"driver": self.entry.id, "error": str(self._connection.closed_by)},
-            )
-            while not self._closing:
-                await asyncio.sleep(delay)
-                try:
-                    await self._connect()
-                    await self._restore()
-                except (ChannelClosed, OSError, TimeoutError, QueueError) as exc:
-                    _log.warning(
-                        "reconnect failed, retrying",
-                        extra={"driver": self.entry.id, "error": str(exc), "delay": delay},
-                    )
-                    if self._connection is not None:
-                        await self._connection.close()  # a half-restored link
-                    delay = min(delay * 2, self.entry.reconnect_max_delay)
-                    continue
-                _log.info("connection restored", extra={"driver": self.entry.id})
-                self._linked.set()
-                break
-
-    async def _restore(self) -> None:
-        """On a new connection (not yet linked): the queues, then the consumers."""
-        assert self._connection is not None
-        channel = await self._admin_on(self._connection)
+    async def _restore(self, connection: Connection) -> None:
+        """On a new consuming connection (not yet linked): the queues, then the consumers."""
+        channel = await self._admin_on(connection)
         for queue in self._declared.values():
             await self._declare_on(channel, queue)
+        for name, (queue, milliseconds) in self._delay_queues.items():
+            await self._declare_delay_queue(channel, name, queue, milliseconds)
         for subscription in list(self.subscriptions):
             if subscription.active:
-                await subscription.attach(self._connection)
+                await subscription.attach(connection)
 
-    async def _link(self) -> Connection:
-        if not self._linked.is_set():
+    async def _open_publisher(self, connection: Connection) -> None:
+        publisher = await connection.channel()
+        await publisher.confirm_select()
+        self._publisher = publisher
+
+    async def on_link(self, what: str, operation: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `operation` on the consuming connection; if that connection drops meanwhile,
+        again on the recovered one, for at most connection_timeout. Failures leave as
+        QueueError, named by `what`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.entry.connection_timeout
+        while True:
+            connection = await self._consuming.get()
             try:
-                await asyncio.wait_for(self._linked.wait(), self.entry.connection_timeout)
+                return await operation(connection)
+            except ChannelClosed as exc:
+                raise broker_error(exc, what) from exc
             except TimeoutError as exc:
                 raise QueueError(
-                    Kind.UNAVAILABLE,
-                    f"no connection to {self.url} for {self.entry.connection_timeout:g}s",
+                    Kind.TIMEOUT,
+                    f"{what}: no answer from the broker within {self.entry.connection_timeout:g}s",
                     retryable=True,
                 ) from exc
-        assert self._connection is not None
-        return self._connection
+            except OSError as exc:  # the connection went: the recovery is on it
+                if loop.time() >= deadline:
+                    raise QueueError(Kind.UNAVAILABLE, f"{what}: {exc}", retryable=True) from exc
 
-    async def _admin_channel(self) -> Channel:
-        return await self._admin_on(await self._link())
+    async def _on_admin(self, what: str, operation: Callable[[Channel], Awaitable[T]]) -> T:
+        async def on(connection: Connection) -> T:
+            return await operation(await self._admin_on(connection))
+
+        return await self.on_link(what, on)
 
     async def _admin_on(self, connection: Connection) -> Channel:
         """A channel for declarations; a failed (passive) declare closes it, so reopen."""
         async with self._channel_lock:
-            if self._admin is None or self._admin.is_closed:
-                self._admin = await connection.channel()
-            return self._admin
+            admin = self._admin
+            if admin is None or admin.is_closed or admin.connection is not connection:
+                admin = self._admin = await connection.channel()
+            return admin
 
     async def _publisher_channel(self) -> Channel:
         """The confirm channel; the broker closes it on a publish it refuses, so reopen."""
-        connection = await self._link()
+        connection = await self._publishing.get()
         publisher = self._publisher
         if publisher is not None and not publisher.is_closed:
             return publisher
         async with self._channel_lock:
             if self._publisher is None or self._publisher.is_closed:
-                publisher = await connection.channel()
-                await publisher.confirm_select()
-                self._publisher = publisher
+                await self._open_publisher(connection)
+            assert self._publisher is not None
             return self._publisher
 
+    def keepalive(self) -> None:
+        self._consuming.keepalive()
+        self._publishing.keepalive()
+
     async def close(self) -> None:
-        self._closing = True
-        for subscription in list(self.subscriptions):
-            await subscription.close()
-        if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
-        if self._connection is not None:
-            await self._connection.close()
+        """Close the consumers, then both connections; whatever the broker does (a blocked
+        connection is never read from again), within a few seconds."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                for subscription in list(self.subscriptions):
+                    await subscription.close()
+                await self._publishing.close()
+                await self._consuming.close()
+        except TimeoutError:
+            _log.warning(
+                "the broker did not answer the close; connections dropped",
+                extra={"driver": self.entry.id},
+            )
+        finally:
+            self._publishing.abort()
+            self._consuming.abort()
 
     async def _declare_on(self, channel: Channel, queue: QueueEntry) -> None:
         options = queue.driver_options.amqp
@@ -559,7 +682,10 @@ class AmqpDriver(Driver):
             raise broker_error(exc, what) from exc
 
     async def declare(self, queue: QueueEntry) -> None:
-        await self._declare_on(await self._admin_channel(), queue)
+        async def declare(channel: Channel) -> None:
+            await self._declare_on(channel, queue)
+
+        await self._on_admin(f"cannot declare queue {queue.external_name}", declare)
         self._declared[queue.external_name] = queue
 
     async def publish(
@@ -584,21 +710,29 @@ class AmqpDriver(Driver):
         milliseconds = max(_milliseconds(delay), 1)
         name = f"{queue.external_name}.retry.{milliseconds}ms"
         if name not in self._delay_queues:
-            channel = await self._admin_channel()
-            try:
-                await channel.queue_declare(
-                    name,
-                    durable=queue.driver_options.amqp.durable,
-                    arguments={
-                        "x-message-ttl": milliseconds,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": queue.external_name,
-                    },
-                )
-            except ChannelClosed as exc:
-                raise broker_error(exc, f"cannot declare delay queue {name}") from exc
-            self._delay_queues.add(name)
+
+            async def declare(channel: Channel) -> None:
+                await self._declare_delay_queue(channel, name, queue, milliseconds)
+
+            await self._on_admin(f"cannot declare delay queue {name}", declare)
+            self._delay_queues[name] = (queue, milliseconds)
         return name
+
+    async def _declare_delay_queue(
+        self, channel: Channel, name: str, queue: QueueEntry, milliseconds: int
+    ) -> None:
+        try:
+            await channel.queue_declare(
+                name,
+                durable=queue.driver_options.amqp.durable,
+                arguments={
+                    "x-message-ttl": milliseconds,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue.external_name,
+                },
+            )
+        except ChannelClosed as exc:
+            raise broker_error(exc, f"cannot declare delay queue {name}") from exc
 
     async def _publish(
         self,
@@ -609,45 +743,75 @@ class AmqpDriver(Driver):
         message_id: str,
         route: str | None = None,
     ) -> str:
-        if queue.external_name not in self._declared:
+        name = queue.external_name
+        if name not in self._declared:
             raise QueueError(
-                Kind.NOT_FOUND,
-                f"queue {queue.external_name} is not declared on driver {self.entry.id}",
+                Kind.NOT_FOUND, f"queue {name} is not declared on driver {self.entry.id}"
             )
         properties = properties_for(
             headers, content_type, message_id, queue.driver_options.amqp.durable
         )
-        channel = await self._publisher_channel()
+        timeout = self.entry.publish_timeout
+        connection: Connection | None = None
         try:
-            await channel.connection.drained()
-            confirmation = await channel.publish(body, route or queue.external_name, properties)
-        except TypeError as exc:  # a header value AMQP's field tables cannot carry
-            raise QueueError(Kind.INVALID, f"headers cannot be sent over AMQP: {exc}") from exc
-        except (ChannelClosed, OSError) as exc:
+            async with asyncio.timeout(timeout):
+                channel = await self._publisher_channel()
+                connection = channel.connection
+                await connection.unblocked()
+                await connection.drained()
+                confirmation = await channel.publish(body, route or name, properties)
+        except (TypeError, ValueError) as exc:  # headers AMQP cannot carry, or too big
+            raise QueueError(Kind.INVALID, f"cannot publish to {name}: {exc}") from exc
+        except TimeoutError as exc:
+            if connection is not None and connection.blocked:
+                raise QueueError(
+                    Kind.UNAVAILABLE,
+                    f"the broker is blocking publishers ({connection.blocked}): nothing was "
+                    f"published to {name} within {timeout:g}s",
+                    retryable=True,
+                ) from exc
             raise QueueError(
-                Kind.INTERNAL, f"publish to {queue.external_name} failed: {exc}", retryable=True
+                Kind.TIMEOUT,
+                f"no confirmation from the broker within {timeout:g}s for the message to "
+                f"{name} (it may still arrive)",
+                retryable=True,
+            ) from exc
+        except ChannelClosed as exc:
+            raise QueueError(
+                Kind.INTERNAL, f"publish to {name} failed: {exc}", retryable=True
+            ) from exc
+        except OSError as exc:
+            raise QueueError(
+                Kind.UNAVAILABLE, f"publish to {name} failed: {exc}", retryable=True
             ) from exc
         if confirmation == Confirm.RETURNED:
             raise QueueError(
-                Kind.NOT_FOUND,
-                f"queue {queue.external_name} does not exist on the broker (message returned)",
+                Kind.NOT_FOUND, f"queue {name} does not exist on the broker (message returned)"
             )
         if confirmation != Confirm.ACK:
             raise QueueError(
                 Kind.INTERNAL,
-                f"the broker did not accept the message for {queue.external_name}",
+                f"the broker did not accept the message for {name}",
                 retryable=True,
             )
         return message_id
 
     async def info(self, queue: QueueEntry) -> QueueInfo:
-        channel = await self._admin_channel()
-        try:
-            ok = await channel.queue_declare(queue.external_name, passive=True)
-        except ChannelClosed as exc:
-            what = f"no information on queue {queue.external_name}"
-            raise broker_error(exc, what) from exc
-        return QueueInfo(ok.message_count or 0, ok.consumer_count or 0)
+        """Counts from a passive declare, plus what waits in the queue's delay queues (those
+        this driver has used: the ones for a retry's delays)."""
+        name = queue.external_name
+        names = [name, *(n for n, (q, _) in self._delay_queues.items() if q is queue)]
+
+        async def count(channel: Channel) -> QueueInfo:
+            messages = consumers = 0
+            for queue_name in names:
+                ok = await channel.queue_declare(queue_name, passive=True)
+                messages += ok.message_count or 0
+                if queue_name == name:
+                    consumers = ok.consumer_count or 0
+            return QueueInfo(messages, consumers)
+
+        return await self._on_admin(f"no information on queue {name}", count)
 
     async def consume(
         self, queue: QueueEntry, consumer: ConsumerEntry, on_delivery: OnDelivery
@@ -656,6 +820,13 @@ class AmqpDriver(Driver):
         if "prefetch" not in consumer.model_fields_set and self.entry.prefetch_count:
             prefetch = self.entry.prefetch_count
         subscription = AmqpSubscription(self, queue, consumer, prefetch, on_delivery)
-        await subscription.attach(await self._link())
-        self.subscriptions.add(subscription)
+        self.subscriptions.add(subscription)  # from now on, a recovery attaches it too
+        try:
+            await self.on_link(
+                f"cannot consume from queue {queue.external_name}", subscription.attach
+            )
+        except BaseException:
+            subscription.active = False
+            self.subscriptions.discard(subscription)
+            raise
         return subscription

@@ -17,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import decimal
 import logging
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
-import pamqp.decode
 import pamqp.frame
 from pamqp import base
 from pamqp import commands as spec
@@ -53,6 +54,7 @@ _deliver = struct.Struct(">QB")  # delivery tag, redelivered
 _content = struct.Struct(">HHQ")  # class, weight, body size
 _publish = struct.Struct(">HHH")  # class, method, reserved (ticket)
 _settle = struct.Struct(">HHQB")  # class, method, delivery tag, flags
+_decimal = struct.Struct(">Bi")  # scale, mantissa
 
 # The basic class's properties in wire order (flag bit 15 first): name and type
 PROPERTIES: Final = (
@@ -76,7 +78,10 @@ _FLAGS: Final = tuple(
 )
 
 OnMessage = Callable[[int, bool, dict[str, Any], bytes], None]
-"""A consumer's callback: delivery tag, redelivered, properties, body."""
+"""A consumer's callback: delivery tag, redelivered, properties, body. Properties that cannot
+be decoded come as {MALFORMED: why}: the message still reaches its consumer, which can settle it,
+since failing the connection would only have the broker deliver it again, forever."""
+MALFORMED: Final = "malformed"
 
 Reply = TypeVar("Reply", bound=base.Frame)
 
@@ -118,6 +123,7 @@ class Endpoint:
     vhost: str
     heartbeat: int | None = None  # None: take the broker's proposal
     name: str | None = None
+    timeout: float = 10.0  # for every reply awaited from the broker
     tls: ssl.SSLContext | None = None
     server_name: str | None = None
 
@@ -146,13 +152,26 @@ def longstr(value: bytes) -> bytes:
     return _u32.pack(len(value)) + value
 
 
+@dataclass(frozen=True, slots=True)
+class Opaque:
+    """A field value kept as its wire bytes: a table or array nested deeper than MAX_DEPTH, or
+    a timestamp no datetime can hold. It is passed on exactly as it came."""
+
+    kind: bytes
+    data: bytes
+
+
+MAX_DEPTH: Final = 32  # nesting of tables and arrays decoded into Python values
+
+
 def encode_table(table: Mapping[str, Any]) -> bytes:
     return longstr(b"".join(shortstr(key) + encode_value(value) for key, value in table.items()))
 
 
 def encode_value(value: Any) -> bytes:
-    """One field value. Integers go as 64-bit and floats as doubles, so both arrive exact
-    (pamqp's encoder writes floats as 32-bit singles)."""
+    """One field value, of the type RabbitMQ's decoder gives back for it. Integers go as 64-bit
+    and floats as doubles, so both arrive exact (pamqp's encoder writes floats as 32-bit
+    singles)."""
     if isinstance(value, bool):
         return b"t\x01" if value else b"t\x00"
     if isinstance(value, int):
@@ -172,8 +191,100 @@ def encode_value(value: Any) -> bytes:
     if isinstance(value, list | tuple):
         return b"A" + longstr(b"".join(encode_value(item) for item in value))
     if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.UTC)  # as pamqp reads a naive one
         return b"T" + _u64.pack(int(value.timestamp()))
+    if isinstance(value, decimal.Decimal):
+        return b"D" + _decimal_bytes(value)
+    if isinstance(value, Opaque):
+        return value.kind + value.data
     raise TypeError(f"a value of type {type(value).__name__} cannot go in an AMQP table")
+
+
+def _decimal_bytes(value: decimal.Decimal) -> bytes:
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):
+        raise TypeError(f"decimal {value} has no AMQP form")
+    scale = max(-exponent, 0)
+    mantissa = int(value.scaleb(scale))
+    if scale > 255 or not -(2**31) <= mantissa < 2**31:
+        raise TypeError(f"decimal {value} does not fit AMQP's 32-bit mantissa and 8-bit scale")
+    return _decimal.pack(scale, mantissa)
+
+
+def decode_table(data: bytes, offset: int, end: int, depth: int = 0) -> dict[str, Any]:
+    """A field table from data[offset:end]. Raises ValueError for a malformed one."""
+    table: dict[str, Any] = {}
+    while offset < end:
+        length = data[offset]
+        key_end = offset + 1 + length
+        key = data[offset + 1 : key_end].decode("utf-8", "replace")
+        table[key], offset = _decode_value(data, key_end, depth)
+    if offset != end:
+        raise ValueError("a field table overruns its length")
+    return table
+
+
+def _decode_value(data: bytes, offset: int, depth: int) -> tuple[Any, int]:
+    """A field value at `offset` and where the next one starts. A tag RabbitMQ does not know
+    is a malformed table (ValueError); IndexError and struct.error mean one cut short."""
+    kind = data[offset]
+    offset += 1
+    fixed = _FIXED.get(kind)
+    if fixed is not None:
+        return fixed.unpack_from(data, offset)[0], offset + fixed.size
+    if kind in _SIZED:  # S x F A: a 32-bit length, then that many bytes
+        length = _u32.unpack_from(data, offset)[0]
+        start, end = offset + 4, offset + 4 + length
+        if end > len(data):
+            raise ValueError("a field value overruns its frame")
+        if kind == 0x53:  # S
+            raw = data[start:end]
+            try:
+                return raw.decode(), end
+            except UnicodeDecodeError:
+                return raw, end  # not text: kept as the bytes it is
+        if kind == 0x78:  # x
+            return data[start:end], end
+        if depth >= MAX_DEPTH:
+            return Opaque(bytes((kind,)), data[offset:end]), end
+        if kind == 0x46:  # F
+            return decode_table(data, start, end, depth + 1), end
+        items = []
+        while start < end:  # A
+            item, start = _decode_value(data, start, depth + 1)
+            items.append(item)
+        return items, end
+    if kind == 0x74:  # t
+        return data[offset] != 0, offset + 1
+    if kind == 0x56:  # V
+        return None, offset
+    if kind == 0x44:  # D
+        scale, mantissa = _decimal.unpack_from(data, offset)
+        return decimal.Decimal(mantissa).scaleb(-scale), offset + _decimal.size
+    if kind == 0x54:  # T
+        seconds = _u64.unpack_from(data, offset)[0]
+        try:
+            return datetime.datetime.fromtimestamp(seconds, datetime.UTC), offset + 8
+        except (OverflowError, ValueError, OSError):
+            return Opaque(b"T", data[offset : offset + 8]), offset + 8
+    raise ValueError(f"unknown field type {chr(kind)!r} in a table")
+
+
+# field types with one struct each, by tag byte (RabbitMQ's reading of the 0-9-1 types)
+_FIXED: Final = {
+    ord("b"): struct.Struct(">b"),
+    ord("B"): struct.Struct(">B"),
+    ord("s"): struct.Struct(">h"),
+    ord("u"): struct.Struct(">H"),
+    ord("I"): struct.Struct(">i"),
+    ord("i"): struct.Struct(">I"),
+    ord("l"): struct.Struct(">q"),
+    ord("L"): struct.Struct(">q"),
+    ord("f"): struct.Struct(">f"),
+    ord("d"): struct.Struct(">d"),
+}
+_SIZED: Final = frozenset(b"SxFA")
 
 
 def encode_properties(properties: Mapping[str, Any]) -> bytes:
@@ -211,7 +322,7 @@ def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
             offset += 1
         elif kind == "F":
             end = offset + 4 + _u32.unpack_from(data, offset)[0]
-            properties[name] = pamqp.decode.field_table(data[offset:end])[1]
+            properties[name] = decode_table(data, offset + 4, end)
             offset = end
         else:
             properties[name] = _u64.unpack_from(data, offset)[0]
@@ -274,8 +385,9 @@ class Channel:
         return future
 
     async def call(self, method: base.Frame, reply: type[Reply]) -> Reply:
-        """Send a synchronous method and wait for its reply (or the channel's closing)."""
-        async with self._lock:
+        """Send a synchronous method and wait for its reply (or the channel's closing), at
+        most the endpoint's timeout: a blocked or stalled broker raises TimeoutError."""
+        async with asyncio.timeout(self.connection.endpoint.timeout), self._lock:
             if self.closed_by is not None:
                 raise self.closed_by
             future = self._expect(reply)
@@ -288,7 +400,7 @@ class Channel:
 
     async def close(self) -> None:
         if self.closed_by is None:
-            with contextlib.suppress(ChannelClosed, ConnectionError):
+            with contextlib.suppress(ChannelClosed, ConnectionError, TimeoutError):
                 await self.call(spec.Channel.Close(200, "bye", 0, 0), spec.Channel.CloseOk)
             self._fail(ChannelClosed(200, "closed by the client"))
 
@@ -350,7 +462,8 @@ class Channel:
         self, body: bytes, routing_key: str, properties: Mapping[str, Any]
     ) -> asyncio.Future[str]:
         """A mandatory publish to the default exchange; the future tells the confirmation
-        (with confirms on). Raises TypeError for properties AMQP cannot carry."""
+        (with confirms on). Raises TypeError for properties AMQP cannot carry, ValueError for
+        properties too big for one frame (the broker would close the whole connection)."""
         if self.closed_by is not None:
             raise self.closed_by
         connection = self.connection
@@ -359,8 +472,13 @@ class Channel:
             payload = _publish.pack(60, 40, 0) + b"\x00" + shortstr(routing_key) + b"\x01"
             method = self._routes[routing_key] = frame(METHOD, self.number, payload)
         header = _content.pack(60, 0, len(body)) + encode_properties(properties)
-        parts = [method, frame(HEADER, self.number, header)]
         limit = connection.frame_max - 8
+        if len(header) > limit:
+            raise ValueError(
+                f"the headers take {len(header):,} bytes encoded, over the {limit:,} bytes "
+                f"one frame can carry (the broker's frame_max of {connection.frame_max:,})"
+            )
+        parts = [method, frame(HEADER, self.number, header)]
         for start in range(0, len(body), limit):
             parts.append(frame(BODY, self.number, body[start : start + limit]))
         connection.write(b"".join(parts))
@@ -396,7 +514,10 @@ class Channel:
         if incoming is None:
             raise ConnectionClosed("content header without a method", 505)
         incoming.size = _content.unpack_from(data, offset)[2]
-        incoming.properties = decode_properties(data, offset + _content.size)
+        try:
+            incoming.properties = decode_properties(data, offset + _content.size)
+        except (ValueError, IndexError, struct.error) as exc:
+            incoming.properties = {MALFORMED: f"its properties cannot be decoded: {exc}"}
         if incoming.size == 0:
             self._complete(incoming, b"")
 
@@ -510,10 +631,13 @@ class Connection(asyncio.Protocol):
         self._channels: dict[int, Channel] = {0: self._zero}
         self._channel_max = 2047
         self._heard = True
-        self._wrote = True
+        self._sent_at = time.monotonic()
         self._silent_beats = 0
         self._beat: asyncio.TimerHandle | None = None
         self._opened = False  # the AMQP handshake is through
+        self.blocked: str | None = None  # why the broker blocks our publishes, while it does
+        self._unblocked = asyncio.Event()
+        self._unblocked.set()
 
     @property
     def is_closed(self) -> bool:
@@ -598,6 +722,14 @@ class Connection(asyncio.Protocol):
         if self.closed_by is not None:
             raise self.closed_by
 
+    async def unblocked(self) -> None:
+        """Wait while the broker blocks this connection's publishes (a resource alarm): it
+        reads nothing from a blocked connection, so anything sent would only wait there."""
+        if not self._unblocked.is_set():
+            await self._unblocked.wait()
+        if self.closed_by is not None:
+            raise self.closed_by
+
     async def close(self) -> None:
         if self.is_closed:
             return
@@ -620,14 +752,15 @@ class Connection(asyncio.Protocol):
         self._outgoing.append(data)
         if not self._flushing:
             self._flushing = True
-            self.loop.call_soon(self._flush)
+            self.loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is queued now, for callers that know nothing more comes this turn."""
         self._flushing = False
         transport = self._transport
         if transport is not None and not transport.is_closing() and self._outgoing:
             transport.write(b"".join(self._outgoing))
-            self._wrote = True
+            self._sent_at = time.monotonic()
         self._outgoing.clear()
 
     def _send_method(self, channel: int, method: base.Frame) -> None:
@@ -645,10 +778,16 @@ class Connection(asyncio.Protocol):
                 self._closing_reason(ConnectionClosed("missed heartbeats from the broker"))
                 self.abort()
                 return
-        if not self._wrote:
-            self.write(HEARTBEAT_FRAME)
-        self._wrote = False
+        self.keepalive()
         self._beat = self.loop.call_later(self.heartbeat / 2, self._on_beat)
+
+    def keepalive(self) -> None:
+        """Send a heartbeat, and whatever is queued, when nothing went out for half an interval.
+        Also called while a handler keeps the event loop busy (the loop cannot run the timer
+        then), so it writes straight to the socket instead of waiting for the next turn."""
+        if self.heartbeat and time.monotonic() - self._sent_at >= self.heartbeat / 2:
+            self._outgoing.append(HEARTBEAT_FRAME)
+            self.flush()
 
     # asyncio.Protocol
 
@@ -665,6 +804,7 @@ class Connection(asyncio.Protocol):
         if self._beat is not None:
             self._beat.cancel()
         self._writable.set()
+        self._unblocked.set()
         for channel in list(self._channels.values()):
             channel._fail(reason)
         self._zero._fail(reason)
@@ -734,11 +874,15 @@ class Connection(asyncio.Protocol):
         elif isinstance(method, spec.Connection.Close):
             self._send_method(0, spec.Connection.CloseOk())
             self._closing_reason(ConnectionClosed(method.reply_text, method.reply_code or 0))
-            self._flush()
+            self.flush()
             self.abort()
         elif isinstance(method, spec.Connection.Blocked):
             _log.warning("the broker blocks publishes: %s", method.reason)
+            self.blocked = method.reason or "a resource alarm"
+            self._unblocked.clear()
         elif isinstance(method, spec.Connection.Unblocked):
             _log.info("the broker accepts publishes again")
+            self.blocked = None
+            self._unblocked.set()
         else:
             channel._on_method(method)

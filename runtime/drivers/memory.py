@@ -16,7 +16,7 @@ from typing import Any
 
 from ..entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
 from ..errors import Kind, QueueError
-from . import Delivery, Driver, OnDelivery, QueueInfo, Subscription
+from . import Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
 
 
 class _Message:
@@ -98,15 +98,14 @@ class MemoryDelivery(Delivery):
         self._subscription = subscription
         self._tag = tag
 
-    async def _settle(self, ack: bool, requeue: bool) -> None:
-        self._subscription.settle(self._tag, requeue=requeue and not ack)
+    async def _settle(self, ack: bool, requeue: bool) -> bool:
+        return self._subscription.settle(self._tag, requeue=requeue and not ack)
 
-    async def retry(self, delay: float = 0.0) -> None:
-        if delay <= 0 or self.settled is not None:
-            await self.nack()
-            return
-        self.settled = False
-        self._subscription.settle_later(self._tag, delay)
+    async def retry(self, delay: float) -> bool:
+        if self.settled is None:
+            self.settled = Settlement.RETRY
+            self.reached = self._subscription.settle_later(self._tag, delay)
+        return True
 
 
 class MemorySubscription(Subscription):
@@ -122,19 +121,22 @@ class MemorySubscription(Subscription):
         self.unsettled[tag] = message
         self.on_delivery(MemoryDelivery(self, message, tag))
 
-    def settle_later(self, tag: int, delay: float) -> None:
-        message = self.unsettled.pop(tag, None)
-        if message is not None:
-            self.queue.delay(message, delay)
-        self.queue.dispatch()
-
-    def settle(self, tag: int, requeue: bool) -> None:
+    def settle_later(self, tag: int, delay: float) -> bool:
         message = self.unsettled.pop(tag, None)
         if message is None:
-            return
+            return False  # given back already, when the subscription closed
+        self.queue.delay(message, delay)
+        self.queue.dispatch()
+        return True
+
+    def settle(self, tag: int, requeue: bool) -> bool:
+        message = self.unsettled.pop(tag, None)
+        if message is None:
+            return False
         if requeue:
             self.queue.ready.append(message)
         self.queue.dispatch()
+        return True
 
     async def cancel(self) -> None:
         if self in self.queue.subscriptions:
@@ -155,6 +157,9 @@ class MemoryDriver(Driver):
 
     async def start(self) -> None:
         return None
+
+    def keepalive(self) -> None:
+        return None  # nothing outside the process waits for this one
 
     async def close(self) -> None:
         for queue in self._queues.values():

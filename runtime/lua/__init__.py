@@ -8,11 +8,13 @@ plain values cross the boundary: no Python object is ever reachable from handler
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
 import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -25,8 +27,11 @@ from ..errors import Kind, QueueError
 from ..settings import Settings
 
 MAX_DEPTH = 100
+MAX_HEADER_DEPTH = 32  # nesting of header tables and arrays handed to Lua
 BUDGET_STEP = 1000  # instructions between two charges to an invocation's budget
+KEEPALIVE_EVERY = 1_000_000  # instructions between two calls to Host.keepalive (a few ms)
 _CONTAINERS = (dict, list)
+_SCALARS = frozenset((str, int, float, bool))
 _log = logging.getLogger("luaq.lua")
 
 
@@ -65,8 +70,13 @@ class Host(Protocol):
 
     async def info(self, namespace: str, queue_id: str) -> tuple[int, int]: ...
 
+    def keepalive(self) -> None:
+        """Called every KEEPALIVE_EVERY instructions of Lua: a handler that computes for a
+        long time keeps the event loop from running, and the drivers' heartbeats with it."""
 
-Invoke = Callable[[Any, "Delivery"], Awaitable[Outcome]]
+
+SettleEarly = Callable[["Delivery", bool], Awaitable[None]]
+Invoke = Callable[[Any, "Delivery", SettleEarly], Awaitable[Outcome]]
 _ACK, _NACK, _CALL = 0, 1, 3  # step results, as bridge.lua defines them
 
 
@@ -109,10 +119,12 @@ class LuaRuntime:
                 "json_encode": self._json_encode,
                 "json_decode": self._json_decode,
                 "now": time.time,
+                "keepalive": host.keepalive if host is not None else _nothing,
             }
         )
         budget = settings.max_instructions
-        bridge = self._lua.execute(source, helpers, budget, min(BUDGET_STEP, budget))
+        step = min(BUDGET_STEP, budget)
+        bridge = self._lua.execute(source, helpers, budget, step, max(KEEPALIVE_EVERY // step, 1))
         self._load = bridge.load
         self._starter = bridge.starter
         self._resume = bridge.resume
@@ -158,6 +170,44 @@ class LuaRuntime:
                 self._table_from([self.to_lua(v) if type(v) in _CONTAINERS else v for v in value])
             )
         return value
+
+    def headers_to_lua(self, headers: Mapping[str, Any]) -> Any:
+        """Message headers as a Lua table of plain values, whatever another client sent:
+        tables and arrays as tables, timestamps as integer seconds since the epoch (UTC),
+        decimals as numbers (integers when they have no fraction digits), byte arrays as
+        strings. Void values, and anything nested deeper than MAX_HEADER_DEPTH, are left out."""
+        for value in headers.values():
+            if type(value) not in _SCALARS:
+                return self._header_value(headers, 0)
+        return self._table_from(headers)
+
+    def _header_value(self, value: Any, depth: int) -> Any:
+        if type(value) in _SCALARS:
+            return value
+        if depth > MAX_HEADER_DEPTH:
+            return None
+        if isinstance(value, Mapping):
+            table = {}
+            for key, item in value.items():
+                converted = self._header_value(item, depth + 1)
+                if converted is not None:
+                    table[str(key)] = converted
+            return self._table_from(table)
+        if isinstance(value, list | tuple):
+            items = [self._header_value(item, depth + 1) for item in value]
+            return self._array(self._table_from(items))
+        if isinstance(value, bytes | bytearray):
+            return bytes(value)
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=datetime.UTC)
+            return int(value.timestamp())
+        if isinstance(value, decimal.Decimal) and value.is_finite():
+            exponent = value.as_tuple().exponent
+            return int(value) if isinstance(exponent, int) and exponent >= 0 else float(value)
+        if isinstance(value, str | int | float):  # subclasses: enums and the like
+            return value
+        return None
 
     def to_python(self, value: Any) -> Any:
         """A Lua value as plain Python data (JSON-like); ConversionError when it has no such
@@ -234,9 +284,9 @@ class LuaRuntime:
         start = self._starter(handler.fn, consumer)
         ids = self._ids
         to_lua = self.to_lua
-        table_from = self._table_from
+        headers_to_lua = self.headers_to_lua
 
-        async def invoke(payload: Any, delivery: Delivery) -> Outcome:
+        async def invoke(payload: Any, delivery: Delivery, settle: SettleEarly) -> Outcome:
             invocation = next(ids)
             headers = delivery.headers
             try:
@@ -244,12 +294,12 @@ class LuaRuntime:
                     invocation,
                     to_lua(payload),
                     delivery.id,
-                    table_from(headers) if headers else None,
+                    headers_to_lua(headers) if headers else None,
                 )
                 if result == _ACK:
                     return ACKED
                 if type(result) is tuple and result[0] == _CALL:
-                    result = await self._serve(invocation, delivery, consumer, result)
+                    result = await self._serve(invocation, delivery, settle, consumer, result)
             except asyncio.CancelledError:
                 self._cancel(invocation)
                 raise
@@ -267,18 +317,25 @@ class LuaRuntime:
 
         return invoke
 
-    async def _serve(self, invocation: int, delivery: Delivery, consumer: str, result: Any) -> Any:
+    async def _serve(
+        self, invocation: int, delivery: Delivery, settle: SettleEarly, consumer: str, result: Any
+    ) -> Any:
         """Answer host requests until the invocation finishes."""
         while type(result) is tuple and result[0] == _CALL:
             try:
-                answer = await self._answer(result[1], result[2:], delivery, consumer)
+                answer = await self._answer(result[1], result[2:], delivery, settle, consumer)
             except QueueError as exc:
                 answer = (None, str(exc.kind), exc.message, exc.retryable)
             result = self._resume(invocation, *answer)
         return result
 
     async def _answer(
-        self, op: str, args: tuple[Any, ...], delivery: Delivery, consumer: str
+        self,
+        op: str,
+        args: tuple[Any, ...],
+        delivery: Delivery,
+        settle: SettleEarly,
+        consumer: str,
     ) -> tuple[Any, ...]:
         assert self.host is not None, "no host: this runtime only checks sources"
         if op == "publish":
@@ -292,12 +349,16 @@ class LuaRuntime:
             )
             return (True,)
         if op == "settle":
-            await (delivery.ack() if args[0] == "ack" else delivery.nack())
+            await settle(delivery, args[0] == "ack")
             return (True,)
         if op == "info":
             return await self.host.info(*args)
         await asyncio.sleep(args[0])  # "sleep"
         return (True,)
+
+
+def _nothing() -> None:
+    return None
 
 
 _LEVELS = {

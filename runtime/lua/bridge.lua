@@ -5,7 +5,7 @@
 -- yield a request tagged with REQ; Python awaits the work and resumes the coroutine with the
 -- answer. Coroutines never leave Lua: Python refers to them by integer id.
 
-local host, budget, step_size = ...
+local host, budget, step_size, keepalive_every = ...
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
@@ -128,8 +128,17 @@ local function charge(ctx, instructions)
   end
 end
 
+-- Every `keepalive_every` steps of any handler, Python gets a word in: a handler that computes
+-- for seconds keeps the event loop, and with it the broker's heartbeats, from running.
+local ticks = 0
+
 local function tick()
   charge(contexts[co_running()], step_size)
+  ticks = ticks + 1
+  if ticks >= keepalive_every then
+    ticks = 0
+    call_python(host.keepalive)
+  end
 end
 
 local function new_coroutine(fn, ctx)
