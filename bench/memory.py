@@ -63,12 +63,12 @@ def entries_file(directory: Path, lua: str, messages: int, concurrency: int, pre
 def python_invoke(worker: Worker, scenario: str) -> Invoke:
     if scenario == "noop":
 
-        async def noop(payload: Any, delivery: Delivery) -> Outcome:
+        async def noop(payload: Any, delivery: Delivery, *_: Any) -> Outcome:
             return ACKED
 
         return noop
 
-    async def publish(payload: Any, delivery: Delivery) -> Outcome:
+    async def publish(payload: Any, delivery: Delivery, *_: Any) -> Outcome:
         await worker.publish("app", "out", payload, {})
         return ACKED
 

@@ -12,6 +12,7 @@ attempts a minute, not a core.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import BY_CONTENT_TYPE
-from .drivers import Delivery, Driver, Subscription
+from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry, Retry
 from .errors import QueueError
 from .lua import Outcome, Verdict
@@ -350,9 +351,13 @@ class Consumer:
             await self._retry(delivery, delay)
 
     async def stop(self, grace: float) -> None:
-        """Stop taking deliveries, let running handlers finish, give the rest back."""
+        """Stop taking deliveries, let running handlers finish, give the rest back: within
+        `grace` seconds and CLOSE_TIMEOUT, whatever the broker does."""
+        deadline = asyncio.get_running_loop().time() + grace
         if self._subscription is not None:
-            await self._subscription.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._subscription.cancel()
         while not self._buffer.empty():
             delivery = self._buffer.get_nowait()
             self._held -= 1
@@ -365,7 +370,8 @@ class Consumer:
             task.cancel()  # held back for a retry: given back now
         if not self._idle.is_set():
             try:
-                await asyncio.wait_for(self._idle.wait(), grace)
+                async with asyncio.timeout_at(deadline):
+                    await self._idle.wait()
             except TimeoutError:
                 _log.warning(
                     "handlers still running after the shutdown timeout; their messages are "
@@ -376,5 +382,7 @@ class Consumer:
             task.cancel()
         await asyncio.gather(*self._workers, *self._holding.values(), return_exceptions=True)
         if self._subscription is not None:
-            await self._subscription.close()
+            with contextlib.suppress(TimeoutError):  # the driver's close drops what is left
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._subscription.close()
         self._held = 0

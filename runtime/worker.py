@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .codecs import CODECS
-from .consumer import Consumer, DeadLetterSink, Pace
+from .consumer import Consumer, DeadLetterSink, LogBudget, Pace
 from .drivers import Delivery, Driver
 from .drivers.amqp import AmqpDriver, priority
 from .drivers.memory import MemoryDriver
@@ -70,6 +70,7 @@ class Worker:
             for entry in config.consumers.values()
         ]
         self.consumers_by_id = {consumer.entry.id: consumer for consumer in self.consumers}
+        self._idle_log = LogBudget(burst=1, interval=10.0)
 
     async def connect(self) -> None:
         """Start the drivers and declare every queue, without consuming."""
@@ -132,7 +133,10 @@ class Worker:
                 if (await consumer.driver.info(consumer.queue)).message_count:
                     return False
             except QueueError as exc:
-                _log.warning("cannot tell if the queues are empty", extra={"error": exc.message})
+                if self._idle_log.take() is not None:
+                    _log.warning(
+                        "cannot tell if the queues are empty", extra={"error": exc.message}
+                    )
                 return False
         return not any(consumer.held for consumer in self.consumers)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from ..entries import ConsumerEntry, QueueEntry
 
+CLOSE_TIMEOUT = 2.0  # for closing a subscription or a driver, after which connections are dropped
+
 
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
@@ -107,8 +109,8 @@ class Driver(ABC):
 
     @abstractmethod
     async def close(self) -> None:
-        """Let go of the broker, giving back what is unsettled; bounded even when the broker
-        does not answer."""
+        """Let go of the broker, giving back what is unsettled; within CLOSE_TIMEOUT even when
+        the broker does not answer."""
 
     @abstractmethod
     def keepalive(self) -> None:

@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 from ..errors import Kind, QueueError
-from . import Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
+from . import CLOSE_TIMEOUT, Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
 from .amqp_client import MALFORMED, Channel, ChannelClosed, Confirm, Connection, Endpoint
 
 _log = logging.getLogger("luaq.amqp")
@@ -48,7 +48,6 @@ PROPERTIES = {
 }
 PRIORITY_NAMES = {"low": 1, "normal": 5, "high": 9}
 ATTEMPTS = "x-luaq-attempts"  # attempts a retried message has had, carried in its headers
-CLOSE_TIMEOUT = 2.0  # for closing consumers and connections, after which they are dropped
 # Broker reply codes (channel closes) as error kinds
 REPLY_KINDS = {
     403: Kind.PERMISSION_DENIED,  # access refused
@@ -763,7 +762,14 @@ class AmqpDriver(Driver):
         except (TypeError, ValueError) as exc:  # headers AMQP cannot carry, or too big
             raise QueueError(Kind.INVALID, f"cannot publish to {name}: {exc}") from exc
         except TimeoutError as exc:
-            if connection is not None and connection.blocked:
+            if connection is None:
+                raise QueueError(
+                    Kind.UNAVAILABLE,
+                    f"no connection to {self.url} within {timeout:g}s: nothing was published "
+                    f"to {name}",
+                    retryable=True,
+                ) from exc
+            if connection.blocked:
                 raise QueueError(
                     Kind.UNAVAILABLE,
                     f"the broker is blocking publishers ({connection.blocked}): nothing was "
@@ -800,15 +806,20 @@ class AmqpDriver(Driver):
         """Counts from a passive declare, plus what waits in the queue's delay queues (those
         this driver has used: the ones for a retry's delays)."""
         name = queue.external_name
-        names = [name, *(n for n, (q, _) in self._delay_queues.items() if q is queue)]
 
         async def count(channel: Channel) -> QueueInfo:
-            messages = consumers = 0
-            for queue_name in names:
-                ok = await channel.queue_declare(queue_name, passive=True)
-                messages += ok.message_count or 0
-                if queue_name == name:
-                    consumers = ok.consumer_count or 0
+            ok = await channel.queue_declare(name, passive=True)
+            messages, consumers = ok.message_count or 0, ok.consumer_count or 0
+            for delay in [n for n, (q, _) in self._delay_queues.items() if q is queue]:
+                try:
+                    messages += (
+                        await channel.queue_declare(delay, passive=True)
+                    ).message_count or 0
+                except ChannelClosed as exc:  # deleted behind our back: nothing waits there
+                    if exc.code != 404:
+                        raise
+                    del self._delay_queues[delay]
+                    channel = await self._admin_on(channel.connection)
             return QueueInfo(messages, consumers)
 
         return await self._on_admin(f"no information on queue {name}", count)

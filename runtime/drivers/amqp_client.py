@@ -744,8 +744,10 @@ class Connection(asyncio.Protocol):
         await asyncio.shield(self.closed)
 
     def abort(self) -> None:
+        """Drop the connection now, whatever is still unsent: a broker that stopped reading
+        (a blocked connection) would otherwise keep the socket open for as long as it likes."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the socket; one write per loop iteration carries them all."""
