@@ -71,8 +71,8 @@ def app_file(
              "modules": ["queue", "logger", "json", "time"]},
         ],
     }  # fmt: skip
-    if retry is not None:
-        document["entries"][1]["retry"] = retry
+    # quick retries unless the test is about them (test_reliability covers the default backoff)
+    document["entries"][1]["retry"] = retry or {"delay": "10ms"}
     path = tmp_path / "app.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
