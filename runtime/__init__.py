@@ -1,1 +1,5 @@
 """luaq runtime: runs Lua queue handlers on asyncio, on the memory driver or a broker."""
+
+from importlib.metadata import version
+
+VERSION = version("luaq")

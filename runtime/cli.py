@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,10 +24,11 @@ from typing import Any, TextIO
 
 import uvloop
 
-from . import dlq, entries, logs
+from . import VERSION, dlq, entries, logs
 from .codecs import CODECS
 from .entries import Config
 from .errors import ConfigError, QueueError
+from .metrics import Server, Snapshots, Source
 from .settings import Settings
 from .worker import Worker
 
@@ -38,11 +41,18 @@ def _env(name: str, default: Any) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="luaq", description="Run queue consumers written in Lua.")
+    parser.add_argument("--version", action="version", version=f"luaq {VERSION}")
     parser.add_argument(
         "--log-level",
         default=_env("log_level", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="minimum level of the JSON log lines on stderr (default: info)",
+        help="minimum level of the log lines on stderr (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=_env("log_format", "auto"),
+        choices=["auto", "text", "json"],
+        help="text for a person, json for a log collector; auto: text on a terminal, else json",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -83,6 +93,20 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env("max_instructions", Settings.max_instructions)),
         metavar="N",
         help="Lua instructions one invocation may run before it is stopped (default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("metrics_port", None),
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this port (default: off); "
+        "with --processes, one port for all of them",
+    )
+    run.add_argument(
+        "--metrics-address",
+        default=_env("metrics_address", "0.0.0.0"),
+        metavar="ADDRESS",
+        help="the address the metrics port listens on (default: %(default)s)",
     )
     run.add_argument(
         "--lua-max-memory",
@@ -254,8 +278,15 @@ def _failed(exc: QueueError) -> int:
     return EXIT_FAILURE
 
 
-def _fork(count: int, child: Callable[[], int]) -> int:
-    """Run `child` in `count` processes; pass SIGTERM/SIGINT on; exit with the worst code."""
+def _fork(
+    count: int,
+    child: Callable[[], int],
+    forked: Callable[[], None] = lambda: None,
+    signalled: Callable[[], None] = lambda: None,
+) -> int:
+    """Run `child` in `count` processes; pass SIGTERM/SIGINT on; exit with the worst code.
+    `forked` runs here once the children are forked (a thread must not be running before, or
+    the children would inherit its locks), `signalled` when a signal is passed on."""
     pids = []
     for _ in range(count):
         pid = os.fork()
@@ -270,12 +301,14 @@ def _fork(count: int, child: Callable[[], int]) -> int:
         pids.append(pid)
 
     def forward(signum: int, _frame: Any) -> None:
+        signalled()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    forked()
     worst = EXIT_OK
     for pid in pids:
         _, status = os.waitpid(pid, 0)
@@ -287,8 +320,13 @@ def _fork(count: int, child: Callable[[], int]) -> int:
 async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, grace: float) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def stopping() -> None:
+        worker.state = "stopping"  # not ready from now on, while handlers finish
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stopping)
     progress = asyncio.create_task(_progress(worker, sys.stderr)) if sys.stderr.isatty() else None
     try:
         await worker.start()
@@ -319,7 +357,7 @@ def _load(paths: Sequence[Path], settings: Settings) -> Worker:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.configure(args.log_level)
+    logs.configure(args.log_level, args.log_format)
     settings = Settings()
     if args.command == "run":
         settings = Settings(
@@ -359,8 +397,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             return uvloop.run(_dlq(worker, args))
         if args.processes > 1:
             return _run_processes(worker, inputs, args)
-        return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
+        server = None
+        if args.metrics_port is not None:
+            server = _server(args, Source(worker.families, worker.unhealthy, worker.unready))
+            if server is None:
+                return EXIT_FAILURE
+            worker.sample_backlog = True
+            worker.metrics_address = server.address
+            server.start()
+        try:
+            return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
+        finally:
+            if server is not None:
+                server.stop()
     return EXIT_OK
+
+
+def _server(args: argparse.Namespace, source: Source) -> Server | None:
+    """The metrics server, its port bound; None when the port cannot be had (said on stderr)."""
+    try:
+        return Server(args.metrics_address, args.metrics_port, source)
+    except OSError as exc:
+        print(f"luaq: --metrics-port {args.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+        return None
 
 
 async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
@@ -414,7 +473,27 @@ def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Na
     if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
         return code
     grace = worker.settings.shutdown_timeout
-    return _fork(args.processes, lambda: uvloop.run(_run(worker, [], args.until_idle, grace)))
+    if args.metrics_port is None:
+        return _fork(args.processes, lambda: uvloop.run(_run(worker, [], args.until_idle, grace)))
+    # Each process writes its metrics into a directory; this one serves them all on one port.
+    with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
+        snapshots = Snapshots(Path(directory))
+        stopping = threading.Event()
+        server = _server(args, snapshots.source(lambda: args.processes, stopping.is_set))
+        if server is None:  # bound before forking: a busy port stops everything at once
+            return EXIT_FAILURE
+        worker.snapshots = snapshots
+        worker.sample_backlog = True
+        worker.metrics_address = server.address
+
+        def child() -> int:
+            server.close()  # the parent serves
+            return uvloop.run(_run(worker, [], args.until_idle, grace))
+
+        try:
+            return _fork(args.processes, child, server.start, stopping.set)
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

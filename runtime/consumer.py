@@ -24,6 +24,7 @@ from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry, Retry
 from .errors import QueueError
 from .lua import Outcome, Verdict
+from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 
 SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
 Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]
@@ -44,10 +45,16 @@ class ConsumerStats:
     dead_lettered: int = 0  # moved to the queue's dead-letter queue
     rejected: int = 0  # dropped: out of attempts, or undecodable, with no dead-letter queue
     stale: int = 0  # from a channel that closed before they were settled: redelivered there
-    denied: int = 0  # publishes from the handler refused by a security policy
     first_at: float | None = None
     last_at: float | None = None
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # failed invocations by error kind
+    denials: dict[str, int] = field(default_factory=dict)  # refused publishes, by action
+    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    sizes: Histogram = field(default_factory=lambda: Histogram(SIZE_BUCKETS))
+
+    @property
+    def denied(self) -> int:
+        return sum(self.denials.values())
 
     @property
     def rate(self) -> float:
@@ -141,6 +148,15 @@ class Consumer:
         self._log_budget = LogBudget()
 
     @property
+    def busy(self) -> int:
+        """Deliveries being handled now."""
+        return self._busy
+
+    @property
+    def attached(self) -> bool:
+        return self._subscription is not None and self._subscription.attached
+
+    @property
     def held(self) -> int:
         """Deliveries received from the driver that the consumer has not finished with.
 
@@ -197,6 +213,7 @@ class Consumer:
             return
         if stats.first_at is None:
             stats.first_at = time.monotonic()
+        stats.sizes.observe(len(delivery.body))
         try:
             payload = self._decode(delivery)
         except (ValueError, RecursionError) as exc:
@@ -205,9 +222,11 @@ class Consumer:
             return
         if self.entry.auto_ack:
             await self._ack(delivery)
+        started = time.monotonic()
         outcome = await self._invoke(payload, delivery, self._settle_early_fn)
         stats.processed += 1
-        stats.last_at = time.monotonic()
+        stats.last_at = finished = time.monotonic()
+        stats.durations.observe(finished - started)
         failed = outcome.verdict is Verdict.FAIL
         if failed:
             stats.failed += 1

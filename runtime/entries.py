@@ -69,7 +69,7 @@ def _resolve_ref(value: str, info: ValidationInfo) -> str:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Ref = Annotated[str, AfterValidator(_resolve_ref)]
-Module = Literal["queue", "logger", "json", "time"]
+Module = Literal["queue", "logger", "json", "time", "metrics"]
 DEFAULT_MODULES: tuple[Module, ...] = ("queue", "logger", "json")
 
 

@@ -124,10 +124,18 @@ class Access:
             decision = self.check(action, resource, headers)
             if not decision.allowed:
                 target = f" on {resource}" if resource else ""
-                raise QueueError(
-                    Kind.PERMISSION_DENIED,
+                raise Denied(
+                    action,
                     f"{action}{target} is not permitted for actor {actor}: {decision.reason}",
                 )
+
+
+class Denied(QueueError):
+    """A publish a policy refuses; `action` is the check that refused it."""
+
+    def __init__(self, action: str, message: str) -> None:
+        super().__init__(Kind.PERMISSION_DENIED, message)
+        self.action = action
 
 
 def access_for(consumer: ConsumerEntry, config: Config) -> Access:

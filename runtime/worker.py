@@ -1,16 +1,20 @@
 """A worker process: the validated entries turned into running drivers, handlers and consumers.
 
 The worker is also the handlers' host: `queue.publish` and `queue.info` from Lua arrive here,
-are resolved against the declared queues and go to the queue's driver through its codec.
+are resolved against the declared queues and go to the queue's driver through its codec. And it
+says how it is doing: whether it is live and ready, and its metrics (see metrics.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from . import VERSION
 from .codecs import CODECS
 from .consumer import Consumer, DeadLetterSink, LogBudget, Pace
 from .drivers import Delivery, Driver
@@ -19,11 +23,23 @@ from .drivers.memory import MemoryDriver
 from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
 from .errors import ConfigError, Kind, QueueError
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
-from .security import access_for
+from .metrics import DURATION_BUCKETS, STALE_AFTER, Family, Histogram, Snapshots
+from .security import Denied, access_for
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
 MAX_ERROR_TEXT = 2000  # characters of a handler's error kept in a dead letter's x_last_error
+PULSE = 1.0  # seconds between two signs of life of the event loop
+BACKLOG_EVERY = 5.0  # seconds between two samples of the queues' depth
+
+
+@dataclass
+class PublishStats:
+    """Publishes to one queue by handlers and the command line (not retries, dead letters)."""
+
+    published: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by error kind
+    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
 
 
 def _driver(entry: DriverEntry) -> Driver:
@@ -71,6 +87,15 @@ class Worker:
         ]
         self.consumers_by_id = {consumer.entry.id: consumer for consumer in self.consumers}
         self._idle_log = LogBudget(burst=1, interval=10.0)
+        self.publishes = {queue_id: PublishStats() for queue_id in config.queues}
+        # depth of the queues consumed and of their dead-letter queues, sampled when asked to
+        self.backlog: dict[str, int] = {}
+        self.sample_backlog = False
+        self.metrics_address: str | None = None  # where the metrics are served, if they are
+        self.snapshots: Snapshots | None = None  # a pod's worker process reports through these
+        self.state: Literal["starting", "running", "stopping"] = "starting"
+        self.beat = time.monotonic()  # the event loop's last sign of life
+        self._pulse: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         """Start the drivers and declare every queue, without consuming."""
@@ -80,11 +105,12 @@ class Worker:
             await self.drivers[queue.driver].declare(queue)
 
     async def start(self) -> None:
+        self._pulse = asyncio.create_task(self._keep_pulse(), name="luaq#pulse")
         await self.connect()
         for consumer in self.consumers:
             await consumer.start()
-        consumers = [consumer.entry.id for consumer in self.consumers]
-        _log.info("worker started", extra={"consumers": consumers})
+        self.state = "running"
+        _log.info("worker started", extra=self.describe())
         if not self.config.policies:
             _log.warning("no security.policy entries: every publish is allowed")
         elif unguarded := [id_ for id_, access in self.access.items() if access.open]:
@@ -93,15 +119,181 @@ class Worker:
                 extra={"consumers": unguarded},
             )
 
+    def describe(self) -> dict[str, Any]:
+        """What runs, for the start-up line."""
+        return {
+            "consumers": {
+                c.entry.id: f"{c.queue.id}, concurrency {c.entry.concurrency}, "
+                f"prefetch {c.entry.prefetch}"
+                for c in self.consumers
+            },
+            "drivers": {d.id: d.kind.rsplit(".", 1)[1] for d in self.config.drivers.values()},
+            "queues": list(self.config.queues),
+            "metrics": f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
+        }
+
     async def stop(self, grace: float) -> None:
         """Graceful shutdown: consumers drain in parallel within `grace` seconds, then drivers
         close (each bounded, whatever the broker does)."""
+        self.state = "stopping"
         await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
         await asyncio.gather(*(driver.close() for driver in self.drivers.values()))
+        if self._pulse is not None:
+            self._pulse.cancel()
+            await asyncio.gather(self._pulse, return_exceptions=True)
+        if self.snapshots is not None:
+            self.snapshots.write(self.families(), self.unready())
 
     def keepalive(self) -> None:
+        self.beat = time.monotonic()
         for driver in self.drivers.values():
             driver.keepalive()
+
+    # -- health and metrics ----------------------------------------------------------------------
+
+    def unhealthy(self) -> str | None:
+        """Why the worker is not live: its event loop gave no sign of life for a while."""
+        silent = time.monotonic() - self.beat
+        if silent > STALE_AFTER:
+            return f"the event loop gave no sign of life for {silent:.0f}s"
+        return None
+
+    def unready(self) -> str | None:
+        """Why the worker is not ready for work, or None."""
+        if self.state != "running":
+            return self.state
+        for driver_id, driver in self.drivers.items():
+            if not driver.connected:
+                return f"reconnecting {driver_id}"
+        for consumer in self.consumers:
+            if not consumer.attached:
+                return f"consumer {consumer.entry.id} not attached"
+        return None
+
+    def families(self) -> list[Family]:
+        """The worker's metrics now (README's table). Read from the server's thread: only
+        copies of what the event loop changes are iterated."""
+        by_consumer = ("consumer", "queue")
+        received = Family(
+            "luaq_messages_received", "counter", "Deliveries taken from the driver", by_consumer
+        )
+        settled = Family(
+            "luaq_messages_settled", "counter",
+            "Messages settled, by outcome: ack, retry (after a backoff), requeue (at once, at "
+            "shutdown), dead_letter, reject, stale (the broker could not be told: it delivers "
+            "the message again)",
+            (*by_consumer, "outcome"),
+        )  # fmt: skip
+        duration = Family(
+            "luaq_handler_duration_seconds", "histogram", "Handler invocations", by_consumer
+        )
+        errors = Family(
+            "luaq_handler_errors", "counter", "Failed handler invocations, by error kind",
+            (*by_consumer, "kind"),
+        )  # fmt: skip
+        in_flight = Family(
+            "luaq_handlers_in_flight", "gauge", "Handler invocations running", by_consumer
+        )
+        concurrency = Family(
+            "luaq_consumer_concurrency", "gauge", "Handler invocations allowed at once", by_consumer
+        )
+        sizes = Family(
+            "luaq_message_size_bytes", "histogram", "Sizes of message bodies received", by_consumer
+        )
+        denials = Family(
+            "luaq_permission_denials", "counter", "Publishes refused by a security policy",
+            ("consumer", "action"),
+        )  # fmt: skip
+        for consumer in self.consumers:
+            stats, key = consumer.stats, (consumer.entry.id, consumer.queue.id)
+            received.add(key, stats.received)
+            for outcome, count in (
+                ("ack", stats.acked), ("retry", stats.retried), ("requeue", stats.requeued),
+                ("dead_letter", stats.dead_lettered), ("reject", stats.rejected),
+                ("stale", stats.stale),
+            ):  # fmt: skip
+                settled.add((*key, outcome), count)
+            duration.histogram(key, stats.durations)
+            sizes.histogram(key, stats.sizes)
+            for kind, count in dict(stats.errors).items():
+                errors.add((*key, kind), count)
+            in_flight.add(key, consumer.busy)
+            concurrency.add(key, consumer.entry.concurrency)
+            for action, count in dict(stats.denials).items():
+                denials.add((consumer.entry.id, action), count)
+        by_queue = ("queue", "driver")
+        published = Family("luaq_messages_published", "counter", "Messages published", by_queue)
+        failures = Family(
+            "luaq_publish_failures", "counter", "Publishes that failed, by error kind",
+            (*by_queue, "kind"),
+        )  # fmt: skip
+        publish_duration = Family(
+            "luaq_publish_duration_seconds", "histogram", "Publishes, confirm included", by_queue
+        )
+        for queue_id, publishes in self.publishes.items():
+            key = (queue_id, self.config.queues[queue_id].driver)
+            published.add(key, publishes.published)
+            publish_duration.histogram(key, publishes.durations)
+            for kind, count in dict(publishes.failures).items():
+                failures.add((*key, kind), count)
+        connected = Family(
+            "luaq_driver_connected", "gauge", "1 when the driver's connections are up",
+            ("driver",), merge="min",
+        )  # fmt: skip
+        reconnects = Family(
+            "luaq_driver_reconnects", "counter", "Connections re-established after a loss",
+            ("driver",),
+        )  # fmt: skip
+        for driver_id, driver in self.drivers.items():
+            connected.add((driver_id,), int(driver.connected))
+            reconnects.add((driver_id,), driver.reconnects)
+        backlog = Family(
+            "luaq_queue_backlog", "gauge",
+            "Messages in the queue, those waiting for a retry included (sampled every few s)",
+            by_queue, merge="max",
+        )  # fmt: skip
+        for queue_id, count in dict(self.backlog).items():
+            backlog.add((queue_id, self.config.queues[queue_id].driver), count)
+        ready = Family("luaq_worker_ready", "gauge", "1 when ready for work (/readyz)", merge="min")
+        ready.add((), int(self.unready() is None))
+        info = Family(
+            "luaq_build_info", "gauge", "The luaq version running", ("version",), merge="max"
+        )
+        info.add((VERSION,), 1)
+        families = [
+            received, settled, duration, errors, in_flight, concurrency, sizes, denials,
+            published, failures, publish_duration, connected, reconnects, backlog, ready, info,
+        ]  # fmt: skip
+        return [*families, *self.lua.user_metrics.families()]
+
+    async def _keep_pulse(self) -> None:
+        """A sign of life every second; the queues' depth now and then, and a snapshot for the
+        pod's metrics, when asked for."""
+        sampled = 0.0
+        while True:
+            self.beat = time.monotonic()
+            if self.sample_backlog and self.beat - sampled >= BACKLOG_EVERY:
+                sampled = self.beat
+                await self._sample_backlog()
+            if self.snapshots is not None:
+                self.snapshots.write(self.families(), self.unready())
+            await asyncio.sleep(PULSE)
+
+    async def _sample_backlog(self) -> None:
+        queues = {consumer.queue.id for consumer in self.consumers}
+        queues |= {
+            q.dead_letter.queue
+            for q in self.config.queues.values()
+            if q.id in queues and q.dead_letter and q.dead_letter.queue
+        }
+        for queue_id in sorted(queues):
+            queue = self.config.queues[queue_id]
+            try:
+                self.backlog[queue_id] = (
+                    await self.drivers[queue.driver].info(queue)
+                ).message_count
+            except QueueError:
+                self.backlog.pop(queue_id, None)  # unknown now: better no sample than an old one
 
     def _dead_letter_sink(self, source: QueueEntry) -> DeadLetterSink | None:
         if source.dead_letter is None or source.dead_letter.queue is None:
@@ -165,11 +357,27 @@ class Worker:
         """Publish through the queue's codec and driver; returns the message id. A handler's
         publish is checked against its consumer's policies first."""
         queue = self.queue(namespace, queue_id)
+        stats = self.publishes[queue.id]
+        try:
+            return await self._publish(queue, data, headers, consumer, stats)
+        except QueueError as exc:
+            stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
+            raise
+
+    async def _publish(
+        self,
+        queue: QueueEntry,
+        data: Any,
+        headers: dict[str, Any],
+        consumer: str | None,
+        stats: PublishStats,
+    ) -> str:
         if consumer is not None:
             try:
                 self.access[consumer].check_publish(queue.id, headers)
-            except QueueError as exc:
-                self.consumers_by_id[consumer].stats.denied += 1
+            except Denied as exc:
+                denials = self.consumers_by_id[consumer].stats.denials
+                denials[exc.action] = denials.get(exc.action, 0) + 1
                 _log.warning("publish denied", extra={"consumer": consumer, "error": exc.message})
                 raise
         if "priority" in headers:
@@ -183,8 +391,9 @@ class Worker:
                 f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
                 f"of driver {queue.driver}",
             )
+        started = time.monotonic()
         try:
-            return await self.drivers[queue.driver].publish(
+            message_id = await self.drivers[queue.driver].publish(
                 queue, body, headers, codec.content_type
             )
         except QueueError:
@@ -193,6 +402,9 @@ class Worker:
             raise QueueError(
                 Kind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
             ) from exc
+        stats.durations.observe(time.monotonic() - started)
+        stats.published += 1
+        return message_id
 
     async def info(self, namespace: str, queue_id: str) -> tuple[int, int]:
         queue = self.queue(namespace, queue_id)

@@ -63,7 +63,7 @@ class Wire:
     def is_closing(self) -> bool:
         return self.closed
 
-    def close(self) -> None:
+    def abort(self) -> None:
         self.closed = True
 
     def frames(self) -> list[Any]:

@@ -94,6 +94,11 @@ OnDelivery = Callable[[Delivery], None]
 
 
 class Subscription(ABC):
+    @property
+    @abstractmethod
+    def attached(self) -> bool:
+        """Deliveries can arrive: consuming on a live connection."""
+
     @abstractmethod
     async def cancel(self) -> None:
         """Stop new deliveries; those already handed out can still be settled."""
@@ -104,6 +109,13 @@ class Subscription(ABC):
 
 
 class Driver(ABC):
+    reconnects = 0  # connections re-established after a loss
+
+    @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """Every connection the driver needs is up."""
+
     @abstractmethod
     async def start(self) -> None: ...
 

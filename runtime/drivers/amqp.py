@@ -404,6 +404,10 @@ class AmqpSubscription(Subscription):
             channel.ack(tag)
         channel.connection.flush()
 
+    @property
+    def attached(self) -> bool:
+        return self.channel is not None and not self.channel.is_closed
+
     async def cancel(self) -> None:
         self.active = False
         channel = self.channel
@@ -437,6 +441,7 @@ class Link:
         self.role = role
         self.connection: Connection | None = None
         self._restore = restore
+        self.reconnects = 0
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -491,6 +496,7 @@ class Link:
                     delay = min(delay * 2, entry.reconnect_max_delay)
                     continue
                 _log.info("connection restored", extra=where)
+                self.reconnects += 1
                 self._up.set()
                 break
 
@@ -512,6 +518,10 @@ class Link:
                 ) from exc
         assert self.connection is not None
         return self.connection
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set() and self.connection is not None and not self.connection.is_closed
 
     def keepalive(self) -> None:
         if self.connection is not None and not self.connection.is_closed:
@@ -642,6 +652,14 @@ class AmqpDriver(Driver):
                 await self._open_publisher(connection)
             assert self._publisher is not None
             return self._publisher
+
+    @property
+    def connected(self) -> bool:
+        return self._consuming.up and self._publishing.up
+
+    @property
+    def reconnects(self) -> int:  # type: ignore[override]
+        return self._consuming.reconnects + self._publishing.reconnects
 
     def keepalive(self) -> None:
         self._consuming.keepalive()

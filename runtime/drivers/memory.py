@@ -138,6 +138,10 @@ class MemorySubscription(Subscription):
         self.queue.dispatch()
         return True
 
+    @property
+    def attached(self) -> bool:
+        return self in self.queue.subscriptions
+
     async def cancel(self) -> None:
         if self in self.queue.subscriptions:
             self.queue.subscriptions.remove(self)
@@ -154,6 +158,10 @@ class MemoryDriver(Driver):
     def __init__(self, entry: MemoryDriverEntry) -> None:
         self.entry = entry
         self._queues: dict[str, _Queue] = {}
+
+    @property
+    def connected(self) -> bool:
+        return True
 
     async def start(self) -> None:
         return None

@@ -24,6 +24,7 @@ import lupa.lua54 as lupa
 
 from ..drivers import Delivery
 from ..errors import Kind, QueueError
+from ..metrics import UserMetrics
 from ..settings import Settings
 
 MAX_DEPTH = 100
@@ -111,6 +112,7 @@ class LuaRuntime:
             attribute_handlers=(_deny_attributes, _deny_attributes),
         )
         self.host = host
+        self.user_metrics = UserMetrics()
         self._ids = itertools.count(1)
         source = resources.files(__package__).joinpath("bridge.lua").read_text("utf-8")
         helpers = self._lua.table_from(
@@ -120,6 +122,7 @@ class LuaRuntime:
                 "json_decode": self._json_decode,
                 "now": time.time,
                 "keepalive": host.keepalive if host is not None else _nothing,
+                "metric": self._metric,
             }
         )
         budget = settings.max_instructions
@@ -270,6 +273,16 @@ class LuaRuntime:
         except (QueueError, ValueError, TypeError) as exc:
             return False, None, f"json.encode: {exc}"
         return True, text, None
+
+    def _metric(
+        self, kind: str, name: Any, labels: Any, value: Any
+    ) -> tuple[bool, None, str | None]:
+        try:
+            labels = None if labels is None else self.to_python(labels)
+            self.user_metrics.record(kind, name, labels, value)
+        except QueueError as exc:
+            return False, None, exc.message
+        return True, None, None
 
     def _json_decode(self, text: str) -> tuple[bool, Any, str | None]:
         try:

@@ -308,8 +308,28 @@ local function time_module()
   return time
 end
 
+-- Handlers' own metrics, exported as luaq_user_<name> (README: "Metrics").
+local function metrics_module()
+  local metrics = {}
+  local function record(kind, name, labels, value)
+    local ok, _, message = call_python(host.metric, kind, name, labels, value)
+    if ok then return true end
+    return nil, new_error("INVALID", message, false)
+  end
+  function metrics.counter(name, labels, n)
+    if n == nil then n = 1 end
+    return record("counter", name, labels, n)
+  end
+  function metrics.gauge(name, labels, value) return record("gauge", name, labels, value) end
+  function metrics.histogram(name, labels, value)
+    return record("histogram", name, labels, value)
+  end
+  return metrics
+end
+
 local MODULES = {
   queue = queue_module, logger = logger_module, json = json_module, time = time_module,
+  metrics = metrics_module,
 }
 
 ------------------------------------------------------------------------------------------------
