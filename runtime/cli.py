@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import uvloop
 
 from . import dlq, entries, logs
+from .check import check
 from .codecs import CODECS
 from .entries import Config
 from .errors import ConfigError, QueueError
@@ -305,10 +306,6 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
     return EXIT_OK
 
 
-def _load(paths: Sequence[Path], settings: Settings) -> Worker:
-    return Worker(entries.load(paths), settings)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(args.log_level)
@@ -321,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         paths = args.entries if args.command in ("publish", "dlq") else args.paths
-        worker = _load(paths, settings)
+        worker = check(paths, settings)
         inputs = read_input(args.input, worker.config) if getattr(args, "input", None) else []
         if args.command == "publish":
             publish = _publish_args(args, worker.config)
