@@ -29,6 +29,9 @@ lint: $(BIN)/.installed $(TYPECHECK)/luaq
 test: lint  ## lint, type-check and run the whole suite
 	$(BIN)/pytest
 
+crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource)
+	$(BIN)/python -m luaq.operator.crd crds
+
 bench: $(BIN)/.installed
 	$(BIN)/python bench/memory.py
 
