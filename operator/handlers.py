@@ -71,6 +71,7 @@ class Operator:
         selectors so only luaq's objects are watched, Events named as luaq's."""
         kopf_settings.scanning.disabled = True
         kopf_settings.posting.reporting_component = render.MANAGED_BY
+        kopf_settings.posting.reporting_instance = self.settings.identity
         kopf_settings.posting.event_name_prefix = "luaq-"
         kopf_settings.posting.level = logging.WARNING  # kopf's own log lines as Events
         selector = ",".join(f"{key}={value}" for key, value in MANAGED.items())

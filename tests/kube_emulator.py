@@ -221,9 +221,19 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         # Skip kmock's own bookkeeping of writes: the _serve_* methods below do it all.
         return await apps.RawHandler._handle(self, request)
 
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        payload = await super()._serve_version(request)
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")  # the core group is ""
+        for entry in payload["resources"]:
+            if "/" in entry["name"]:  # subresources have no short names or categories
+                entry["shortNames"], entry["categories"] = [], []
+        return payload
+
     # -- setup -----------------------------------------------------------------------------------
 
-    def register(self, kind: Kind, *, short_names: Iterable[str] = (), categories: Iterable[str] = ()) -> None:
+    def register(
+        self, kind: Kind, *, short_names: Iterable[str] = (), categories: Iterable[str] = ()
+    ) -> None:
         self._kinds[kind.resource] = kind
         self._watchers[kind.resource] = _Watchers()
         subresources = {"status"} if kind.status else set()
@@ -250,7 +260,9 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
                 namespaced=spec["scope"] == "Namespaced",
                 status="status" in version.get("subresources", {}),
                 scale=Scale(
-                    scale["specReplicasPath"], scale["statusReplicasPath"], scale.get("labelSelectorPath")
+                    scale["specReplicasPath"],
+                    scale["statusReplicasPath"],
+                    scale.get("labelSelectorPath"),
                 )
                 if scale
                 else None,
@@ -262,7 +274,9 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
 
     # -- access for tests ------------------------------------------------------------------------
 
-    def get(self, plural_or_resource: str | kmock.resource, namespace: str | None, name: str) -> Body | None:
+    def read(
+        self, plural_or_resource: str | kmock.resource, namespace: str | None, name: str
+    ) -> Body | None:
         """The current object, as a plain dict copy (None when absent)."""
         resource = self._resource(plural_or_resource)
         key = (resource, namespace, name)
@@ -270,7 +284,9 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             return None
         return copy.deepcopy(self._objects[key].raw)
 
-    def list(self, plural_or_resource: str | kmock.resource, namespace: str | None = None) -> list[Body]:
+    def read_all(
+        self, plural_or_resource: str | kmock.resource, namespace: str | None = None
+    ) -> list[Body]:
         resource = self._resource(plural_or_resource)
         return [
             copy.deepcopy(obj.raw)
@@ -329,13 +345,19 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         meta = obj.setdefault("metadata", {})
         if not meta.get("name"):
             if not meta.get("generateName"):
-                raise kmock.KubernetesError(status=422, reason="Invalid", message="name is required")
-            suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message="name is required"
+                )
+            suffix = "".join(
+                secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5)
+            )
             meta["name"] = meta["generateName"] + suffix
         if kind.namespaced:
             namespace = request.namespace or meta.get("namespace")
             if meta.get("namespace", namespace) != namespace:
-                raise kmock.KubernetesError(status=400, reason="BadRequest", message="namespace mismatch")
+                raise kmock.KubernetesError(
+                    status=400, reason="BadRequest", message="namespace mismatch"
+                )
             meta["namespace"] = namespace
         key = (kind.resource, meta.get("namespace"), meta["name"])
         if key in self._objects and not self._objects[key].deleted:
@@ -399,7 +421,9 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             since = request.params.get("resourceVersion") or "0"
             sent = int(since)
             if since == "0":
-                backlog = [(sent, {"type": "ADDED", "object": obj}) for obj in self._select(kind, request)]
+                backlog = [
+                    (sent, {"type": "ADDED", "object": obj}) for obj in self._select(kind, request)
+                ]
             else:
                 backlog = [(v, e) for v, e in watchers.log if v > sent]
             timeout = request.params.get("timeoutSeconds")
@@ -466,7 +490,7 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(
                 status=409,
                 reason="Conflict",
-                message="the object has been modified; please apply your changes to the latest version",
+                message="the object has been modified; apply your changes to the latest version",
             )
 
     def _set_replicas(self, kind: Kind, current: Body, scale: Mapping[str, Any]) -> Body:
@@ -477,7 +501,9 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
 
     def _scale_of(self, kind: Kind, obj: Body) -> Body:
         if kind.scale is None:
-            raise kmock.KubernetesError(status=404, reason="NotFound", message="no scale subresource")
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound", message="no scale subresource"
+            )
         meta = obj["metadata"]
         status: Body = {"replicas": _get(obj, kind.scale.status_replicas) or 0}
         if kind.scale.selector:
@@ -508,7 +534,14 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             if new["status"] is None:
                 del new["status"]
         meta = new.setdefault("metadata", {})
-        for key in ("uid", "name", "namespace", "creationTimestamp", "generation", "resourceVersion"):
+        for key in (
+            "uid",
+            "name",
+            "namespace",
+            "creationTimestamp",
+            "generation",
+            "resourceVersion",
+        ):
             if key in current["metadata"]:
                 meta[key] = current["metadata"][key]
         if meta.get("deletionTimestamp") != current["metadata"].get("deletionTimestamp"):
@@ -572,12 +605,15 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         columns = [{"name": "Name", "type": "string", "format": "name"}]
         columns += [
             {"name": c["name"], "type": c.get("type", "string"), "format": ""}
-            for c in kind.columns or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+            for c in kind.columns
+            or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
         ]
         rows = []
         for obj in items:
             cells: list[Any] = [obj["metadata"]["name"]]
-            for column in kind.columns or [{"type": "date", "jsonPath": ".metadata.creationTimestamp"}]:
+            for column in kind.columns or [
+                {"type": "date", "jsonPath": ".metadata.creationTimestamp"}
+            ]:
                 value = _get(obj, column["jsonPath"])
                 cells.append(_age(value) if column.get("type") == "date" else value)
             rows.append(
@@ -634,7 +670,11 @@ BUILTINS = (
     ),
     Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "roles"), "Role"),
     Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "rolebindings"), "RoleBinding"),
-    Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "clusterroles"), "ClusterRole", namespaced=False),
+    Kind(
+        kmock.resource("rbac.authorization.k8s.io", "v1", "clusterroles"),
+        "ClusterRole",
+        namespaced=False,
+    ),
     Kind(
         kmock.resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
         "ClusterRoleBinding",

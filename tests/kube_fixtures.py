@@ -92,10 +92,21 @@ class Cluster:
         await self.call(self.kube.request, "DELETE", kind.path(namespace, name))
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.emulator.get(plural, namespace, name)
+        return self.emulator.read(plural, namespace, name)
+
+    def writes(self, namespace: str) -> list[str]:
+        """Every write request the emulator served in `namespace`, except Events."""
+        return [
+            f"{request.method.value} {request.url.path}"
+            for request in self.emulator
+            if request.method.value in ("POST", "PUT", "PATCH", "DELETE")
+            and request.namespace == namespace
+            and request.resource is not None
+            and request.resource.plural != "events"
+        ]
 
     def events(self, namespace: str, reason: str | None = None) -> list[dict[str, Any]]:
-        found = self.emulator.list("events", namespace)
+        found = self.emulator.read_all("events", namespace)
         return [e for e in found if reason is None or e.get("reason") == reason]
 
 
@@ -126,26 +137,32 @@ TEST_SETTINGS = OperatorSettings(
 
 
 @asynccontextmanager
-async def running(settings: OperatorSettings, *args: str) -> AsyncIterator[KopfRunner]:
+async def running(settings: OperatorSettings, *args: str) -> AsyncIterator[Operator]:
     """The real operator (kopf's CLI, our registry) in its own thread and loop; entered and
     left from threads, since leaving waits for the operator to finish talking to the emulator."""
     settings = replace(settings, identity=settings.identity or f"test-{uuid.uuid4().hex[:6]}")
+    operator = Operator(settings)
     runner = KopfRunner(
         ["run", "--standalone", *(args or ["--all-namespaces"])],
-        registry=registry(Operator(settings)),
+        registry=registry(operator),
         timeout=60,
     )
     await asyncio.to_thread(runner.__enter__)
     try:
-        yield runner
+        yield operator
     finally:
         await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
+def reconciles(operator: Operator, outcome: str = "ok") -> float:
+    return float(operator.metrics.registry.get_sample_value(
+        "luaq_operator_reconciles_total", {"outcome": outcome}) or 0)  # fmt: skip
+
+
 @pytest_asyncio.fixture
-async def operator(cluster: Cluster) -> AsyncIterator[KopfRunner]:
-    async with running(TEST_SETTINGS) as runner:
-        yield runner
+async def operator(cluster: Cluster) -> AsyncIterator[Operator]:
+    async with running(TEST_SETTINGS) as running_operator:
+        yield running_operator
 
 
 def example(name: str) -> list[dict[str, Any]]:
@@ -158,4 +175,4 @@ def namespace() -> str:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    yield namespace()
+    return namespace()

@@ -45,7 +45,9 @@ def rules(schema: dict[str, Any], instance: Any, path: str = "") -> Iterator[tup
 def admit(resource: dict[str, Any]) -> list[str]:
     """What an API server with this CRD would refuse: schema errors and failing CEL rules."""
     validator = jsonschema.Draft7Validator(SCHEMA)
-    problems = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(resource)]
+    problems = [
+        f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(resource)
+    ]
     problems += [f"{path}: {rule}" for path, rule, holds in rules(SCHEMA, resource) if not holds]
     return problems
 
@@ -72,11 +74,14 @@ def test_the_crd_is_a_valid_structural_crd() -> None:
     kubernetes_validate.validate(CRD, K8S_VERSION, strict=True)
 
     def walk(node: dict[str, Any], where: str) -> None:
-        typed = "type" in node or node.get("x-kubernetes-int-or-string") or node.get(
-            "x-kubernetes-preserve-unknown-fields"
+        typed = (
+            "type" in node
+            or node.get("x-kubernetes-int-or-string")
+            or node.get("x-kubernetes-preserve-unknown-fields")
         )
         assert typed, f"{where}: no type"
-        assert "$ref" not in node and "anyOf" not in node, where
+        assert "$ref" not in node, where
+        assert "anyOf" not in node, where
         assert not ("properties" in node and "additionalProperties" in node), where
         for name, child in node.get("properties", {}).items():
             walk(child, f"{where}.{name}")
@@ -90,13 +95,15 @@ def test_the_crd_is_a_valid_structural_crd() -> None:
 def test_the_schema_has_the_ranges_defaults_and_enums_of_the_entries_models() -> None:
     props = SPEC["properties"]
     assert props["concurrency"] == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1}
-    assert props["prefetch"]["minimum"] == 1 and props["prefetch"]["maximum"] == 10_000
+    assert props["prefetch"]["minimum"] == 1
+    assert props["prefetch"]["maximum"] == 10_000
     assert props["modules"]["items"]["enum"] == ["queue", "logger", "json", "time"]
     queue = props["queues"]["items"]["properties"]
     assert queue["codec"]["enum"] == ["json/plain", "application/msgpack"]
     assert queue["deadLetter"]["properties"]["maxAttempts"]["default"] == 5
     retry = props["retry"]["properties"]
-    assert retry["delay"]["x-kubernetes-int-or-string"] and retry["delay"]["default"] == 1
+    assert retry["delay"]["x-kubernetes-int-or-string"]
+    assert retry["delay"]["default"] == 1
     assert set(SPEC["required"]) == {"queue", "method", "broker", "queues"}
     assert props["autoscaling"]["properties"]["minReplicas"]["minimum"] == 0
 
@@ -148,7 +155,10 @@ def test_the_crd_refuses_what_the_entries_refuse(resource: dict[str, Any], probl
         ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "spec.autoscaling"),
         ({"retry": {"delay": "soon"}}, "spec.retry.delay"),
         ({"concurrency": 1001}, "spec.concurrency: Input should be less than or equal to 1000"),
-        ({"queues": [{"name": "app:emails", "deadLetter": {"maxAttempt": 1}}]}, "maxAttempt: unknown"),
+        (
+            {"queues": [{"name": "app:emails", "deadLetter": {"maxAttempt": 1}}]},
+            "maxAttempt: unknown",
+        ),
         ({"idNamespace": "not valid!"}, "spec.idNamespace"),
     ],
 )
@@ -169,8 +179,10 @@ def test_camel_case_fields_reach_the_entries_models_and_free_maps_keep_their_key
         },
         SPEC,
     )
-    assert spec.queues[0].dead_letter is not None and spec.queues[0].dead_letter.max_attempts == 5
-    assert spec.actor is not None and spec.actor.meta == {"teamName": "dev"}
+    assert spec.queues[0].dead_letter is not None
+    assert spec.queues[0].dead_letter.max_attempts == 5
+    assert spec.actor is not None
+    assert spec.actor.meta == {"teamName": "dev"}
     assert spec.node_selector == {"kubernetes.io/arch": "amd64"}
 
 
@@ -187,7 +199,9 @@ def rendered(resource: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("resource", queue_consumers(), ids=lambda r: r["metadata"]["name"])
-def test_every_rendered_manifest_passes_kubernetes_validate_strict(resource: dict[str, Any]) -> None:
+def test_every_rendered_manifest_passes_kubernetes_validate_strict(
+    resource: dict[str, Any],
+) -> None:
     for manifest in rendered(resource):
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
@@ -197,7 +211,8 @@ def test_the_pods_follow_the_restricted_pod_security_profile() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     security = container["securityContext"]
-    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["runAsNonRoot"]
+    assert security["readOnlyRootFilesystem"]
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
