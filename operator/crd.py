@@ -25,6 +25,7 @@ from .resource import (
     QueueConsumerSpec,
     QueueConsumerStatus,
     camel,
+    int_or_string,
 )
 
 NAME = f"{PLURAL}.{GROUP}"
@@ -53,12 +54,6 @@ def _resolve(node: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]
     return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
 
 
-def _default(value: Any, int_or_string: bool) -> Any:
-    if isinstance(value, float) and int_or_string:
-        return int(value) if value.is_integer() else f"{value}s"
-    return value
-
-
 def structural(node: Mapping[str, Any], defs: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     """One node of pydantic's JSON schema as a structural schema node."""
     node = _resolve(node, defs)
@@ -79,7 +74,7 @@ def structural(node: Mapping[str, Any], defs: Mapping[str, Any], where: str = ""
                     {"rule": _DURATION_RULE, "message": "a duration like 500ms, 10s, 1.5m, 1h"}
                 ]
             if "default" in outer:
-                result["default"] = _default(outer["default"], int_or_string=True)
+                result["default"] = int_or_string(outer["default"])
             return result
         raise SchemaError(f"{where or '.'}: cannot express anyOf {types} structurally")
     unknown = set(node) - _KEPT - _DROPPED
@@ -109,7 +104,7 @@ def structural(node: Mapping[str, Any], defs: Mapping[str, Any], where: str = ""
         result["items"] = structural(node.get("items", {}), defs, f"{where}[]")
     default = node.get("default")
     if default is not None and not isinstance(default, dict) and default != []:
-        result["default"] = _default(default, int_or_string=False)
+        result["default"] = default
     return result
 
 

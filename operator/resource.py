@@ -241,6 +241,30 @@ def to_snake(value: Any, schema: Mapping[str, Any]) -> Any:
     }
 
 
+def int_or_string(value: Any) -> Any:
+    """A duration in seconds as an int-or-string field takes it: 30, or "1.5s"."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else f"{value:g}s"
+    return value
+
+
+def to_camel(value: Any, schema: Mapping[str, Any]) -> Any:
+    """The models' snake_case keys as the API's camelCase, following the CRD schema."""
+    if schema.get("x-kubernetes-int-or-string"):
+        return int_or_string(value)
+    if isinstance(value, list | tuple):
+        items = schema.get("items", {})
+        return [to_camel(item, items) for item in value]
+    if not isinstance(value, dict) or "properties" not in schema:
+        return value
+    properties = schema["properties"]
+    converted = {}
+    for key, item in value.items():
+        name = camel(key) if camel(key) in properties else key
+        converted[name] = to_camel(item, properties.get(name, {}))
+    return converted
+
+
 def _snake_names(properties: Mapping[str, Any]) -> dict[str, str]:
     return {_SNAKE_RE.sub(r"_\1", key).lower(): key for key in properties}
 

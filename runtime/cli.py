@@ -93,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
         help="memory limit of the process's Lua state in MiB (default: %(default)s)",
     )
 
+    manifests = commands.add_parser(
+        "manifests",
+        help="print the project as Kubernetes QueueConsumer resources (and source ConfigMaps)",
+        description="One QueueConsumer per consumer, a ConfigMap per Lua source file; the "
+        "broker URL is read from a Secret on the cluster. Apply with `kubectl apply -f -`.",
+    )
+    manifests.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+    manifests.add_argument("--namespace", metavar="NS", help="the Kubernetes namespace to set")
+    manifests.add_argument(
+        "--broker-secret",
+        default="luaq-broker",
+        metavar="NAME",
+        help="the Secret holding the broker URL under the key url (default: %(default)s)",
+    )
+
     dlq = commands.add_parser(
         "dlq",
         help="list, replay or purge the messages of a dead-letter queue",
@@ -327,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "manifests":
+        return _manifests(worker.config, args)
     if args.command == "check":
         config = worker.config
         print(
@@ -349,6 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.processes > 1:
             return _run_processes(worker, inputs, args)
         return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
+    return EXIT_OK
+
+
+def _manifests(config: Config, args: argparse.Namespace) -> int:
+    from luaq.operator.manifests import manifests  # pydantic models only, no cluster client
+
+    result = manifests(config, args.namespace, args.broker_secret)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    sys.stdout.write(result.yaml())
     return EXIT_OK
 
 
