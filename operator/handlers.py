@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -45,6 +47,13 @@ class Operator:
         self._kube: Kube | None = None
         self._leader: LeaderElection | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # API calls and checks run here: stopping drops what has not started, so nothing is
+        # written after the operator stops (the Lease has the loop's default executor).
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="luaq-operator")
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
 
     @property
     def kube(self) -> Kube:
@@ -89,6 +98,7 @@ class Operator:
             self.metrics.serve(self.settings.metrics_port)
 
     async def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -105,7 +115,9 @@ class Operator:
         self.bodies[key] = body
         self.metrics.consumers.set(len(self.triggers))
         state = ConsumerState()
-        reconciler = Reconciler(self.kube, self.settings, self.metrics, self.schema, _post_event)
+        reconciler = Reconciler(
+            self.kube, self.settings, self.metrics, self.schema, _post_event, self.call
+        )
         failures = 0
         try:
             while True:

@@ -8,14 +8,13 @@ ConfigMap, Deployment and Service created, updated or restored; a second pass ch
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +36,7 @@ _log = logging.getLogger("luaq.operator")
 
 SPEC_HASH = "luaq.dev/spec-hash"
 PostEvent = Callable[[Mapping[str, Any], str, str, str], None]
+Call = Callable[..., Awaitable[Any]]  # runs a blocking function off the event loop
 
 
 class Invalid(Exception):
@@ -59,6 +59,8 @@ class ConsumerState:
     last_scale: datetime | None = None
     events: dict[str, str] = field(default_factory=dict)
     status: dict[str, Any] | None = None  # what this operator wrote last (it is the only writer)
+    # The last check: a digest of the files and environment, and its outcome.
+    checked: tuple[str, Config | Invalid] | None = None
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -188,15 +190,14 @@ class Reconciler:
         metrics: Metrics,
         schema: Mapping[str, Any],
         post_event: PostEvent,
+        call: Call,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
         self.schema = schema
         self.post_event = post_event
-
-    async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(method, *args)
+        self._call = call
 
     async def reconcile(self, body: Mapping[str, Any], state: ConsumerState) -> str:
         """One pass; returns the outcome (ok, invalid), raises on API or broker failures."""
@@ -208,7 +209,7 @@ class Reconciler:
             source = await self._source(namespace, spec)
             environ = await self._environment(namespace, spec)
             data = render.config_data(name, spec, source)
-            config = await asyncio.to_thread(self._check, data, environ)
+            config = await self._checked(data, environ, state)
         except (Invalid, InvalidSpec) as exc:
             invalid = exc if isinstance(exc, Invalid) else Invalid("InvalidSpec", str(exc))
             running = await self._call(
@@ -259,6 +260,22 @@ class Reconciler:
                 )
             environ[variable] = value
         return environ
+
+    async def _checked(
+        self, data: Mapping[str, str], environ: Mapping[str, str], state: ConsumerState
+    ) -> Config:
+        """The check of the last pass, when nothing it reads has changed since."""
+        key = digest({"data": data, "environ": environ})
+        if state.checked is None or state.checked[0] != key:
+            try:
+                outcome: Config | Invalid = await self._call(self._check, data, environ)
+            except Invalid as exc:
+                outcome = exc
+            state.checked = (key, outcome)
+        outcome = state.checked[1]
+        if isinstance(outcome, Invalid):
+            raise Invalid(outcome.reason, outcome.message)
+        return outcome
 
     def _check(self, data: Mapping[str, str], environ: Mapping[str, str]) -> Config:
         """`luaq check` on the ConfigMap's files, with the pod's environment."""

@@ -213,13 +213,28 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
     _watchers: dict[kmock.resource, _Watchers] = attrs.field(factory=dict, init=False)
     _version: int = attrs.field(default=0, init=False)
 
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self.fallback[kmock.method.PUT] << self._serve_replace
-
     async def _handle(self, request: rendering.Request) -> Any:
-        # Skip kmock's own bookkeeping of writes: the _serve_* methods below do it all.
-        return await apps.RawHandler._handle(self, request)
+        """Registered resources are served here, straight (kmock's routing looks through every
+        past request for each new one, too slow for hundreds of objects); the rest, discovery
+        mostly, goes through kmock's routing (not its emulator's bookkeeping of writes)."""
+        serve = self._server_of(request)
+        if serve is None:
+            return await apps.RawHandler._handle(self, request)
+        return await rendering.Response(payload=serve)(request)
+
+    def _server_of(self, request: rendering.Request) -> Any:
+        if request.resource is None or request.resource not in self._kinds:
+            return None
+        if request.method == kmock.method.PUT and request.name is not None:
+            return self._serve_replace
+        return {
+            kmock.action.WATCH: self._serve_watch,
+            kmock.action.LIST: self._serve_list,
+            kmock.action.FETCH: self._serve_fetch,
+            kmock.action.CREATE: self._serve_create,
+            kmock.action.UPDATE: self._serve_update,
+            kmock.action.DELETE: self._serve_delete,
+        }.get(request.action)
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         payload = await super()._serve_version(request)
