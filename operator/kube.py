@@ -81,8 +81,10 @@ class Kube:
         self.api = api
 
     @classmethod
-    def connect(cls) -> Kube:
-        return cls(client.ApiClient(configuration()))
+    def connect(cls, user_agent: str = "luaq-operator") -> Kube:
+        api = client.ApiClient(configuration())
+        api.user_agent = user_agent  # how audit logs name the operator
+        return cls(api)
 
     def close(self) -> None:
         self.api.close()

@@ -105,6 +105,27 @@ class Cluster:
             and request.resource.plural != "events"
         ]
 
+    def permissions(self) -> set[tuple[str, str, str]]:
+        """(API group, resource, verb) of every request the operator (its own client and kopf's)
+        made, as RBAC names them."""
+        used = set()
+        for request in self.emulator:
+            agent = request.headers.get("User-Agent", "")
+            resource_request = request.resource is not None and request.resource.plural
+            if not resource_request or not agent.startswith(("luaq-operator", "kopf/")):
+                continue  # discovery needs no RBAC rule (system:discovery)
+            assert request.resource is not None
+            resource = request.resource.plural or ""
+            if request.subresource:
+                resource += f"/{request.subresource}"
+            verb = VERBS[request.method.value]
+            if verb == "get" and request.params.get("watch") == "true":
+                verb = "watch"
+            elif verb == "get" and request.name is None:
+                verb = "list"
+            used.add((request.resource.group or "", resource, verb))
+        return used
+
     def events(self, namespace: str, reason: str | None = None) -> list[dict[str, Any]]:
         found = self.emulator.read_all("events", namespace)
         return [e for e in found if reason is None or e.get("reason") == reason]
@@ -120,12 +141,14 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         path = tmp_path / "kubeconfig"
         path.write_text(kubeconfig(str(server.url).rstrip("/")))
         monkeypatch.setenv("KUBECONFIG", str(path))
-        kube = Kube.connect()
+        kube = Kube.connect(user_agent="luaq-tests")
         try:
             yield Cluster(emulator, path, kube)
         finally:
             kube.close()
 
+
+VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 TEST_SETTINGS = OperatorSettings(
     image="luaq:test",

@@ -9,7 +9,7 @@ from typing import Any
 
 from conftest import eventually
 from kube_fixtures import Cluster, example, reconciles
-from luaq.operator import render
+from luaq.operator import rbac, render
 from luaq.operator.handlers import Operator
 from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SECRETS, SERVICES
 
@@ -279,3 +279,31 @@ async def test_deleting_a_queueconsumer_removes_its_objects(
     await cluster.delete(QUEUE_CONSUMERS, ns, NAME)
     await eventually(lambda: cluster.get("queueconsumers", ns, NAME) is None, 20)
     await eventually(lambda: versions(cluster, ns) == {}, 20)
+
+
+async def test_the_operator_uses_exactly_the_permissions_it_declares(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
+    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await edit(cluster, ns, {"concurrency": 3})  # patches the ConfigMap and the Deployment
+    await eventually(lambda: "concurrency: 3" in str(cluster.get("configmaps", ns, f"{NAME}-luaq")))
+    selector = {render.OWNER_LABEL: "someone-else"}
+    await cluster.patch(SERVICES, ns, f"{NAME}-metrics", {"spec": {"selector": selector}})
+    await eventually(lambda: ("", "services", "patch") in cluster.permissions(), 20)
+    await cluster.delete(SERVICES, ns, f"{NAME}-metrics")
+    await eventually(lambda: cluster.get("services", ns, f"{NAME}-metrics") is not None, 20)
+    await eventually(lambda: ("coordination.k8s.io", "leases", "update") in cluster.permissions())
+    await cluster.delete(QUEUE_CONSUMERS, ns, NAME)
+    await eventually(lambda: cluster.get("queueconsumers", ns, NAME) is None, 20)
+    declared = {
+        (group, resource, verb)
+        for rule in [*rbac.RULES, *rbac.LEASE_RULES]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    used = cluster.permissions()
+    assert used <= declared, used - declared
+    # not seen here: the finalizers permission is checked by an admission plugin
+    assert declared - used == {("luaq.dev", "queueconsumers/finalizers", "update")}
