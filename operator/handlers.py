@@ -182,11 +182,12 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
         assert namespace is not None  # a namespaced resource
         await operator.run_consumer((namespace, name), body)
 
+    # Async, so they run on the event loop: the daemons' triggers are asyncio Events.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=handlers)
-    def changed(namespace: str | None, name: str, **_: Any) -> None:
+    async def changed(namespace: str | None, name: str, **_: Any) -> None:
         operator.wake((namespace or "", name))
 
-    def owned(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def owned(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
         owner = labels.get(render.OWNER_LABEL)
         if owner:
             operator.wake((namespace or "", owner))
@@ -195,8 +196,10 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
     kopf.on.event("", "v1", "services", labels=MANAGED, registry=handlers)(owned)
 
     @kopf.on.event("", "v1", "configmaps", labels=PART_OF, registry=handlers)
-    def config_map(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> None:
-        owned(namespace, labels)
+    async def config_map(
+        namespace: str | None, name: str, labels: Mapping[str, str], **_: Any
+    ) -> None:
+        await owned(namespace, labels)
         operator.wake_sources(namespace or "", name)
 
     return handlers
