@@ -578,18 +578,20 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
     async def _serve_delete(self, request: rendering.Request) -> Body:
         kind = self._kind(request)
         assert request.name is not None
-        current = self._current(kind, request.namespace, request.name)
-        if current["metadata"].get("finalizers"):
-            if not current["metadata"].get("deletionTimestamp"):
-                new = copy.deepcopy(current)
-                new["metadata"]["deletionTimestamp"] = _now()
-                new["metadata"]["resourceVersion"] = self._next_version()
-                self._store(kind, new)
-                self._emit(kind, "MODIFIED", new)
-                return new
+        return self._delete(kind, self._current(kind, request.namespace, request.name))
+
+    def _delete(self, kind: Kind, current: Body) -> Body:
+        """Gone at once, or marked for deletion while finalizers remain."""
+        meta = current["metadata"]
+        if meta.get("finalizers") and meta.get("deletionTimestamp"):
             return current
-        current["metadata"]["resourceVersion"] = self._next_version()
-        self._remove(kind, current)
+        meta["resourceVersion"] = self._next_version()
+        if meta.get("finalizers"):
+            meta["deletionTimestamp"] = _now()
+            self._store(kind, current)
+            self._emit(kind, "MODIFIED", current)
+        else:
+            self._remove(kind, current)
         return current
 
     def _remove(self, kind: Kind, obj: Body) -> None:
@@ -601,20 +603,10 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
     def _collect_garbage(self, owner_uid: str) -> None:
         """What the garbage collector does for ownerReferences (background propagation)."""
         for (resource, namespace, name), obj in list(self._objects.items()):
-            if obj.deleted:
-                continue
-            owners = obj.raw.get("metadata", {}).get("ownerReferences") or []
-            if any(owner.get("uid") == owner_uid for owner in owners):
+            owners = [] if obj.deleted else obj.raw.get("metadata", {}).get("ownerReferences")
+            if any(owner.get("uid") == owner_uid for owner in owners or []):
                 kind = self._kinds[resource]
-                current = self._current(kind, namespace, name)
-                if current["metadata"].get("finalizers"):
-                    current["metadata"]["deletionTimestamp"] = _now()
-                    current["metadata"]["resourceVersion"] = self._next_version()
-                    self._store(kind, current)
-                    self._emit(kind, "MODIFIED", current)
-                else:
-                    current["metadata"]["resourceVersion"] = self._next_version()
-                    self._remove(kind, current)
+                self._delete(kind, self._current(kind, namespace, name))
 
     def _table(self, kind: Kind, items: list[Body]) -> Body:
         columns = [{"name": "Name", "type": "string", "format": "name"}]

@@ -24,7 +24,7 @@ from kopf.testing import KopfRunner
 from kube_emulator import BUILTINS, KubernetesEmulator, kubeconfig
 from luaq.operator import crd
 from luaq.operator.handlers import Operator, registry
-from luaq.operator.kube import Kind, Kube
+from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS, Kind, Kube
 from luaq.operator.settings import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "k8s"
@@ -190,6 +190,14 @@ async def operator(cluster: Cluster) -> AsyncIterator[Operator]:
 
 def example(name: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all((EXAMPLES / name).read_text()) if doc]
+
+
+async def apply(cluster: Cluster, namespace: str, *files: str) -> None:
+    """Create the objects of example files (examples/k8s/), as `kubectl apply` would."""
+    kinds = {"Secret": SECRETS, "QueueConsumer": QUEUE_CONSUMERS, "ConfigMap": CONFIG_MAPS}
+    for name in files:
+        for doc in example(name):
+            await cluster.create(kinds[doc["kind"]], namespace, doc)
 
 
 def namespace() -> str:

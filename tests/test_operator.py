@@ -8,19 +8,19 @@ import copy
 from typing import Any
 
 from conftest import eventually
-from kube_fixtures import Cluster, example, reconciles
+from kube_fixtures import Cluster, apply, example, reconciles
 from luaq.operator import rbac, render
 from luaq.operator.handlers import Operator
-from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SECRETS, SERVICES
+from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES
 
 NAME = "email-worker"
-KINDS = {"Secret": SECRETS, "QueueConsumer": QUEUE_CONSUMERS, "ConfigMap": CONFIG_MAPS}
 
 
-async def apply(cluster: Cluster, ns: str, *files: str) -> None:
-    for name in files:
-        for doc in example(name):
-            await cluster.create(KINDS[doc["kind"]], ns, doc)
+async def email_worker(cluster: Cluster, ns: str) -> None:
+    """The email worker example applied, its objects created and its status reported."""
+    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
+    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await settled(cluster, ns)
 
 
 def resource(cluster: Cluster, ns: str, name: str = NAME) -> dict[str, Any]:
@@ -73,8 +73,7 @@ async def edit(cluster: Cluster, ns: str, spec: dict[str, Any], name: str = NAME
 async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
-    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
-    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await email_worker(cluster, ns)
     owner = resource(cluster, ns)
     config_map = cluster.get("configmaps", ns, f"{NAME}-luaq")
     found = deployment(cluster, ns)
@@ -109,9 +108,7 @@ async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
 async def test_reconciling_again_changes_nothing(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
-    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
-    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
-    await settled(cluster, ns)
+    await email_worker(cluster, ns)
     await eventually(lambda: reconciles(operator) >= 2, 20)
     writes = len(cluster.writes(ns))
     passes = reconciles(operator)
@@ -156,9 +153,7 @@ async def test_spec_changes_update_the_deployment_and_a_code_change_rolls_the_po
 async def test_an_invalid_source_leaves_the_running_deployment_alone_and_says_why(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
-    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
-    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
-    await settled(cluster, ns)
+    await email_worker(cluster, ns)
     before = versions(cluster, ns)
     await edit(cluster, ns, {"source": "function handle_email(\n  oops"})
     await settled(cluster, ns)
@@ -245,8 +240,7 @@ async def test_deployment_status_flows_into_the_queueconsumer_status(
 async def test_objects_edited_or_deleted_by_hand_are_restored(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
-    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
-    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await email_worker(cluster, ns)
     container = {"name": "worker", "image": "evil:latest"}
     await cluster.patch(
         DEPLOYMENTS,
@@ -274,8 +268,7 @@ async def test_objects_edited_or_deleted_by_hand_are_restored(
 async def test_deleting_a_queueconsumer_removes_its_objects(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
-    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
-    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await email_worker(cluster, ns)
     await cluster.delete(QUEUE_CONSUMERS, ns, NAME)
     await eventually(lambda: cluster.get("queueconsumers", ns, NAME) is None, 20)
     await eventually(lambda: versions(cluster, ns) == {}, 20)
@@ -284,8 +277,7 @@ async def test_deleting_a_queueconsumer_removes_its_objects(
 async def test_the_operator_uses_exactly_the_permissions_it_declares(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
-    await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
-    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await email_worker(cluster, ns)
     await edit(cluster, ns, {"concurrency": 3})  # patches the ConfigMap and the Deployment
     await eventually(lambda: "concurrency: 3" in str(cluster.get("configmaps", ns, f"{NAME}-luaq")))
     selector = {render.OWNER_LABEL: "someone-else"}

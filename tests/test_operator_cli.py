@@ -12,9 +12,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import kubernetes_validate
 from conftest import eventually
-from kube_fixtures import Cluster, example, namespace
-from luaq.operator.kube import QUEUE_CONSUMERS, SECRETS
+from kube_fixtures import Cluster, apply, namespace
+from test_operator_crd import K8S_VERSION
 from test_operator_leader import free_port
 
 OPERATOR = Path(sys.executable).with_name("luaq-operator")
@@ -31,12 +32,6 @@ async def answers(url: str) -> bool:
     return await asyncio.to_thread(get)
 
 
-async def apply_email_worker(cluster: Cluster, ns: str) -> None:
-    for name in ("broker-secret.yaml", "email-worker.yaml"):
-        for doc in example(name):
-            await cluster.create(SECRETS if doc["kind"] == "Secret" else QUEUE_CONSUMERS, ns, doc)
-
-
 async def test_the_console_script_runs_the_operator_on_its_namespace(
     cluster: Cluster, ns: str, tmp_path: Path
 ) -> None:
@@ -51,13 +46,14 @@ async def test_the_console_script_runs_the_operator_on_its_namespace(
     try:
         await eventually(lambda: answers(f"http://127.0.0.1:{health}/healthz"), 20)
         other = namespace()
-        await apply_email_worker(cluster, ns)
-        await apply_email_worker(cluster, other)
+        await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
+        await apply(cluster, other, "broker-secret.yaml", "email-worker.yaml")
         await eventually(lambda: cluster.get("deployments", ns, "email-worker") is not None, 20)
         await eventually(lambda: answers(f"http://127.0.0.1:{metrics}/metrics"), 20)
         lease = cluster.get("leases", ns, "luaq-operator")
         assert lease is not None
         assert lease["spec"]["holderIdentity"] == "luaq-operator-0"
+        kubernetes_validate.validate(lease, K8S_VERSION, strict=True)
         assert cluster.get("deployments", other, "email-worker") is None  # not watched
     finally:
         process.send_signal(signal.SIGTERM)

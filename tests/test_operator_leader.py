@@ -10,8 +10,8 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 
 from conftest import eventually
-from kube_fixtures import TEST_SETTINGS, Cluster, example, reconciles, running
-from luaq.operator.kube import QUEUE_CONSUMERS, SECRETS
+from kube_fixtures import TEST_SETTINGS, Cluster, apply, reconciles, running
+from luaq.operator.kube import QUEUE_CONSUMERS
 
 
 def free_port() -> int:
@@ -45,10 +45,7 @@ async def test_only_the_lease_holder_acts_and_the_other_takes_over(
         first = await stack.enter_async_context(running(settings[0]))
         await eventually(lambda: first.leading, 20)
         async with running(settings[1]) as second:
-            for name in ("broker-secret.yaml", "email-worker.yaml"):
-                for doc in example(name):
-                    kind = SECRETS if doc["kind"] == "Secret" else QUEUE_CONSUMERS
-                    await cluster.create(kind, ns, doc)
+            await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
             await eventually(lambda: cluster.get("deployments", ns, "email-worker") is not None, 20)
             await eventually(lambda: reconciles(first) > 0, 20)
             metrics = await scrape(ports[0])
@@ -77,10 +74,7 @@ async def test_the_follower_never_acts(cluster: Cluster, ns: str) -> None:
     async with running(replace(TEST_SETTINGS, identity="leader")) as leader:
         await eventually(lambda: leader.leading, 20)
         async with running(replace(TEST_SETTINGS, identity="follower")) as follower:
-            for name in ("broker-secret.yaml", "email-worker.yaml"):
-                for doc in example(name):
-                    kind = SECRETS if doc["kind"] == "Secret" else QUEUE_CONSUMERS
-                    await cluster.create(kind, ns, doc)
+            await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
             await eventually(lambda: (ns, "email-worker") in follower.triggers, 20)
             await eventually(lambda: cluster.get("deployments", ns, "email-worker") is not None, 20)
             await cluster.patch(QUEUE_CONSUMERS, ns, "email-worker", {"spec": {"replicas": 3}})

@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from conftest import eventually
@@ -20,7 +21,7 @@ from luaq.runtime.errors import QueueError
 from luaq.runtime.security import access_for
 from luaq.runtime.settings import Settings
 from processes import write_app
-from test_operator_crd import admit
+from test_operator_crd import K8S_VERSION, admit
 
 EMAIL = Path(__file__).resolve().parent.parent / "examples" / "email" / "app.yaml"
 
@@ -59,6 +60,8 @@ def test_the_email_example_becomes_queueconsumers_with_the_same_ids(
     consumers = [d for d in documents if d["kind"] == "QueueConsumer"]
     for qc in consumers:
         assert admit(qc) == []
+    for config_map in (d for d in documents if d["kind"] == "ConfigMap"):
+        kubernetes_validate.validate(config_map, K8S_VERSION, strict=True)
     email = consumers[0]["spec"]
     assert (email["queue"], email["func"], email["concurrency"]) == (
         "app:emails",
