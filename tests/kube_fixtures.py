@@ -126,6 +126,11 @@ class Cluster:
             used.add((request.resource.group or "", resource, verb))
         return used
 
+    def messages(self, namespace: str, reason: str) -> set[str]:
+        """The messages of the Events with `reason` (kopf posts Events in the background:
+        poll for them)."""
+        return {str(event.get("message")) for event in self.events(namespace, reason)}
+
     def events(self, namespace: str, reason: str | None = None) -> list[dict[str, Any]]:
         found = self.emulator.read_all("events", namespace)
         return [e for e in found if reason is None or e.get("reason") == reason]

@@ -101,8 +101,8 @@ async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
     assert status["selector"] == render.selector(NAME)
     assert condition(cluster, ns, "Degraded")["status"] == "False"
     assert condition(cluster, ns, "Ready")["status"] == "False"  # no pod is ready yet
-    created = {e["message"] for e in cluster.events(ns, "Created")}
-    assert created >= {f"created Deployment {NAME}", f"created ConfigMap {NAME}-luaq"}
+    wanted = {f"created Deployment {NAME}", f"created ConfigMap {NAME}-luaq"}
+    await eventually(lambda: cluster.messages(ns, "Created") >= wanted, 20)
 
 
 async def test_reconciling_again_changes_nothing(
@@ -147,7 +147,7 @@ async def test_spec_changes_update_the_deployment_and_a_code_change_rolls_the_po
     assert checksum(deployment(cluster, ns)) == third  # scaling rolls nothing
     owner = await settled(cluster, ns)
     assert owner["status"]["desiredReplicas"] == 5
-    assert any(e["message"] == f"updated Deployment {NAME}" for e in cluster.events(ns, "Updated"))
+    await eventually(lambda: f"updated Deployment {NAME}" in cluster.messages(ns, "Updated"), 20)
 
 
 async def test_an_invalid_source_leaves_the_running_deployment_alone_and_says_why(
@@ -163,9 +163,8 @@ async def test_an_invalid_source_leaves_the_running_deployment_alone_and_says_wh
     assert "source:" in degraded["message"]
     assert "handler.lua" in degraded["message"]
     assert versions(cluster, ns) == before
-    warnings = cluster.events(ns, "InvalidSource")
-    assert warnings
-    assert warnings[0]["type"] == "Warning"
+    await eventually(lambda: cluster.events(ns, "InvalidSource"), 20)
+    assert cluster.events(ns, "InvalidSource")[0]["type"] == "Warning"
     await edit(
         cluster, ns, {"source": example("email-worker.yaml")[0]["spec"]["source"], "method": "nope"}
     )
@@ -262,7 +261,7 @@ async def test_objects_edited_or_deleted_by_hand_are_restored(
     )
     await cluster.delete(SERVICES, ns, f"{NAME}-metrics")
     await eventually(lambda: cluster.get("services", ns, f"{NAME}-metrics") is not None, 20)
-    assert cluster.events(ns, "Restored")
+    await eventually(lambda: cluster.events(ns, "Restored"), 20)
 
 
 async def test_deleting_a_queueconsumer_removes_its_objects(
