@@ -109,8 +109,10 @@ class Operator:
         if self._kube is not None:
             self._kube.close()
 
-    async def run_consumer(self, key: Key, body: Mapping[str, Any]) -> None:
-        """The daemon of one QueueConsumer: passes until kopf cancels it (deleted, stopping)."""
+    async def run_consumer(
+        self, key: Key, body: Mapping[str, Any], stopped: kopf.DaemonStopped
+    ) -> None:
+        """The daemon of one QueueConsumer: passes until kopf stops it (deleted, stopping)."""
         trigger = self.triggers[key] = asyncio.Event()
         self.bodies[key] = body
         self.metrics.consumers.set(len(self.triggers))
@@ -120,7 +122,7 @@ class Operator:
         )
         failures = 0
         try:
-            while True:
+            while not stopped:
                 trigger.clear()
                 delay: float | None = None
                 if self.leading:
@@ -140,8 +142,11 @@ class Operator:
                             if autoscaled
                             else self.settings.resync_seconds
                         )
+                # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow the cancellation
+                # that stops this daemon, and kopf then waits for it in vain.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(trigger.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await trigger.wait()
         finally:
             del self.triggers[key], self.bodies[key]
             self.metrics.consumers.set(len(self.triggers))
@@ -178,9 +183,11 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
         await operator.stop()
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=handlers, cancellation_timeout=30.0)
-    async def consumer(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    async def consumer(
+        body: kopf.Body, namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
         assert namespace is not None  # a namespaced resource
-        await operator.run_consumer((namespace, name), body)
+        await operator.run_consumer((namespace, name), body, stopped)
 
     # Async, so they run on the event loop: the daemons' triggers are asyncio Events.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=handlers)
