@@ -1,13 +1,9 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-#
-# Never `python -m ...` from here: with the working directory first on sys.path, the source
-# directory operator/ would shadow the standard library's operator module. The venv's console
-# scripts put their own directory first instead.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench crds clean
 
 $(BIN)/.installed: pyproject.toml
 	cd / && $(PYTHON) -m venv $(CURDIR)/$(VENV)
@@ -17,13 +13,24 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed  ## run the email example on the in-memory driver
 	$(BIN)/luaq run examples/email/app.yaml --input examples/email/messages.jsonl --until-idle
 
-lint: $(BIN)/.installed
+# mypy sees the sources under their import names (luaq.runtime, luaq.operator) through links.
+TYPECHECK := $(VENV)/typecheck
+
+$(TYPECHECK)/luaq:
+	mkdir -p $@
+	ln -sfn $(CURDIR)/runtime $@/runtime
+	ln -sfn $(CURDIR)/operator $@/operator
+
+lint: $(BIN)/.installed $(TYPECHECK)/luaq
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy runtime operator
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p luaq.runtime -p luaq.operator
 
 test: lint  ## lint, type-check and run the whole suite
 	$(BIN)/pytest
+
+crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource)
+	$(BIN)/python -m luaq.operator.crd crds
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/memory.py

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import uvloop
 
 from . import VERSION, dlq, entries, logs
+from .check import check
 from .codecs import CODECS
 from .entries import Config
 from .errors import ConfigError, QueueError
@@ -114,6 +115,21 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env("lua_max_memory", Settings.lua_max_memory // 2**20)),
         metavar="MIB",
         help="memory limit of the process's Lua state in MiB (default: %(default)s)",
+    )
+
+    manifests = commands.add_parser(
+        "manifests",
+        help="print the project as Kubernetes QueueConsumer resources (and source ConfigMaps)",
+        description="One QueueConsumer per consumer, a ConfigMap per Lua source file; the "
+        "broker URL is read from a Secret on the cluster. Apply with `kubectl apply -f -`.",
+    )
+    manifests.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+    manifests.add_argument("--namespace", metavar="NS", help="the Kubernetes namespace to set")
+    manifests.add_argument(
+        "--broker-secret",
+        default="luaq-broker",
+        metavar="NAME",
+        help="the Secret holding the broker URL under the key url (default: %(default)s)",
     )
 
     dlq = commands.add_parser(
@@ -351,10 +367,6 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
     return EXIT_OK
 
 
-def _load(paths: Sequence[Path], settings: Settings) -> Worker:
-    return Worker(entries.load(paths), settings)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
@@ -367,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         paths = args.entries if args.command in ("publish", "dlq") else args.paths
-        worker = _load(paths, settings)
+        worker = check(paths, settings)
         inputs = read_input(args.input, worker.config) if getattr(args, "input", None) else []
         if args.command == "publish":
             publish = _publish_args(args, worker.config)
@@ -376,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "manifests":
+        return _manifests(worker.config, args)
     if args.command == "check":
         config = worker.config
         print(
@@ -420,6 +434,16 @@ def _server(args: argparse.Namespace, source: Source) -> Server | None:
     except OSError as exc:
         print(f"luaq: --metrics-port {args.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
         return None
+
+
+def _manifests(config: Config, args: argparse.Namespace) -> int:
+    from luaq.operator.manifests import manifests  # pydantic models only, no cluster client
+
+    result = manifests(config, args.namespace, args.broker_secret)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    sys.stdout.write(result.yaml())
+    return EXIT_OK
 
 
 async def _dlq(worker: Worker, args: argparse.Namespace) -> int:

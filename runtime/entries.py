@@ -25,6 +25,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -67,8 +68,31 @@ def _resolve_ref(value: str, info: ValidationInfo) -> str:
     return _check_id(resolve_id(value, context["namespace"]))
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Ref = Annotated[str, AfterValidator(_resolve_ref)]
+# The JSON schemas below are what the QueueConsumer CRD is generated from (luaq.operator.crd).
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": _DURATION_RE.pattern},
+            ],
+            "description": "seconds, or a duration like 500ms, 10s, 1.5m, 1h",
+        }
+    ),
+]
+Ref = Annotated[
+    str,
+    AfterValidator(_resolve_ref),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": rf"^({NAME_RE.pattern[1:-1]}:)?{NAME_RE.pattern[1:-1]}$",
+            "description": "an id, namespace:name, or a bare name in the file's namespace",
+        }
+    ),
+]
 Module = Literal["queue", "logger", "json", "time", "metrics"]
 DEFAULT_MODULES: tuple[Module, ...] = ("queue", "logger", "json")
 
@@ -106,17 +130,17 @@ class MemoryDriverEntry(_DriverEntry):
 _ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(value: Any, where: str = "") -> Any:
+def _expand_env(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
     """Replace `${env:NAME}` in every string, so secrets come from the pod's environment."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{where}{k}.") for k, v in value.items()}
+        return {k: _expand_env(v, environ, f"{where}{k}.") for k, v in value.items()}
     if isinstance(value, str):
 
         def lookup(match: re.Match[str]) -> str:
             name = match.group(1)
-            if name not in os.environ:
+            if name not in environ:
                 raise ValueError(f"{where.rstrip('.')}: environment variable {name} is not set")
-            return os.environ[name]
+            return environ[name]
 
         return _ENV_RE.sub(lookup, value)
     return value
@@ -153,8 +177,11 @@ class AmqpDriverEntry(_DriverEntry):
 
     @model_validator(mode="before")
     @classmethod
-    def _environment(cls, data: Any) -> Any:
-        return _expand_env(data) if isinstance(data, dict) else data
+    def _environment(cls, data: Any, info: ValidationInfo) -> Any:
+        environ = (info.context or {}).get("environ")
+        if not isinstance(data, dict):
+            return data
+        return _expand_env(data, os.environ if environ is None else environ)
 
     @model_validator(mode="after")
     def _check(self) -> AmqpDriverEntry:
@@ -489,7 +516,12 @@ def _parse_file(path: Path, problems: list[str]) -> tuple[str, list[Any]] | None
 
 
 def _validate_entry(
-    raw: Any, index: int, path: Path, namespace: str, problems: list[str]
+    raw: Any,
+    index: int,
+    path: Path,
+    namespace: str,
+    problems: list[str],
+    environ: Mapping[str, str] | None,
 ) -> _Entry | None:
     where = f"{path}: entries[{index}]"
     if not isinstance(raw, dict):
@@ -515,7 +547,7 @@ def _validate_entry(
     if model is None:
         problems.append(f"{where}: kind: unknown kind {kind!r} (known: {', '.join(KINDS)})")
         return None
-    context = {"namespace": namespace, "base_dir": path.parent}
+    context = {"namespace": namespace, "base_dir": path.parent, "environ": environ}
     try:
         return model.model_validate({**data, "id": full_id, "file": path}, context=context)
     except ValidationError as exc:
@@ -554,8 +586,11 @@ def _check_refs(config: Config) -> None:
                 )
 
 
-def load(paths: Iterable[Path | str]) -> Config:
-    """Read and validate entries files; a directory means every YAML file in it."""
+def load(paths: Iterable[Path | str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate entries files; a directory means every YAML file in it.
+
+    `${env:NAME}` reads `environ` (default: this process's environment), so the operator can
+    check a file with the environment its pod will have."""
     files, problems = _files(paths)
     config = Config(files=files, problems=problems)
     seen: dict[str, Path] = {}
@@ -573,7 +608,7 @@ def load(paths: Iterable[Path | str]) -> Config:
             continue
         namespace, raw_entries = parsed
         for index, raw in enumerate(raw_entries):
-            entry = _validate_entry(raw, index, path, namespace, config.problems)
+            entry = _validate_entry(raw, index, path, namespace, config.problems, environ)
             if entry is None:
                 continue
             if entry.id in seen:

@@ -20,6 +20,8 @@ from luaq.runtime.drivers import Delivery
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 
+pytest_plugins = ["kube_fixtures"]  # the operator tests' emulated cluster
+
 
 @dataclass
 class Received:

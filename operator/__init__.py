@@ -1,1 +1,0 @@
-"""The luaq Kubernetes operator (renders QueueConsumer resources into worker Deployments)."""

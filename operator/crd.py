@@ -1,0 +1,206 @@
+"""The QueueConsumer CRD, generated from the models (resource.py): `make crds` writes crds/.
+
+Pydantic's JSON schema becomes a structural OpenAPI v3 schema: references inlined, camelCase
+property names, optional fields without `null`, durations and quantities as int-or-string,
+free-form maps preserved. A shape this module does not know stops the generation, so a model
+change cannot slip into the CRD half-translated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .resource import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    QueueConsumerSpec,
+    QueueConsumerStatus,
+    camel,
+    int_or_string,
+)
+
+NAME = f"{PLURAL}.{GROUP}"
+FILENAME = f"{NAME}.yaml"
+
+_KEPT = {
+    "type", "description", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength",
+    "minItems", "maxItems", "x-kubernetes-validations", "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+}  # fmt: skip
+_DROPPED = {"title", "additionalProperties", "default", "properties", "items", "required", "$defs"}
+_DURATION_RULE = (
+    "type(self) == int ? self >= 0 : string(self).matches('^\\\\s*[0-9]+(\\\\.[0-9]+)?"
+    "\\\\s*(ms|s|m|h)?\\\\s*$')"
+)
+
+
+class SchemaError(Exception):
+    pass
+
+
+def _resolve(node: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]:
+    if "$ref" not in node:
+        return dict(node)
+    target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def structural(node: Mapping[str, Any], defs: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """One node of pydantic's JSON schema as a structural schema node."""
+    node = _resolve(node, defs)
+    if "anyOf" in node:
+        options = [_resolve(option, defs) for option in node["anyOf"]]
+        options = [option for option in options if option.get("type") != "null"]
+        outer = {k: v for k, v in node.items() if k != "anyOf"}
+        if len(options) == 1:
+            return structural({**options[0], **outer}, defs, where)
+        types = sorted(str(option.get("type")) for option in options)
+        if types in (["integer", "string"], ["number", "string"]):
+            result = {
+                "x-kubernetes-int-or-string": True,
+                **{k: v for k, v in outer.items() if k in _KEPT},
+            }
+            if types == ["number", "string"]:  # a Duration
+                result["x-kubernetes-validations"] = [
+                    {"rule": _DURATION_RULE, "message": "a duration like 500ms, 10s, 1.5m, 1h"}
+                ]
+            if "default" in outer:
+                result["default"] = int_or_string(outer["default"])
+            return result
+        raise SchemaError(f"{where or '.'}: cannot express anyOf {types} structurally")
+    unknown = set(node) - _KEPT - _DROPPED
+    if unknown:
+        raise SchemaError(f"{where or '.'}: unknown schema keywords {sorted(unknown)}")
+    result = {k: v for k, v in node.items() if k in _KEPT}
+    if "description" in result:
+        result["description"] = " ".join(str(result["description"]).split())
+    kind = node.get("type")
+    if kind is None:  # Any
+        return {**result, "x-kubernetes-preserve-unknown-fields": True}
+    if kind == "object":
+        properties = node.get("properties")
+        extra = node.get("additionalProperties")
+        if properties is not None:
+            result["properties"] = {
+                camel(name): structural(value, defs, f"{where}.{camel(name)}")
+                for name, value in properties.items()
+            }
+            if node.get("required"):
+                result["required"] = [camel(name) for name in node["required"]]
+        elif isinstance(extra, dict) and extra:
+            result["additionalProperties"] = structural(extra, defs, f"{where}.*")
+        else:
+            result["x-kubernetes-preserve-unknown-fields"] = True
+    elif kind == "array":
+        result["items"] = structural(node.get("items", {}), defs, f"{where}[]")
+    default = node.get("default")
+    if default is not None and not isinstance(default, dict) and default != []:
+        result["default"] = default
+    return result
+
+
+def _schema(model: type[Any]) -> dict[str, Any]:
+    raw = model.model_json_schema()
+    return structural(raw, raw.get("$defs", {}), camel(model.__name__))
+
+
+def spec_schema() -> dict[str, Any]:
+    """The camelCase schema of `spec`: the CRD's, and the operator's guide to its fields."""
+    return _schema(QueueConsumerSpec)
+
+
+# The name becomes the Service's `<name>-metrics` (a DNS-1035 label of at most 63 characters)
+# and a label value.
+NAME_RULE = {
+    "rule": "self.metadata.name.size() <= 55 && "
+    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    "message": "name: at most 55 lowercase letters, digits and '-', starting with a letter",
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Queue", "type": "string", "jsonPath": ".spec.queue"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Backlog", "type": "integer", "jsonPath": ".status.backlog"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/part-of": "luaq"}},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": ["qc"],
+                "categories": ["luaq"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Workers running a Lua handler on a queue.",
+                            "required": ["spec"],
+                            "x-kubernetes-validations": [NAME_RULE],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": _schema(QueueConsumerStatus),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `make crds` from luaq.operator.resource: do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the luaq CRDs into directories.")
+    parser.add_argument("directories", nargs="+", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    text = render()
+    for directory in args.directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / FILENAME).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

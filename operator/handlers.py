@@ -1,0 +1,212 @@
+"""The loop that reacts: kopf handlers, kept thin.
+
+Each QueueConsumer gets a kopf daemon: its one writer, which runs a reconcile pass whenever the
+resource or one of its objects changes (their watch events wake it), when an autoscaling or
+resync period is due, and after a failure with backoff. Only the holder of the leader Lease
+runs passes; the other replicas watch and wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+
+from . import kube, render
+from .crd import spec_schema
+from .kube import Kube
+from .leader import LeaderElection
+from .metrics import Metrics
+from .reconcile import ConsumerState, Reconciler
+from .resource import GROUP, PLURAL, VERSION
+from .settings import OperatorSettings
+
+_log = logging.getLogger("luaq.operator")
+
+Key = tuple[str, str]
+MANAGED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
+PART_OF = {"app.kubernetes.io/part-of": "luaq"}
+BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class Operator:
+    """The operator's state: its settings, API client, metrics, leadership and the daemons."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.schema = spec_schema()
+        self.triggers: dict[Key, asyncio.Event] = {}
+        self.bodies: dict[Key, Mapping[str, Any]] = {}
+        self._kube: Kube | None = None
+        self._leader: LeaderElection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # API calls and checks run here: stopping drops what has not started, so nothing is
+        # written after the operator stops (the Lease has the loop's default executor).
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="luaq-operator")
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+    @property
+    def kube(self) -> Kube:
+        assert self._kube is not None, "the operator has not started"
+        return self._kube
+
+    @property
+    def leading(self) -> bool:
+        return self._leader is not None and self._leader.is_leader
+
+    def wake(self, key: Key) -> None:
+        trigger = self.triggers.get(key)
+        if trigger is not None:
+            trigger.set()
+
+    def _leadership(self, leader: bool) -> None:
+        self.metrics.leader.set(1 if leader else 0)
+        if leader:  # catch up on everything that happened meanwhile
+            for trigger in self.triggers.values():
+                trigger.set()
+
+    def configure(self, kopf_settings: kopf.OperatorSettings) -> None:
+        """kopf's side: no namespace or CRD scanning (no RBAC for it), server-side label
+        selectors so only luaq's objects are watched, Events named as luaq's."""
+        kopf_settings.scanning.disabled = True
+        kopf_settings.posting.reporting_component = render.MANAGED_BY
+        kopf_settings.posting.reporting_instance = self.settings.identity
+        kopf_settings.posting.event_name_prefix = "luaq-"
+        kopf_settings.posting.level = logging.WARNING  # kopf's own log lines as Events
+        selector = ",".join(f"{key}={value}" for key, value in MANAGED.items())
+        kopf_settings.watching.label_selectors["apps", "deployments"] = selector
+        kopf_settings.watching.label_selectors["", "services"] = selector
+        kopf_settings.watching.label_selectors["", "configmaps"] = ",".join(
+            f"{key}={value}" for key, value in PART_OF.items()
+        )
+
+    async def start(self) -> None:
+        self._kube = await asyncio.to_thread(Kube.connect)
+        self._leader = LeaderElection(self.kube, self.settings, self._leadership)
+        self._tasks.append(asyncio.create_task(self._leader.run(), name="leader election"))
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port)
+
+    async def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._leader is not None:
+            await asyncio.to_thread(self._leader.release)
+        self.metrics.stop()
+        if self._kube is not None:
+            self._kube.close()
+
+    async def run_consumer(
+        self, key: Key, body: Mapping[str, Any], stopped: kopf.DaemonStopped
+    ) -> None:
+        """The daemon of one QueueConsumer: passes until kopf stops it (deleted, stopping)."""
+        trigger = self.triggers[key] = asyncio.Event()
+        self.bodies[key] = body
+        self.metrics.consumers.set(len(self.triggers))
+        state = ConsumerState()
+        reconciler = Reconciler(
+            self.kube, self.settings, self.metrics, self.schema, _post_event, self.call
+        )
+        failures = 0
+        try:
+            while not stopped:
+                trigger.clear()
+                delay: float | None = None
+                if self.leading:
+                    try:
+                        outcome = await reconciler.reconcile(body, state)
+                        failures = 0
+                    except Exception as exc:
+                        outcome = "error"
+                        delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+                        failures += 1
+                        _log.warning("reconcile %s/%s failed: %s", *key, exc, exc_info=True)
+                    self.metrics.reconciles.labels(outcome).inc()
+                    if delay is None:
+                        autoscaled = (body.get("spec") or {}).get("autoscaling") is not None
+                        delay = (
+                            self.settings.autoscale_seconds
+                            if autoscaled
+                            else self.settings.resync_seconds
+                        )
+                # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow the cancellation
+                # that stops this daemon, and kopf then waits for it in vain.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await trigger.wait()
+        finally:
+            del self.triggers[key], self.bodies[key]
+            self.metrics.consumers.set(len(self.triggers))
+            self.metrics.forget(*key)
+            await state.close()
+
+    def wake_sources(self, namespace: str, config_map: str) -> None:
+        """A ConfigMap that QueueConsumers name as their sourceRef changed."""
+        for (ns, name), body in self.bodies.items():
+            ref = (body.get("spec") or {}).get("sourceRef") or {}
+            if ns == namespace and ref.get("configMapName") == config_map:
+                self.wake((ns, name))
+
+
+def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    kopf.event(body, type=kind, reason=reason, message=message)  # type: ignore[arg-type]
+
+
+def registry(operator: Operator) -> kopf.OperatorRegistry:
+    """The handlers, in a registry of their own (KopfRunner and `luaq-operator` both use it)."""
+    handlers = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=handlers)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        return kube.login(settings)
+
+    @kopf.on.startup(registry=handlers)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        operator.configure(settings)
+        await operator.start()
+
+    @kopf.on.cleanup(registry=handlers)
+    async def cleanup(**_: Any) -> None:
+        await operator.stop()
+
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=handlers, cancellation_timeout=30.0)
+    async def consumer(
+        body: kopf.Body, namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
+        assert namespace is not None  # a namespaced resource
+        await operator.run_consumer((namespace, name), body, stopped)
+
+    # Async, so they run on the event loop: the daemons' triggers are asyncio Events.
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=handlers)
+    async def changed(namespace: str | None, name: str, **_: Any) -> None:
+        operator.wake((namespace or "", name))
+
+    async def owned(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        owner = labels.get(render.OWNER_LABEL)
+        if owner:
+            operator.wake((namespace or "", owner))
+
+    kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=handlers)(owned)
+    kopf.on.event("", "v1", "services", labels=MANAGED, registry=handlers)(owned)
+
+    @kopf.on.event("", "v1", "configmaps", labels=PART_OF, registry=handlers)
+    async def config_map(
+        namespace: str | None, name: str, labels: Mapping[str, str], **_: Any
+    ) -> None:
+        await owned(namespace, labels)
+        operator.wake_sources(namespace or "", name)
+
+    return handlers

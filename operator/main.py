@@ -1,0 +1,145 @@
+"""`luaq-operator`: run the operator. Every flag can also be set as LUAQ_OPERATOR_<FLAG>."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from .handlers import Operator, registry
+from .settings import DEFAULT_IMAGE, OperatorSettings
+
+_SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(f"LUAQ_OPERATOR_{name.upper()}", default)
+
+
+def _own_namespace() -> str:
+    """The operator's namespace: the pod's (downward API or service account), else default."""
+    if namespace := os.environ.get("POD_NAMESPACE"):
+        return namespace
+    if _SERVICE_ACCOUNT_NAMESPACE.exists():
+        return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    return "default"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="luaq-operator",
+        description="Run the luaq operator: QueueConsumer resources become worker Deployments.",
+    )
+    namespaces = _env("namespace", "")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[ns for ns in namespaces.split(",") if ns],
+        metavar="NS",
+        help="watch this namespace (repeatable; default: all namespaces)",
+    )
+    parser.add_argument(
+        "--image",
+        default=_env("image", DEFAULT_IMAGE),
+        help="the worker image, unless a QueueConsumer names one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("metrics_port", 8080)),
+        metavar="PORT",
+        help="serve the operator's Prometheus /metrics here; 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=int(_env("health_port", 8081)),
+        metavar="PORT",
+        help="serve kopf's liveness probe on /healthz here; 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--worker-metrics-port",
+        type=int,
+        default=int(_env("worker_metrics_port", OperatorSettings.worker_metrics_port)),
+        metavar="PORT",
+        help="the workers' metrics and health port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-name",
+        default=_env("lease_name", OperatorSettings.lease_name),
+        help="the leader election Lease (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-namespace",
+        default=_env("lease_namespace", None),
+        metavar="NS",
+        help="the Lease's namespace (default: the operator's own)",
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(_env("resync_seconds", OperatorSettings.resync_seconds)),
+        metavar="SECONDS",
+        help="re-check every QueueConsumer this often (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--autoscale-seconds",
+        type=float,
+        default=float(_env("autoscale_seconds", OperatorSettings.autoscale_seconds)),
+        metavar="SECONDS",
+        help="read autoscaled queues' backlog this often (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env("log_level", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="(default: %(default)s)",
+    )
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> OperatorSettings:
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    return OperatorSettings(
+        image=args.image,
+        namespaces=tuple(args.namespace),
+        worker_metrics_port=args.worker_metrics_port,
+        metrics_port=args.metrics_port,
+        resync_seconds=args.resync_seconds,
+        autoscale_seconds=args.autoscale_seconds,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace or _own_namespace(),
+        identity=identity,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = settings_from(args)
+    kopf.configure(
+        verbose=args.log_level == "debug",
+        quiet=args.log_level in ("warning", "error"),
+        log_format=kopf.LogFormat.JSON,
+    )
+    logging.getLogger().setLevel(args.log_level.upper())
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    kopf.run(
+        registry=registry(Operator(settings)),
+        standalone=True,  # one replica acts at a time through the leader Lease, not kopf peering
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=liveness,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

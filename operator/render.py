@@ -1,0 +1,329 @@
+"""QueueConsumer in, manifests out: pure functions, no cluster access.
+
+A QueueConsumer becomes a ConfigMap holding exactly what `luaq run` reads (the entries file and
+the Lua source), a Deployment running `luaq run` on it, and a Service for the workers' metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from luaq.runtime.entries import VERSION
+from luaq.runtime.settings import Settings as RuntimeSettings
+
+from .resource import API_VERSION, KIND, QueueConsumerSpec, SecretKeyRef, camel
+from .settings import OperatorSettings
+
+CONFIG_DIR = "/etc/luaq"
+ENTRIES_FILE = "entries.yaml"
+SOURCE_FILE = "handler.lua"
+BROKER_ID = "broker"
+CHECKSUM_ANNOTATION = "luaq.dev/config-checksum"
+OWNER_LABEL = "luaq.dev/queueconsumer"
+MANAGED_BY = "luaq-operator"
+URL_ENV = "LUAQ_BROKER_URL"
+TLS_ENV = {"ca": "LUAQ_BROKER_TLS_CA", "cert": "LUAQ_BROKER_TLS_CERT", "key": "LUAQ_BROKER_TLS_KEY"}
+SHUTDOWN_TIMEOUT = RuntimeSettings.shutdown_timeout
+
+
+@dataclass(frozen=True)
+class Names:
+    """The objects one QueueConsumer owns, by name."""
+
+    consumer: str
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.consumer}-luaq"
+
+    @property
+    def deployment(self) -> str:
+        return self.consumer
+
+    @property
+    def service(self) -> str:
+        return f"{self.consumer}-metrics"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "luaq-worker", OWNER_LABEL: name}
+
+
+def selector(name: str) -> str:
+    """The pods' label selector as text (the scale subresource's status.selector)."""
+    return ",".join(f"{key}={value}" for key, value in selector_labels(name).items())
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/part-of": "luaq",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def _metadata(owner: Mapping[str, Any], name: str) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"]),
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+
+
+def _tls_refs(spec: QueueConsumerSpec) -> dict[str, SecretKeyRef]:
+    tls = spec.broker.tls
+    refs = {"ca": tls.ca_secret_ref, "cert": tls.cert_secret_ref, "key": tls.key_secret_ref}
+    return {part: ref for part, ref in refs.items() if ref is not None}
+
+
+def secret_refs(spec: QueueConsumerSpec) -> dict[str, SecretKeyRef]:
+    """Environment variable -> the Secret key it comes from (the broker URL, TLS material)."""
+    refs = {URL_ENV: spec.broker.url_secret_ref}
+    refs.update({TLS_ENV[part]: ref for part, ref in _tls_refs(spec).items()})
+    return refs
+
+
+def _policies(name: str, spec: QueueConsumerSpec) -> list[dict[str, Any]]:
+    """The QueueConsumer's policies; without any, it may publish to the queues it declares."""
+    if spec.policies:
+        rules = [rule.model_dump(mode="json", exclude_unset=True) for rule in spec.policies]
+        return [
+            {"name": f"{name}.policy-{index}", "kind": "security.policy", "policy": rule}
+            for index, rule in enumerate(rules)
+        ]
+    declared = [queue.name for queue in spec.queues]
+    return [
+        {
+            "name": f"{name}.publish",
+            "kind": "security.policy",
+            "policy": {"actions": ["queue.publish"], "resources": ["*"], "effect": "allow"},
+        },
+        {
+            "name": f"{name}.publish-declared",
+            "kind": "security.policy",
+            "policy": {
+                "actions": ["queue.publish.queue"],
+                "resources": declared,
+                "effect": "allow",
+            },
+        },
+    ]
+
+
+def entries_document(name: str, spec: QueueConsumerSpec) -> dict[str, Any]:
+    """The entries file the pod runs; the broker's secrets stay `${env:...}` references."""
+    broker = spec.broker
+    driver: dict[str, Any] = {
+        "name": BROKER_ID,
+        "kind": "queue.driver.amqp",
+        "url": f"${{env:{URL_ENV}}}",
+        **broker.model_dump(mode="json", exclude_unset=True, exclude={"url_secret_ref", "tls"}),
+    }
+    if "tls" in broker.model_fields_set:
+        tls = broker.tls.model_dump(
+            mode="json",
+            exclude_unset=True,
+            exclude={"ca_secret_ref", "cert_secret_ref", "key_secret_ref"},
+        )
+        tls.update({part: f"${{env:{TLS_ENV[part]}}}" for part in _tls_refs(spec)})
+        driver["tls"] = tls
+    queues = [
+        {
+            "id": queue.name,
+            "kind": "queue.queue",
+            "driver": BROKER_ID,
+            **queue.model_dump(mode="json", exclude_unset=True, exclude={"name"}),
+        }
+        for queue in spec.queues
+    ]
+    policies = _policies(name, spec)
+    handler: dict[str, Any] = {
+        "source": f"file://{SOURCE_FILE}",
+        "method": spec.method,
+        **spec.model_dump(mode="json", exclude_unset=True, include={"modules"}),
+    }
+    consumer: dict[str, Any] = {
+        "name": name,
+        "kind": "queue.consumer",
+        "queue": spec.queue,
+        **spec.model_dump(
+            mode="json",
+            exclude_unset=True,
+            include={"concurrency", "prefetch", "auto_ack", "retry", "driver_options"},
+        ),
+        "security": {
+            "policies": [policy["name"] for policy in policies],
+            **spec.model_dump(mode="json", exclude_unset=True, include={"actor"}),
+        },
+    }
+    functions: list[dict[str, Any]] = []
+    if spec.func is not None:
+        functions.append({"id": spec.func, "kind": "function.lua", **handler})
+        consumer["func"] = spec.func
+    else:
+        consumer.update(handler)
+    return {
+        "version": VERSION,
+        "namespace": spec.id_namespace,
+        "entries": [driver, *queues, *functions, *policies, consumer],
+    }
+
+
+def config_data(name: str, spec: QueueConsumerSpec, source: str) -> dict[str, str]:
+    """The files of the ConfigMap: what `luaq run` reads, and nothing secret."""
+    document = yaml.safe_dump(entries_document(name, spec), sort_keys=False)
+    return {ENTRIES_FILE: document, SOURCE_FILE: source}
+
+
+def checksum(data: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()
+
+
+def config_map(owner: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, Names(owner["metadata"]["name"]).config_map),
+        "data": dict(data),
+    }
+
+
+def pod_env(spec: QueueConsumerSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "LUAQ_METRICS_PORT", "value": str(settings.worker_metrics_port)},
+        {"name": "LUAQ_PROCESSES", "value": str(spec.processes)},
+        {"name": "LUAQ_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_TIMEOUT)},
+    ]
+    env += [
+        {"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        for variable, ref in secret_refs(spec).items()
+    ]
+    env += [_api(variable.model_dump(mode="json", exclude_none=True)) for variable in spec.env]
+    return env
+
+
+_RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def deployment(
+    owner: Mapping[str, Any],
+    spec: QueueConsumerSpec,
+    settings: OperatorSettings,
+    config_checksum: str,
+    replicas: int,
+) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    names = Names(name)
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": spec.image or settings.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["luaq", "run", f"{CONFIG_DIR}/{ENTRIES_FILE}"],
+        "env": pod_env(spec, settings),
+        "ports": [
+            {"name": "metrics", "containerPort": settings.worker_metrics_port, "protocol": "TCP"}
+        ],
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "securityContext": _RESTRICTED,
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if spec.resources is not None:
+        container["resources"] = spec.resources.model_dump(mode="json", exclude_unset=True)
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": int(SHUTDOWN_TIMEOUT) + 15,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": names.config_map}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [
+            _api(toleration.model_dump(mode="json", exclude_none=True))
+            for toleration in spec.tolerations
+        ]
+    if spec.affinity:
+        pod["affinity"] = dict(spec.affinity)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, names.deployment),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            "template": {
+                "metadata": {
+                    "labels": labels(name),
+                    "annotations": {CHECKSUM_ANNOTATION: config_checksum},
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+def _api(data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level snake_case keys of a dumped model as the API's camelCase."""
+    return {camel(key): value for key, value in data.items()}
+
+
+def service(owner: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, Names(name).service),
+        "spec": {
+            "selector": selector_labels(name),
+            "ports": [
+                {
+                    "name": "metrics",
+                    "port": settings.worker_metrics_port,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }

@@ -1,0 +1,705 @@
+"""kmock's Kubernetes emulator with what the operator tests need of an API server.
+
+Stock kmock 0.8 stores and serves objects but leaves out most of an API server's behaviour;
+this subclass adds, for the resources registered with `register`: uid, resourceVersion,
+creationTimestamp, generation and generateName; merge, JSON and strategic merge patches and
+PUT with resourceVersion preconditions; status and scale subresources; finalizers and
+ownerReference garbage collection; label and field selectors; lists with their kind and
+resourceVersion; watches that start from a resourceVersion (no replay of old objects, no gap);
+and server-side tables with a CRD's printer columns, for `kubectl get`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import secrets
+import string
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import kmock
+from kmock._internal import apps, rendering
+
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Where the scale subresource reads and writes: dotted paths in the object."""
+
+    spec_replicas: str
+    status_replicas: str
+    selector: str | None = None  # a label selector string in the object
+    match_labels: str | None = None  # or a matchLabels map (Deployments)
+
+
+@dataclass(frozen=True)
+class Kind:
+    resource: kmock.resource
+    kind: str
+    namespaced: bool = True
+    status: bool = False
+    scale: Scale | None = None
+    columns: tuple[Mapping[str, str], ...] = ()
+
+    @property
+    def api_version(self) -> str:
+        group, version = self.resource.group, self.resource.version
+        return f"{group}/{version}" if group else str(version)
+
+
+@dataclass
+class _Watchers:
+    log: list[tuple[int, Body]] = field(default_factory=list)
+    queues: list[asyncio.Queue[tuple[int, Body]]] = field(default_factory=list)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _get(obj: Mapping[str, Any], path: str) -> Any:
+    value: Any = obj
+    for part in path.strip(".").split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _set(obj: Body, path: str, value: Any) -> None:
+    *parents, last = path.strip(".").split(".")
+    for part in parents:
+        obj = obj.setdefault(part, {})
+    obj[last] = value
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: maps merge, null deletes, everything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """Merge patch, except lists of named maps (containers, env, ports...) merge by name."""
+    if isinstance(patch, list) and isinstance(target, list) and _named(patch) and _named(target):
+        result = [copy.deepcopy(item) for item in target]
+        for item in patch:
+            index = next((i for i, old in enumerate(result) if old["name"] == item["name"]), None)
+            if item.get("$patch") == "delete":
+                if index is not None:
+                    del result[index]
+            elif index is None:
+                result.append(copy.deepcopy(item))
+            else:
+                result[index] = strategic_merge_patch(result[index], item)
+        return result
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key.startswith("$"):
+            continue
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = strategic_merge_patch(result.get(key), value)
+    return result
+
+
+def _named(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(item, dict) and "name" in item for item in items)
+
+
+def _pointer(path: str) -> list[str]:
+    return [part.replace("~1", "/").replace("~0", "~") for part in path.split("/")[1:]]
+
+
+def json_patch(target: Any, operations: Iterable[Mapping[str, Any]]) -> Any:
+    """RFC 6902; a failed `test` is a conflict, as the API server answers it."""
+    document = copy.deepcopy(target)
+    for op in operations:
+        parts = _pointer(op["path"])
+        parent: Any = document
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        last = parts[-1] if parts else ""
+        kind = op["op"]
+        if kind == "test":
+            actual = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if actual != op.get("value"):
+                raise kmock.KubernetesError(
+                    status=409, reason="Conflict", message=f"test failed at {op['path']}"
+                )
+        elif kind == "remove":
+            del parent[int(last) if isinstance(parent, list) else last]
+        elif kind in ("add", "replace"):
+            value = copy.deepcopy(op["value"])
+            if isinstance(parent, list):
+                if last == "-":
+                    parent.append(value)
+                elif kind == "add":
+                    parent.insert(int(last), value)
+                else:
+                    parent[int(last)] = value
+            else:
+                parent[last] = value
+        else:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"op {kind}")
+    return document
+
+
+_REQUIREMENT = re.compile(
+    r"^\s*(?P<key>!?[\w./-]+)\s*(?:(?P<op>==|!=|=|\s+in\s+|\s+notin\s+)\s*(?P<value>.*?))?\s*$"
+)
+
+
+def matches_labels(labels: Mapping[str, str], selector: str) -> bool:
+    """Equality- and set-based label selectors (`a=b,c!=d,e,!f,g in (x,y)`)."""
+    for requirement in re.split(r",(?![^(]*\))", selector):
+        if not requirement.strip():
+            continue
+        match = _REQUIREMENT.match(requirement)
+        if match is None:
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message=selector)
+        key, op, value = match["key"], (match["op"] or "").strip(), match["value"]
+        if op == "":
+            if key.startswith("!"):
+                if key[1:] in labels:
+                    return False
+            elif key not in labels:
+                return False
+        elif op in ("=", "=="):
+            if labels.get(key) != value:
+                return False
+        elif op == "!=":
+            if labels.get(key) == value:
+                return False
+        else:
+            values = {v.strip() for v in value.strip("() ").split(",")}
+            if (labels.get(key) in values) != (op == "in"):
+                return False
+    return True
+
+
+def _age(timestamp: str | None) -> str:
+    if not timestamp:
+        return "<unknown>"
+    created = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    seconds = max(0, int((datetime.now(UTC) - created).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@attrs.define(kw_only=True)
+class KubernetesEmulator(kmock.KubernetesEmulator):
+    _kinds: dict[kmock.resource, Kind] = attrs.field(factory=dict, init=False)
+    _watchers: dict[kmock.resource, _Watchers] = attrs.field(factory=dict, init=False)
+    _version: int = attrs.field(default=0, init=False)
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        """Registered resources are served here, straight (kmock's routing looks through every
+        past request for each new one, too slow for hundreds of objects); the rest, discovery
+        mostly, goes through kmock's routing (not its emulator's bookkeeping of writes)."""
+        serve = self._server_of(request)
+        if serve is None:
+            return await apps.RawHandler._handle(self, request)
+        return await rendering.Response(payload=serve)(request)
+
+    def _server_of(self, request: rendering.Request) -> Any:
+        if request.resource is None or request.resource not in self._kinds:
+            return None
+        if request.method == kmock.method.PUT and request.name is not None:
+            return self._serve_replace
+        return {
+            kmock.action.WATCH: self._serve_watch,
+            kmock.action.LIST: self._serve_list,
+            kmock.action.FETCH: self._serve_fetch,
+            kmock.action.CREATE: self._serve_create,
+            kmock.action.UPDATE: self._serve_update,
+            kmock.action.DELETE: self._serve_delete,
+        }.get(request.action)
+
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        payload = await super()._serve_version(request)
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")  # the core group is ""
+        for entry in payload["resources"]:
+            if "/" in entry["name"]:  # subresources have no short names or categories
+                entry["shortNames"], entry["categories"] = [], []
+        return payload
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def register(
+        self, kind: Kind, *, short_names: Iterable[str] = (), categories: Iterable[str] = ()
+    ) -> None:
+        self._kinds[kind.resource] = kind
+        self._watchers[kind.resource] = _Watchers()
+        subresources = {"status"} if kind.status else set()
+        if kind.scale:
+            subresources.add("scale")
+        self.resources[kind.resource] = kmock.ResourceInfo(
+            kind=kind.kind,
+            singular=kind.kind.lower(),
+            namespaced=kind.namespaced,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            shortnames=set(short_names),
+            categories=set(categories),
+            subresources=subresources,
+        )
+
+    def register_crd(self, crd: Mapping[str, Any]) -> None:
+        spec = crd["spec"]
+        version = next(v for v in spec["versions"] if v.get("storage"))
+        scale = version.get("subresources", {}).get("scale")
+        self.register(
+            Kind(
+                kmock.resource(spec["group"], version["name"], spec["names"]["plural"]),
+                spec["names"]["kind"],
+                namespaced=spec["scope"] == "Namespaced",
+                status="status" in version.get("subresources", {}),
+                scale=Scale(
+                    scale["specReplicasPath"],
+                    scale["statusReplicasPath"],
+                    scale.get("labelSelectorPath"),
+                )
+                if scale
+                else None,
+                columns=tuple(version.get("additionalPrinterColumns", ())),
+            ),
+            short_names=spec["names"].get("shortNames", ()),
+            categories=spec["names"].get("categories", ()),
+        )
+
+    # -- access for tests ------------------------------------------------------------------------
+
+    def read(
+        self, plural_or_resource: str | kmock.resource, namespace: str | None, name: str
+    ) -> Body | None:
+        """The current object, as a plain dict copy (None when absent)."""
+        resource = self._resource(plural_or_resource)
+        key = (resource, namespace, name)
+        if key not in self._objects or self._objects[key].deleted:
+            return None
+        return copy.deepcopy(self._objects[key].raw)
+
+    def read_all(
+        self, plural_or_resource: str | kmock.resource, namespace: str | None = None
+    ) -> list[Body]:
+        resource = self._resource(plural_or_resource)
+        return [
+            copy.deepcopy(obj.raw)
+            for (res, ns, _), obj in self._objects.items()
+            if res == resource and not obj.deleted and (namespace is None or ns == namespace)
+        ]
+
+    def _resource(self, value: str | kmock.resource) -> kmock.resource:
+        if isinstance(value, kmock.resource):
+            return value
+        found = [r for r in self._kinds if r.plural == value]
+        if len(found) != 1:
+            raise KeyError(value)
+        return found[0]
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def _kind(self, request: rendering.Request) -> Kind:
+        assert request.resource is not None
+        for resource, kind in self._kinds.items():
+            if resource == request.resource:
+                return kind
+        raise kmock.KubernetesResourceNotFoundError()
+
+    def _current(self, kind: Kind, namespace: str | None, name: str) -> Body:
+        key = (kind.resource, namespace if kind.namespaced else None, name)
+        if key not in self._objects or self._objects[key].deleted:
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound", message=f'{kind.resource.plural} "{name}" not found'
+            )
+        return copy.deepcopy(self._objects[key].raw)
+
+    def _next_version(self) -> str:
+        self._version += 1
+        return str(self._version)
+
+    def _emit(self, kind: Kind, event_type: str, obj: Body) -> None:
+        version = int(obj["metadata"]["resourceVersion"])
+        event = {"type": event_type, "object": copy.deepcopy(obj)}
+        watchers = self._watchers[kind.resource]
+        watchers.log.append((version, event))
+        for queue in watchers.queues:
+            queue.put_nowait((version, event))
+
+    def _store(self, kind: Kind, obj: Body) -> None:
+        meta = obj["metadata"]
+        key = (kind.resource, meta.get("namespace"), meta["name"])
+        if key in self._objects:
+            self._objects[key].create(obj)
+        else:
+            self._objects[key] = obj
+
+    async def _serve_create(self, request: rendering.Request) -> Body:
+        kind = self._kind(request)
+        obj: Body = copy.deepcopy(request.data or {})
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message="name is required"
+                )
+            suffix = "".join(
+                secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5)
+            )
+            meta["name"] = meta["generateName"] + suffix
+        if kind.namespaced:
+            namespace = request.namespace or meta.get("namespace")
+            if meta.get("namespace", namespace) != namespace:
+                raise kmock.KubernetesError(
+                    status=400, reason="BadRequest", message="namespace mismatch"
+                )
+            meta["namespace"] = namespace
+        key = (kind.resource, meta.get("namespace"), meta["name"])
+        if key in self._objects and not self._objects[key].deleted:
+            raise kmock.KubernetesError(
+                status=409, reason="AlreadyExists", message=f'"{meta["name"]}" already exists'
+            )
+        obj.setdefault("apiVersion", kind.api_version)
+        obj.setdefault("kind", kind.kind)
+        if kind.status:
+            obj.pop("status", None)
+        meta.update(
+            uid=secrets.token_hex(16),
+            creationTimestamp=_now(),
+            resourceVersion=self._next_version(),
+        )
+        if "spec" in obj:
+            meta["generation"] = 1
+        self._store(kind, obj)
+        self._emit(kind, "ADDED", obj)
+        return obj
+
+    async def _serve_fetch(self, request: rendering.Request) -> Body:
+        kind = self._kind(request)
+        assert request.name is not None
+        obj = self._current(kind, request.namespace, request.name)
+        if request.subresource == "scale":
+            return self._scale_of(kind, obj)
+        if _wants_table(request):
+            return self._table(kind, [obj])
+        return obj
+
+    async def _serve_list(self, request: rendering.Request) -> Body:
+        kind = self._kind(request)
+        items = self._select(kind, request)
+        if _wants_table(request):
+            return self._table(kind, items)
+        return {
+            "apiVersion": kind.api_version,
+            "kind": f"{kind.kind}List",
+            "metadata": {"resourceVersion": str(self._version)},
+            "items": items,
+        }
+
+    def _select(self, kind: Kind, request: rendering.Request) -> list[Body]:
+        return [
+            copy.deepcopy(obj.raw)
+            for (resource, namespace, _), obj in self._objects.items()
+            if resource == kind.resource
+            and not obj.deleted
+            and (request.namespace is None or namespace == request.namespace)
+            and _selected(obj.raw, request.params)
+        ]
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
+        kind = self._kind(request)
+        yield b""  # headers out: the stream is open
+        queue: asyncio.Queue[tuple[int, Body]] = asyncio.Queue()
+        watchers = self._watchers[kind.resource]
+        watchers.queues.append(queue)  # before the replay: nothing falls in between
+        try:
+            since = request.params.get("resourceVersion") or "0"
+            sent = int(since)
+            if since == "0":
+                backlog = [
+                    (sent, {"type": "ADDED", "object": obj}) for obj in self._select(kind, request)
+                ]
+            else:
+                backlog = [(v, e) for v, e in watchers.log if v > sent]
+            timeout = request.params.get("timeoutSeconds")
+            deadline = time.monotonic() + float(timeout) if timeout else None
+            for version, event in backlog:
+                if self._watched(event, request):
+                    yield event
+                sent = max(sent, version)
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    version, event = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    return
+                if version > sent and self._watched(event, request):
+                    yield event
+        finally:
+            watchers.queues.remove(queue)
+
+    def _watched(self, event: Body, request: rendering.Request) -> bool:
+        meta = event["object"]["metadata"]
+        if request.namespace is not None and meta.get("namespace") != request.namespace:
+            return False
+        if request.name is not None and meta.get("name") != request.name:
+            return False
+        return _selected(event["object"], request.params)
+
+    async def _serve_update(self, request: rendering.Request) -> Body:
+        kind = self._kind(request)
+        assert request.name is not None
+        current = self._current(kind, request.namespace, request.name)
+        content_type = request.headers.get("Content-Type", "").split(";")[0]
+        patchers = {
+            "application/merge-patch+json": merge_patch,
+            "application/strategic-merge-patch+json": strategic_merge_patch,
+            "application/json-patch+json": json_patch,
+        }
+        if content_type not in patchers:
+            raise kmock.KubernetesError(
+                status=415, reason="UnsupportedMediaType", message=f"{content_type} patches"
+            )
+        if request.subresource == "scale":
+            scale = patchers[content_type](self._scale_of(kind, current), request.data)
+            return self._scale_of(kind, self._set_replicas(kind, current, scale))
+        new = patchers[content_type](current, request.data)
+        return self._write(kind, current, new, request.subresource)
+
+    async def _serve_replace(self, request: rendering.Request) -> Body:
+        kind = self._kind(request)
+        if request.name is None:
+            raise kmock.KubernetesError(status=405, reason="MethodNotAllowed", message="PUT a list")
+        current = self._current(kind, request.namespace, request.name)
+        new = copy.deepcopy(request.data or {})
+        self._precondition(current, new)
+        if request.subresource == "scale":
+            return self._scale_of(kind, self._set_replicas(kind, current, new))
+        return self._write(kind, current, new, request.subresource)
+
+    def _precondition(self, current: Body, new: Body) -> None:
+        wanted = (new.get("metadata") or {}).get("resourceVersion")
+        if wanted and wanted != current["metadata"]["resourceVersion"]:
+            raise kmock.KubernetesError(
+                status=409,
+                reason="Conflict",
+                message="the object has been modified; apply your changes to the latest version",
+            )
+
+    def _set_replicas(self, kind: Kind, current: Body, scale: Mapping[str, Any]) -> Body:
+        assert kind.scale is not None
+        new = copy.deepcopy(current)
+        _set(new, kind.scale.spec_replicas, scale["spec"]["replicas"])
+        return self._write(kind, current, new, None)
+
+    def _scale_of(self, kind: Kind, obj: Body) -> Body:
+        if kind.scale is None:
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound", message="no scale subresource"
+            )
+        meta = obj["metadata"]
+        status: Body = {"replicas": _get(obj, kind.scale.status_replicas) or 0}
+        if kind.scale.selector:
+            status["selector"] = _get(obj, kind.scale.selector)
+        elif kind.scale.match_labels:
+            labels = _get(obj, kind.scale.match_labels) or {}
+            status["selector"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                key: meta[key]
+                for key in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if key in meta
+            },
+            "spec": {"replicas": _get(obj, kind.scale.spec_replicas) or 0},
+            "status": status,
+        }
+
+    def _write(self, kind: Kind, current: Body, new: Body, subresource: str | None) -> Body:
+        self._precondition(current, new)
+        if subresource == "status":
+            new = {**current, "status": new.get("status")}
+        elif subresource is not None:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message=subresource)
+        elif kind.status:
+            new["status"] = current.get("status")
+            if new["status"] is None:
+                del new["status"]
+        meta = new.setdefault("metadata", {})
+        for key in (
+            "uid",
+            "name",
+            "namespace",
+            "creationTimestamp",
+            "generation",
+            "resourceVersion",
+        ):
+            if key in current["metadata"]:
+                meta[key] = current["metadata"][key]
+        if meta.get("deletionTimestamp") != current["metadata"].get("deletionTimestamp"):
+            meta["deletionTimestamp"] = current["metadata"].get("deletionTimestamp")
+            if meta["deletionTimestamp"] is None:
+                del meta["deletionTimestamp"]
+        if new == current:
+            return current  # a no-op write changes nothing, not even the resourceVersion
+        if "generation" in meta and _spec(new) != _spec(current):
+            meta["generation"] += 1
+        meta["resourceVersion"] = self._next_version()
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            self._remove(kind, new)
+            return new
+        self._store(kind, new)
+        self._emit(kind, "MODIFIED", new)
+        return new
+
+    async def _serve_delete(self, request: rendering.Request) -> Body:
+        kind = self._kind(request)
+        assert request.name is not None
+        return self._delete(kind, self._current(kind, request.namespace, request.name))
+
+    def _delete(self, kind: Kind, current: Body) -> Body:
+        """Gone at once, or marked for deletion while finalizers remain."""
+        meta = current["metadata"]
+        if meta.get("finalizers") and meta.get("deletionTimestamp"):
+            return current
+        meta["resourceVersion"] = self._next_version()
+        if meta.get("finalizers"):
+            meta["deletionTimestamp"] = _now()
+            self._store(kind, current)
+            self._emit(kind, "MODIFIED", current)
+        else:
+            self._remove(kind, current)
+        return current
+
+    def _remove(self, kind: Kind, obj: Body) -> None:
+        meta = obj["metadata"]
+        self._objects[kind.resource, meta.get("namespace"), meta["name"]].delete()
+        self._emit(kind, "DELETED", obj)
+        self._collect_garbage(meta["uid"])
+
+    def _collect_garbage(self, owner_uid: str) -> None:
+        """What the garbage collector does for ownerReferences (background propagation)."""
+        for (resource, namespace, name), obj in list(self._objects.items()):
+            owners = [] if obj.deleted else obj.raw.get("metadata", {}).get("ownerReferences")
+            if any(owner.get("uid") == owner_uid for owner in owners or []):
+                kind = self._kinds[resource]
+                self._delete(kind, self._current(kind, namespace, name))
+
+    def _table(self, kind: Kind, items: list[Body]) -> Body:
+        columns = [{"name": "Name", "type": "string", "format": "name"}]
+        columns += [
+            {"name": c["name"], "type": c.get("type", "string"), "format": ""}
+            for c in kind.columns
+            or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+        ]
+        rows = []
+        for obj in items:
+            cells: list[Any] = [obj["metadata"]["name"]]
+            for column in kind.columns or [
+                {"type": "date", "jsonPath": ".metadata.creationTimestamp"}
+            ]:
+                value = _get(obj, column["jsonPath"])
+                cells.append(_age(value) if column.get("type") == "date" else value)
+            rows.append(
+                {
+                    "cells": cells,
+                    "object": {
+                        "apiVersion": "meta.k8s.io/v1",
+                        "kind": "PartialObjectMetadata",
+                        "metadata": obj["metadata"],
+                    },
+                }
+            )
+        return {
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "Table",
+            "metadata": {"resourceVersion": str(self._version)},
+            "columnDefinitions": [{**c, "description": "", "priority": 0} for c in columns],
+            "rows": rows,
+        }
+
+
+def _spec(obj: Mapping[str, Any]) -> Body:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+def _wants_table(request: rendering.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
+
+
+def _selected(obj: Mapping[str, Any], params: Mapping[str, str]) -> bool:
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if not matches_labels(labels, params.get("labelSelector", "")):
+        return False
+    for requirement in filter(None, params.get("fieldSelector", "").split(",")):
+        path, _, value = requirement.partition("=")
+        if str(_get(obj, path.rstrip("="))) != value.lstrip("="):
+            return False
+    return True
+
+
+BUILTINS = (
+    Kind(kmock.resource("", "v1", "configmaps"), "ConfigMap"),
+    Kind(kmock.resource("", "v1", "secrets"), "Secret"),
+    Kind(kmock.resource("", "v1", "services"), "Service", status=True),
+    Kind(kmock.resource("", "v1", "events"), "Event"),
+    Kind(kmock.resource("", "v1", "namespaces"), "Namespace", namespaced=False, status=True),
+    Kind(kmock.resource("coordination.k8s.io", "v1", "leases"), "Lease"),
+    Kind(
+        kmock.resource("apps", "v1", "deployments"),
+        "Deployment",
+        status=True,
+        scale=Scale("spec.replicas", "status.replicas", match_labels="spec.selector.matchLabels"),
+    ),
+    Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "roles"), "Role"),
+    Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "rolebindings"), "RoleBinding"),
+    Kind(
+        kmock.resource("rbac.authorization.k8s.io", "v1", "clusterroles"),
+        "ClusterRole",
+        namespaced=False,
+    ),
+    Kind(
+        kmock.resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
+        "ClusterRoleBinding",
+        namespaced=False,
+    ),
+    Kind(kmock.resource("", "v1", "serviceaccounts"), "ServiceAccount"),
+)
+
+
+def kubeconfig(url: str) -> str:
+    """A kubeconfig for the emulator, as kubectl, kopf and the kubernetes client read it."""
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+            "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+            "current-context": "kmock",
+        }
+    )

