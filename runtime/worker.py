@@ -272,7 +272,8 @@ class Worker:
         sampled = 0.0
         while True:
             self.beat = time.monotonic()
-            if self.sample_backlog and self.beat - sampled >= BACKLOG_EVERY:
+            running = self.state == "running"
+            if running and self.sample_backlog and self.beat - sampled >= BACKLOG_EVERY:
                 sampled = self.beat
                 await self._sample_backlog()
             if self.snapshots is not None:

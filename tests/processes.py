@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -137,3 +138,10 @@ def write_app(path: Path, app_entries: list[dict[str, Any]]) -> Path:
 def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (on 127.0.0.1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

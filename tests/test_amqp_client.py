@@ -491,3 +491,18 @@ async def test_the_broker_sees_the_connection_names_and_heartbeat() -> None:
             assert '{"product","luaq"}' in properties
     finally:
         await driver.close()
+
+
+async def test_a_declaration_queued_behind_a_failing_one_still_happens(
+    driver: AmqpDriver, queue_name: str
+) -> None:
+    """A passive declaration of a missing queue closes the shared declarations channel; the
+    declaration waiting behind it is made on a new one instead of failing with it."""
+    missing, queue = queue_entry(f"{queue_name}-missing"), queue_entry(queue_name)
+    asked, declared = await asyncio.gather(
+        driver.info(missing), driver.declare(queue), return_exceptions=True
+    )
+    assert isinstance(asked, QueueError), asked
+    assert asked.kind is Kind.NOT_FOUND
+    assert declared is None, declared
+    assert await queue_depth(queue_name) == (0, 0)

@@ -15,8 +15,8 @@ from pathlib import Path
 import kubernetes_validate
 from conftest import eventually
 from kube_fixtures import Cluster, apply, namespace
+from processes import free_port
 from test_operator_crd import K8S_VERSION
-from test_operator_leader import free_port
 
 OPERATOR = Path(sys.executable).with_name("luaq-operator")
 

@@ -16,8 +16,7 @@ from kube_fixtures import example
 from luaq.operator import crd, render
 from luaq.operator.resource import parse_spec
 from luaq.operator.settings import OperatorSettings
-from processes import Spawner
-from test_operator_leader import free_port
+from processes import Spawner, free_port
 
 
 @pytest.fixture

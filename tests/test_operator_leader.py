@@ -4,7 +4,6 @@ Each serves its own Prometheus metrics."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -12,12 +11,7 @@ from dataclasses import replace
 from conftest import eventually
 from kube_fixtures import TEST_SETTINGS, Cluster, apply, reconciles, running
 from luaq.operator.kube import QUEUE_CONSUMERS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from processes import free_port
 
 
 async def scrape(port: int) -> str:

@@ -96,6 +96,11 @@ class ChannelClosed(Exception):
         self.text = text
 
 
+class ChannelGone(ChannelClosed):
+    """A call on a channel that another call's failure had closed before this one was sent:
+    nothing happened, and the call can be made again on a new channel."""
+
+
 class ConnectionClosed(ConnectionError):
     """The connection is gone: closed by the broker (with its reply code), by us, or lost."""
 
@@ -388,8 +393,11 @@ class Channel:
         """Send a synchronous method and wait for its reply (or the channel's closing), at
         most the endpoint's timeout: a blocked or stalled broker raises TimeoutError."""
         async with asyncio.timeout(self.connection.endpoint.timeout), self._lock:
-            if self.closed_by is not None:
-                raise self.closed_by
+            closed_by = self.closed_by
+            if isinstance(closed_by, ChannelClosed):
+                raise ChannelGone(closed_by.code, closed_by.text)
+            if closed_by is not None:
+                raise closed_by
             future = self._expect(reply)
             self.connection.write(pamqp.frame.marshal(method, self.number))
             result: Reply = await future

@@ -1,0 +1,402 @@
+"""Metrics, liveness and readiness (`luaq run --metrics-port`), scraped from real worker
+processes on the memory driver and on the real RabbitMQ, one process or a pod of them; the
+handlers' own metrics; the two log formats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from broker import AMQP_URL, rabbitmqctl
+from conftest import AppFactory
+from luaq.runtime.metrics import Family, Server, Snapshots, Source, merge
+from processes import Spawner, free_port, wait_until, write_app, write_jsonl
+from prometheus_client.parser import text_string_to_metric_families
+from test_faults import fill
+
+HANDLER = """
+local seen = {}
+function handle(p)
+  seen[p.n] = (seen[p.n] or 0) + 1
+  metrics.counter("handled", {parity = p.n % 2 == 0 and "even" or "odd"})
+  metrics.gauge("last_n", {}, p.n)
+  metrics.histogram("work_seconds", {}, 0.02)
+  if p.mode == "fail_once" and seen[p.n] == 1 then return nil, "not yet" end
+  if p.mode == "fail" then error(errors.new({message = "never", kind = errors.CONFLICT})) end
+  if p.mode == "secret" then return queue.publish("app:secret", p) end
+  return queue.publish("app:out", p)
+end
+"""
+
+
+def app_entries(path: Path, driver: dict[str, Any]) -> Path:
+    """Every outcome: acks; retries; dead letters (jobs, max 2 attempts); rejections (`bad`:
+    dead_letter without a queue); a publish the policy refuses (to `secret`)."""
+    return write_app(path, [
+        {"name": "broker", **driver},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker", "retry": {"delay": "10ms"},
+         "dead_letter": {"queue": "dlq", "max_attempts": 2}},
+        {"name": "bad", "kind": "queue.queue", "driver": "broker",
+         "dead_letter": {"max_attempts": 1}},
+        *({"name": name, "kind": "queue.queue", "driver": "broker"}
+          for name in ("dlq", "out", "secret")),
+        {"name": "publish_out", "kind": "security.policy", "groups": ["workers"],
+         "policy": {"actions": "queue.publish*", "resources": ["app:out"], "effect": "allow"}},
+        {"name": "general", "kind": "security.policy", "groups": ["workers"],
+         "policy": {"actions": "queue.publish", "effect": "allow"}},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": HANDLER, "concurrency": 3, "security": {"groups": ["workers"]},
+         "modules": ["queue", "metrics"]},
+        {"id": "rejecter", "kind": "queue.consumer", "queue": "bad", "method": "handle",
+         "source": 'function handle(p) error("no") end'},
+    ])  # fmt: skip
+
+
+INPUTS = [
+    *({"queue": "app:jobs", "data": {"n": n}} for n in range(6)),
+    {"queue": "app:jobs", "data": {"n": 6, "mode": "fail_once"}},
+    {"queue": "app:jobs", "data": {"n": 7, "mode": "fail"}},
+    {"queue": "app:jobs", "data": {"n": 8, "mode": "secret"}},
+    {"queue": "app:bad", "data": {"n": 9}},
+]
+
+
+def get(port: int, path: str, accept: str | None = None) -> tuple[int, str, str]:
+    """(status, content type, body); a refused connection is status 0."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if accept:
+        request.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+    except OSError:
+        return 0, "", ""
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    status, _, body = get(port, "/metrics")
+    assert status == 200, body
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), -1.0)
+
+
+def series(samples: Samples) -> set[tuple[str, frozenset[str]]]:
+    """Sample names with their label names: what a dashboard can rely on."""
+    return {(name, frozenset(k for k, _ in labels)) for name, labels in samples}
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
+
+
+def run_every_outcome(tmp_path: Path, spawn: Spawner, driver: dict[str, Any]) -> Samples:
+    tmp_path.mkdir(exist_ok=True)
+    port = free_port()
+    app = app_entries(tmp_path / "app.yaml", driver)
+    messages = write_jsonl(tmp_path / "in.jsonl", INPUTS)
+    process = spawn("run", app, "--input", messages, "--metrics-port", str(port))
+
+    def settled() -> bool:
+        samples = scrape(port) if get(port, "/healthz")[0] == 200 else {}
+        done = value(samples, "luaq_messages_settled_total", consumer="app:worker",
+                     queue="app:jobs", outcome="dead_letter") == 2  # fmt: skip
+        return done and value(samples, "luaq_queue_backlog", queue="app:dlq",
+                              driver="app:broker") == 2  # fmt: skip
+
+    wait_until(settled, 30, "every message settled and the backlog sampled")
+    samples = scrape(port)
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0, process.stderr
+    return samples
+
+
+def test_every_outcome_is_counted_on_the_memory_driver(tmp_path: Path, spawn: Spawner) -> None:
+    samples = run_every_outcome(tmp_path, spawn, {"kind": "queue.driver.memory"})
+    worker = {"consumer": "app:worker", "queue": "app:jobs"}
+    assert value(samples, "luaq_messages_received_total", **worker) == 9 + 3  # 3 retries
+    settled = {
+        outcome: value(samples, "luaq_messages_settled_total", **worker, outcome=outcome)
+        for outcome in ("ack", "retry", "requeue", "dead_letter", "reject", "stale")
+    }
+    # n=6 fails once; n=7 fails twice, n=8 is refused twice: both then dead-lettered
+    assert settled == {"ack": 7, "retry": 3, "requeue": 0, "dead_letter": 2, "reject": 0,
+                       "stale": 0}  # fmt: skip
+    rejecter = {"consumer": "app:rejecter", "queue": "app:bad"}
+    assert value(samples, "luaq_messages_settled_total", **rejecter, outcome="reject") == 1
+    assert value(samples, "luaq_handler_duration_seconds_count", **worker) == 12
+    assert value(samples, "luaq_handler_duration_seconds_bucket", **worker, le="+Inf") == 12
+    assert value(samples, "luaq_handler_errors_total", **worker, kind="CONFLICT") == 2
+    assert value(samples, "luaq_handler_errors_total", **worker, kind="UNKNOWN") == 1
+    assert value(samples, "luaq_handler_errors_total", **worker, kind="PERMISSION_DENIED") == 2
+    assert value(samples, "luaq_handlers_in_flight", **worker) == 0
+    assert value(samples, "luaq_consumer_concurrency", **worker) == 3
+    assert value(samples, "luaq_message_size_bytes_count", **worker) == 12
+    out = {"queue": "app:out", "driver": "app:broker"}
+    assert value(samples, "luaq_messages_published_total", **out) == 7
+    assert value(samples, "luaq_publish_duration_seconds_count", **out) == 7
+    secret = {"queue": "app:secret", "driver": "app:broker", "kind": "PERMISSION_DENIED"}
+    assert value(samples, "luaq_publish_failures_total", **secret) == 2
+    assert value(samples, "luaq_permission_denials_total", consumer="app:worker",
+                 action="queue.publish.queue") == 2  # fmt: skip
+    assert value(samples, "luaq_messages_published_total", queue="app:jobs",
+                 driver="app:broker") == 9  # --input  # fmt: skip
+    assert value(samples, "luaq_driver_connected", driver="app:broker") == 1
+    assert value(samples, "luaq_driver_reconnects_total", driver="app:broker") == 0
+    assert value(samples, "luaq_queue_backlog", queue="app:jobs", driver="app:broker") == 0
+    assert value(samples, "luaq_worker_ready") == 1
+    assert value(samples, "luaq_user_handled_total", parity="even") == 7
+    assert value(samples, "luaq_user_handled_total", parity="odd") == 5
+    assert value(samples, "luaq_user_work_seconds_count") == 12
+    assert 0 <= value(samples, "luaq_user_last_n") <= 8
+    assert any(name == "luaq_build_info" for name, _ in samples)
+
+
+def test_amqp_exports_the_same_series_as_memory(tmp_path: Path, spawn: Spawner, vhost: str) -> None:
+    memory = run_every_outcome(tmp_path / "m", spawn, {"kind": "queue.driver.memory"})
+    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    amqp = run_every_outcome(tmp_path / "a", spawn, {"kind": "queue.driver.amqp", "url": url})
+    assert series(amqp) == series(memory)
+    outcomes = ("ack", "retry", "dead_letter")
+    for outcome in outcomes:
+        labels = {"consumer": "app:worker", "queue": "app:jobs", "outcome": outcome}
+        assert value(amqp, "luaq_messages_settled_total", **labels) == value(
+            memory, "luaq_messages_settled_total", **labels
+        ), outcome
+
+
+def test_openmetrics_when_asked_for(tmp_path: Path, spawn: Spawner) -> None:
+    port = free_port()
+    app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})
+    spawn("run", app, "--metrics-port", str(port))
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready")
+    status, content_type, body = get(port, "/metrics", "application/openmetrics-text")
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+    assert "luaq_messages_received_total{" in body
+    status, content_type, body = get(port, "/metrics")
+    assert content_type.startswith("text/plain")
+    assert "# EOF" not in body
+    assert get(port, "/nothing")[0] == 404
+
+
+# -- liveness and readiness ---------------------------------------------------------------------
+
+
+def test_not_ready_before_start_up_completes(tmp_path: Path, spawn: Spawner) -> None:
+    """A broker that accepts the connection and never says a word: the worker is live, not
+    ready, and after connection_timeout exits with an error."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
+        app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.amqp", "url": url,
+                                                  "connection_timeout": "3s"})  # fmt: skip
+        port = free_port()
+        process = spawn("run", app, "--metrics-port", str(port))
+        wait_until(lambda: get(port, "/readyz")[0] != 0, 20, "the metrics port answering")
+        assert get(port, "/readyz")[0::2] == (503, "starting\n")
+        assert get(port, "/healthz")[0::2] == (200, "ok\n")
+        assert process.wait(30) == 1
+        assert "UNAVAILABLE" in process.stderr
+
+
+def test_readiness_follows_the_connection_and_shutdown(
+    tmp_path: Path, spawn: Spawner, vhost: str
+) -> None:
+    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.amqp", "url": url, "reconnect_delay": "1s"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "modules": ["time"], "source": "function handle(p) time.sleep(3) end"},
+    ])  # fmt: skip
+    port = free_port()
+    process = spawn("run", app, "--metrics-port", str(port), "--shutdown-timeout", "10")
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready")
+
+    rabbitmqctl("close_all_connections", "--vhost", vhost, "test: readiness")
+    wait_until(lambda: get(port, "/readyz")[0::2] == (503, "reconnecting app:broker\n"), 10,
+               "not ready while reconnecting")  # fmt: skip
+    assert value(scrape(port), "luaq_driver_connected", driver="app:broker") == 0
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready again")
+    assert value(scrape(port), "luaq_driver_reconnects_total", driver="app:broker") >= 1
+
+    asyncio.run(fill(url, "jobs", 1))
+    wait_until(lambda: value(scrape(port), "luaq_handlers_in_flight", consumer="app:worker",
+                             queue="app:jobs") == 1, 10, "a handler running")  # fmt: skip
+    process.popen.send_signal(signal.SIGTERM)
+    wait_until(lambda: get(port, "/readyz")[0::2] == (503, "stopping\n"), 5, "stopping")
+    assert get(port, "/healthz")[0] == 200, "draining is alive"
+    assert process.wait(30) == 0, process.stderr
+
+
+def test_liveness_reads_the_event_loops_last_sign_of_life() -> None:
+    """The server answers from its own thread, so a worker whose loop is stuck still answers
+    the probe: with 503, once the loop has been silent for too long."""
+    reason: list[str | None] = [None]
+    server = Server("127.0.0.1", 0, Source(list, lambda: reason[0], lambda: None))
+    server.start()
+    port = int(server.address.rsplit(":", 1)[1])
+    try:
+        assert get(port, "/healthz")[0::2] == (200, "ok\n")
+        reason[0] = "the event loop gave no sign of life for 20s"
+        assert get(port, "/healthz")[0::2] == (503, f"{reason[0]}\n")
+    finally:
+        server.stop()
+
+
+def test_a_pod_is_not_live_when_one_of_its_processes_went_silent(tmp_path: Path) -> None:
+    snapshots = Snapshots(tmp_path)
+    snapshots.write([], None)
+    source = snapshots.source(lambda: 1, lambda: False)
+    assert source.unhealthy() is None
+    assert source.unready() is None
+    (path,) = tmp_path.glob("*.json")
+    snapshot = json.loads(path.read_text())
+    snapshot["beat"] -= 60
+    path.write_text(json.dumps(snapshot))
+    assert "gave no sign of life for 60s" in str(source.unhealthy())
+
+
+def test_a_busy_metrics_port_is_said_clearly(tmp_path: Path, spawn: Spawner) -> None:
+    app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = spawn("run", app, "--metrics-port", str(port), "--metrics-address",
+                        "127.0.0.1")  # fmt: skip
+        assert process.wait(30) == 1
+    assert f"--metrics-port {port}: Address already in use" in process.stderr
+
+
+# -- a pod of processes -------------------------------------------------------------------------
+
+
+def test_one_port_sums_every_process(tmp_path: Path, spawn: Spawner, vhost: str) -> None:
+    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    asyncio.run(fill(url, "jobs", 300))
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.amqp", "url": url},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": "function handle(p) end", "concurrency": 4, "prefetch": 10},
+    ])  # fmt: skip
+    port = free_port()
+    process = spawn("run", app, "--processes", "2", "--metrics-port", str(port))
+    key = {"consumer": "app:worker", "queue": "app:jobs"}
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 30, "both processes ready")
+    wait_until(lambda: value(scrape(port), "luaq_messages_settled_total", **key, outcome="ack")
+               == 300, 30, "300 acks over both processes")  # fmt: skip
+    samples = scrape(port)
+    assert value(samples, "luaq_messages_received_total", **key) == 300
+    assert value(samples, "luaq_handler_duration_seconds_count", **key) == 300
+    assert value(samples, "luaq_consumer_concurrency", **key) == 8, "4 per process"
+    assert value(samples, "luaq_driver_connected", driver="app:broker") == 1
+    assert value(samples, "luaq_worker_ready") == 1
+    received = [line for line in process.logs() if line.get("msg") == "worker started"]
+    assert len(received) == 2, "two processes"
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0, process.stderr
+
+
+# -- handlers' own metrics ------------------------------------------------------------------------
+
+
+async def test_user_metrics_are_validated_and_bounded(
+    apps: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, out = await apps.run(
+        """
+        function handle(p)
+          local results = {}
+          for i = 1, 101 do
+            local ok, err = metrics.counter("by_user", {user = "u" .. i})
+            results[i] = ok or err:kind() .. ": " .. err:message()
+          end
+          local _, bad_name = metrics.counter("no spaces", {})
+          local _, bad_type = metrics.gauge("by_user", {user = "u1"}, 1)
+          local _, bad_labels = metrics.counter("by_user", {other = "x"})
+          local _, bad_value = metrics.counter("by_user", {user = "u1"}, -1)
+          local _, bad_label = metrics.counter("x", {["1bad"] = "y"})
+          assert(queue.publish("out", {
+            first = results[1], last = results[101],
+            errors = {bad_name:message(), bad_type:message(), bad_labels:message(),
+                      bad_value:message(), bad_label:message()}}))
+        end
+        """,
+        [1],
+        modules=["queue", "metrics"],
+    )
+    report = out[0].data
+    assert report["first"] is True
+    assert report["last"] == "INVALID: metric luaq_user_by_user not recorded: it has 100 label " \
+        "sets already"  # fmt: skip
+    assert report["errors"] == [
+        "metric name 'no spaces' must be letters, digits and underscores",
+        "metric by_user is a counter, not a gauge",
+        "metric by_user has labels ['user'], not ['other']",
+        "metric by_user: a counter only goes up",
+        "metric x: '1bad' is not a label name",
+    ]
+    refused = [r for r in caplog.records if r.getMessage() == "user metric refused"]
+    assert len(refused) == 1, "said once"
+    families = {f.name: f for f in app.worker.families()}
+    assert len(families["luaq_user_by_user"].series) == 100
+
+
+def test_user_gauges_take_the_latest_value_across_processes() -> None:
+    older = Family("luaq_user_g", "gauge", "", (), "latest", series={(): (1.0, 10.0)})
+    newer = Family("luaq_user_g", "gauge", "", (), "latest", series={(): (2.0, 20.0)})
+    counter = Family("luaq_user_c", "counter", "", series={(): 3})
+    merged = {f.name: f for f in merge([[newer, counter], [older, counter]])}
+    assert merged["luaq_user_g"].series[()] == (2.0, 20.0)
+    assert merged["luaq_user_c"].series[()] == 6
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_log_formats_carry_the_same_fields(tmp_path: Path, spawn: Spawner, form: str) -> None:
+    app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})
+    messages = write_jsonl(tmp_path / "in.jsonl", INPUTS[6:7])
+    process = spawn("--log-format", form, "run", app, "--input", messages, "--until-idle")
+    assert process.wait(30) == 0, process.stderr
+    started = next(line for line in process.stderr.splitlines() if "worker started" in line)
+    failed = next(line for line in process.stderr.splitlines() if "handler failed" in line)
+    if form == "json":
+        assert started.startswith("{")
+        assert '"consumers": {"app:worker": "app:jobs, concurrency 3, prefetch 10"' in started
+        assert '"attempt": 1' in failed
+    else:
+        assert " INFO    luaq.worker: worker started  consumers=" in started
+        assert '"app:worker": "app:jobs, concurrency 3, prefetch 10"' in started
+        assert "metrics=null" in started
+        assert " attempt=1 " in failed
+        assert 'error="not yet"' in failed
