@@ -31,7 +31,15 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from ..entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 from ..errors import Kind, QueueError
 from . import CLOSE_TIMEOUT, Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
-from .amqp_client import MALFORMED, Channel, ChannelClosed, Confirm, Connection, Endpoint
+from .amqp_client import (
+    MALFORMED,
+    Channel,
+    ChannelClosed,
+    ChannelGone,
+    Confirm,
+    Connection,
+    Endpoint,
+)
 
 _log = logging.getLogger("luaq.amqp")
 T = TypeVar("T")
@@ -628,8 +636,16 @@ class AmqpDriver(Driver):
                     raise QueueError(Kind.UNAVAILABLE, f"{what}: {exc}", retryable=True) from exc
 
     async def _on_admin(self, what: str, operation: Callable[[Channel], Awaitable[T]]) -> T:
+        """`operation` on the channel for declarations, which a failed declaration closes (a
+        passive one for a queue that is gone, say): a call queued behind that one is made
+        again on a new channel."""
+
         async def on(connection: Connection) -> T:
-            return await operation(await self._admin_on(connection))
+            while True:
+                try:
+                    return await operation(await self._admin_on(connection))
+                except ChannelGone:
+                    continue
 
         return await self.on_link(what, on)
 
@@ -692,6 +708,8 @@ class AmqpDriver(Driver):
                 auto_delete=options.auto_delete,
                 arguments=queue_arguments(queue, self.entry),
             )
+        except ChannelGone:
+            raise
         except ChannelClosed as exc:
             what = f"cannot declare queue {queue.external_name}"
             if exc.code == 406:
@@ -748,6 +766,8 @@ class AmqpDriver(Driver):
                     "x-dead-letter-routing-key": queue.external_name,
                 },
             )
+        except ChannelGone:
+            raise
         except ChannelClosed as exc:
             raise broker_error(exc, f"cannot declare delay queue {name}") from exc
 
@@ -834,7 +854,7 @@ class AmqpDriver(Driver):
                         await channel.queue_declare(delay, passive=True)
                     ).message_count or 0
                 except ChannelClosed as exc:  # deleted behind our back: nothing waits there
-                    if exc.code != 404:
+                    if exc.code != 404 or isinstance(exc, ChannelGone):
                         raise
                     del self._delay_queues[delay]
                     channel = await self._admin_on(channel.connection)
