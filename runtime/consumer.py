@@ -22,7 +22,7 @@ from typing import Any
 from .codecs import BY_CONTENT_TYPE
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry, Retry
-from .errors import QueueError
+from .errors import Kind, QueueError
 from .lua import Outcome, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 
@@ -230,7 +230,8 @@ class Consumer:
         failed = outcome.verdict is Verdict.FAIL
         if failed:
             stats.failed += 1
-            kind = outcome.kind or "UNKNOWN"
+            # a kind a handler made up counts as UNKNOWN: the metric's labels stay bounded
+            kind = Kind(outcome.kind) if outcome.kind in Kind.__members__ else Kind.UNKNOWN
             stats.errors[kind] = stats.errors.get(kind, 0) + 1
         if delivery.settled is not None:
             # auto_ack, or the handler settled early with msg:ack() / msg:nack()

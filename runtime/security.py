@@ -120,7 +120,7 @@ class Access:
     def check_publish(self, queue_id: str, headers: Mapping[str, Any]) -> None:
         """The spec's two checks, in order; the queue check is not consulted after a denial."""
         actor = self.actor["id"]
-        for action, resource in (("queue.publish", None), ("queue.publish.queue", queue_id)):
+        for action, resource in zip(ACTIONS, (None, queue_id), strict=True):
             decision = self.check(action, resource, headers)
             if not decision.allowed:
                 target = f" on {resource}" if resource else ""
@@ -128,6 +128,9 @@ class Access:
                     action,
                     f"{action}{target} is not permitted for actor {actor}: {decision.reason}",
                 )
+
+
+ACTIONS = ("queue.publish", "queue.publish.queue")  # the checks of a publish, in order
 
 
 class Denied(QueueError):

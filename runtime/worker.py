@@ -24,7 +24,7 @@ from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_i
 from .errors import ConfigError, Kind, QueueError
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
 from .metrics import DURATION_BUCKETS, STALE_AFTER, Family, Histogram, Snapshots
-from .security import Denied, access_for
+from .security import ACTIONS, Denied, access_for
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
@@ -215,12 +215,13 @@ class Worker:
                 settled.add((*key, outcome), count)
             duration.histogram(key, stats.durations)
             sizes.histogram(key, stats.sizes)
-            for kind, count in dict(stats.errors).items():
-                errors.add((*key, kind), count)
+            # every kind and action from the start: rate() misses a series' first sample
+            for kind in Kind:
+                errors.add((*key, kind.value), stats.errors.get(kind, 0))
             in_flight.add(key, consumer.busy)
             concurrency.add(key, consumer.entry.concurrency)
-            for action, count in dict(stats.denials).items():
-                denials.add((consumer.entry.id, action), count)
+            for action in ACTIONS:
+                denials.add((consumer.entry.id, action), stats.denials.get(action, 0))
         by_queue = ("queue", "driver")
         published = Family("luaq_messages_published", "counter", "Messages published", by_queue)
         failures = Family(
@@ -234,8 +235,8 @@ class Worker:
             key = (queue_id, self.config.queues[queue_id].driver)
             published.add(key, publishes.published)
             publish_duration.histogram(key, publishes.durations)
-            for kind, count in dict(publishes.failures).items():
-                failures.add((*key, kind), count)
+            for kind in Kind:
+                failures.add((*key, kind.value), publishes.failures.get(kind, 0))
         connected = Family(
             "luaq_driver_connected", "gauge", "1 when the driver's connections are up",
             ("driver",), merge="min",
