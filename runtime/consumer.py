@@ -231,7 +231,7 @@ class Consumer:
         if failed:
             stats.failed += 1
             # a kind a handler made up counts as UNKNOWN: the metric's labels stay bounded
-            kind = Kind(outcome.kind) if outcome.kind in Kind.__members__ else Kind.UNKNOWN
+            kind = Kind.__members__.get(outcome.kind or "", Kind.UNKNOWN)
             stats.errors[kind] = stats.errors.get(kind, 0) + 1
         if delivery.settled is not None:
             # auto_ack, or the handler settled early with msg:ack() / msg:nack()
