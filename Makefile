@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench dashboards clean
 
 $(BIN)/.installed: pyproject.toml
 	cd / && $(PYTHON) -m venv $(CURDIR)/$(VENV)
@@ -20,10 +20,13 @@ demo: $(BIN)/.installed  ## run the email example on the in-memory driver
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy runtime operator
+	$(BIN)/mypy runtime operator dashboards
 
 test: lint  ## lint, type-check and run the whole suite
 	$(BIN)/pytest
+
+dashboards: $(BIN)/.installed  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
+	$(BIN)/python dashboards/luaq_dashboard.py
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/memory.py
