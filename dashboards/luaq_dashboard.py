@@ -415,7 +415,8 @@ def publishing() -> list[timeseries.Panel]:
         graph(
             "Publish failures, by target queue and kind",
             "Publishes that failed, per second, by target queue and error kind: UNAVAILABLE "
-            "(no connection, a blocking broker, no confirm in time), INVALID (too big), ...",
+            "(no connection, a blocking broker, no confirm in time), INVALID (too big), "
+            "PERMISSION_DENIED (refused by a security policy: see Permission denials), ...",
             "failures/s",
             query(
                 f"sum by (queue, kind) ({rate('luaq_publish_failures_total', QUEUE)})",
