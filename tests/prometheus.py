@@ -32,6 +32,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 class QueryError(Exception):
     """Prometheus refused a query (it does not parse, or cannot be evaluated)."""
 
@@ -97,11 +106,7 @@ def running_prometheus(
 
     def ready() -> bool:
         assert process.poll() is None, f"prometheus exited:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
+        return answers(f"{prometheus.url}/-/ready")
 
     try:
         wait_until(ready, 30, "prometheus ready")

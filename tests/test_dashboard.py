@@ -10,7 +10,6 @@ import importlib.util
 import json
 import re
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+from broker import AMQP_URL
 from processes import Spawner, wait_until, write_app
-from prometheus import Prometheus, QueryError, binary, free_port, running_prometheus
+from prometheus import Prometheus, QueryError, answers, binary, free_port, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "dashboards" / "luaq_dashboard.py"
@@ -188,8 +188,8 @@ SEEN = {
 
 def worker_entries(vhost: str) -> list[dict[str, Any]]:
     return [
-        {"name": "broker", "kind": "queue.driver.amqp", "url": "amqp://guest:guest@127.0.0.1:5672/",
-         "vhost": vhost, "max_message_size": 4096},
+        {"name": "broker", "kind": "queue.driver.amqp", "url": AMQP_URL, "vhost": vhost,
+         "max_message_size": 4096},
         {"name": "jobs", "kind": "queue.queue", "driver": "broker",
          "retry": {"delay": "10ms", "max_delay": "10ms"},
          "dead_letter": {"queue": "dlq", "max_attempts": 2}},
@@ -214,14 +214,6 @@ class MetricsWorker:
     def publish(self, job: dict[str, Any]) -> None:
         process = self.spawn("publish", "--entries", self.app, "app:jobs", json.dumps(job))
         assert process.wait(30) == 0, process.stderr
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @pytest.fixture
