@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench crds clean
+.PHONY: demo test lint bench crds dashboards clean
 
 $(BIN)/.installed: pyproject.toml
 	cd / && $(PYTHON) -m venv $(CURDIR)/$(VENV)
@@ -25,12 +25,16 @@ lint: $(BIN)/.installed $(TYPECHECK)/luaq
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p luaq.runtime -p luaq.operator
+	$(BIN)/mypy dashboards
 
 test: lint  ## lint, type-check and run the whole suite
 	$(BIN)/pytest
 
 crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource)
 	$(BIN)/python -m luaq.operator.crd crds
+
+dashboards: $(BIN)/.installed  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
+	$(BIN)/python dashboards/luaq_dashboard.py
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/memory.py
