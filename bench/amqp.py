@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ import yaml
 from luaq.runtime import entries
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
+from scraped import scraped
 
 BODY = json.dumps({"to": "ada@example.com", "template": "welcome", "user_id": 456}).encode()
 LUAQ = Path(sys.executable).with_name("luaq")
@@ -91,19 +93,20 @@ def entries_file(directory: Path, url: str, lua: str, queues: dict[str, str], ar
     return path
 
 
-async def luaq(url: str, lua: str, args: Any, publishes: bool) -> float:
+async def luaq(url: str, lua: str, args: Any, metrics: bool = False) -> float:
     queues = {"in": f"bench-in-{uuid.uuid4().hex[:8]}", "out": f"bench-out-{uuid.uuid4().hex[:8]}"}
     await fill(url, queues["in"], args.messages)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = entries_file(Path(tmp), url, lua, queues, args)
             worker = Worker(entries.load([path]), Settings())
-            started = time.perf_counter()
-            await worker.start()
-            stats = worker.consumers[0].stats
-            await until(lambda: stats.acked >= args.messages)
-            elapsed = time.perf_counter() - started
-            await worker.stop(5.0)
+            with scraped(worker) if metrics else contextlib.nullcontext():
+                started = time.perf_counter()
+                await worker.start()
+                stats = worker.consumers[0].stats
+                await until(lambda: stats.acked >= args.messages)
+                elapsed = time.perf_counter() - started
+                await worker.stop(5.0)
     finally:
         await delete(url, *queues.values())
     return args.messages / elapsed
@@ -198,17 +201,19 @@ def main() -> None:
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     args = parser.parse_args()
     url = args.url
+    noop, publish = (
+        "function handle(p) end",
+        'function handle(p) return queue.publish("bench:out", p) end',
+    )
     rates = {
-        "luaq_consume": run(
-            "luaq_consume", lambda: luaq(url, "function handle(p) end", args, False), "uvloop"
+        "luaq_consume": run("luaq_consume", lambda: luaq(url, noop, args), "uvloop"),
+        "luaq_consume_metrics": run(
+            "luaq_consume_metrics", lambda: luaq(url, noop, args, metrics=True), "uvloop"
         ),
         "aio_pika_consume": run("aio_pika_consume", lambda: aio_pika_consume(url, args), "asyncio"),
-        "luaq_publish": run(
-            "luaq_publish",
-            lambda: luaq(
-                url, 'function handle(p) return queue.publish("bench:out", p) end', args, True
-            ),
-            "uvloop",
+        "luaq_publish": run("luaq_publish", lambda: luaq(url, publish, args), "uvloop"),
+        "luaq_publish_metrics": run(
+            "luaq_publish_metrics", lambda: luaq(url, publish, args, metrics=True), "uvloop"
         ),
         "aio_pika_publish": run("aio_pika_publish", lambda: aio_pika_publish(url, args), "asyncio"),
     }
@@ -232,10 +237,18 @@ def main() -> None:
             "luaq_cli_2proc/luaq_cli_1proc": round(
                 rates["luaq_cli_2proc"] / rates["luaq_cli_1proc"], 3
             ),
+            "luaq_consume_metrics/luaq_consume": round(
+                rates["luaq_consume_metrics"] / rates["luaq_consume"], 3
+            ),
+            "luaq_publish_metrics/luaq_publish": round(
+                rates["luaq_publish_metrics"] / rates["luaq_publish"], 3
+            ),
         },
         "targets": {
             "luaq_consume/aio_pika_consume": ">= 1.0",
             "luaq_publish/aio_pika_publish": ">= 0.8",
+            "luaq_consume_metrics/luaq_consume": ">= 0.9",
+            "luaq_publish_metrics/luaq_publish": ">= 0.9",
         },
     }
     print(json.dumps(report, indent=2))
