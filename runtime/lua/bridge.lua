@@ -4,6 +4,11 @@
 -- Each delivery runs as a coroutine. Host calls that must wait (publish, info, sleep, settle)
 -- yield a request tagged with REQ; Python awaits the work and resumes the coroutine with the
 -- answer. Coroutines never leave Lua: Python refers to them by integer id.
+--
+-- Handlers cannot reach one another's invocations, because:
+-- * no table a handler can change is used by another function (shared ones are out of reach);
+-- * a coroutine serves one invocation: a handler can only touch the coroutines it created in the
+--   invocation that is running, and runners go back to the pool only when their handler is done.
 
 local host, budget, step_size = ...
 
@@ -12,7 +17,7 @@ local co_status, co_running, co_close = coroutine.status, coroutine.running, cor
 local sethook, raw_getmetatable = debug.sethook, debug.getmetatable
 local raw_load, select, type, pairs, next = load, select, type, pairs, next
 local setmetatable, getmetatable, tostring, pcall = setmetatable, getmetatable, tostring, pcall
-local rawget, error = rawget, error
+local rawget, rawequal, error = rawget, rawequal, error
 local math_type, utf8_len, string_gsub = math.type, utf8.len, string.gsub
 
 -- Sandboxes reach string methods through the string metatable: take `dump` away from it and
@@ -23,7 +28,9 @@ getmetatable("").__metatable = false
 -- from Python and build a traceback for every error.
 debug = nil
 
-local REQ = setmetatable({}, { __name = "luaq.request" })
+-- Markers of what a runner yields are private functions: `==` never calls a metamethod to
+-- compare a function, so no handler value can pass for one (nor can a handler reach them).
+local REQ = function() end
 -- What an invocation step returns to Python: ACK or NACK alone (the common case, no tuple),
 -- FAIL, kind, message, or CALL, op, args... for a host request.
 local ACK, NACK, FAIL, CALL = 0, 1, 2, 3
@@ -40,12 +47,14 @@ local KINDS = {
   "CANCELED", "CONFLICT", "TIMEOUT", "RATE_LIMITED", "UNKNOWN",
 }
 
-local Error = { __metatable = false, __name = "luaq.error" }
-Error.__index = Error
-function Error.kind(self) return self._kind end
-function Error.message(self) return self._message end
-function Error.retryable(self) return self._retryable end
-function Error.details(self) return self._details end
+-- Every sandbox's errors share this metatable, so no handler may reach it: `__metatable` hides
+-- it from getmetatable, and `__index` is a table of methods that does not lead back to it.
+local methods = {}
+function methods.kind(self) return self._kind end
+function methods.message(self) return self._message end
+function methods.retryable(self) return self._retryable end
+function methods.details(self) return self._details end
+local Error = { __metatable = false, __name = "luaq.error", __index = methods }
 function Error.__tostring(self) return self._message end
 
 local function new_error(kind, message, retryable, details)
@@ -57,7 +66,7 @@ local function new_error(kind, message, retryable, details)
   }, Error)
 end
 
-local function is_error(value) return raw_getmetatable(value) == Error end
+local function is_error(value) return rawequal(raw_getmetatable(value), Error) end
 
 -- Text that crosses into Python must be UTF-8; other bytes are shown as \xNN.
 local function printable(text)
@@ -112,19 +121,20 @@ end
 -- count hook fires every `step_size` instructions and charges the invocation; a new coroutine
 -- is charged a full step up front, so work spread over many short coroutines is never free.
 
-local exhausted_error = new_error("TIMEOUT", "instruction budget of " .. budget .. " exceeded")
-
 local function exhausted()
   -- from now on every instruction fails, so `pcall` in a loop cannot swallow the stop
-  error(exhausted_error, 0)
+  error(contexts[co_running()].timeout, 0)
 end
 
 local function charge(ctx, instructions)
   local used = ctx.used + instructions
   ctx.used = used
   if used > budget then
+    -- an error object per invocation: one a handler catches and changes is its own
+    ctx.timeout = ctx.timeout or new_error("TIMEOUT", "instruction budget of " .. budget ..
+      " exceeded")
     sethook(exhausted, "", 1)
-    error(exhausted_error, 0)
+    error(ctx.timeout, 0)
   end
 end
 
@@ -221,7 +231,7 @@ local function queue_module(ns)
     msg = {}
     -- methods accept both msg:id() and msg.id(): the first argument is skipped when it is msg
     local function arg(self, value)
-      if self == msg then return value end
+      if rawequal(self, msg) then return value end
       return self
     end
     local headers = ctx.headers or {}
@@ -251,7 +261,7 @@ local function logger_module(ns)
   local logger = {}
   for _, level in ipairs({ "debug", "info", "warn", "error" }) do
     logger[level] = function(self, message, fields)
-      if self ~= logger then message, fields = self, message end
+      if not rawequal(self, logger) then message, fields = self, message end
       local ctx = current()
       local consumer, message_id
       if ctx ~= nil and not ctx.loading then consumer, message_id = ctx.consumer, ctx.id end
@@ -324,12 +334,24 @@ local function sandbox_coroutine()
     end
     return ok, first, ...
   end
+  -- A coroutine serves the invocation that created it, and is charged to that budget: touching
+  -- it from another would run its code, or show its data, there.
+  local function own(co, name)
+    local ctx = current()
+    if type(co) == "thread" and (ctx == nil or not rawequal(contexts[co], ctx)) then
+      error("coroutine." .. name .. ": the coroutine belongs to another invocation (a " ..
+        "coroutine can only be used by the invocation that created it)", 3)
+    end
+    return co
+  end
   function lib.create(fn)
     local ctx = current()
     charge(ctx, step_size)
     return new_coroutine(fn, ctx)
   end
-  function lib.resume(co, ...) return forward(co, co_resume(co, ...)) end
+  function lib.resume(co, ...) return forward(co, co_resume(own(co, "resume"), ...)) end
+  function lib.status(co) return co_status(own(co, "status")) end
+  function lib.close(co) return co_close(own(co, "close")) end
   function lib.wrap(fn)
     local co = lib.create(fn)
     return function(...)
@@ -440,9 +462,10 @@ function bridge.load(source, chunkname, ns, modules, method)
 end
 
 -- Invocations run in runner coroutines that are parked and reused once their handler
--- returns: a coroutine is the biggest allocation of an invocation. A runner whose handler
--- failed is dead and simply dropped.
-local FINISHED = setmetatable({}, { __name = "luaq.finished" })
+-- returns: a coroutine is the biggest allocation of an invocation. Only a runner yields
+-- FINISHED, once its handler has returned and nothing of it is left on the runner's stack. A
+-- runner stopped any other way (an error, the budget, a yield of the handler's own) is dropped.
+local FINISHED = function() end
 local parked, parked_max = {}, 256
 
 local function runner(handler, payload)
@@ -460,10 +483,11 @@ local function verdict(ctx, first, ...)
 end
 
 local function step(id, co, ok, first, ...)
+  local ctx = contexts[co]
   if ok then
     if first == FINISHED then
       invocations[id] = nil
-      local ctx = contexts[co]
+      contexts[co] = nil -- parked: it belongs to no invocation until reused
       if #parked < parked_max then parked[#parked + 1] = co end
       return verdict(ctx, ...)
     end
@@ -471,12 +495,13 @@ local function step(id, co, ok, first, ...)
       invocations[id] = co
       return CALL, ...
     end
-    co_close(co)
     invocations[id] = nil
+    ctx.settled = true
+    co_close(co)
     return FAIL, "INVALID", "the handler yielded outside of a coroutine it created"
   end
   invocations[id] = nil
-  contexts[co].settled = true
+  ctx.settled = true
   return FAIL, describe(first)
 end
 
