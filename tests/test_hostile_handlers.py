@@ -313,3 +313,68 @@ def test_coroutines_of_earlier_invocations_cannot_multiply_the_budget(arena: Any
     victim_unharmed(attack)
     [report] = attack.logged("slices")
     assert report["fields"]["slices"] < 1000, "more work than one budget of 1,000,000 pays for"
+
+
+# -- handler code and C calls outside the budget -----------------------------------------------
+
+# The attacker publishes the victim's message, then attacks as its last act. Each attack used
+# to hang the worker for good (or for the better part of a minute): the victim would never run.
+ATTACK = """
+local function forever() while true do end end
+function handle(p)
+  assert(queue.publish("inbox", {n = 1}))
+  %s
+end
+"""
+
+OUTSIDE_THE_BUDGET = {
+    "__tostring of a returned error": "return nil, setmetatable({}, {__tostring = forever})",
+    "__tostring of a raised error": "error(setmetatable({}, {__tostring = forever}))",
+    "__tostring that makes a host call": (
+        'return nil, setmetatable({}, {__tostring = function() queue.info("inbox") end})'
+    ),
+    "__pairs of data to json.encode": "json.encode(setmetatable({}, {__pairs = forever}))",
+    "__index of data to json.encode": "json.encode(setmetatable({1, nil, 3}, {__index = forever}))",
+    "__index of logger fields": 'logger:info("x", setmetatable({1, nil, 3}, {__index = forever}))',
+    "__index of data to publish": (
+        'queue.publish("signal", setmetatable({1, nil, 3}, {__index = forever}))'
+    ),
+    "string.rep of empty strings": 'return #string.rep("", 1e18)',
+    "string.rep of an empty string and separator": 'return #("").rep("", 1e18, "")',
+    "table.move over nils": "table.move({}, 1, math.maxinteger - 1, 1, {})",
+    "table.remove with a lying __len": (
+        "table.remove(setmetatable({}, {__len = function() return math.maxinteger - 1 end}), 1)"
+    ),
+    "table.insert with a lying __len": (
+        "table.insert(setmetatable({}, {__len = function() return math.maxinteger - 2 end}),"
+        ' 1, "x")'
+    ),
+    "a backtracking pattern": 'string.find(string.rep("a", 24), string.rep("a*", 12) .. "b")',
+    "a backtracking pattern as a method": 'return ("a"):rep(24):match(("(a*)"):rep(12) .. "$b")',
+    "a backtracking gsub": 'string.gsub(string.rep("a", 24), string.rep("a-", 12) .. "b", "")',
+}
+
+
+@pytest.mark.parametrize("attack", list(OUTSIDE_THE_BUDGET.values()), ids=list(OUTSIDE_THE_BUDGET))
+def test_no_handler_code_or_c_call_runs_outside_the_budget(arena: Any, attack: str) -> None:
+    victim_unharmed(arena(ATTACK % attack))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "setmetatable(_G, {__index = function() while true do end end})",
+        "return setmetatable({}, {__index = function() while true do end end})",
+        "error(setmetatable({}, {__tostring = function() while true do end end}))",
+    ],
+    ids=["__index of the environment", "__index of the returned table", "__tostring of an error"],
+)
+def test_luaq_check_reads_a_hostile_module_within_the_budget(tmp_path: Path, module: str) -> None:
+    spawner = Spawner(tmp_path)
+    try:
+        process = spawner("check", hostile_app(tmp_path, module))
+        assert process.wait(timeout=20) == 2
+    finally:
+        spawner.stop_all()
+    assert "attacker_fn: source:" in process.stderr, process.stderr
+    assert "1 problem(s), nothing was started" in process.stderr

@@ -102,7 +102,9 @@ class LuaRuntime:
         )
         self.host = host
         self._ids = itertools.count(1)
-        source = resources.files(__package__).joinpath("bridge.lua").read_text("utf-8")
+        files = resources.files(__package__)
+        bounded = files.joinpath("bounded.lua").read_text("utf-8")
+        source = files.joinpath("bridge.lua").read_text("utf-8")
         helpers = self._lua.table_from(
             {
                 "log": self._log,
@@ -112,7 +114,7 @@ class LuaRuntime:
             }
         )
         budget = settings.max_instructions
-        bridge = self._lua.execute(source, helpers, budget, min(BUDGET_STEP, budget))
+        bridge = self._lua.execute(source, helpers, budget, min(BUDGET_STEP, budget), bounded)
         self._load = bridge.load
         self._starter = bridge.starter
         self._resume = bridge.resume
@@ -177,15 +179,22 @@ class LuaRuntime:
             raise ConversionError(
                 f"data is nested deeper than {MAX_DEPTH} levels or a table contains itself"
             )
+        # raw reads only (shape, items): value[i] would run the table's __index, handler code,
+        # here outside any budget
         shape, length = self._shape(value)
         if shape == "array":
-            return [self._to_python(value[i], depth + 1) for i in range(1, length + 1)]
+            array: list[Any] = [None] * length
+            for index, item in value.items():
+                if type(index) is int and 0 < index <= length:
+                    array[index - 1] = self._to_python(item, depth + 1)
+            return array
         result: dict[str, Any] = {}
         for key, item in value.items():
             if isinstance(key, int) and not isinstance(key, bool):
                 key = str(key)
             elif not isinstance(key, str):
-                raise ConversionError(f"table keys must be strings or integers, not {key!r}")
+                kind = lupa.lua_type(key) or type(key).__name__
+                raise ConversionError(f"table keys must be strings or integers, not a {kind}")
             result[key] = self._to_python(item, depth + 1)
         return result
 

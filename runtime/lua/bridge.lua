@@ -5,20 +5,28 @@
 -- yield a request tagged with REQ; Python awaits the work and resumes the coroutine with the
 -- answer. Coroutines never leave Lua: Python refers to them by integer id.
 --
--- Handlers cannot reach one another's invocations, because:
+-- Handlers cannot reach one another, nor stop the worker, because:
+-- * handler code (its functions and its metamethods) runs only inside an invocation's
+--   coroutines, under that invocation's budget; everywhere else the bridge reads handler values
+--   with raw access (rawequal, rawget, next) and hands Python plain values only;
 -- * no table a handler can change is used by another function (shared ones are out of reach);
 -- * a coroutine serves one invocation: a handler can only touch the coroutines it created in the
 --   invocation that is running, and runners go back to the pool only when their handler is done.
 
-local host, budget, step_size = ...
+local host, budget, step_size, bounded_source = ...
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
 local sethook, raw_getmetatable = debug.sethook, debug.getmetatable
 local raw_load, select, type, pairs, next = load, select, type, pairs, next
 local setmetatable, getmetatable, tostring, pcall = setmetatable, getmetatable, tostring, pcall
-local rawget, rawequal, error = rawget, rawequal, error
-local math_type, utf8_len, string_gsub = math.type, utf8.len, string.gsub
+local rawget, rawequal, rawlen, error = rawget, rawequal, rawlen, error
+local math_type, math_floor = math.type, math.floor
+local utf8_len, string_gsub = utf8.len, string.gsub
+
+-- bounded.lua, compiled without line information (see there)
+local bound_library = raw_load(string.dump(assert(raw_load(bounded_source, "=bounded")), true),
+  "=bounded", "b")()
 
 -- Sandboxes reach string methods through the string metatable: take `dump` away from it and
 -- lock the metatable so no handler can change what `("x"):upper()` means for the others.
@@ -74,20 +82,38 @@ local function printable(text)
   return (string_gsub(text, "[\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
 end
 
+-- The kind and text of whatever a handler failed with: an error object, a string, anything.
+-- Reads raw and runs no handler code, so the bridge may use it outside an invocation.
 local function describe(value)
-  -- the kind and text of whatever a handler failed with: an error object, a string, anything
-  if is_error(value) then return value._kind, printable(value._message) end
-  if type(value) == "string" then return "UNKNOWN", printable(value) end
-  local ok, text = pcall(tostring, value)
-  return "UNKNOWN", ok and type(text) == "string" and printable(text) or type(value)
+  if is_error(value) then
+    local kind, message = rawget(value, "_kind"), rawget(value, "_message")
+    return type(kind) == "string" and kind or "UNKNOWN",
+      type(message) == "string" and printable(message) or "(no message)"
+  end
+  local t = type(value)
+  if t == "string" then return "UNKNOWN", printable(value) end
+  if t == "table" or t == "userdata" then return "UNKNOWN", t end -- __tostring is handler code
+  return "UNKNOWN", tostring(value)
 end
+
+-- describe, and the value's own __tostring for other tables: only inside an invocation.
+local function explain(value)
+  local t = type(value)
+  if (t == "table" or t == "userdata") and not is_error(value) then
+    local ok, text = pcall(tostring, value)
+    if ok and type(text) == "string" then return "UNKNOWN", printable(text) end
+  end
+  return describe(value)
+end
+
+local explain_for -- explain(value), run in a new coroutine of the invocation `ctx`
 
 -- Calls a Python helper. A Python exception must never reach a sandbox (it would arrive as a
 -- userdata with lupa's metatable), so failures come back as (false, nil, message).
 local function call_python(fn, ...)
   local ok, a, b, c = pcall(fn, ...)
   if ok then return a, b, c end
-  local _, text = describe(a)
+  local _, text = explain(a)
   return false, nil, "internal error: " .. text
 end
 
@@ -101,7 +127,7 @@ local function errors_module()
     return new_error("UNKNOWN", spec, false, nil)
   end
   function errors.wrap(err, message)
-    local kind, text = describe(err)
+    local kind, text = explain(err)
     local retryable = is_error(err) and err._retryable or false
     local details = is_error(err) and err._details or nil
     local wrapped = new_error(kind, tostring(message) .. ": " .. text, retryable, details)
@@ -149,12 +175,40 @@ local function new_coroutine(fn, ctx)
   return co
 end
 
+function explain_for(ctx, value)
+  local t = type(value)
+  if (t ~= "table" and t ~= "userdata") or is_error(value) then return describe(value) end
+  local co = new_coroutine(explain, ctx)
+  local ok, kind, text = co_resume(co, value)
+  if not ok then return describe(kind) end -- what stopped it: the budget, memory
+  if co_status(co) == "dead" then return kind, text end
+  return "UNKNOWN", "a " .. t .. " whose __tostring yields" -- (and its requests are dropped)
+end
+
 ------------------------------------------------------------------------------------------------
 -- host calls
 
 local function current()
   return contexts[co_running()]
 end
+
+-- What is left of the running invocation's budget, and charging work done outside Lua's VM
+-- (in Python, in C functions) to it.
+local function remaining()
+  local ctx = current()
+  return ctx and budget - ctx.used or 0
+end
+
+local function spend(instructions)
+  local ctx = current()
+  if ctx and instructions then charge(ctx, math_floor(instructions)) end
+end
+
+-- What sandboxes get of `string` and `table`: the C functions a single call of which could run
+-- unbounded (string.rep of empty strings, table.move over nils, backtracking patterns...) are
+-- replaced by versions that charge their work (bounded.lua). Strings' methods too.
+local bounded_string, bounded_table = bound_library(spend, remaining, raw_getmetatable)
+raw_getmetatable("").__index = bounded_string
 
 local function call_host(what, op, ...)
   -- yields to the scheduler; nil + error when there is no invocation to wait in
@@ -174,7 +228,7 @@ end
 local function check_headers(headers)
   if headers == nil then return nil end
   if type(headers) ~= "table" then return "headers must be a table" end
-  for key, value in pairs(headers) do
+  for key, value in next, headers do
     if type(key) ~= "string" then return "header names must be strings" end
     local t = type(value)
     if t ~= "string" and t ~= "number" and t ~= "boolean" then
@@ -265,7 +319,7 @@ local function logger_module(ns)
       local ctx = current()
       local consumer, message_id
       if ctx ~= nil and not ctx.loading then consumer, message_id = ctx.consumer, ctx.id end
-      local _, text = describe(message)
+      local _, text = explain(message)
       call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
         consumer, message_id)
     end
@@ -394,8 +448,8 @@ local function sandbox(ns, modules)
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _ENV[name] end
   env.setmetatable = sandbox_setmetatable
   env.xpcall = sandbox_xpcall
-  env.string = copy(string)
-  env.table = copy(table)
+  env.string = copy(bounded_string)
+  env.table = copy(bounded_table)
   env.math = copy(math)
   env.utf8 = copy(utf8)
   env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
@@ -442,18 +496,19 @@ function bridge.load(source, chunkname, ns, modules, method)
   local env = sandbox(ns, modules)
   local chunk, syntax = raw_load(source, chunkname, "t", env)
   if not chunk then return nil, syntax end
-  local co = new_coroutine(chunk, { loading = true, used = 0 })
+  local ctx = { loading = true, used = 0 }
+  local co = new_coroutine(chunk, ctx)
   local ok, result = co_resume(co)
-  if not ok then
-    local _, text = describe(result)
-    return nil, text
-  end
+  if not ok then return nil, select(2, explain_for(ctx, result)) end
   if co_status(co) ~= "dead" then
     co_close(co)
     return nil, "the module yielded while loading"
   end
-  local handler = env[method]
-  if type(result) == "table" and result[method] ~= nil then handler = result[method] end
+  -- raw reads: the environment's and the returned table's __index are handler code
+  local handler = rawget(env, method)
+  if type(result) == "table" and rawget(result, method) ~= nil then
+    handler = rawget(result, method)
+  end
   if type(handler) ~= "function" then
     return nil, "method " .. method .. " is not defined (a global function or a field of " ..
       "the table the source returns)"
@@ -478,7 +533,7 @@ local function verdict(ctx, first, ...)
   ctx.settled = true
   if first == false then return NACK end
   local err = ...
-  if err ~= nil then return FAIL, describe(err) end
+  if err ~= nil then return FAIL, explain_for(ctx, err) end
   return ACK
 end
 
@@ -502,7 +557,7 @@ local function step(id, co, ok, first, ...)
   end
   invocations[id] = nil
   ctx.settled = true
-  return FAIL, describe(first)
+  return FAIL, explain_for(ctx, first)
 end
 
 -- Returns the function that starts invocations of one handler for one consumer:
@@ -539,16 +594,17 @@ end
 function bridge.array(t) return setmetatable(t, array_mt) end
 
 -- How Python should read a table: "array", n for arrays (marked or with keys 1..n), else "map".
+-- Called from Python, outside any budget: raw access only, no metamethod runs.
 function bridge.shape(t)
-  if raw_getmetatable(t) == array_mt then return "array", #t end
+  if rawequal(raw_getmetatable(t), array_mt) then return "array", rawlen(t) end
   local n = 0
-  for key in pairs(t) do
+  for key in next, t do
     if math_type(key) ~= "integer" or key < 1 then return "map", 0 end
     n = n + 1
   end
   if n == 0 then return "map", 0 end
   for i = 1, n do
-    if t[i] == nil then return "map", 0 end
+    if rawget(t, i) == nil then return "map", 0 end
   end
   return "array", n
 end
