@@ -378,3 +378,121 @@ def test_luaq_check_reads_a_hostile_module_within_the_budget(tmp_path: Path, mod
         spawner.stop_all()
     assert "attacker_fn: source:" in process.stderr, process.stderr
     assert "1 problem(s), nothing was started" in process.stderr
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+FILL = "pcall(function() while true do hog[#hog + 1] = string.rep('abcdefgh', 8192) end end)"
+
+
+def test_a_full_lua_state_fails_the_delivery_it_cannot_take_not_the_worker(arena: Any) -> None:
+    """The attacker fills --lua-max-memory and holds it while the victim's message arrives:
+    making that payload into Lua tables used to abort the process (a Lua panic). Now the
+    delivery fails, is retried, and goes through once the memory is given back."""
+    attack = arena(
+        f"""
+        function handle(p)
+          local big = {{}}
+          for i = 1, 20000 do big[i] = {{i = i, text = "some text"}} end
+          assert(queue.publish("inbox", {{n = 1, big = big}}))
+          big = nil
+          local hog = {{}}
+          {FILL}
+          time.sleep(0.3)
+        end
+        """,
+        1,
+        "--lua-max-memory",
+        "64",
+    )
+    attack.wait_for("victim handled")
+    failures = attack.failures("app:victim")
+    assert failures, "the victim's first attempt found the Lua state full"
+    for failure in [*failures, *attack.failures("app:attacker")]:
+        assert "not enough memory" in failure["error"], failure
+    victim_unharmed(attack, len(failures))
+
+
+def test_json_decode_with_a_full_lua_state_fails_in_the_handler(arena: Any) -> None:
+    """Decoding into a full state used to throw a Lua error across Python's frames, which
+    corrupted the interpreter and hung it."""
+    attack = arena(
+        f"""
+        function handle(p)
+          assert(queue.publish("inbox", {{n = 1}}))
+          local text = "[" .. string.rep('{{"a":1}},', 20000) .. "{{}}]"
+          local hog = {{}}
+          {FILL}
+          local ok, value, err = pcall(json.decode, text)
+          hog = nil
+          logger:info("decoded", {{ok = ok, error = tostring(err or value)}})
+        end
+        """,
+        1,
+        "--lua-max-memory",
+        "64",
+    )
+    victim_unharmed(attack)
+    [decoded] = attack.logged("decoded")
+    assert decoded["fields"] == {"ok": False, "error": "not enough memory"}
+
+
+# -- conversions between Lua and Python --------------------------------------------------------
+
+BIG_BUDGET = ("--max-instructions", str(10**10))  # so that the value limit, not the budget, stops
+
+
+def test_json_encode_of_a_dag_is_refused_past_the_value_limit(arena: Any) -> None:
+    """t = {t, t} twenty times: 21 Lua tables, two million values once written out."""
+    attack = arena(
+        """
+        function handle(p)
+          assert(queue.publish("inbox", {n = 1}))
+          local t = {}
+          for i = 1, 20 do t = {t, t} end
+          local text, err = json.encode(t)
+          logger:info("encoded", {encoded = text ~= nil, kind = err and err:kind(),
+            error = tostring(err)})
+        end
+        """,
+        1,
+        *BIG_BUDGET,
+    )
+    victim_unharmed(attack)
+    [encoded] = attack.logged("encoded")
+    assert encoded["fields"]["encoded"] is False
+    assert encoded["fields"]["kind"] == "INVALID"
+    assert "more than 1000000 values" in encoded["fields"]["error"]
+
+
+def test_json_decode_of_a_huge_array_is_refused_past_the_value_limit(arena: Any) -> None:
+    attack = arena(
+        """
+        function handle(p)
+          assert(queue.publish("inbox", {n = 1}))
+          local value, err = json.decode("[" .. string.rep("[],", 1500000) .. "[]]")
+          logger:info("decoded", {decoded = value ~= nil, kind = err and err:kind()})
+        end
+        """,
+        1,
+        *BIG_BUDGET,
+    )
+    victim_unharmed(attack)
+    [decoded] = attack.logged("decoded")
+    assert decoded["fields"] == {"decoded": False, "kind": "INVALID"}
+
+
+def test_conversions_are_charged_to_the_budget(arena: Any) -> None:
+    """Each json.encode of 2,047 values is a few instructions of Lua: a loop of them used to
+    run for ever on one budget."""
+    attack = arena(
+        ATTACK
+        % """
+        local t = {}
+        for i = 1, 10 do t = {t, t} end
+        for i = 1, 1e9 do json.encode(t) end
+        """
+    )
+    victim_unharmed(attack)
+    [failure] = attack.failures("app:attacker")
+    assert failure["kind"] == "TIMEOUT"

@@ -111,8 +111,8 @@ local explain_for -- explain(value), run in a new coroutine of the invocation `c
 -- Calls a Python helper. A Python exception must never reach a sandbox (it would arrive as a
 -- userdata with lupa's metatable), so failures come back as (false, nil, message).
 local function call_python(fn, ...)
-  local ok, a, b, c = pcall(fn, ...)
-  if ok then return a, b, c end
+  local ok, a, b, c, d = pcall(fn, ...)
+  if ok then return a, b, c, d end
   local _, text = explain(a)
   return false, nil, "internal error: " .. text
 end
@@ -210,12 +210,14 @@ end
 local bounded_string, bounded_table = bound_library(spend, remaining, raw_getmetatable)
 raw_getmetatable("").__index = bounded_string
 
+local function unavailable(what)
+  return nil, "INVALID", what .. " is not available while the module loads", false
+end
+
 local function call_host(what, op, ...)
   -- yields to the scheduler; nil + error when there is no invocation to wait in
   local ctx = current()
-  if ctx == nil or ctx.loading then
-    return nil, "INVALID", what .. " is not available while the module loads", false
-  end
+  if ctx == nil or ctx.loading then return unavailable(what) end
   return co_yield(REQ, op, ...)
 end
 
@@ -258,7 +260,13 @@ local function queue_module(ns)
     end
     local problem = check_headers(headers)
     if problem then return nil, new_error("INVALID", problem, false) end
-    return answer(call_host("queue.publish", "publish", ns, queue_id, data, headers))
+    local ctx = current()
+    if ctx == nil or ctx.loading then return answer(unavailable("queue.publish")) end
+    -- Python reads the data within what is left of the budget, and says what that cost
+    local ok, kind, message, retryable, cost =
+      co_yield(REQ, "publish", ns, queue_id, data, headers, budget - ctx.used)
+    charge(ctx, cost)
+    return answer(ok, kind, message, retryable)
   end
 
   function queue.info(queue_id)
@@ -320,8 +328,8 @@ local function logger_module(ns)
       local consumer, message_id
       if ctx ~= nil and not ctx.loading then consumer, message_id = ctx.consumer, ctx.id end
       local _, text = explain(message)
-      call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
-        consumer, message_id)
+      spend(call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
+        consumer, message_id, remaining()) or nil)
     end
   end
   return logger
@@ -329,15 +337,18 @@ end
 
 local function json_module()
   local json = {}
-  local function result(ok, value, message)
+  local function result(ok, value, message, cost)
+    spend(cost)
     if ok then return value end
+    -- no message: Python could not hand the result over within --lua-max-memory
+    if message == nil then error("not enough memory", 0) end
     return nil, new_error("INVALID", message, false)
   end
   function json.encode(value)
     if type(value) == "string" and not utf8_len(value) then
       return nil, new_error("INVALID", "json.encode: the string " .. NOT_UTF8, false)
     end
-    return result(call_python(host.json_encode, value))
+    return result(call_python(host.json_encode, value, remaining()))
   end
   function json.decode(text)
     if type(text) ~= "string" then
@@ -346,7 +357,7 @@ local function json_module()
     if not utf8_len(text) then
       return nil, new_error("INVALID", "json.decode: the text " .. NOT_UTF8, false)
     end
-    return result(call_python(host.json_decode, text))
+    return result(call_python(host.json_decode, text, remaining()))
   end
   return json
 end
