@@ -496,3 +496,41 @@ def test_conversions_are_charged_to_the_budget(arena: Any) -> None:
     victim_unharmed(attack)
     [failure] = attack.failures("app:attacker")
     assert failure["kind"] == "TIMEOUT"
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+
+def test_log_lines_are_capped(arena: Any) -> None:
+    attack = arena(
+        ATTACK
+        % """
+        logger:info(string.rep("m", 2^20), {field = string.rep("f", 2^20), n = 7})
+        error(string.rep("e", 2^20), 0)
+        """
+    )
+    victim_unharmed(attack)
+    lines = attack.process.stderr.splitlines()
+    assert max(len(line.encode()) for line in lines) <= 65536
+    [failure] = attack.failures("app:attacker")
+    assert failure["error"].startswith("eeee")
+    assert failure["error"].endswith("more bytes)")
+    [logged] = [line for line in attack.process.logs() if line["msg"].startswith("mmmm")]
+    assert logged["fields"]["n"] == 7
+    assert len(logged["fields"]["field"]) < 10_000
+
+
+def test_an_invalid_sleep_is_an_invalid_argument_not_a_traceback(arena: Any) -> None:
+    attack = arena(
+        ATTACK
+        % """
+        for _, seconds in ipairs({0/0, -1, "1"}) do
+          local ok, err = time.sleep(seconds)
+          logger:info("slept", {ok = ok == true, kind = err and err:kind()})
+        end
+        """
+    )
+    victim_unharmed(attack)
+    slept = [line["fields"] for line in attack.logged("slept")]
+    assert slept == [{"ok": False, "kind": "INVALID"}] * 3
+    assert not [line for line in attack.process.logs() if "exception" in line]

@@ -22,7 +22,7 @@ local raw_load, select, type, pairs, next = load, select, type, pairs, next
 local setmetatable, getmetatable, tostring, pcall = setmetatable, getmetatable, tostring, pcall
 local rawget, rawequal, rawlen, error = rawget, rawequal, rawlen, error
 local math_type, math_floor = math.type, math.floor
-local utf8_len, string_gsub = utf8.len, string.gsub
+local utf8_len, string_gsub, string_sub = utf8.len, string.gsub, string.sub
 
 -- bounded.lua, compiled without line information (see there)
 local bound_library = raw_load(string.dump(assert(raw_load(bounded_source, "=bounded")), true),
@@ -42,6 +42,7 @@ local REQ = function() end
 -- What an invocation step returns to Python: ACK or NACK alone (the common case, no tuple),
 -- FAIL, kind, message, or CALL, op, args... for a host request.
 local ACK, NACK, FAIL, CALL = 0, 1, 2, 3
+local MAX_TEXT = 8192 -- bytes of an error or log message that leave Lua; the rest is cut
 
 local array_mt = { __metatable = false, __name = "luaq.array" }
 local contexts = setmetatable({}, { __mode = "k" }) -- coroutine -> invocation context
@@ -54,6 +55,8 @@ local KINDS = {
   "INVALID", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAVAILABLE", "INTERNAL",
   "CANCELED", "CONFLICT", "TIMEOUT", "RATE_LIMITED", "UNKNOWN",
 }
+local KIND = {}
+for _, kind in ipairs(KINDS) do KIND[kind] = true end
 
 -- Every sandbox's errors share this metatable, so no handler may reach it: `__metatable` hides
 -- it from getmetatable, and `__index` is a table of methods that does not lead back to it.
@@ -76,8 +79,12 @@ end
 
 local function is_error(value) return rawequal(raw_getmetatable(value), Error) end
 
--- Text that crosses into Python must be UTF-8; other bytes are shown as \xNN.
+-- Text that crosses into Python: at most MAX_TEXT bytes (a log line or an error header must stay
+-- small whatever the handler made), in UTF-8, other bytes shown as \xNN.
 local function printable(text)
+  if #text > MAX_TEXT then
+    text = string_sub(text, 1, MAX_TEXT) .. "... (" .. (#text - MAX_TEXT) .. " more bytes)"
+  end
   if utf8_len(text) then return text end
   return (string_gsub(text, "[\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
 end
@@ -87,7 +94,7 @@ end
 local function describe(value)
   if is_error(value) then
     local kind, message = rawget(value, "_kind"), rawget(value, "_message")
-    return type(kind) == "string" and kind or "UNKNOWN",
+    return KIND[kind] and kind or "UNKNOWN", -- (a kind of the handler's own: UNKNOWN)
       type(message) == "string" and printable(message) or "(no message)"
   end
   local t = type(value)
@@ -365,7 +372,7 @@ end
 local function time_module()
   local time = {}
   function time.sleep(seconds)
-    if type(seconds) ~= "number" or seconds < 0 then
+    if type(seconds) ~= "number" or not (seconds >= 0) then -- (NaN is not >= 0)
       return nil, new_error("INVALID", "time.sleep expects a number of seconds >= 0", false)
     end
     return answer(call_host("time.sleep", "sleep", seconds))
