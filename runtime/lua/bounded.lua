@@ -395,8 +395,6 @@ local function matched(text, a, b, ...)
   return ...
 end
 
-local function lua_match(text, pat, init) return matched(text, lua_find(text, pat, init)) end
-
 -- gsub on the Lua matcher (lstrlib.c's str_gsub, add_value and add_s); captures are read only
 -- when used, as C does.
 local function replacement(out, ms, a, e, repl, kind)
@@ -603,15 +601,23 @@ return function(spend, remaining, raw_getmetatable)
     return text, pat, start_position(pos, #text)
   end
 
+  -- finish(text, find's results) of a search at pos: plain, in C, or on the Lua matcher (called
+  -- in tail position, so that rethrow gives the matcher's errors the caller's line)
+  local function searched(finish, text, pat, pos, plain)
+    if plain then return finish(text, plain_search(text, pat, pos)) end
+    local ran = table_pack(c_search(text, pat, pos))
+    if ran[1] then return finish(text, table_unpack(ran, 2, ran.n)) end
+    return rethrow(pcall(function() return finish(text, lua_find(text, pat, pos)) end))
+  end
+
+  local function found(_, ...) return ... end
+
   function bounded_string.find(...)
     local s, p, init, plain = ...
     local text, pat, pos = search_args(s, p, init)
     if not text then return C.find(...) end -- C raises the argument's error
     if pos > #text + 1 then return nil end
-    if plain or not c_find(pat, SPECIALS) then return plain_search(text, pat, pos) end
-    local ran = table_pack(c_search(text, pat, pos))
-    if ran[1] then return table_unpack(ran, 2, ran.n) end
-    return rethrow(pcall(lua_find, text, pat, pos))
+    return searched(found, text, pat, pos, plain or not c_find(pat, SPECIALS))
   end
 
   function bounded_string.match(...)
@@ -619,10 +625,7 @@ return function(spend, remaining, raw_getmetatable)
     local text, pat, pos = search_args(s, p, init)
     if not text then return C.match(...) end
     if pos > #text + 1 then return nil end
-    if literal(pat) then return matched(text, plain_search(text, pat, pos)) end
-    local ran = table_pack(c_search(text, pat, pos))
-    if ran[1] then return matched(text, table_unpack(ran, 2, ran.n)) end
-    return rethrow(pcall(lua_match, text, pat, pos))
+    return searched(matched, text, pat, pos, literal(pat))
   end
 
   function bounded_string.gmatch(...)
