@@ -422,8 +422,8 @@ class LuaRuntime:
                     consumer,
                 )
             except QueueError as exc:
-                return (None, str(exc.kind), exc.message, exc.retryable, reader.cost)
-            return (True, None, None, None, reader.cost)
+                return (None, reader.cost, str(exc.kind), exc.message, exc.retryable)
+            return (True, reader.cost)
         if op == "settle":
             await (delivery.ack() if args[0] == "ack" else delivery.nack())
             return (True,)

@@ -270,7 +270,7 @@ local function queue_module(ns)
     local ctx = current()
     if ctx == nil or ctx.loading then return answer(unavailable("queue.publish")) end
     -- Python reads the data within what is left of the budget, and says what that cost
-    local ok, kind, message, retryable, cost =
+    local ok, cost, kind, message, retryable =
       co_yield(REQ, "publish", ns, queue_id, data, headers, budget - ctx.used)
     charge(ctx, cost)
     return answer(ok, kind, message, retryable)
