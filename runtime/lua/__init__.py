@@ -181,7 +181,7 @@ class LuaRuntime:
         self.host = host
         self._ids = itertools.count(1)
         self._max_memory = settings.lua_max_memory
-        self._lifted = 2 * self._max_memory + 2**40
+        self._lifted = 2 * self._max_memory + 2**40 if self._max_memory else 0  # (0: no limit)
         files = resources.files(__package__)
         bounded = files.joinpath("bounded.lua").read_text("utf-8")
         source = files.joinpath("bridge.lua").read_text("utf-8")
