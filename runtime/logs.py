@@ -1,5 +1,10 @@
 """Log lines on stderr: JSON for a log collector, or text for a person at a terminal. Both
-carry the same fields: time, level, logger, message, and whatever the call site added."""
+carry the same fields: time, level, logger, message, and whatever the call site added.
+
+A line is at most MAX_LINE bytes whatever a handler logs or fails with: past that, long strings
+are cut to MAX_FIELD characters (saying how much was left out), and what still does not fit
+is cut as a whole (a JSON line keeps its head and puts the rest in a cut `truncated` field).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+MAX_LINE = 65536  # bytes, the newline excluded
+MAX_FIELD = 4096  # characters of one string in a line that had to be cut
+_HEAD = ("ts", "level", "logger", "msg")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 Format = Literal["json", "text", "auto"]
 
@@ -19,6 +27,31 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 def _time(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
+def _dumps(entry: Any) -> str:
+    return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _fits(line: str) -> bool:
+    # a character is at most 4 bytes in UTF-8: most lines need no encoding to be measured
+    return len(line) <= MAX_LINE // 4 or len(line.encode()) <= MAX_LINE
+
+
+def _cut(text: str, limit: int = MAX_FIELD) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _shortened(value: Any) -> Any:
+    if isinstance(value, str):
+        return _cut(value)
+    if isinstance(value, dict):
+        return {_cut(str(key)): _shortened(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shortened(item) for item in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,18 +66,34 @@ class JsonFormatter(logging.Formatter):
             entry.setdefault(key, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        line = _dumps(entry)
+        if _fits(line):
+            return line
+        entry = _shortened(entry)
+        line = _dumps(entry)
+        if _fits(line):
+            return line
+        head = {key: entry[key] for key in _HEAD}
+        head["truncated"] = _cut(_dumps({k: v for k, v in entry.items() if k not in _HEAD}))
+        return _dumps(head)
 
 
 class TextFormatter(logging.Formatter):
-    """`12:04:05.123 WARNING luaq.consumer: handler failed consumer=app:worker attempt=2`"""
+    """`12:04:05.123 WARNING luaq.consumer: handler failed  consumer=app:worker attempt=2`"""
 
     def format(self, record: logging.LogRecord) -> str:
-        clock = _time(record)[11:23]
-        fields = " ".join(f"{key}={_text(value)}" for key, value in _fields(record).items())
-        line = f"{clock} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        if fields:
-            line = f"{line}  {fields}"
+        message, fields = record.getMessage(), _fields(record)
+        line = self._line(record, message, fields)
+        if _fits(line):
+            return line
+        line = self._line(record, _cut(message), _shortened(fields))
+        return line if _fits(line) else _cut(line, MAX_LINE // 4)
+
+    def _line(self, record: logging.LogRecord, message: str, fields: dict[str, Any]) -> str:
+        text = " ".join(f"{key}={_text(value)}" for key, value in fields.items())
+        line = f"{_time(record)[11:23]} {record.levelname:<7} {record.name}: {message}"
+        if text:
+            line = f"{line}  {text}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
         return line
@@ -53,7 +102,7 @@ class TextFormatter(logging.Formatter):
 def _text(value: Any) -> str:
     if isinstance(value, str) and value and " " not in value and "=" not in value:
         return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return _dumps(value)
 
 
 def configure(level: str, format: Format = "auto") -> None:

@@ -3,6 +3,13 @@
 One lupa `lua54` state per process, used only from the event-loop thread. An invocation is a
 Lua coroutine; when it yields a host request, `invoke` awaits the work and resumes it. Only
 plain values cross the boundary: no Python object is ever reachable from handler code.
+
+Reading a Lua value into Python (publish, json.encode, logger fields) uses raw access only, so no
+handler metamethod runs outside the handler's budget, and counts what it reads: at most
+MAX_VALUES values and MAX_TEXT characters, each value charged VALUE_COST instructions to the
+invocation. lupa creates Lua values from Python outside Lua's protected mode, where running out
+of memory aborts the whole process: such work runs with the memory limit lifted, and Lua is
+entered only with MEMORY_MARGIN bytes to spare.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ import decimal
 import itertools
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import lupa.lua54 as lupa
 
@@ -28,12 +36,19 @@ from ..metrics import UserMetrics
 from ..settings import Settings
 
 MAX_DEPTH = 100
-MAX_HEADER_DEPTH = 32  # nesting of header tables and arrays handed to Lua
+MAX_VALUES = 1_000_000  # values in one piece of data read from Lua or decoded for it
+MAX_TEXT = 64 * 2**20  # characters of text in it
+VALUE_COST = 100  # instructions charged per value converted between Lua and Python
+TEXT_COST = 16  # characters of text converted per instruction charged
+MEMORY_MARGIN = 2**20  # bytes of --lua-max-memory kept free for lupa's unprotected allocations
 BUDGET_STEP = 1000  # instructions between two charges to an invocation's budget
 KEEPALIVE_EVERY = 1_000_000  # instructions between two calls to Host.keepalive (a few ms)
+MAX_HEADER_DEPTH = 32  # nesting of header tables and arrays handed to Lua
 _CONTAINERS = (dict, list)
 _SCALARS = frozenset((str, int, float, bool))
 _log = logging.getLogger("luaq.lua")
+_lua_type = lupa.lua_type
+_T = TypeVar("_T")
 
 
 class Verdict(IntEnum):
@@ -53,6 +68,8 @@ class Outcome:
 
 ACKED = Outcome(Verdict.ACK)
 NACKED = Outcome(Verdict.NACK)
+NO_MEMORY = "not enough memory: the Lua state is at its --lua-max-memory limit"
+OUT_OF_MEMORY = Outcome(Verdict.FAIL, Kind.UNKNOWN, NO_MEMORY)
 
 
 class Host(Protocol):
@@ -96,6 +113,67 @@ class ConversionError(QueueError):
         super().__init__(Kind.INVALID, message)
 
 
+class _Reader:
+    """Reads Lua values as plain Python data (JSON-like) for one caller, raw: no metamethod
+    runs (they are handler code, and this is no budgeted coroutine). Counts the values and
+    text it reads against the limits and what is left of the invocation's budget; `cost` is
+    what the invocation is then charged."""
+
+    __slots__ = ("_shape", "limit", "text", "values")
+
+    def __init__(self, shape: Any, allowance: int) -> None:
+        self._shape = shape
+        self.limit = min(MAX_VALUES, allowance // VALUE_COST)
+        self.values = 0
+        self.text = 0
+
+    @property
+    def cost(self) -> int:
+        return self.values * VALUE_COST + self.text // TEXT_COST
+
+    def read(self, value: Any) -> Any:
+        try:
+            return self._read(value, 0)
+        except UnicodeDecodeError as exc:
+            raise ConversionError(f"a string in the data is not valid UTF-8 text: {exc}") from exc
+
+    def _read(self, value: Any, depth: int) -> Any:
+        self.values += 1
+        if self.values > self.limit:
+            raise ConversionError(f"data has more than {self.limit} values")
+        lua_type = _lua_type(value)
+        if lua_type is None:
+            if type(value) is str:
+                self.text += len(value)
+                if self.text > MAX_TEXT:
+                    raise ConversionError(f"data has more than {MAX_TEXT} characters of text")
+            return value
+        if lua_type != "table":
+            raise ConversionError(f"a Lua {lua_type} cannot be sent as data")
+        if depth >= MAX_DEPTH:
+            raise ConversionError(
+                f"data is nested deeper than {MAX_DEPTH} levels or a table contains itself"
+            )
+        shape, length = self._shape(value)
+        if shape == "array":
+            array: list[Any] = [None] * length
+            for index, item in value.items():
+                if type(index) is int and 0 < index <= length:
+                    array[index - 1] = self._read(item, depth + 1)
+            return array
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is int:
+                key = str(key)
+            elif type(key) is str:
+                self.text += len(key)
+            else:
+                kind = _lua_type(key) or type(key).__name__
+                raise ConversionError(f"table keys must be strings or integers, not a {kind}")
+            result[key] = self._read(item, depth + 1)
+        return result
+
+
 def _deny_attributes(obj: object, name: object, *rest: object) -> NoReturn:
     raise AttributeError("Python objects are not accessible from Lua")
 
@@ -114,7 +192,11 @@ class LuaRuntime:
         self.host = host
         self.user_metrics = UserMetrics()
         self._ids = itertools.count(1)
-        source = resources.files(__package__).joinpath("bridge.lua").read_text("utf-8")
+        self._max_memory = settings.lua_max_memory
+        self._lifted = 2 * self._max_memory + 2**40 if self._max_memory else 0  # (0: no limit)
+        files = resources.files(__package__)
+        bounded = files.joinpath("bounded.lua").read_text("utf-8")
+        source = files.joinpath("bridge.lua").read_text("utf-8")
         helpers = self._lua.table_from(
             {
                 "log": self._log,
@@ -127,7 +209,8 @@ class LuaRuntime:
         )
         budget = settings.max_instructions
         step = min(BUDGET_STEP, budget)
-        bridge = self._lua.execute(source, helpers, budget, step, max(KEEPALIVE_EVERY // step, 1))
+        keepalive_every = max(KEEPALIVE_EVERY // step, 1)
+        bridge = self._lua.execute(source, helpers, budget, step, keepalive_every, bounded)
         self._load = bridge.load
         self._starter = bridge.starter
         self._resume = bridge.resume
@@ -147,6 +230,8 @@ class LuaRuntime:
         """Compile the source in a fresh sandbox and run its top-level chunk once."""
         namespace = function_id.split(":", 1)[0]
         chunk = "@" + chunkname if chunkname else "=" + function_id
+        if not self._room(len(source)):
+            raise LuaLoadError(NO_MEMORY)
         try:
             fn, problem = self._load(source, chunk, namespace, self._table_from(modules), method)
         except lupa.LuaError as exc:
@@ -212,35 +297,46 @@ class LuaRuntime:
             return value
         return None
 
-    def to_python(self, value: Any) -> Any:
-        """A Lua value as plain Python data (JSON-like); ConversionError when it has no such
-        form."""
-        try:
-            return self._to_python(value, 0)
-        except UnicodeDecodeError as exc:
-            raise ConversionError(f"a string in the data is not valid UTF-8 text: {exc}") from exc
+    def reader(self, allowance: int = MAX_VALUES * VALUE_COST) -> _Reader:
+        """Reads Lua values as plain Python data; ConversionError for one that has no such
+        form or is over the limits."""
+        return _Reader(self._shape, allowance)
 
-    def _to_python(self, value: Any, depth: int) -> Any:
-        lua_type = lupa.lua_type(value)
-        if lua_type is None:
-            return value
-        if lua_type != "table":
-            raise ConversionError(f"a Lua {lua_type} cannot be sent as data")
-        if depth >= MAX_DEPTH:
-            raise ConversionError(
-                f"data is nested deeper than {MAX_DEPTH} levels or a table contains itself"
-            )
-        shape, length = self._shape(value)
-        if shape == "array":
-            return [self._to_python(value[i], depth + 1) for i in range(1, length + 1)]
-        result: dict[str, Any] = {}
-        for key, item in value.items():
-            if isinstance(key, int) and not isinstance(key, bool):
-                key = str(key)
-            elif not isinstance(key, str):
-                raise ConversionError(f"table keys must be strings or integers, not {key!r}")
-            result[key] = self._to_python(item, depth + 1)
-        return result
+    def _unlimited(self, convert: Callable[..., _T], *args: Any) -> _T:
+        """Runs a conversion to Lua with the memory limit lifted (see the module's docstring):
+        callers then check with _room that Lua may be entered."""
+        self._lua.set_max_memory(self._lifted)
+        try:
+            return convert(*args)
+        finally:
+            self._lua.set_max_memory(self._max_memory)
+
+    def _abandon(self, invocation: int) -> None:
+        """Stops an invocation that will not be resumed, running its to-be-closed variables.
+        With MEMORY_MARGIN more memory: a full Lua state is often why, and closing the
+        coroutine is what gives its memory back (its __close handlers get no more than that)."""
+        lua, limit = self._lua, self._max_memory
+        if not limit:
+            self._cancel(invocation)
+            return
+        lua.set_max_memory(max(limit, lua.get_memory_used()) + MEMORY_MARGIN)
+        try:
+            self._cancel(invocation)
+        finally:
+            lua.set_max_memory(limit)
+
+    def _room(self, size: int = 0, collect: bool = True) -> bool:
+        """Whether Lua has MEMORY_MARGIN bytes, plus `size` for a string pushed as an argument or
+        result, free for lupa's unprotected allocations (`collect`: after a full collection if
+        needed; not while a Python helper called from Lua runs)."""
+        if not self._max_memory:
+            return True
+        lua, limit = self._lua, self._max_memory - MEMORY_MARGIN - size
+        if lua.get_memory_used() <= limit:
+            return True
+        if collect:
+            lua.gccollect()
+        return bool(lua.get_memory_used() <= limit)
 
     # -- helpers called synchronously from Lua -------------------------------------------------
 
@@ -252,43 +348,62 @@ class LuaRuntime:
         namespace: str,
         consumer: str | None,
         message_id: str | None,
-    ) -> None:
+        allowance: int,
+    ) -> int:
+        """Logs for a handler; returns the instructions to charge it."""
         extra: dict[str, Any] = {"namespace": namespace}
         if consumer is not None:
             extra["consumer"] = consumer
         if message_id is not None:
             extra["message_id"] = message_id
+        reader = self.reader(allowance)
         if fields is not None:
             try:
-                extra["fields"] = self.to_python(fields)
+                extra["fields"] = reader.read(fields)
             except QueueError as exc:
                 extra["fields_error"] = exc.message
         _log.log(_LEVELS[level], message, extra=extra)
+        return reader.cost
 
-    def _json_encode(self, value: Any) -> tuple[bool, str | None, str | None]:
+    def _json_encode(self, value: Any, allowance: int) -> tuple[bool, str | None, str | None, int]:
+        reader = self.reader(allowance)
         try:
             text = json.dumps(
-                self.to_python(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")
+                reader.read(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")
             )
         except (QueueError, ValueError, TypeError) as exc:
-            return False, None, f"json.encode: {exc}"
-        return True, text, None
+            return False, None, f"json.encode: {exc}", reader.cost
+        if not self._room(len(text), collect=False):
+            return False, None, None, reader.cost
+        return True, text, None, reader.cost
 
     def _metric(
-        self, kind: str, name: Any, labels: Any, value: Any
-    ) -> tuple[bool, None, str | None]:
+        self, kind: str, name: str, labels: Any, value: float, allowance: int
+    ) -> tuple[bool, None, str | None, int]:
+        """Records a handler's own metric; returns the instructions to charge it."""
+        reader = self.reader(allowance)
         try:
-            labels = None if labels is None else self.to_python(labels)
-            self.user_metrics.record(kind, name, labels, value)
+            self.user_metrics.record(kind, name, None if labels is None else reader.read(labels), value)
         except QueueError as exc:
-            return False, None, exc.message
-        return True, None, None
+            return False, None, exc.message, reader.cost
+        return True, None, None, reader.cost
 
-    def _json_decode(self, text: str) -> tuple[bool, Any, str | None]:
+    def _json_decode(self, text: str, allowance: int) -> tuple[bool, Any, str | None, int]:
+        # the text bounds what decoding makes and costs: every value but the first follows a
+        # comma or opens an array or object
+        values = text.count(",") + text.count("[") + text.count("{") + 1
+        cost = values * VALUE_COST + len(text) // TEXT_COST
+        if cost > allowance:
+            return False, None, "json.decode: over the instruction budget", cost
+        if values > MAX_VALUES or len(text) > MAX_TEXT:
+            return False, None, f"json.decode: over {MAX_VALUES} values or {MAX_TEXT} bytes", cost
         try:
-            return True, self.to_lua(json.loads(text)), None
+            value = self._unlimited(self.to_lua, json.loads(text))
         except (ValueError, RecursionError) as exc:
-            return False, None, f"json.decode: {exc}"
+            return False, None, f"json.decode: {exc}", cost
+        if not self._room(collect=False):
+            return False, None, None, cost
+        return True, value, None, cost
 
     # -- invocations -------------------------------------------------------------------------
 
@@ -298,28 +413,40 @@ class LuaRuntime:
         ids = self._ids
         to_lua = self.to_lua
         headers_to_lua = self.headers_to_lua
+        set_max_memory, limit, lifted = self._lua.set_max_memory, self._max_memory, self._lifted
+        memory_used, room = self._lua.get_memory_used, self._room
+        roomy = limit - MEMORY_MARGIN if limit else sys.maxsize  # (a fast first check)
 
         async def invoke(payload: Any, delivery: Delivery, settle: SettleEarly) -> Outcome:
             invocation = next(ids)
             headers = delivery.headers
             try:
-                result = start(
-                    invocation,
-                    to_lua(payload),
-                    delivery.id,
-                    headers_to_lua(headers) if headers else None,
-                )
+                # the arguments are made with the memory limit lifted (see the module docstring)
+                set_max_memory(lifted)
+                try:
+                    lua_payload = to_lua(payload)
+                    lua_headers = headers_to_lua(headers) if headers else None
+                finally:
+                    set_max_memory(limit)
+                size = len(payload) if type(payload) in _STRINGS else 0  # (pushed as is)
+                if memory_used() > roomy - size and not room(size):
+                    return OUT_OF_MEMORY
+                result = start(invocation, lua_payload, delivery.id, lua_headers)
                 if result == _ACK:
                     return ACKED
                 if type(result) is tuple and result[0] == _CALL:
                     result = await self._serve(invocation, delivery, settle, consumer, result)
             except asyncio.CancelledError:
-                self._cancel(invocation)
+                self._abandon(invocation)
                 raise
+            except lupa.LuaMemoryError:
+                # the bridge's own code, after the handler's, found the state full
+                self._abandon(invocation)
+                return OUT_OF_MEMORY
             except Exception as exc:
-                # lupa failing to convert a result, a memory error outside any coroutine, a
-                # bug in luaq: this invocation fails, the worker does not.
-                self._cancel(invocation)
+                # lupa failing to convert a result, a bug in luaq: this invocation fails, the
+                # worker does not.
+                self._abandon(invocation)
                 _log.exception("invocation failed in the bridge", extra={"consumer": consumer})
                 return Outcome(Verdict.FAIL, Kind.INTERNAL, f"internal error: {exc}")
             if result == _ACK:
@@ -339,6 +466,10 @@ class LuaRuntime:
                 answer = await self._answer(result[1], result[2:], delivery, settle, consumer)
             except QueueError as exc:
                 answer = (None, str(exc.kind), exc.message, exc.retryable)
+            # only a failure's answer has strings (to make in Lua), and short ones: the margin
+            if answer[0] is None and not self._room():
+                self._abandon(invocation)
+                return (Verdict.FAIL, OUT_OF_MEMORY.kind, OUT_OF_MEMORY.error)
             result = self._resume(invocation, *answer)
         return result
 
@@ -352,15 +483,19 @@ class LuaRuntime:
     ) -> tuple[Any, ...]:
         assert self.host is not None, "no host: this runtime only checks sources"
         if op == "publish":
-            namespace, queue_id, data, headers = args
-            await self.host.publish(
-                namespace,
-                queue_id,
-                self.to_python(data),
-                {} if headers is None else self.to_python(headers),
-                consumer,
-            )
-            return (True,)
+            namespace, queue_id, data, headers, allowance = args
+            reader = _Reader(self._shape, allowance)
+            try:
+                await self.host.publish(
+                    namespace,
+                    queue_id,
+                    reader.read(data),
+                    {} if headers is None else reader.read(headers),
+                    consumer,
+                )
+            except QueueError as exc:
+                return (None, reader.cost, str(exc.kind), exc.message, exc.retryable)
+            return (True, reader.cost)
         if op == "settle":
             await settle(delivery, args[0] == "ack")
             return (True,)
@@ -374,6 +509,7 @@ def _nothing() -> None:
     return None
 
 
+_STRINGS = (str, bytes)
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,

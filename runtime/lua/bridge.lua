@@ -4,16 +4,29 @@
 -- Each delivery runs as a coroutine. Host calls that must wait (publish, info, sleep, settle)
 -- yield a request tagged with REQ; Python awaits the work and resumes the coroutine with the
 -- answer. Coroutines never leave Lua: Python refers to them by integer id.
+--
+-- Handlers cannot reach one another, nor stop the worker, because:
+-- * handler code (its functions and its metamethods) runs only inside an invocation's
+--   coroutines, under that invocation's budget; everywhere else the bridge reads handler values
+--   with raw access (rawequal, rawget, next) and hands Python plain values only;
+-- * no table a handler can change is used by another function (shared ones are out of reach);
+-- * a coroutine serves one invocation: a handler can only touch the coroutines it created in the
+--   invocation that is running, and runners go back to the pool only when their handler is done.
 
-local host, budget, step_size, keepalive_every = ...
+local host, budget, step_size, keepalive_every, bounded_source = ...
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
 local sethook, raw_getmetatable = debug.sethook, debug.getmetatable
 local raw_load, select, type, pairs, next = load, select, type, pairs, next
 local setmetatable, getmetatable, tostring, pcall = setmetatable, getmetatable, tostring, pcall
-local rawget, error = rawget, error
-local math_type, utf8_len, string_gsub = math.type, utf8.len, string.gsub
+local rawget, rawequal, rawlen, error = rawget, rawequal, rawlen, error
+local math_type, math_floor = math.type, math.floor
+local utf8_len, string_gsub, string_sub = utf8.len, string.gsub, string.sub
+
+-- bounded.lua, compiled without line information (see there)
+local bound_library = raw_load(string.dump(assert(raw_load(bounded_source, "=bounded")), true),
+  "=bounded", "b")()
 
 -- Sandboxes reach string methods through the string metatable: take `dump` away from it and
 -- lock the metatable so no handler can change what `("x"):upper()` means for the others.
@@ -23,10 +36,13 @@ getmetatable("").__metatable = false
 -- from Python and build a traceback for every error.
 debug = nil
 
-local REQ = setmetatable({}, { __name = "luaq.request" })
+-- Markers of what a runner yields are private functions: `==` never calls a metamethod to
+-- compare a function, so no handler value can pass for one (nor can a handler reach them).
+local REQ = function() end
 -- What an invocation step returns to Python: ACK or NACK alone (the common case, no tuple),
 -- FAIL, kind, message, or CALL, op, args... for a host request.
 local ACK, NACK, FAIL, CALL = 0, 1, 2, 3
+local MAX_TEXT = 8192 -- bytes of an error or log message that leave Lua; the rest is cut
 
 local array_mt = { __metatable = false, __name = "luaq.array" }
 local contexts = setmetatable({}, { __mode = "k" }) -- coroutine -> invocation context
@@ -39,13 +55,17 @@ local KINDS = {
   "INVALID", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAVAILABLE", "INTERNAL",
   "CANCELED", "CONFLICT", "TIMEOUT", "RATE_LIMITED", "UNKNOWN",
 }
+local KIND = {}
+for _, kind in ipairs(KINDS) do KIND[kind] = true end
 
-local Error = { __metatable = false, __name = "luaq.error" }
-Error.__index = Error
-function Error.kind(self) return self._kind end
-function Error.message(self) return self._message end
-function Error.retryable(self) return self._retryable end
-function Error.details(self) return self._details end
+-- Every sandbox's errors share this metatable, so no handler may reach it: `__metatable` hides
+-- it from getmetatable, and `__index` is a table of methods that does not lead back to it.
+local methods = {}
+function methods.kind(self) return self._kind end
+function methods.message(self) return self._message end
+function methods.retryable(self) return self._retryable end
+function methods.details(self) return self._details end
+local Error = { __metatable = false, __name = "luaq.error", __index = methods }
 function Error.__tostring(self) return self._message end
 
 local function new_error(kind, message, retryable, details)
@@ -57,28 +77,50 @@ local function new_error(kind, message, retryable, details)
   }, Error)
 end
 
-local function is_error(value) return raw_getmetatable(value) == Error end
+local function is_error(value) return rawequal(raw_getmetatable(value), Error) end
 
--- Text that crosses into Python must be UTF-8; other bytes are shown as \xNN.
+-- Text that crosses into Python: at most MAX_TEXT bytes (a log line or an error header must stay
+-- small whatever the handler made), in UTF-8, other bytes shown as \xNN.
 local function printable(text)
+  if #text > MAX_TEXT then
+    text = string_sub(text, 1, MAX_TEXT) .. "... (" .. (#text - MAX_TEXT) .. " more bytes)"
+  end
   if utf8_len(text) then return text end
   return (string_gsub(text, "[\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
 end
 
+-- The kind and text of whatever a handler failed with: an error object, a string, anything.
+-- Reads raw and runs no handler code, so the bridge may use it outside an invocation.
 local function describe(value)
-  -- the kind and text of whatever a handler failed with: an error object, a string, anything
-  if is_error(value) then return value._kind, printable(value._message) end
-  if type(value) == "string" then return "UNKNOWN", printable(value) end
-  local ok, text = pcall(tostring, value)
-  return "UNKNOWN", ok and type(text) == "string" and printable(text) or type(value)
+  if is_error(value) then
+    local kind, message = rawget(value, "_kind"), rawget(value, "_message")
+    return KIND[kind] and kind or "UNKNOWN", -- (a kind of the handler's own: UNKNOWN)
+      type(message) == "string" and printable(message) or "(no message)"
+  end
+  local t = type(value)
+  if t == "string" then return "UNKNOWN", printable(value) end
+  if t == "table" or t == "userdata" then return "UNKNOWN", t end -- __tostring is handler code
+  return "UNKNOWN", tostring(value)
 end
+
+-- describe, and the value's own __tostring for other tables: only inside an invocation.
+local function explain(value)
+  local t = type(value)
+  if (t == "table" or t == "userdata") and not is_error(value) then
+    local ok, text = pcall(tostring, value)
+    if ok and type(text) == "string" then return "UNKNOWN", printable(text) end
+  end
+  return describe(value)
+end
+
+local explain_for -- explain(value), run in a new coroutine of the invocation `ctx`
 
 -- Calls a Python helper. A Python exception must never reach a sandbox (it would arrive as a
 -- userdata with lupa's metatable), so failures come back as (false, nil, message).
 local function call_python(fn, ...)
-  local ok, a, b, c = pcall(fn, ...)
-  if ok then return a, b, c end
-  local _, text = describe(a)
+  local ok, a, b, c, d = pcall(fn, ...)
+  if ok then return a, b, c, d end
+  local _, text = explain(a)
   return false, nil, "internal error: " .. text
 end
 
@@ -92,7 +134,7 @@ local function errors_module()
     return new_error("UNKNOWN", spec, false, nil)
   end
   function errors.wrap(err, message)
-    local kind, text = describe(err)
+    local kind, text = explain(err)
     local retryable = is_error(err) and err._retryable or false
     local details = is_error(err) and err._details or nil
     local wrapped = new_error(kind, tostring(message) .. ": " .. text, retryable, details)
@@ -112,19 +154,20 @@ end
 -- count hook fires every `step_size` instructions and charges the invocation; a new coroutine
 -- is charged a full step up front, so work spread over many short coroutines is never free.
 
-local exhausted_error = new_error("TIMEOUT", "instruction budget of " .. budget .. " exceeded")
-
 local function exhausted()
   -- from now on every instruction fails, so `pcall` in a loop cannot swallow the stop
-  error(exhausted_error, 0)
+  error(contexts[co_running()].timeout, 0)
 end
 
 local function charge(ctx, instructions)
   local used = ctx.used + instructions
   ctx.used = used
   if used > budget then
+    -- an error object per invocation: one a handler catches and changes is its own
+    ctx.timeout = ctx.timeout or new_error("TIMEOUT", "instruction budget of " .. budget ..
+      " exceeded")
     sethook(exhausted, "", 1)
-    error(exhausted_error, 0)
+    error(ctx.timeout, 0)
   end
 end
 
@@ -148,6 +191,16 @@ local function new_coroutine(fn, ctx)
   return co
 end
 
+function explain_for(ctx, value)
+  local t = type(value)
+  if (t ~= "table" and t ~= "userdata") or is_error(value) then return describe(value) end
+  local co = new_coroutine(explain, ctx)
+  local ok, kind, text = co_resume(co, value)
+  if not ok then return describe(kind) end -- what stopped it: the budget, memory
+  if co_status(co) == "dead" then return kind, text end
+  return "UNKNOWN", "a " .. t .. " whose __tostring yields" -- (and its requests are dropped)
+end
+
 ------------------------------------------------------------------------------------------------
 -- host calls
 
@@ -155,12 +208,32 @@ local function current()
   return contexts[co_running()]
 end
 
+-- What is left of the running invocation's budget, and charging work done outside Lua's VM
+-- (in Python, in C functions) to it.
+local function remaining()
+  local ctx = current()
+  return ctx and budget - ctx.used or 0
+end
+
+local function spend(instructions)
+  local ctx = current()
+  if ctx and instructions then charge(ctx, math_floor(instructions)) end
+end
+
+-- What sandboxes get of `string` and `table`: the C functions a single call of which could run
+-- unbounded (string.rep of empty strings, table.move over nils, backtracking patterns...) are
+-- replaced by versions that charge their work (bounded.lua). Strings' methods too.
+local bounded_string, bounded_table = bound_library(spend, remaining, raw_getmetatable)
+raw_getmetatable("").__index = bounded_string
+
+local function unavailable(what)
+  return nil, "INVALID", what .. " is not available while the module loads", false
+end
+
 local function call_host(what, op, ...)
   -- yields to the scheduler; nil + error when there is no invocation to wait in
   local ctx = current()
-  if ctx == nil or ctx.loading then
-    return nil, "INVALID", what .. " is not available while the module loads", false
-  end
+  if ctx == nil or ctx.loading then return unavailable(what) end
   return co_yield(REQ, op, ...)
 end
 
@@ -173,7 +246,7 @@ end
 local function check_headers(headers)
   if headers == nil then return nil end
   if type(headers) ~= "table" then return "headers must be a table" end
-  for key, value in pairs(headers) do
+  for key, value in next, headers do
     if type(key) ~= "string" then return "header names must be strings" end
     local t = type(value)
     if t ~= "string" and t ~= "number" and t ~= "boolean" then
@@ -203,7 +276,13 @@ local function queue_module(ns)
     end
     local problem = check_headers(headers)
     if problem then return nil, new_error("INVALID", problem, false) end
-    return answer(call_host("queue.publish", "publish", ns, queue_id, data, headers))
+    local ctx = current()
+    if ctx == nil or ctx.loading then return answer(unavailable("queue.publish")) end
+    -- Python reads the data within what is left of the budget, and says what that cost
+    local ok, cost, kind, message, retryable =
+      co_yield(REQ, "publish", ns, queue_id, data, headers, budget - ctx.used)
+    charge(ctx, cost)
+    return answer(ok, kind, message, retryable)
   end
 
   function queue.info(queue_id)
@@ -230,7 +309,7 @@ local function queue_module(ns)
     msg = {}
     -- methods accept both msg:id() and msg.id(): the first argument is skipped when it is msg
     local function arg(self, value)
-      if self == msg then return value end
+      if rawequal(self, msg) then return value end
       return self
     end
     local headers = ctx.headers or {}
@@ -260,13 +339,13 @@ local function logger_module(ns)
   local logger = {}
   for _, level in ipairs({ "debug", "info", "warn", "error" }) do
     logger[level] = function(self, message, fields)
-      if self ~= logger then message, fields = self, message end
+      if not rawequal(self, logger) then message, fields = self, message end
       local ctx = current()
       local consumer, message_id
       if ctx ~= nil and not ctx.loading then consumer, message_id = ctx.consumer, ctx.id end
-      local _, text = describe(message)
-      call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
-        consumer, message_id)
+      local _, text = explain(message)
+      spend(call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
+        consumer, message_id, remaining()) or nil)
     end
   end
   return logger
@@ -274,15 +353,18 @@ end
 
 local function json_module()
   local json = {}
-  local function result(ok, value, message)
+  local function result(ok, value, message, cost)
+    spend(cost)
     if ok then return value end
+    -- no message: Python could not hand the result over within --lua-max-memory
+    if message == nil then error("not enough memory", 0) end
     return nil, new_error("INVALID", message, false)
   end
   function json.encode(value)
     if type(value) == "string" and not utf8_len(value) then
       return nil, new_error("INVALID", "json.encode: the string " .. NOT_UTF8, false)
     end
-    return result(call_python(host.json_encode, value))
+    return result(call_python(host.json_encode, value, remaining()))
   end
   function json.decode(text)
     if type(text) ~= "string" then
@@ -291,7 +373,7 @@ local function json_module()
     if not utf8_len(text) then
       return nil, new_error("INVALID", "json.decode: the text " .. NOT_UTF8, false)
     end
-    return result(call_python(host.json_decode, text))
+    return result(call_python(host.json_decode, text, remaining()))
   end
   return json
 end
@@ -299,7 +381,7 @@ end
 local function time_module()
   local time = {}
   function time.sleep(seconds)
-    if type(seconds) ~= "number" or seconds < 0 then
+    if type(seconds) ~= "number" or not (seconds >= 0) then -- (NaN is not >= 0)
       return nil, new_error("INVALID", "time.sleep expects a number of seconds >= 0", false)
     end
     return answer(call_host("time.sleep", "sleep", seconds))
@@ -308,11 +390,25 @@ local function time_module()
   return time
 end
 
--- Handlers' own metrics, exported as luaq_user_<name> (README: "Metrics").
+-- Handlers' own metrics, exported as luaq_user_<name> (README: "Metrics and health"). The
+-- name and value are checked here, so that only a string, a number and a table (read raw)
+-- reach Python.
 local function metrics_module()
   local metrics = {}
   local function record(kind, name, labels, value)
-    local ok, _, message = call_python(host.metric, kind, name, labels, value)
+    if type(name) ~= "string" then
+      return nil, new_error("INVALID", "metric name must be a string", false)
+    end
+    if type(value) ~= "number" then
+      return nil, new_error("INVALID", "metric " .. printable(name) .. ": value must be a number",
+        false)
+    end
+    if labels ~= nil and type(labels) ~= "table" then
+      return nil, new_error("INVALID", "metric " .. printable(name) .. ": labels must be a table",
+        false)
+    end
+    local ok, _, message, cost = call_python(host.metric, kind, name, labels, value, remaining())
+    spend(cost)
     if ok then return true end
     return nil, new_error("INVALID", message, false)
   end
@@ -353,12 +449,24 @@ local function sandbox_coroutine()
     end
     return ok, first, ...
   end
+  -- A coroutine serves the invocation that created it, and is charged to that budget: touching
+  -- it from another would run its code, or show its data, there.
+  local function own(co, name)
+    local ctx = current()
+    if type(co) == "thread" and (ctx == nil or not rawequal(contexts[co], ctx)) then
+      error("coroutine." .. name .. ": the coroutine belongs to another invocation (a " ..
+        "coroutine can only be used by the invocation that created it)", 3)
+    end
+    return co
+  end
   function lib.create(fn)
     local ctx = current()
     charge(ctx, step_size)
     return new_coroutine(fn, ctx)
   end
-  function lib.resume(co, ...) return forward(co, co_resume(co, ...)) end
+  function lib.resume(co, ...) return forward(co, co_resume(own(co, "resume"), ...)) end
+  function lib.status(co) return co_status(own(co, "status")) end
+  function lib.close(co) return co_close(own(co, "close")) end
   function lib.wrap(fn)
     local co = lib.create(fn)
     return function(...)
@@ -401,8 +509,8 @@ local function sandbox(ns, modules)
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _ENV[name] end
   env.setmetatable = sandbox_setmetatable
   env.xpcall = sandbox_xpcall
-  env.string = copy(string)
-  env.table = copy(table)
+  env.string = copy(bounded_string)
+  env.table = copy(bounded_table)
   env.math = copy(math)
   env.utf8 = copy(utf8)
   env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
@@ -449,18 +557,19 @@ function bridge.load(source, chunkname, ns, modules, method)
   local env = sandbox(ns, modules)
   local chunk, syntax = raw_load(source, chunkname, "t", env)
   if not chunk then return nil, syntax end
-  local co = new_coroutine(chunk, { loading = true, used = 0 })
+  local ctx = { loading = true, used = 0 }
+  local co = new_coroutine(chunk, ctx)
   local ok, result = co_resume(co)
-  if not ok then
-    local _, text = describe(result)
-    return nil, text
-  end
+  if not ok then return nil, select(2, explain_for(ctx, result)) end
   if co_status(co) ~= "dead" then
     co_close(co)
     return nil, "the module yielded while loading"
   end
-  local handler = env[method]
-  if type(result) == "table" and result[method] ~= nil then handler = result[method] end
+  -- raw reads: the environment's and the returned table's __index are handler code
+  local handler = rawget(env, method)
+  if type(result) == "table" and rawget(result, method) ~= nil then
+    handler = rawget(result, method)
+  end
   if type(handler) ~= "function" then
     return nil, "method " .. method .. " is not defined (a global function or a field of " ..
       "the table the source returns)"
@@ -469,9 +578,10 @@ function bridge.load(source, chunkname, ns, modules, method)
 end
 
 -- Invocations run in runner coroutines that are parked and reused once their handler
--- returns: a coroutine is the biggest allocation of an invocation. A runner whose handler
--- failed is dead and simply dropped.
-local FINISHED = setmetatable({}, { __name = "luaq.finished" })
+-- returns: a coroutine is the biggest allocation of an invocation. Only a runner yields
+-- FINISHED, once its handler has returned and nothing of it is left on the runner's stack. A
+-- runner stopped any other way (an error, the budget, a yield of the handler's own) is dropped.
+local FINISHED = function() end
 local parked, parked_max = {}, 256
 
 local function runner(handler, payload)
@@ -484,15 +594,16 @@ local function verdict(ctx, first, ...)
   ctx.settled = true
   if first == false then return NACK end
   local err = ...
-  if err ~= nil then return FAIL, describe(err) end
+  if err ~= nil then return FAIL, explain_for(ctx, err) end
   return ACK
 end
 
 local function step(id, co, ok, first, ...)
+  local ctx = contexts[co]
   if ok then
     if first == FINISHED then
       invocations[id] = nil
-      local ctx = contexts[co]
+      contexts[co] = nil -- parked: it belongs to no invocation until reused
       if #parked < parked_max then parked[#parked + 1] = co end
       return verdict(ctx, ...)
     end
@@ -500,13 +611,14 @@ local function step(id, co, ok, first, ...)
       invocations[id] = co
       return CALL, ...
     end
-    co_close(co)
     invocations[id] = nil
+    ctx.settled = true
+    co_close(co)
     return FAIL, "INVALID", "the handler yielded outside of a coroutine it created"
   end
   invocations[id] = nil
-  contexts[co].settled = true
-  return FAIL, describe(first)
+  ctx.settled = true
+  return FAIL, explain_for(ctx, first)
 end
 
 -- Returns the function that starts invocations of one handler for one consumer:
@@ -543,16 +655,17 @@ end
 function bridge.array(t) return setmetatable(t, array_mt) end
 
 -- How Python should read a table: "array", n for arrays (marked or with keys 1..n), else "map".
+-- Called from Python, outside any budget: raw access only, no metamethod runs.
 function bridge.shape(t)
-  if raw_getmetatable(t) == array_mt then return "array", #t end
+  if rawequal(raw_getmetatable(t), array_mt) then return "array", rawlen(t) end
   local n = 0
-  for key in pairs(t) do
+  for key in next, t do
     if math_type(key) ~= "integer" or key < 1 then return "map", 0 end
     n = n + 1
   end
   if n == 0 then return "map", 0 end
   for i = 1, n do
-    if t[i] == nil then return "map", 0 end
+    if rawget(t, i) == nil then return "map", 0 end
   end
   return "array", n
 end

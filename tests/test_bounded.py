@@ -1,0 +1,175 @@
+"""The bounded standard library (runtime/lua/bounded.lua) behaves exactly as Lua's C functions
+it stands in for: same results, same errors, whichever matcher (C or its Lua port) runs.
+
+Each property compares, in one Lua state, the C function with its bounded version installed
+into copies of the library tables: once with no budget left (every search runs on the Lua
+matcher, or window by window), once with plenty (linear patterns run in C).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import lupa.lua54 as lupa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+LUA = lupa.LuaRuntime(unpack_returned_tuples=True)
+COMPARE, COMPARE_TABLES, BOUNDED = LUA.execute(
+    """
+    local install = load((...), "=bounded")()
+    local budget, spent = 0, 0
+    local bounded = {}
+    bounded.string, bounded.table = install(function(n) spent = spent + n end,
+      function() return budget end, debug.getmetatable)
+
+    -- what a call gave, as text: its results (a gmatch loop's, in full) or its error
+    local function outcome(ok, ...)
+      local results = table.pack(ok, ...)
+      local parts = {}
+      for i = 1, results.n do
+        local v = results[i]
+        if type(v) == "string" and not ok then -- positions and library prefixes vary with
+          v = v:gsub("^[^:]*:%d+: ", ""):gsub("'%a+%.(%a+)'", "'%1'") -- how C was called
+        end
+        parts[i] = (math.type(v) or type(v)) ..
+          ((type(v) == "table" or type(v) == "function") and "" or ":" .. tostring(v))
+      end
+      return table.concat(parts, " ")
+    end
+
+    local function call(lib, name, ...)
+      if name ~= "gmatch" then return outcome(pcall(lib[name], ...)) end
+      local args = table.pack(...)
+      return outcome(pcall(function()
+        local out = {}
+        for a, b in lib.gmatch(table.unpack(args, 1, args.n)) do
+          out[#out + 1] = tostring(a) .. "," .. tostring(b)
+        end
+        return table.concat(out, "|")
+      end))
+    end
+
+    local function compare(left, library, name, ...)
+      budget, spent = left, 0
+      return call(_G[library], name, ...), call(bounded[library], name, ...), spent
+    end
+
+    -- table.insert or table.remove on a fresh {1, 2, 3} with a __len, each: results, and table
+    local function compare_tables(name, ...)
+      local function run(lib, ...)
+        local t = setmetatable({1, 2, 3}, {__len = function(t) return rawlen(t) end})
+        return call(lib, name, t, ...) .. " => " .. table.concat(t, ",", 1, rawlen(t))
+      end
+      return run(table, ...), run(bounded.table, ...)
+    end
+    -- the bounded function alone: what it gave, and what it charged
+    local function bounded_only(left, library, name, ...)
+      budget, spent = left, 0
+      return call(bounded[library], name, ...), spent
+    end
+    return compare, compare_tables, bounded_only
+    """,
+    resources.files("luaq.runtime.lua").joinpath("bounded.lua").read_text(),
+)
+NO_BUDGET, PLENTY = 0, 10**12
+
+PIECES = [
+    *"ab()[]%.*+-?^$",
+    *("%a", "%d", "%s", "%w", "%S", "%1", "%2", "%b()", "%f[%w]", "[a-c]", "[^ab]", "[%d%s]"),
+    *("()", "%%", "a*", "b+", ".-", "%a?"),
+]
+patterns = st.lists(st.sampled_from(PIECES), max_size=6).map("".join)
+subjects = st.text(alphabet="ab()^$ 1c%]x", max_size=14)
+starts = st.none() | st.integers(-20, 20)
+budgets = st.sampled_from([NO_BUDGET, PLENTY])
+replacements = st.sampled_from(["<%0>", "%1", "x", "%%", "%2", "%", 5, "table", "function"])
+
+
+def same(left: int, library: str, name: str, *args: Any) -> int:
+    expected, got, spent = COMPARE(left, library, name, *args)
+    assert got == expected, f"{name}{args}"
+    return int(spent)
+
+
+@settings(max_examples=400, deadline=None)
+@given(budgets, subjects, patterns, starts, st.booleans())
+def test_find(left: int, subject: str, pattern: str, init: int | None, plain: bool) -> None:
+    same(left, "string", "find", subject, pattern, init, plain)
+
+
+@settings(max_examples=300, deadline=None)
+@given(budgets, subjects, patterns, starts)
+def test_match_and_gmatch(left: int, subject: str, pattern: str, init: int | None) -> None:
+    same(left, "string", "match", subject, pattern, init)
+    same(left, "string", "gmatch", subject, pattern, init)
+
+
+@settings(max_examples=300, deadline=None)
+@given(budgets, subjects, patterns, replacements, st.none() | st.integers(-1, 3))
+def test_gsub(left: int, subject: str, pattern: str, replacement: Any, limit: int | None) -> None:
+    if replacement == "table":
+        replacement = LUA.eval('{a = "A", ["("] = false, b = {}, [1] = 1}')
+    elif replacement == "function":
+        replacement = LUA.eval(
+            'function(a, b) if a == "a" then return nil end return tostring(a) .. "." .. '
+            "tostring(b) end"
+        )
+    same(left, "string", "gsub", subject, pattern, replacement, limit)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(alphabet="ab", min_size=1, max_size=12),
+    st.integers(0, 300_000),
+    st.integers(-5, 5),
+    budgets,
+)
+def test_plain_search_window_by_window(needle: str, size: int, offset: int, left: int) -> None:
+    """With no budget left a plain search of a long subject runs in windows of C searches."""
+    subject = "a" * size + needle + "b" * 10
+    same(left, "string", "find", subject, needle, max(1, size + offset), True)
+
+
+def test_work_is_charged() -> None:
+    def charged(library: str, name: str, *args: Any) -> tuple[str, float]:
+        return BOUNDED(PLENTY, library, name, *args)  # type: ignore[no-any-return]
+
+    assert charged("string", "rep", "ab", 1000) == ("boolean:true string:" + "ab" * 1000, 1250)
+    # C would loop 10^18 times to make this
+    assert charged("string", "rep", "", 10**18) == ("boolean:true string:", 0)
+    assert charged("string", "rep", "x", 10**15)[1] > 10**15  # over any budget, before it runs
+    assert charged("table", "move", LUA.table(1, 2, 3), 1, 3, 2)[1] == 3
+    assert charged("table", "sort", LUA.table(3, 1, 2, 4))[1] == 4 * 2
+    # a linear search in C is charged what it scanned: starts tried * pattern length + match
+    assert charged("string", "find", "xxxxab", "ab") == ("boolean:true integer:5 integer:6", 10)
+    assert charged("string", "find", "xxxxab", "a%a")[1] == 5 * 3 + 2
+    assert charged("string", "find", "xxxx", "a%a")[1] == 5 * 3 + 4  # every start, in vain
+    # a backtracking pattern runs on the Lua matcher: the count hook charges its steps
+    assert charged("string", "find", "aaaa", "a*a*b") == ("boolean:true nil:nil", 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("insert", (1, "x")),
+        ("insert", ("x",)),
+        ("insert", (4, "x")),
+        ("insert", (9, "x")),
+        ("insert", (1.5, "x")),
+        ("insert", ()),
+        ("insert", (1, 2, 3)),
+        ("remove", ()),
+        ("remove", (1,)),
+        ("remove", (4,)),
+        ("remove", (9,)),
+        ("remove", ("1",)),
+        ("remove", ("x",)),
+    ],
+)
+def test_insert_and_remove_with_a_len_metamethod(name: str, args: tuple[Any, ...]) -> None:
+    """With __len, insert and remove run in Lua: the same results, errors and tables as C's."""
+    expected, got = COMPARE_TABLES(name, *args)
+    assert got == expected
