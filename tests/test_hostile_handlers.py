@@ -353,7 +353,7 @@ OUTSIDE_THE_BUDGET = {
     "a backtracking pattern as a method": 'return ("a"):rep(24):match(("(a*)"):rep(12) .. "$b")',
     "a backtracking gsub": 'string.gsub(string.rep("a", 24), string.rep("a-", 12) .. "b", "")',
     "__tostring of a metric name": (
-        'metrics.counter(setmetatable({}, {__tostring = forever}), {})'
+        "metrics.counter(setmetatable({}, {__tostring = forever}), {})"
     ),
     "__index of metric labels": (
         'metrics.counter("n", setmetatable({1, nil, 3}, {__index = forever}))'

@@ -383,7 +383,9 @@ class LuaRuntime:
         """Records a handler's own metric; returns the instructions to charge it."""
         reader = self.reader(allowance)
         try:
-            self.user_metrics.record(kind, name, None if labels is None else reader.read(labels), value)
+            self.user_metrics.record(
+                kind, name, None if labels is None else reader.read(labels), value
+            )
         except QueueError as exc:
             return False, None, exc.message, reader.cost
         return True, None, None, reader.cost
