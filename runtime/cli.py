@@ -255,11 +255,14 @@ def _summary(worker: Worker, out: TextIO) -> None:
     """One row per consumer: invocations, then what became of the messages (see ConsumerStats:
     `stale` ones came on a connection that was lost, and the broker delivers them again)."""
     width = max([len("consumer"), *(len(c.entry.id) for c in worker.consumers)])
-    out.write(f"{'consumer':<{width}}  " + "  ".join(f"{c:>7}" for c in SUMMARY) + "    msg/s\n")
+    lines = [f"{'consumer':<{width}}  " + "  ".join(f"{c:>7}" for c in SUMMARY) + "    msg/s"]
     for consumer in worker.consumers:
         stats = consumer.stats
         values = "  ".join(f"{getattr(stats, c):>{max(len(c), 7)}}" for c in SUMMARY)
-        out.write(f"{consumer.entry.id:<{width}}  {values}  {stats.rate:>7.1f}\n")
+        lines.append(f"{consumer.entry.id:<{width}}  {values}  {stats.rate:>7.1f}")
+    # one write: with --processes, the tables of the processes must not interleave (stdout may
+    # be unbuffered: PYTHONUNBUFFERED is common in containers)
+    out.write("".join(f"{line}\n" for line in lines))
     out.flush()
 
 

@@ -26,6 +26,18 @@ def rabbitmqctl(*args: str) -> str:
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
+def queue_totals(vhost: str) -> dict[str, tuple[int, int]]:
+    """(ready, unacknowledged) by queue name, as the broker counts them."""
+    rows = rabbitmqctl("list_queues", "-p", vhost, "name", "messages_ready",
+                       "messages_unacknowledged").splitlines()  # fmt: skip
+    totals = {}
+    for row in rows:
+        name, ready, unacked = row.split("\t")
+        if name != "name":
+            totals[name] = (int(ready), int(unacked))
+    return totals
+
+
 async def queue_depth(name: str, url: str = AMQP_URL) -> tuple[int, int]:
     """(ready messages, consumers) by a passive declare: cheap, unlike rabbitmqctl, which boots
     an Erlang VM per call."""

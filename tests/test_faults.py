@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiormq
-from broker import queue_depth, rabbitmqctl
+from broker import queue_depth, queue_totals, rabbitmqctl
 from pamqp.commands import Basic
 from processes import Process, Spawner, summary, write_app
 
@@ -47,6 +47,12 @@ def depth(url: str, queue: str) -> tuple[int, int]:
         return asyncio.run(queue_depth(queue, url))
     except (aiormq.exceptions.AMQPError, OSError):
         return -1, -1
+
+
+def drained(vhost: str) -> bool:
+    """No message in any queue but `out`, the retry queues of `in` included."""
+    totals = queue_totals(vhost)
+    return not any(sum(counts) for name, counts in totals.items() if name != "out")
 
 
 def wait(check: Callable[[], bool], seconds: float, what: str, process: Process) -> None:
@@ -97,9 +103,10 @@ def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
         rabbitmqctl("stop_app")
         rabbitmqctl("start_app")
         rabbitmqctl("await_startup")
-        # drained: no message ready and the worker consuming again (so none is unacked by a
-        # consumer that is gone)
-        wait(lambda: depth(url, "in") == (0, 1), 120, "the input queue drained", process)
+        # drained: nothing left in `in` or waiting in its retry queues, ready or unacked, and
+        # the worker consuming again
+        wait(lambda: depth(url, "in")[1] == 1 and drained(vhost), 120, "the input drained",
+             process)  # fmt: skip
         wait(lambda: depth(url, "out")[0] >= MESSAGES, 60, "every output", process)
 
         process.popen.send_signal(signal.SIGTERM)

@@ -24,7 +24,14 @@ import aio_pika
 import pamqp.decode
 import pamqp.encode
 import pytest
-from broker import AMQP_URL, consumer_entry, driver_entry, queue_entry, rabbitmqctl
+from broker import (
+    AMQP_URL,
+    consumer_entry,
+    driver_entry,
+    queue_entry,
+    queue_totals,
+    rabbitmqctl,
+)
 from conftest import AppFactory, eventually
 from luaq.runtime import entries
 from luaq.runtime.consumer import LogBudget
@@ -69,18 +76,6 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
 
 def logged(process: Process, message: str) -> list[dict[str, Any]]:
     return [line for line in process.logs() if line.get("msg") == message]
-
-
-def queue_totals(vhost: str) -> dict[str, tuple[int, int]]:
-    """(ready, unacknowledged) by queue name, as the broker counts them."""
-    rows = rabbitmqctl("list_queues", "-p", vhost, "name", "messages_ready",
-                       "messages_unacknowledged").splitlines()  # fmt: skip
-    totals = {}
-    for row in rows:
-        name, ready, unacked = row.split("\t")
-        if name != "name":
-            totals[name] = (int(ready), int(unacked))
-    return totals
 
 
 def seconds_between(lines: list[dict[str, Any]]) -> list[float]:
