@@ -240,7 +240,9 @@ class Consumer:
         elif outcome.verdict is Verdict.ACK:
             await self._ack(delivery)
         elif failed and self._max_attempts is not None and delivery.attempts >= self._max_attempts:
-            await self._give_up(delivery, "max_attempts", outcome.error or "")
+            await self._give_up(
+                delivery, "max_attempts", outcome.error or "", outcome.kind or Kind.UNKNOWN
+            )
         else:
             delay = self._backoff.delay_after(delivery.attempts)
             if failed:
@@ -323,17 +325,20 @@ class Consumer:
                 del remembered[next(iter(remembered))]
             await delivery.nack()
 
-    async def _give_up(self, delivery: Delivery, reason: str, error: str) -> None:
+    async def _give_up(
+        self, delivery: Delivery, reason: str, error: str, kind: str = Kind.INVALID
+    ) -> None:
         """Out of attempts, or poison: to the dead-letter queue; with `dead_letter` but no
         queue, rejected; without `dead_letter` at all, kept and retried with backoff (nothing
         is dropped unless asked for). If the dead-letter queue refuses the message, it is
-        retried too: nothing is lost."""
+        retried too: nothing is lost. The line logged here stands for the last failure."""
         what = "message body cannot be decoded" if reason == "poison" else "attempts exhausted"
         extra = {
             "consumer": self.entry.id,
             "message_id": delivery.id,
             "attempt": delivery.attempts,
             "reason": reason,
+            "kind": kind,
             "error": error,
         }
         delay = self._backoff.delay_after(delivery.attempts)

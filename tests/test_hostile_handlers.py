@@ -101,7 +101,9 @@ class Arena:
         return [line for line in self.process.logs() if line.get("msg") == message]
 
     def failures(self, consumer: str) -> list[dict[str, Any]]:
-        return [line for line in self.logged("handler failed") if line["consumer"] == consumer]
+        """Its failures: the attacks run once, so each is logged as given up (rejected)."""
+        lines = self.logged("handler failed") + self.logged("attempts exhausted, rejected")
+        return [line for line in lines if line["consumer"] == consumer]
 
     def wait_for(self, message: str, count: int = 1, timeout: float = 20) -> None:
         wait_until(lambda: len(self.logged(message)) >= count, timeout, f"{count} x {message!r}")
