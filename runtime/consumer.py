@@ -199,7 +199,12 @@ class Consumer:
             except Exception:
                 # A bug in luaq itself, not in the handler: keep the message and the worker.
                 _log.exception("handling failed", extra={"consumer": self.entry.id})
-                await self._retry(delivery, self._backoff.delay_after(delivery.attempts))
+                try:
+                    await self._retry(delivery, self._backoff.delay_after(delivery.attempts))
+                except Exception:  # the broker redelivers it when its channel closes
+                    _log.exception(
+                        "giving the message back failed", extra={"consumer": self.entry.id}
+                    )
             finally:
                 self._held -= 1
                 self._busy -= 1

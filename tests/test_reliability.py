@@ -574,22 +574,29 @@ def test_luaq_publish_says_nothing_about_handlers(
 ALWAYS_FAILS = 'function handle(p) error("broken for good") end'
 
 
+def jobs_app(
+    tmp_path: Path, driver: str, source: str, request: pytest.FixtureRequest
+) -> tuple[Path, str]:
+    """One consumer on `jobs` running `source`, on the memory driver or on RabbitMQ (in a
+    vhost of the test's own, returned; "" on memory)."""
+    if driver == "amqp":
+        vhost = request.getfixturevalue("vhost")
+        return amqp_app(tmp_path / "app.yaml", vhost_url(vhost), source), vhost
+    return write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.memory"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": source},
+    ]), ""  # fmt: skip
+
+
 @pytest.mark.parametrize("driver", ["memory", "amqp"])
 def test_without_retry_settings_a_failing_message_backs_off(
     tmp_path: Path, spawn: Spawner, driver: str, request: pytest.FixtureRequest
 ) -> None:
     """No `retry`, no `dead_letter`: the default backoff (1 s, doubling) spaces the attempts,
     and the message stays in the queue, never dropped."""
-    if driver == "amqp":
-        vhost = request.getfixturevalue("vhost")
-        app = amqp_app(tmp_path / "app.yaml", vhost_url(vhost), ALWAYS_FAILS)
-    else:
-        app = write_app(tmp_path / "app.yaml", [
-            {"name": "broker", "kind": "queue.driver.memory"},
-            {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
-            {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
-             "source": ALWAYS_FAILS},
-        ])  # fmt: skip
+    app, vhost = jobs_app(tmp_path, driver, ALWAYS_FAILS, request)
     messages = write_jsonl(tmp_path / "in.jsonl", [{"queue": "app:jobs", "data": {"n": 1}}])
     process = spawn("run", app, "--input", messages)
 
@@ -620,16 +627,7 @@ def test_until_idle_waits_for_messages_in_retry_delay(
       if not seen[p.n] then seen[p.n] = true; return nil, "not yet" end
     end
     """
-    if driver == "amqp":
-        vhost = request.getfixturevalue("vhost")
-        app = amqp_app(tmp_path / "app.yaml", vhost_url(vhost), source)
-    else:
-        app = write_app(tmp_path / "app.yaml", [
-            {"name": "broker", "kind": "queue.driver.memory"},
-            {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
-            {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
-             "source": source},
-        ])  # fmt: skip
+    app, vhost = jobs_app(tmp_path, driver, source, request)
     messages = write_jsonl(tmp_path / "in.jsonl", [{"queue": "app:jobs", "data": {"n": 1}}])
     started = time.monotonic()
     process = spawn("run", app, "--input", messages, "--until-idle")
