@@ -3,8 +3,10 @@ the rendered Deployment runs them, with the environment its pod would get, on Ra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,12 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
     spawner.stop_all()
 
 
-def pod(directory: Path, secrets: dict[tuple[str, str], str]) -> tuple[list[str], dict[str, str]]:
+def pod(
+    directory: Path, secrets: dict[tuple[str, str], str]
+) -> tuple[list[str], dict[str, str], dict[str, Any]]:
     """The email-worker example rendered, its ConfigMap written to `directory`: the container's
-    command (with `directory` as the mount) and environment (Secrets resolved)."""
+    command (with `directory` as the mount), environment (Secrets resolved), and the container
+    itself."""
     resource = next(d for d in example("email-worker.yaml") if d["kind"] == "QueueConsumer")
     owner = {**resource, "metadata": {**resource["metadata"], "namespace": "shop", "uid": "u1"}}
     spec = parse_spec(owner["spec"], crd.spec_schema())
@@ -47,7 +52,7 @@ def pod(directory: Path, secrets: dict[tuple[str, str], str]) -> tuple[list[str]
             env[variable["name"]] = variable["value"]
     command = [arg.replace(render.CONFIG_DIR, str(directory)) for arg in container["command"]]
     assert command[:2] == ["luaq", "run"]
-    return command[1:], env
+    return command[1:], env, container
 
 
 async def test_the_rendered_configmap_runs_with_the_pods_environment(
@@ -56,7 +61,7 @@ async def test_the_rendered_configmap_runs_with_the_pods_environment(
     url = f"{AMQP_URL}{vhost}"
     mount = tmp_path / "etc-luaq"
     mount.mkdir()
-    args, env = pod(mount, {("rabbitmq", "url"): url})
+    args, env, container = pod(mount, {("rabbitmq", "url"): url})
     assert url not in "".join(path.read_text() for path in mount.iterdir())
     worker = spawn(*args, env=env)
     entries = mount / render.ENTRIES_FILE
@@ -69,7 +74,16 @@ async def test_the_rendered_configmap_runs_with_the_pods_environment(
         return ready == 1
 
     await eventually(one_receipt, 20)
+    for probe in ("livenessProbe", "readinessProbe"):  # what the kubelet would ask, answered
+        path = container[probe]["httpGet"]["path"]
+        address = f"http://127.0.0.1:{env['LUAQ_METRICS_PORT']}{path}"
+        assert await asyncio.to_thread(status, address) == 200, probe
     worker.popen.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.stderr
     assert "email-worker" in worker.stdout  # the summary names the consumer
     assert url.split("@")[0] not in worker.stderr  # no password in the logs
+
+
+def status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return int(answer.status)
