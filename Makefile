@@ -30,8 +30,8 @@ lint: $(BIN)/.installed $(TYPECHECK)/luaq
 test: lint  ## lint, type-check and run the whole suite
 	$(BIN)/pytest
 
-crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource)
-	$(BIN)/python -m luaq.operator.crd crds
+crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource): crds/ and the chart's
+	$(BIN)/python -m luaq.operator.crd crds charts/luaq/crds
 
 dashboards: $(BIN)/.installed  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
 	$(BIN)/python dashboards/luaq_dashboard.py

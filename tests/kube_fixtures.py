@@ -66,11 +66,6 @@ def kubectl_binary() -> Path:
     return k8s_tool("kubectl")
 
 
-@pytest.fixture(scope="session")
-def helm_binary() -> Path:
-    return k8s_tool("helm")
-
-
 @dataclass
 class Cluster:
     """The emulated API server; the test talks to it with the operator's own (synchronous)
