@@ -430,6 +430,7 @@ EXPORT_DASHBOARD = (
 )
 
 
+DELETE_ALL = "kubectl delete qc --all --all-namespaces"
 UNFINALIZE = (
     'kubectl patch qc NAME --namespace NS --type merge -p \'{"metadata":{"finalizers":null}}\''
 )
@@ -437,7 +438,8 @@ UNFINALIZE = (
 
 def test_the_readme_shows_the_commands_these_tests_run() -> None:
     for command in (
-        INSTALL, APPLY_EXAMPLES, LIST, EXPORT_DASHBOARD, f"helm test {RELEASE}", UNFINALIZE
+        INSTALL, APPLY_EXAMPLES, LIST, EXPORT_DASHBOARD, f"helm test {RELEASE}", DELETE_ALL,
+        UNFINALIZE,
     ):  # fmt: skip
         assert command in README, command
 
@@ -604,12 +606,17 @@ async def test_the_installed_chart_runs_the_examples(
         await eventually(lambda: cluster.get("deployments", first, "hello-worker") is not None, 20)
 
 
-async def test_without_the_operator_a_deleted_queueconsumer_waits_for_its_finalizer(
+async def test_queueconsumers_go_with_the_operator_running_and_need_a_hand_without(
     cluster: Cluster, kubectl_binary: Path, ns: str
 ) -> None:
-    """What the README and NOTES.txt warn of, and the command they give."""
+    """The uninstall order the README and NOTES.txt give, and their command for a
+    QueueConsumer deleted after the operator."""
     async with running(TEST_SETTINGS):
         await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
+        await eventually(lambda: cluster.get("deployments", ns, "email-worker") is not None, 20)
+        await kubectl(kubectl_binary, cluster, *shlex.split(DELETE_ALL)[1:])  # waits until gone
+        assert cluster.get("queueconsumers", ns, "email-worker") is None
+        await apply(cluster, ns, "email-worker.yaml")
         await eventually(lambda: cluster.get("deployments", ns, "email-worker") is not None, 20)
     await kubectl(kubectl_binary, cluster, "delete", "qc", "email-worker", "-n", ns, "--wait=false")
     held = cluster.get("queueconsumers", ns, "email-worker")
