@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench crds dashboards clean
+.PHONY: demo test lint bench crds dashboards constraints clean
 
 $(BIN)/.installed: pyproject.toml
 	cd / && $(PYTHON) -m venv $(CURDIR)/$(VENV)
@@ -30,11 +30,21 @@ lint: $(BIN)/.installed $(TYPECHECK)/luaq
 test: lint  ## lint, type-check and run the whole suite
 	$(BIN)/pytest
 
-crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource)
-	$(BIN)/python -m luaq.operator.crd crds
+crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource): crds/ and the chart's
+	$(BIN)/python -m luaq.operator.crd crds charts/luaq/crds
 
 dashboards: $(BIN)/.installed  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
 	$(BIN)/python dashboards/luaq_dashboard.py
+
+# The image's dependencies (Dockerfile), pinned: what `.[operator]` resolves to today.
+PINNING := $(VENV)/constraints
+constraints:  ## re-pin constraints.txt to the newest versions pyproject.toml allows
+	rm -rf $(PINNING)
+	cd / && $(PYTHON) -m venv $(CURDIR)/$(PINNING)
+	$(PINNING)/bin/pip install --quiet --disable-pip-version-check --only-binary=:all: '.[operator]'
+	{ echo '# The versions the image installs (Dockerfile): written by `make constraints`.'; \
+	  $(PINNING)/bin/pip freeze --exclude luaq; } > constraints.txt
+	rm -rf $(PINNING)
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/memory.py

@@ -108,6 +108,11 @@ class Cluster:
     def permissions(self) -> set[tuple[str, str, str]]:
         """(API group, resource, verb) of every request the operator (its own client and kopf's)
         made, as RBAC names them."""
+        return {permission[1:] for permission in self.scoped_permissions()}
+
+    def scoped_permissions(self) -> set[tuple[str | None, str, str, str]]:
+        """The same, with the namespace of each request (None: across namespaces), which a
+        Role must grant in that namespace and only a ClusterRole across them."""
         used = set()
         for request in self.emulator:
             agent = request.headers.get("User-Agent", "")
@@ -123,7 +128,7 @@ class Cluster:
                 verb = "watch"
             elif verb == "get" and request.name is None:
                 verb = "list"
-            used.add((request.resource.group or "", resource, verb))
+            used.add((request.namespace, request.resource.group or "", resource, verb))
         return used
 
     def messages(self, namespace: str, reason: str) -> set[str]:
@@ -151,6 +156,19 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
             yield Cluster(emulator, path, kube)
         finally:
             kube.close()
+
+
+async def kubectl(binary: Path, cluster: Cluster, *args: str, stdin: str | None = None) -> str:
+    """The real kubectl against the emulated API server; fails the test when it fails."""
+    command = [
+        str(binary), "--kubeconfig", str(cluster.kubeconfig),
+        "--cache-dir", str(cluster.kubeconfig.parent / "kube-cache"), *args,
+    ]  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run, command, input=stdin, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+    return done.stdout
 
 
 VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}

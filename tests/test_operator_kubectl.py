@@ -3,25 +3,11 @@ serves no OpenAPI document, hence --validate=false)."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from pathlib import Path
 
 from conftest import eventually
-from kube_fixtures import EXAMPLES, Cluster
+from kube_fixtures import EXAMPLES, Cluster, kubectl
 from luaq.operator.handlers import Operator
-
-
-async def kubectl(binary: Path, cluster: Cluster, *args: str) -> str:
-    command = [
-        str(binary), "--kubeconfig", str(cluster.kubeconfig),
-        "--cache-dir", str(cluster.kubeconfig.parent / "kube-cache"), *args,
-    ]  # fmt: skip
-    done = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 async def test_kubectl_apply_the_examples_and_list_them(
