@@ -101,23 +101,29 @@ def secret_refs(spec: QueueConsumerSpec) -> dict[str, SecretKeyRef]:
     return refs
 
 
+# The QueueConsumer's own entries (its consumer and policies) have ids in a namespace of their
+# own: a QueueConsumer may then bear the name of the queue it reads (`emails` on `app:emails`).
+OWN_NAMESPACE = "qc"
+
+
 def _policies(name: str, spec: QueueConsumerSpec) -> list[dict[str, Any]]:
     """The QueueConsumer's policies; without any, it may publish to the queues it declares."""
     if spec.policies:
         rules = [rule.model_dump(mode="json", exclude_unset=True) for rule in spec.policies]
         return [
-            {"name": f"{name}.policy-{index}", "kind": "security.policy", "policy": rule}
+            {"id": f"{OWN_NAMESPACE}:{name}.policy-{index}", "kind": "security.policy"}
+            | {"policy": rule}
             for index, rule in enumerate(rules)
         ]
     declared = [queue.name for queue in spec.queues]
     return [
         {
-            "name": f"{name}.publish",
+            "id": f"{OWN_NAMESPACE}:{name}.publish",
             "kind": "security.policy",
             "policy": {"actions": ["queue.publish"], "resources": ["*"], "effect": "allow"},
         },
         {
-            "name": f"{name}.publish-declared",
+            "id": f"{OWN_NAMESPACE}:{name}.publish-declared",
             "kind": "security.policy",
             "policy": {
                 "actions": ["queue.publish.queue"],
@@ -161,7 +167,7 @@ def entries_document(name: str, spec: QueueConsumerSpec) -> dict[str, Any]:
         **spec.model_dump(mode="json", exclude_unset=True, include={"modules"}),
     }
     consumer: dict[str, Any] = {
-        "name": name,
+        "id": f"{OWN_NAMESPACE}:{name}",
         "kind": "queue.consumer",
         "queue": spec.queue,
         **spec.model_dump(
@@ -170,7 +176,7 @@ def entries_document(name: str, spec: QueueConsumerSpec) -> dict[str, Any]:
             include={"concurrency", "prefetch", "auto_ack", "retry", "driver_options"},
         ),
         "security": {
-            "policies": [policy["name"] for policy in policies],
+            "policies": [policy["id"] for policy in policies],
             **spec.model_dump(mode="json", exclude_unset=True, include={"actor"}),
         },
     }

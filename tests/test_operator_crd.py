@@ -13,10 +13,13 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from broker import AMQP_URL
 from kube_fixtures import example
 from luaq.operator import crd, render
 from luaq.operator.resource import InvalidSpec, parse_spec
 from luaq.operator.settings import OperatorSettings
+from luaq.runtime.check import check
+from luaq.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = crd.crd()
@@ -240,9 +243,9 @@ def test_the_broker_url_stays_in_its_secret() -> None:
 def test_a_queueconsumer_may_publish_only_to_what_it_declares_unless_its_policies_say() -> None:
     config_map, _, _ = rendered(BASE)
     entries = yaml.safe_load(config_map["data"][render.ENTRIES_FILE])["entries"]
-    policies = {e["name"]: e["policy"] for e in entries if e["kind"] == "security.policy"}
+    policies = {e["id"]: e["policy"] for e in entries if e["kind"] == "security.policy"}
     declared = [q["name"] for q in BASE["spec"]["queues"]]
-    assert policies["email-worker.publish-declared"]["resources"] == declared
+    assert policies["qc:email-worker.publish-declared"]["resources"] == declared
     rule = {"actions": ["queue.publish.queue"], "resources": ["app:receipts"], "effect": "allow"}
     own = changed(policies=[rule])
     config_map, _, _ = rendered(own)
@@ -258,3 +261,16 @@ def test_a_code_change_changes_the_pods_checksum_and_a_replica_change_does_not()
     assert after["spec"]["template"]["metadata"]["annotations"][annotation] != checksum
     _, scaled, _ = rendered(changed(replicas=7))
     assert scaled["spec"]["template"]["metadata"]["annotations"][annotation] == checksum
+
+
+def test_a_queueconsumer_may_bear_the_name_of_its_queue(tmp_path: Path) -> None:
+    """`emails` reading `app:emails`: its own entries have ids of their own (qc:emails), and
+    the files pass `luaq check`'s code."""
+    resource = copy.deepcopy(BASE)
+    resource["metadata"]["name"] = "emails"
+    config_map, _, _ = rendered(resource)
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    worker = check([tmp_path / render.ENTRIES_FILE], Settings(), {"LUAQ_BROKER_URL": AMQP_URL})
+    assert "qc:emails" in worker.consumers_by_id
+    assert worker.consumers_by_id["qc:emails"].queue.id == "app:emails"
