@@ -517,7 +517,8 @@ class Link:
         if not self._up.is_set():
             timeout = self.driver.entry.connection_timeout
             try:
-                await asyncio.wait_for(self._up.wait(), timeout)
+                async with asyncio.timeout(timeout):  # (wait_for may swallow a cancel on 3.11)
+                    await self._up.wait()
             except TimeoutError as exc:
                 raise QueueError(
                     Kind.UNAVAILABLE,

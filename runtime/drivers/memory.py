@@ -64,7 +64,8 @@ class _Queue:
                     retryable=True,
                 )
             try:
-                await asyncio.wait_for(self._space.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._space.wait()
             except TimeoutError:
                 continue
 
