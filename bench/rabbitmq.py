@@ -1,6 +1,6 @@
 """luaq against aio-pika on the same RabbitMQ, in one run.
 
-    python bench/amqp.py [--messages 50000] [--prefetch 200] [--concurrency 32] [--url URL]
+    python bench/rabbitmq.py [--messages 50000] [--prefetch 200] [--concurrency 32] [--url URL]
 
 Scenarios, each on fresh queues with N small JSON messages pre-published:
   luaq_consume          luaq worker, no-op Lua handler, manual ack
@@ -71,7 +71,14 @@ async def until(check: Callable[[], bool], deadline: float = 600.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def entries_file(directory: Path, url: str, lua: str, queues: dict[str, str], args: Any) -> Path:
+def entries_file(
+    directory: Path,
+    url: str,
+    lua: str,
+    queues: dict[str, str],
+    args: Any,
+    modules: tuple[str, ...] = entries.DEFAULT_MODULES,
+) -> Path:
     (directory / "handler.lua").write_text(lua)
     document = {
         "version": "1.0",
@@ -83,7 +90,7 @@ def entries_file(directory: Path, url: str, lua: str, queues: dict[str, str], ar
                 for name, real in queues.items()
             ),
             {"name": "handler", "kind": "function.lua", "source": "file://handler.lua",
-             "method": "handle"},
+             "method": "handle", "modules": list(modules)},
             {"id": "worker", "kind": "queue.consumer", "queue": "in", "func": "handler",
              "concurrency": args.concurrency, "prefetch": args.prefetch},
         ],

@@ -1,0 +1,67 @@
+"""bench/peers.py, small, on the real broker: every peer runs both workloads through its own
+worker, the latency runs report, luaq is profiled, the JSON has what the README's table is made
+from, and the run's vhost is gone afterwards. Figures are not checked: speed is the bench's
+business, not the suite's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from broker import rabbitmqctl
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "peers.py"
+PEERS = ["luaq", "minimal", "aio_pika", "faststream", "dramatiq", "celery"]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=180
+    )
+
+
+def bench_vhosts() -> set[str]:
+    return {name for name in rabbitmqctl("list_vhosts").split() if name.startswith("luaq-bench-")}
+
+
+def test_every_peer_runs_both_workloads_and_the_report_has_it_all() -> None:
+    before = bench_vhosts()
+    result = bench("--messages", "300", "--rounds", "1", "--latency-seconds", "0.1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+
+    assert list(report["settings"]) == PEERS
+    for workload in ("consume", "publish"):
+        rates = report["msg_per_s"][workload]
+        assert list(rates) == PEERS
+        assert all(rate > 0 for rate in rates.values()), rates
+        assert list(report["ratios"][workload]) == [f"luaq/{peer}" for peer in PEERS[1:]]
+        assert all(len(rounds) == 1 for rounds in report["msg_per_s_by_round"][workload].values())
+        cpu = report["cpu_us_per_msg"][workload]
+        assert list(cpu) == PEERS
+        assert all(figures["consumer"] >= 0 for figures in cpu.values()), cpu
+
+    latency = report["latency"]
+    assert abs(latency["rate"] - report["msg_per_s"]["consume"]["luaq"] / 2) <= 1
+    for peer in ("luaq", "aio_pika"):
+        figures = latency[peer]
+        assert abs(figures["published"] - latency["rate"] * 0.1) <= 1
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], figures
+
+    assert set(report["targets"]) >= {"consume luaq/minimal", "latency luaq p99_ms"}
+    assert set(report["missed"]) <= set(report["targets"])
+    assert set(report["profile"]) == {"luaq consume", "luaq publish"}
+    for profile in report["profile"].values():
+        assert sum(profile["self_percent_by_file"].values()) <= 100.1
+    assert report["machine"]["rabbitmq"]
+    assert bench_vhosts() <= before
+
+
+def test_an_unknown_peer_is_refused_before_anything_runs() -> None:
+    before = bench_vhosts()
+    result = bench("--peers", "luaq,kafka")
+    assert result.returncode == 2
+    assert "--peers: no kafka among luaq, minimal, aio_pika" in result.stderr
+    assert bench_vhosts() <= before
