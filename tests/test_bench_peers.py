@@ -54,7 +54,8 @@ def test_every_peer_runs_both_workloads_and_the_report_has_it_all() -> None:
     assert set(report["missed"]) <= set(report["targets"])
     assert set(report["profile"]) == {"luaq consume", "luaq publish"}
     for profile in report["profile"].values():
-        assert sum(profile["self_percent_by_file"].values()) <= 100.1
+        shares = profile["self_percent_by_file"].values()
+        assert sum(shares) <= 100 + 0.05 * len(shares), shares  # each share is rounded to 0.1
     assert report["machine"]["rabbitmq"]
     assert bench_vhosts() <= before
 
