@@ -259,6 +259,37 @@ async def test_confirms_multiple_acks_nacks_and_returns() -> None:
         channel.publish(b"{}", "q", {})
 
 
+async def test_a_publish_past_its_deadline_fails_and_a_late_confirm_is_harmless() -> None:
+    connection, channel, _ = await on_a_wire()
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    soon, later, never = (
+        channel.publish(b"{}", "q", {"message_id": "soon"}, deadline=now + 0.05),
+        channel.publish(b"{}", "q", {"message_id": "later"}, deadline=now + 0.3),
+        channel.publish(b"{}", "q", {"message_id": "never"}),
+    )
+    async with asyncio.timeout(5):  # the test's own bound, in case the deadline is ignored
+        with pytest.raises(TimeoutError):
+            await soon
+    assert now + 0.05 <= loop.time() < now + 0.3
+    assert not later.done()
+
+    # the broker confirms the first after its publisher gave up, then returns the second
+    connection.data_received(
+        server(
+            spec.Basic.Ack(1),
+            spec.Basic.Return(312, "NO_ROUTE", "", "q"),
+            ContentHeader(0, 0, spec.Basic.Properties(message_id="later")),
+            spec.Basic.Ack(2),
+        )
+    )
+    assert await later == Confirm.RETURNED
+    await asyncio.sleep(0.3)  # past every deadline given: the publish without one still waits
+    assert not never.done()
+    connection.data_received(server(spec.Basic.Ack(3)))
+    assert await never == Confirm.ACK
+
+
 async def test_a_malformed_frame_closes_the_connection() -> None:
     connection, _, wire = await on_a_wire()
     frame = bytearray(server(spec.Basic.Ack(1)))
@@ -359,6 +390,19 @@ async def test_a_channel_the_broker_closes_fails_its_waiters_only(
     await other.confirm_select()
     assert await other.publish(b"{}", queue_name, {"message_id": "m"}) == Confirm.ACK
     assert (await other.queue_declare(queue_name, passive=True)).message_count == 1
+
+
+async def test_a_confirmation_that_never_comes_times_out_on_the_broker(
+    connection: Connection, queue_name: str
+) -> None:
+    silent = await connection.channel()  # confirms never selected: RabbitMQ confirms nothing
+    await silent.queue_declare(queue_name)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(silent.publish(b"{}", queue_name, {}, deadline=started + 0.2), 5)
+    assert 0.2 <= loop.time() - started < 5
+    assert (await silent.queue_declare(queue_name, passive=True)).message_count == 1
 
 
 async def test_heartbeats_keep_an_idle_connection_open() -> None:

@@ -790,14 +790,20 @@ class AmqpDriver(Driver):
             headers, content_type, message_id, queue.driver_options.amqp.durable
         )
         timeout = self.entry.publish_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         connection: Connection | None = None
         try:
-            async with asyncio.timeout(timeout):
-                channel = await self._publisher_channel()
-                connection = channel.connection
-                await connection.unblocked()
-                await connection.drained()
-                confirmation = await channel.publish(body, route or name, properties)
+            channel = self._publisher
+            if channel is None or not channel.connection.publishable or channel.is_closed:
+                # Only a publish that has to wait pays for a timer of its own; the channel
+                # keeps one for the confirmations of all.
+                async with asyncio.timeout_at(deadline):
+                    channel = await self._publisher_channel()
+                    connection = channel.connection
+                    await connection.unblocked()
+                    await connection.drained()
+            connection = channel.connection
+            confirmation = await channel.publish(body, route or name, properties, deadline)
         except (TypeError, ValueError) as exc:  # headers AMQP cannot carry, or too big
             raise QueueError(Kind.INVALID, f"cannot publish to {name}: {exc}") from exc
         except TimeoutError as exc:

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import decimal
 import logging
+import math
 import ssl
 import struct
 import time
@@ -377,8 +378,10 @@ class Channel:
         self._routes: dict[str, bytes] = {}  # routing key -> its publish method frame
         self._next_tag = 1  # of the next publish, once confirms are on
         self._lowest = 1  # no unconfirmed publish has a lower tag
-        self._unconfirmed: dict[int, tuple[asyncio.Future[str], str | None]] = {}
+        # tag -> (its future, its message id, when its publisher gives up waiting)
+        self._unconfirmed: dict[int, tuple[asyncio.Future[str], str | None, float]] = {}
         self._returned: set[int] = set()
+        self._overdue: asyncio.TimerHandle | None = None  # the next deadline to check
 
     @property
     def is_closed(self) -> bool:
@@ -467,11 +470,16 @@ class Channel:
         return self._on_cancel.pop(key, None)
 
     def publish(
-        self, body: bytes, routing_key: str, properties: Mapping[str, Any]
+        self,
+        body: bytes,
+        routing_key: str,
+        properties: Mapping[str, Any],
+        deadline: float = math.inf,
     ) -> asyncio.Future[str]:
         """A mandatory publish to the default exchange; the future tells the confirmation
-        (with confirms on). Raises TypeError for properties AMQP cannot carry, ValueError for
-        properties too big for one frame (the broker would close the whole connection)."""
+        (with confirms on), or fails with TimeoutError once the loop's clock passes `deadline`.
+        Raises TypeError for properties AMQP cannot carry, ValueError for properties too big for
+        one frame (the broker would close the whole connection)."""
         if self.closed_by is not None:
             raise self.closed_by
         connection = self.connection
@@ -490,10 +498,31 @@ class Channel:
         for start in range(0, len(body), limit):
             parts.append(frame(BODY, self.number, body[start : start + limit]))
         connection.write(b"".join(parts))
-        future = connection.loop.create_future()
-        self._unconfirmed[self._next_tag] = (future, properties.get("message_id"))
+        loop = connection.loop
+        future = loop.create_future()
+        self._unconfirmed[self._next_tag] = (future, properties.get("message_id"), deadline)
         self._next_tag += 1
+        if self._overdue is None and deadline != math.inf:
+            self._overdue = loop.call_at(deadline, self._expire)
         return future
+
+    def _expire(self) -> None:
+        """Fail the publishes whose deadline has passed. One timer per channel rather than one
+        per publish: at thousands of publishes a second, a timer each costs more than the
+        publish itself. The entries stay until the broker confirms them, as returns are matched
+        to them in order."""
+        self._overdue = None
+        now = self.connection.loop.time()
+        upcoming = math.inf
+        for future, _, deadline in self._unconfirmed.values():
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(TimeoutError())
+            else:
+                upcoming = min(upcoming, deadline)
+        if upcoming != math.inf:
+            self._overdue = self.connection.loop.call_at(upcoming, self._expire)
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         if self.closed_by is None:
@@ -569,7 +598,7 @@ class Channel:
         """A return comes before the confirm of its publish and carries no tag: it belongs to
         the oldest unconfirmed publish with its message id not returned yet."""
         message_id = properties.get("message_id")
-        for tag, (_, pending_id) in self._unconfirmed.items():
+        for tag, (_, pending_id, _) in self._unconfirmed.items():
             if pending_id == message_id and tag not in self._returned:
                 self._returned.add(tag)
                 return
@@ -609,10 +638,13 @@ class Channel:
             if not waiting.done():
                 waiting.set_exception(reason)
         self._waiters.clear()
-        for future, _ in self._unconfirmed.values():
+        for future, _, _ in self._unconfirmed.values():
             if not future.done():
                 future.set_exception(reason)
         self._unconfirmed.clear()
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         self._consumers.clear()
         self._on_cancel.clear()
         self._incoming = None
@@ -722,6 +754,12 @@ class Connection(asyncio.Protocol):
     def release(self, channel: Channel) -> None:
         if self._channels.get(channel.number) is channel:
             del self._channels[channel.number]
+
+    @property
+    def publishable(self) -> bool:
+        """A publish can go out now: open, not blocked by the broker, the socket's buffer
+        under its high-water mark."""
+        return self.closed_by is None and self._unblocked.is_set() and self._writable.is_set()
 
     async def drained(self) -> None:
         """Wait while the socket's buffer is over its high-water mark (or until it closes)."""
