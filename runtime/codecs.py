@@ -52,3 +52,22 @@ class MsgpackCodec:
 
 CODECS: dict[str, Codec] = {"json/plain": JsonCodec(), "application/msgpack": MsgpackCodec()}
 BY_CONTENT_TYPE: dict[str, Codec] = {codec.content_type: codec for codec in CODECS.values()}
+# what other clients call the same formats (kombu, and so Celery, says application/x-msgpack)
+BY_CONTENT_TYPE_ALIAS: dict[str, Codec] = {"application/x-msgpack": CODECS["application/msgpack"]}
+
+
+def codec_for(content_type: str, default: Codec) -> Codec:
+    """The codec that reads a received body. luaq's own publishes name it exactly; other
+    clients add parameters (`application/json; charset=utf-8`), write it in capitals, or send
+    no content type at all, which means the queue's own codec (`default`). Raises ValueError
+    for a type no codec reads."""
+    codec = BY_CONTENT_TYPE.get(content_type)
+    if codec is not None:
+        return codec
+    media = content_type.partition(";")[0].strip().lower()
+    if not media:
+        return default
+    codec = BY_CONTENT_TYPE.get(media) or BY_CONTENT_TYPE_ALIAS.get(media)
+    if codec is None:
+        raise ValueError(f"unknown content type {content_type!r}")
+    return codec

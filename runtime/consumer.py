@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codecs import BY_CONTENT_TYPE
+from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import ConsumerEntry, QueueEntry, Retry
 from .errors import Kind, QueueError
@@ -129,6 +129,7 @@ class Consumer:
         self._max_attempts = queue.dead_letter.max_attempts if queue.dead_letter else None
         self._dead_letter_sink = dead_letter
         self.queue = queue
+        self._codec = CODECS[queue.codec]  # for a body that comes without a content type
         self.driver = driver
         self.stats = ConsumerStats()
         self._invoke = invoke
@@ -261,10 +262,7 @@ class Consumer:
             raise ValueError(
                 f"body of {len(delivery.body)} bytes is over max_message_size {self._max_size}"
             )
-        codec = BY_CONTENT_TYPE.get(delivery.content_type)
-        if codec is None:
-            raise ValueError(f"unknown content type {delivery.content_type!r}")
-        return codec.decode(delivery.body)
+        return codec_for(delivery.content_type, self._codec).decode(delivery.body)
 
     def _log_failure(self, delivery: Delivery, outcome: Outcome, then: str) -> None:
         """A message's first failure is always logged; its later ones within a budget, so a

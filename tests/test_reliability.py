@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gzip
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aio_pika
+import msgpack
 import pamqp.decode
 import pamqp.encode
 import pytest
@@ -211,6 +213,51 @@ def test_every_header_type_round_trips_and_reaches_lua_as_plain_values(
     assert headers["x_dead_letter_reason"] == "max_attempts"
     assert len(logged(process, "handler failed")) == 2
     assert len(logged(process, "attempts exhausted, dead-lettered")) == 1
+
+
+def test_bodies_are_read_by_the_content_type_other_clients_give(
+    tmp_path: Path, vhost: str, spawn: Spawner
+) -> None:
+    """Other clients add parameters to a content type, write it in capitals, use another name
+    for msgpack, send none (the queue's codec then), or compress the body: each is read, or
+    dead-lettered at once with a reason that says what luaq cannot read."""
+    url = vhost_url(vhost)
+    bodies = [
+        (b'{"n": 1}', None, None),
+        (b'{"n": 2}', "application/json; charset=utf-8", "utf-8"),  # kombu, Spring AMQP
+        (b'{"n": 3}', "Application/JSON", None),
+        (msgpack.packb({"n": 4}), "application/x-msgpack", "binary"),  # kombu's msgpack
+        (gzip.compress(b'{"n": 5}'), "application/json", "gzip"),
+        (b"<p>6</p>", "text/html", None),
+    ]
+
+    async def publish() -> None:
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
+            for body, content_type, encoding in bodies:
+                message = aio_pika.Message(
+                    body, content_type=content_type, content_encoding=encoding
+                )
+                await channel.default_exchange.publish(message, routing_key="jobs")
+
+    app = amqp_app(
+        tmp_path / "app.yaml", url, 'function handle(p) assert(queue.publish("app:out", p)) end',
+        {"name": "jobs", "dead_letter": {"queue": "dlq", "max_attempts": 3}},
+    )  # fmt: skip
+    declare = spawn("run", app, "--until-idle")
+    assert declare.wait(30) == 0, declare.stderr
+    asyncio.run(publish())
+
+    process = spawn("run", app, "--until-idle")
+    assert process.wait(30) == 0, process.stderr
+    assert sorted(report["n"] for report in asyncio.run(take_json(url, "out"))) == [1, 2, 3, 4]
+    dead = asyncio.run(take_raw(url, "dlq"))
+    assert [message.headers["x_dead_letter_reason"] for message in dead] == ["poison"] * 2
+    assert [message.headers["x_attempts"] for message in dead] == [1, 1], "at once"
+    errors = [str(message.headers["x_last_error"]) for message in dead]
+    assert "content encoding 'gzip'" in errors[0], errors
+    assert "unknown content type 'text/html'" in errors[1], errors
+    assert dead[0].body == bodies[4][0], "dead-lettered as it came"
 
 
 async def take_raw(url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -142,6 +142,20 @@ def properties_for(
     return properties
 
 
+# content encodings that leave the body as it is: kombu (Celery) says utf-8 for JSON and
+# binary for msgpack, Spring AMQP UTF-8
+PLAIN_ENCODINGS = frozenset({"", "identity", "utf-8", "utf8", "binary"})
+
+
+def unreadable_encoding(properties: Mapping[str, Any]) -> str | None:
+    """A body compressed by another client (gzip, ...): luaq decodes none of them, so say that
+    rather than let its codec fail on the compressed bytes."""
+    encoding = properties.get("content_encoding")
+    if encoding is None or encoding.lower() in PLAIN_ENCODINGS:
+        return None
+    return f"content encoding {encoding!r}: luaq reads bodies only as they are, uncompressed"
+
+
 def expiration(value: Any) -> str:
     """A per-message TTL in milliseconds; the broker closes the channel on anything else."""
     text = str(value)
@@ -368,7 +382,7 @@ class AmqpSubscription(Subscription):
                 headers,
                 properties.get("content_type") or "",
                 attempts,
-                properties.get(MALFORMED),
+                properties.get(MALFORMED) or unreadable_encoding(properties),
             )
         )
 
