@@ -217,7 +217,9 @@ class Reconciler:
             )
             await self._report(body, state, None, running, invalid)
             return "invalid"
-        checksum = render.checksum(data)
+        # the Secrets' values too, so that a rotated password rolls the pods (their env has it)
+        secrets = {variable: environ[variable] for variable in render.secret_refs(spec)}
+        checksum = render.checksum(data, secrets)
         desired = await self._replicas(body, spec, state, config, checksum)
         owned = [
             (CONFIG_MAPS, render.config_map(body, data)),

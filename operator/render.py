@@ -199,8 +199,11 @@ def config_data(name: str, spec: QueueConsumerSpec, source: str) -> dict[str, st
     return {ENTRIES_FILE: document, SOURCE_FILE: source}
 
 
-def checksum(data: Mapping[str, str]) -> str:
-    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()
+def checksum(data: Mapping[str, str], secrets: Mapping[str, str] | None = None) -> str:
+    """Of what the pods read: the ConfigMap's files and, when given, the Secret values their
+    environment takes (hashed with the rest, as Helm's `checksum/secret` convention does)."""
+    everything = {**data, **({"secrets": dict(secrets)} if secrets else {})}
+    return hashlib.sha256(json.dumps(everything, sort_keys=True).encode()).hexdigest()
 
 
 def config_map(owner: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, Any]:

@@ -5,13 +5,14 @@ goes. The emulator runs no controllers: tests play the Deployment controller whe
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from conftest import eventually
 from kube_fixtures import Cluster, apply, example, reconciles
 from luaq.operator import rbac, render
 from luaq.operator.handlers import Operator
-from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES
+from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SECRETS, SERVICES
 
 NAME = "email-worker"
 
@@ -88,7 +89,8 @@ async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "luaq-operator"
     assert config_map["data"][render.SOURCE_FILE] == owner["spec"]["source"]
     assert "${env:LUAQ_BROKER_URL}" in config_map["data"][render.ENTRIES_FILE]
-    assert checksum(found) == render.checksum(config_map["data"])
+    url = example("broker-secret.yaml")[0]["stringData"]["url"]
+    assert checksum(found) == render.checksum(config_map["data"], {render.URL_ENV: url})
     assert found["spec"]["replicas"] == 2
     (container,) = found["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "luaq:test"
@@ -193,6 +195,27 @@ async def test_a_missing_broker_secret_creates_nothing_until_it_exists(
     await apply(cluster, ns, "broker-secret.yaml")  # the operator is not told: the resync finds it
     await edit(cluster, ns, {"replicas": 1})
     await eventually(lambda: deployment(cluster, ns) is not None, 20)
+
+
+async def test_a_rotated_broker_secret_rolls_the_pods_at_the_next_pass(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    """The URL reaches the pods as an env var, read when they start: a new password must roll
+    them. Secrets are not watched (that would take reading every Secret of the namespaces), so
+    the change is found by the next pass: the resync, or here an edit."""
+    await email_worker(cluster, ns)
+    first = checksum(deployment(cluster, ns))
+    rotated = "amqp://luaq:rotated-pw@rabbitmq.default.svc:5672/"
+    await cluster.patch(SECRETS, ns, "rabbitmq", {"stringData": {"url": rotated}})
+    await edit(cluster, ns, {"replicas": 3})
+    await eventually(lambda: (deployment(cluster, ns) or {})["spec"]["replicas"] == 3, 20)
+    assert checksum(deployment(cluster, ns)) != first
+    for written in (deployment(cluster, ns), cluster.get("configmaps", ns, f"{NAME}-luaq")):
+        assert "rotated-pw" not in json.dumps(written)
+    second = checksum(deployment(cluster, ns))
+    await edit(cluster, ns, {"replicas": 2})
+    await eventually(lambda: (deployment(cluster, ns) or {})["spec"]["replicas"] == 2, 20)
+    assert checksum(deployment(cluster, ns)) == second, "the same Secret rolls nothing"
 
 
 async def test_a_source_from_a_configmap_follows_its_edits(
