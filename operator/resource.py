@@ -55,6 +55,12 @@ class SecretKeyRef(_Model):
     key: str = Field(min_length=1)
 
 
+class LocalObjectReference(_Model):
+    """An object in the QueueConsumer's namespace, by name."""
+
+    name: str = Field(min_length=1)
+
+
 class ConfigMapKeyRef(_Model):
     """A key of a ConfigMap in the QueueConsumer's namespace."""
 
@@ -210,6 +216,9 @@ class QueueConsumerSpec(_Model):
     tolerations: tuple[Toleration, ...] = ()
     affinity: dict[str, Any] | None = None
     service_account_name: str | None = None
+    image_pull_secrets: tuple[LocalObjectReference, ...] = Field(
+        (), description="Secrets in this namespace to pull the image with, as in a pod"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> QueueConsumerSpec:

@@ -209,6 +209,22 @@ def test_every_rendered_manifest_passes_kubernetes_validate_strict(
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
+def test_pod_settings_reach_the_pods() -> None:
+    """What a pod would say itself (a private registry's pull secret among them), passed on."""
+    settings = {
+        "serviceAccountName": "mailer",
+        "imagePullSecrets": [{"name": "registry"}],
+        "nodeSelector": {"kubernetes.io/arch": "amd64"},
+        "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    _, deployment, _ = rendered(changed(**settings))
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    assert {key: pod[key] for key in settings} == settings
+    _, plain, _ = rendered(BASE)
+    assert not set(settings) & set(plain["spec"]["template"]["spec"])
+
+
 def test_the_pods_follow_the_restricted_pod_security_profile() -> None:
     _, deployment, _ = rendered(BASE)
     pod = deployment["spec"]["template"]["spec"]
