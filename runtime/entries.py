@@ -586,6 +586,32 @@ def _check_refs(config: Config) -> None:
                 )
 
 
+# AMQP names a queue with a short string of at most 255 bytes, and luaq's delay queues append
+# `.retry.<milliseconds>ms` (drivers/amqp.py) to it: at most 29 more bytes.
+AMQP_QUEUE_NAME_BYTES = 255 - 29
+
+
+def _check_amqp_names(config: Config) -> None:
+    """Queue names an AMQP broker would refuse, found before anything starts rather than as a
+    failure at start-up (or at a message's first retry, for a delay queue's name)."""
+    for queue in config.queues.values():
+        if not isinstance(config.drivers.get(queue.driver), AmqpDriverEntry):
+            continue
+        name, field = queue.external_name, "queue_name" if queue.queue_name else "name"
+        size = len(name.encode())
+        if size > AMQP_QUEUE_NAME_BYTES:
+            config.problems.append(
+                f"{config.label(queue)}: {field}: {size} bytes long; an AMQP queue name may have "
+                f"at most {AMQP_QUEUE_NAME_BYTES} here (255, less what luaq adds to name its "
+                "delay queues)"
+            )
+        if name.startswith("amq."):
+            config.problems.append(
+                f"{config.label(queue)}: {field}: {name!r}: names starting with amq. are "
+                "reserved by AMQP brokers"
+            )
+
+
 def load(paths: Iterable[Path | str], environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate entries files; a directory means every YAML file in it.
 
@@ -623,4 +649,5 @@ def load(paths: Iterable[Path | str], environ: Mapping[str, str] | None = None) 
         if inline is not None:
             config.functions[inline.id] = inline
     _check_refs(config)
+    _check_amqp_names(config)
     return config

@@ -557,6 +557,40 @@ def test_dangling_reference(
     assert len(problems) == 1
 
 
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"queue_name": "q" * 227}, "queue_name", r"227 bytes long; .* at most 226"),
+        ({"queue_name": "é" * 114}, "queue_name", r"228 bytes long"),  # bytes, not characters
+        ({"queue_name": "amq.jobs"}, "queue_name", r"'amq.jobs': .*reserved"),
+    ],
+    ids=["too-long", "too-long-in-utf8", "reserved"],
+)
+def test_amqp_queue_names_the_broker_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, Any], field: str,
+    message: str,
+) -> None:  # fmt: skip
+    amqp = {"name": "rabbit", "kind": "queue.driver.amqp", "url": "amqp://localhost/"}
+    path = write_entries(tmp_path / "app.yaml", app(amqp, queue("far", "rabbit", **fields)))
+
+    problems = rejected(luaq(capsys, "check", path))
+
+    assert_problem(problems, path, "app:far", field, message)
+    assert len(problems) == 1
+
+
+def test_the_longest_amqp_queue_name_and_any_memory_one_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    amqp = {"name": "rabbit", "kind": "queue.driver.amqp", "url": "amqp://localhost/"}
+    longest = queue("far", "rabbit", queue_name="q" * 226)
+    path = write_entries(
+        tmp_path / "app.yaml", app(amqp, longest, queue("near", queue_name="q" * 300))
+    )
+
+    assert luaq(capsys, "check", path).code == 0
+
+
 def test_reference_to_the_wrong_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_entries(tmp_path / "app.yaml", app(consumer("odd", queue="handler")))
 

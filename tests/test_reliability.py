@@ -332,6 +332,26 @@ def test_a_huge_error_is_shortened_in_the_dead_letter(
     assert summary(process.stdout)["app:worker"]["dead_lettered"] == 1
 
 
+def test_the_longest_queue_name_luaq_check_allows_works_with_its_delay_queue(
+    tmp_path: Path, vhost: str, spawn: Spawner
+) -> None:
+    """255 bytes is AMQP's limit for a queue name; luaq's delay queues add to it, which
+    `luaq check` allows for (tests/test_entries.py): the longest name it accepts retries."""
+    url = vhost_url(vhost)
+    longest = "q" * entries.AMQP_QUEUE_NAME_BYTES
+    app = amqp_app(
+        tmp_path / "app.yaml", url, 'function handle(p) error("fails") end',
+        {"name": "jobs", "queue_name": longest, "retry": {"delay": "50ms"},
+         "dead_letter": {"queue": "dlq", "max_attempts": 2}},
+    )  # fmt: skip
+    asyncio.run(fill(url, longest, 1))
+    process = spawn("run", app, "--until-idle")
+    assert process.wait(30) == 0, process.stderr
+    [dead] = asyncio.run(take_raw(url, "dlq"))
+    assert dead.headers["x_attempts"] == 2
+    assert any(name.startswith(f"{longest}.retry.") for name in queue_totals(vhost))
+
+
 # -- 4. deliveries buffered when their channel dies ----------------------------------------------
 
 FORWARD_SLOWLY = """
