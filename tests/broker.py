@@ -64,6 +64,8 @@ async def delete_queues(*names: str, url: str = AMQP_URL) -> None:
         channel = await connection.channel()
         for name in names:
             for queue in (name, *(f"{name}.retry.{ms}ms" for ms in RETRY_DELAYS_MS)):
+                if len(queue.encode()) > 255:  # no such queue can exist
+                    continue
                 if channel.is_closed:
                     channel = await connection.channel()
                 await channel.queue_delete(queue)

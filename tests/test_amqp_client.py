@@ -30,6 +30,7 @@ from broker import (
 from conftest import eventually
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from luaq.runtime.drivers import Delivery
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.drivers.amqp_client import (
     HEARTBEAT_FRAME,
@@ -454,6 +455,34 @@ async def driver() -> AsyncIterator[AmqpDriver]:
     await driver.start()
     yield driver
     await driver.close()
+
+
+async def test_a_name_amqp_cannot_carry_is_invalid_and_the_driver_goes_on(
+    driver: AmqpDriver, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`luaq check` refuses such names (tests/test_entries.py); a driver used directly says
+    what is wrong in its own terms, and its declarations after that still work (a method that
+    failed to encode used to leave a waiter behind that took the next call's reply)."""
+    with pytest.raises(QueueError, match="255 bytes") as refused:
+        await driver.declare(queue_entry("q" * 256))
+    assert refused.value.kind is Kind.INVALID
+
+    # a name that fits, but not with a delay queue's suffix: the retry fails, and says why
+    queue = queue_entry(queue_name.ljust(250, "q"))
+    await driver.declare(queue)
+    try:
+        got: list[Delivery] = []
+        subscription = await driver.consume(queue, consumer_entry(queue), got.append)
+        await driver.publish(queue, b"{}", {}, "application/json")
+        await eventually(lambda: len(got) == 1)
+        caplog.set_level(logging.WARNING, "luaq.amqp")
+        assert await got[0].retry(1.0) is False  # held: the consumer nacks it after its backoff
+        [failed] = [r for r in caplog.records if r.msg == "retry by republish failed"]
+        assert "cannot declare delay queue" in failed.error  # type: ignore[attr-defined]
+        assert "Max length exceeded" in failed.error  # type: ignore[attr-defined]
+        await subscription.close()
+    finally:
+        await delete_queues(queue.external_name)
 
 
 async def test_a_message_no_queue_takes_is_not_found(driver: AmqpDriver, queue_name: str) -> None:

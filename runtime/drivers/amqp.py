@@ -640,6 +640,8 @@ class AmqpDriver(Driver):
                 return await operation(connection)
             except ChannelClosed as exc:
                 raise broker_error(exc, what) from exc
+            except (TypeError, ValueError) as exc:  # a name or argument AMQP cannot carry
+                raise QueueError(Kind.INVALID, f"{what}: {exc}") from exc
             except TimeoutError as exc:
                 raise QueueError(
                     Kind.TIMEOUT,

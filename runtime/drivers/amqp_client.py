@@ -401,8 +401,11 @@ class Channel:
                 raise ChannelGone(closed_by.code, closed_by.text)
             if closed_by is not None:
                 raise closed_by
+            # encoded first: a method that cannot be (a name too long) must leave no waiter
+            # behind, or every later reply would go to the caller before
+            data = pamqp.frame.marshal(method, self.number)
             future = self._expect(reply)
-            self.connection.write(pamqp.frame.marshal(method, self.number))
+            self.connection.write(data)
             result: Reply = await future
             return result
 
