@@ -43,6 +43,10 @@ USER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5
 USER_PREFIX = "luaq_user_"
 MAX_USER_SERIES = 100  # per user metric
 MAX_USER_METRICS = 100
+# and the size of each series: a scrape and the registry stay small whatever handlers pass
+MAX_USER_NAME = 100  # characters of a metric's or a label's name
+MAX_USER_LABELS = 10  # per metric
+MAX_USER_LABEL_VALUE = 256  # characters
 STALE_AFTER = 15.0  # seconds without a sign of life from an event loop: not live
 SNAPSHOT_EVERY = 1.0
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -176,6 +180,10 @@ class UserMetrics:
             raise QueueError(
                 Kind.INVALID, f"metric name {name!r} must be letters, digits and underscores"
             )
+        if len(name) > MAX_USER_NAME:
+            raise QueueError(
+                Kind.INVALID, f"metric name {name[:20]}... is over {MAX_USER_NAME} characters"
+            )
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -232,13 +240,29 @@ def _labels(name: str, labels: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (), ()
     if not isinstance(labels, Mapping):
         raise QueueError(Kind.INVALID, f"metric {name}: labels must be a table")
+    if len(labels) > MAX_USER_LABELS:
+        raise QueueError(
+            Kind.INVALID, f"metric {name}: {len(labels)} labels, over {MAX_USER_LABELS}"
+        )
     pairs = []
     for key, value in labels.items():
-        if not isinstance(key, str) or not _NAME_RE.match(key) or key.startswith("__"):
-            raise QueueError(Kind.INVALID, f"metric {name}: {key!r} is not a label name")
+        if (
+            not isinstance(key, str)
+            or not _NAME_RE.match(key)
+            or key.startswith("__")
+            or len(key) > MAX_USER_NAME
+        ):
+            raise QueueError(Kind.INVALID, f"metric {name}: {key!r:.40} is not a label name")
         if not isinstance(value, str | int | float):
             raise QueueError(Kind.INVALID, f"metric {name}: label {key} must be a string")
-        pairs.append((key, str(value).lower() if isinstance(value, bool) else str(value)))
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if len(text) > MAX_USER_LABEL_VALUE:
+            raise QueueError(
+                Kind.INVALID,
+                f"metric {name}: label {key} is {len(text)} characters, over "
+                f"{MAX_USER_LABEL_VALUE}",
+            )
+        pairs.append((key, text))
     pairs.sort()
     return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
 

@@ -344,10 +344,16 @@ async def test_user_metrics_are_validated_and_bounded(
           local _, bad_labels = metrics.counter("by_user", {other = "x"})
           local _, bad_value = metrics.counter("by_user", {user = "u1"}, -1)
           local _, bad_label = metrics.counter("x", {["1bad"] = "y"})
+          local _, long_name = metrics.counter(string.rep("n", 101), {})
+          local _, long_value = metrics.counter("x", {big = string.rep("v", 257)})
+          local many = {}
+          for i = 1, 11 do many["l" .. i] = "v" end
+          local _, many_labels = metrics.counter("x", many)
           assert(queue.publish("out", {
             first = results[1], last = results[101],
             errors = {bad_name:message(), bad_type:message(), bad_labels:message(),
-                      bad_value:message(), bad_label:message()}}))
+                      bad_value:message(), bad_label:message(), long_name:message(),
+                      long_value:message(), many_labels:message()}}))
         end
         """,
         [1],
@@ -363,7 +369,11 @@ async def test_user_metrics_are_validated_and_bounded(
         "metric by_user has labels ['user'], not ['other']",
         "metric by_user: a counter only goes up",
         "metric x: '1bad' is not a label name",
+        "metric name nnnnnnnnnnnnnnnnnnnn... is over 100 characters",
+        "metric x: label big is 257 characters, over 256",
+        "metric x: 11 labels, over 10",
     ]
+    assert "luaq_user_x" not in {f.name for f in app.worker.families()}
     refused = [r for r in caplog.records if r.getMessage() == "user metric refused"]
     assert len(refused) == 1, "said once"
     families = {f.name: f for f in app.worker.families()}
