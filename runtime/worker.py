@@ -335,8 +335,22 @@ class Worker:
         return not any(consumer.held for consumer in self.consumers)
 
     async def wait_idle(self, poll: float = 0.01) -> None:
-        # Brokers do not push queue depth, so idleness can only be observed by asking.
-        while not await self.idle():  # noqa: ASYNC110
+        """Until `idle()` holds, and keeps holding with nothing received for the drivers'
+        `idle_after`. Brokers do not push queue depth, so idleness can only be observed by
+        asking."""
+        loop = asyncio.get_running_loop()
+        settle = max((consumer.driver.idle_after for consumer in self.consumers), default=0.0)
+        since: float | None = None
+        received = -1
+        while True:
+            if await self.idle():
+                now, seen = loop.time(), sum(c.stats.received for c in self.consumers)
+                if since is None or seen != received:
+                    since, received = now, seen
+                if now - since >= settle:
+                    return
+            else:
+                since = None
             await asyncio.sleep(poll)
 
     # -- host calls from Lua ---------------------------------------------------------------------

@@ -708,6 +708,36 @@ def test_until_idle_waits_for_messages_in_retry_delay(
         assert sum(sum(counts) for counts in queue_totals(vhost).values()) == 0
 
 
+async def test_until_idle_believes_empty_queues_only_once_they_stay_empty(tmp_path: Path) -> None:
+    """On a broker, a message can be in no count for a moment: expired from a delay queue and
+    on its way back, or on the wire to the consumer. An idleness seen once, then gone, is not
+    the end: `wait_idle` returns once the queues have stayed empty for the driver's
+    `idle_after` (a fake `idle` plays the broker's counts; the AMQP driver's value)."""
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.memory"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": "function handle(p) end"},
+    ])  # fmt: skip
+    worker = Worker(entries.load([app]), Settings())
+    worker.consumers[0].driver.idle_after = AmqpDriver.idle_after
+    loop = asyncio.get_running_loop()
+    counts = iter([0, 1, 1])  # empty, then the message in transit shows up again
+    busy_until: list[float] = []
+
+    async def idle() -> bool:
+        count = next(counts, 0)
+        if count:
+            busy_until[:] = [loop.time()]
+        return count == 0
+
+    worker.idle = idle  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await worker.wait_idle(poll=0.01)
+    assert busy_until, "it returned at the first empty count"
+    assert loop.time() - busy_until[0] >= AmqpDriver.idle_after
+
+
 def test_poison_without_dead_letter_is_kept(tmp_path: Path, vhost: str, spawn: Spawner) -> None:
     """A body that cannot be decoded, on a queue without `dead_letter`: never dropped."""
     url = vhost_url(vhost)

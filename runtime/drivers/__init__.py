@@ -110,6 +110,10 @@ class Subscription(ABC):
 
 class Driver(ABC):
     reconnects = 0  # connections re-established after a loss
+    # How long empty queues must stay empty before `--until-idle` believes them: with a remote
+    # broker a message can be in none of the counts for a moment (on the wire to a consumer, or
+    # expired from a delay queue and on its way back to its own).
+    idle_after = 0.0
 
     @property
     @abstractmethod

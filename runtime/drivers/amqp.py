@@ -568,6 +568,8 @@ class Link:
 
 
 class AmqpDriver(Driver):
+    idle_after = 0.2
+
     def __init__(self, entry: AmqpDriverEntry) -> None:
         self.entry = entry
         self.subscriptions: set[AmqpSubscription] = set()
