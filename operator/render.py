@@ -202,7 +202,9 @@ def config_data(name: str, spec: QueueConsumerSpec, source: str) -> dict[str, st
 def checksum(data: Mapping[str, str], secrets: Mapping[str, str] | None = None) -> str:
     """Of what the pods read: the ConfigMap's files and, when given, the Secret values their
     environment takes (hashed with the rest, as Helm's `checksum/secret` convention does)."""
-    everything = {**data, **({"secrets": dict(secrets)} if secrets else {})}
+    everything: dict[str, Any] = dict(data)
+    if secrets:
+        everything["secrets"] = dict(secrets)
     return hashlib.sha256(json.dumps(everything, sort_keys=True).encode()).hexdigest()
 
 

@@ -163,28 +163,15 @@ def test_every_header_type_round_trips_and_reaches_lua_as_plain_values(
     (retried through a delay queue, which adds RabbitMQ's x-death), then the dead-letter
     queue, where the headers are what was sent."""
     url = vhost_url(vhost)
-
-    async def publish() -> None:
-        connection = await aio_pika.connect(url)
-        async with connection:
-            channel = await connection.channel()
-            message = aio_pika.Message(
-                b'{"n": 1}', content_type="application/json", message_id="typed",
-                headers=HEADERS,
-            )  # fmt: skip
-            await channel.default_exchange.publish(message, routing_key="jobs")
-
     app = amqp_app(
         tmp_path / "app.yaml", url, DESCRIBE_HEADERS,
         {"name": "jobs", "dead_letter": {"queue": "dlq", "max_attempts": 3},
          "retry": {"delay": "50ms"}},
     )  # fmt: skip
-    declare = spawn("run", app, "--until-idle")
-    assert declare.wait(30) == 0, declare.stderr
-    asyncio.run(publish())
-
-    process = spawn("run", app, "--until-idle")
-    assert process.wait(30) == 0, process.stderr
+    message = aio_pika.Message(
+        b'{"n": 1}', content_type="application/json", message_id="typed", headers=HEADERS
+    )
+    process = run_on_what_aio_pika_sent(spawn, app, url, [message])
 
     seen = asyncio.run(take_json(url, "out"))
     assert len(seen) == 3, "three attempts, then the dead-letter queue"
@@ -231,25 +218,15 @@ def test_bodies_are_read_by_the_content_type_other_clients_give(
         (b"<p>6</p>", "text/html", None),
     ]
 
-    async def publish() -> None:
-        async with await aio_pika.connect(url) as connection:
-            channel = await connection.channel()
-            for body, content_type, encoding in bodies:
-                message = aio_pika.Message(
-                    body, content_type=content_type, content_encoding=encoding
-                )
-                await channel.default_exchange.publish(message, routing_key="jobs")
-
     app = amqp_app(
         tmp_path / "app.yaml", url, 'function handle(p) assert(queue.publish("app:out", p)) end',
         {"name": "jobs", "dead_letter": {"queue": "dlq", "max_attempts": 3}},
     )  # fmt: skip
-    declare = spawn("run", app, "--until-idle")
-    assert declare.wait(30) == 0, declare.stderr
-    asyncio.run(publish())
-
-    process = spawn("run", app, "--until-idle")
-    assert process.wait(30) == 0, process.stderr
+    messages = [
+        aio_pika.Message(body, content_type=content_type, content_encoding=encoding)
+        for body, content_type, encoding in bodies
+    ]
+    run_on_what_aio_pika_sent(spawn, app, url, messages)
     assert sorted(report["n"] for report in asyncio.run(take_json(url, "out"))) == [1, 2, 3, 4]
     dead = asyncio.run(take_raw(url, "dlq"))
     assert [message.headers["x_dead_letter_reason"] for message in dead] == ["poison"] * 2
@@ -258,6 +235,26 @@ def test_bodies_are_read_by_the_content_type_other_clients_give(
     assert "content encoding 'gzip'" in errors[0], errors
     assert "unknown content type 'text/html'" in errors[1], errors
     assert dead[0].body == bodies[4][0], "dead-lettered as it came"
+
+
+def run_on_what_aio_pika_sent(
+    spawn: Spawner, app: Path, url: str, messages: list[aio_pika.Message]
+) -> Process:
+    """The app's queues declared by a first run, `messages` sent to `jobs` by another client
+    (aio-pika), then a run until idle, which must succeed."""
+    declare = spawn("run", app, "--until-idle")
+    assert declare.wait(30) == 0, declare.stderr
+
+    async def publish() -> None:
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
+            for message in messages:
+                await channel.default_exchange.publish(message, routing_key="jobs")
+
+    asyncio.run(publish())
+    process = spawn("run", app, "--until-idle")
+    assert process.wait(30) == 0, process.stderr
+    return process
 
 
 async def take_raw(url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -708,17 +705,14 @@ def test_until_idle_waits_for_messages_in_retry_delay(
         assert sum(sum(counts) for counts in queue_totals(vhost).values()) == 0
 
 
-async def test_until_idle_believes_empty_queues_only_once_they_stay_empty(tmp_path: Path) -> None:
+async def test_until_idle_believes_empty_queues_only_once_they_stay_empty(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """On a broker, a message can be in no count for a moment: expired from a delay queue and
     on its way back, or on the wire to the consumer. An idleness seen once, then gone, is not
     the end: `wait_idle` returns once the queues have stayed empty for the driver's
     `idle_after` (a fake `idle` plays the broker's counts; the AMQP driver's value)."""
-    app = write_app(tmp_path / "app.yaml", [
-        {"name": "broker", "kind": "queue.driver.memory"},
-        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
-        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
-         "source": "function handle(p) end"},
-    ])  # fmt: skip
+    app, _ = jobs_app(tmp_path, "memory", "function handle(p) end", request)
     worker = Worker(entries.load([app]), Settings())
     worker.consumers[0].driver.idle_after = AmqpDriver.idle_after
     loop = asyncio.get_running_loop()
