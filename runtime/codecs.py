@@ -22,16 +22,23 @@ class Codec(Protocol):
 
 class JsonCodec:
     content_type = "application/json"
+    # made once: json.dumps and json.loads with bytes spend more on their arguments than on a
+    # small message
+    _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    _decoder = json.JSONDecoder()
 
     def encode(self, data: Any) -> bytes:
         try:
-            text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            return text.encode()
+            return self._encoder.encode(data).encode()
         except (TypeError, ValueError) as exc:
             raise QueueError(Kind.INVALID, f"data cannot be encoded as JSON: {exc}") from exc
 
     def decode(self, body: bytes) -> Any:
-        return json.loads(body)
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return json.loads(body)  # UTF-16 or UTF-32, which JSON allows too
+        return self._decoder.decode(text.removeprefix("\ufeff"))  # (a UTF-8 byte order mark)
 
 
 class MsgpackCodec:

@@ -70,14 +70,24 @@ class Pace:
     Lua runs on the loop's thread, and a worker task whose buffer is full goes from one handler
     to the next without waiting for anything: the loop would neither read its sockets nor run
     its timers (heartbeats, signals) nor write the acks of finished handlers until the backlog
-    is gone. So, once `slice` seconds have passed since the loop last had a turn, the task
-    about to start a handler gives it one first."""
+    is gone. So, once `slice` seconds have passed since the loop last had a turn, every task
+    about to start a handler gives it one first.
+
+    A timer every half slice tells when the loop last had a turn (timers run only then): while
+    handlers wait for the broker, as most do, the loop turns on its own and no task yields in
+    vain. The timer runs only while handlers start, so an idle worker sleeps."""
 
     def __init__(self, slice_seconds: float = 0.005) -> None:
         self.slice = slice_seconds
         self.since = time.monotonic()
+        self._marker: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the timer's
+        self._started = False  # a handler started since the timer last ran
 
     def due(self) -> bool:
+        self._started = True
+        if self._marker is None:
+            self._mark()  # (after a pause: the loop had all the turns it wanted meanwhile)
         return time.monotonic() - self.since > self.slice
 
     async def turn(self) -> None:
@@ -86,6 +96,17 @@ class Pace:
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         self.since = time.monotonic()
+        if self._loop is not asyncio.get_running_loop():
+            self._mark()  # the timer ran on a loop that is gone (one Pace, one loop after another)
+
+    def _mark(self) -> None:
+        self.since = time.monotonic()
+        if self._started:
+            self._started = False
+            self._loop = asyncio.get_running_loop()
+            self._marker = self._loop.call_later(self.slice / 2, self._mark)
+        else:
+            self._marker = self._loop = None
 
 
 class LogBudget:

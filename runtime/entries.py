@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -106,11 +107,12 @@ class _Entry(_Model):
     kind: str
     file: Path = Field(exclude=True)
 
-    @property
+    # cached (entries are frozen): a publish looks its queue's name up every time
+    @cached_property
     def namespace(self) -> str:
         return self.id.split(":", 1)[0]
 
-    @property
+    @cached_property
     def name(self) -> str:
         return self.id.split(":", 1)[1]
 
@@ -259,7 +261,7 @@ class QueueEntry(_Entry):
     retry: Retry | None = None
     driver_options: QueueDriverOptions = QueueDriverOptions()
 
-    @property
+    @cached_property
     def external_name(self) -> str:
         return self.queue_name or self.name
 

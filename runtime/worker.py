@@ -375,52 +375,43 @@ class Worker:
         queue = self.queue(namespace, queue_id)
         stats = self.publishes[queue.id]
         try:
-            return await self._publish(queue, data, headers, consumer, stats)
-        except QueueError as exc:
-            stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
-            raise
-
-    async def _publish(
-        self,
-        queue: QueueEntry,
-        data: Any,
-        headers: dict[str, Any],
-        consumer: str | None,
-        stats: PublishStats,
-    ) -> str:
-        if consumer is not None:
-            try:
-                self.access[consumer].check_publish(queue.id, headers)
-            except Denied as exc:
-                denials = self.consumers_by_id[consumer].stats.denials
-                denials[exc.action] = denials.get(exc.action, 0) + 1
-                _log.warning("publish denied", extra={"consumer": consumer, "error": exc.message})
-                raise
-        if "priority" in headers:
-            priority(headers["priority"])  # the same rule on every driver
-        codec = CODECS[queue.codec]
-        body = codec.encode(data)
-        limit = self.config.drivers[queue.driver].max_message_size
-        if len(body) > limit:
-            raise QueueError(
-                Kind.INVALID,
-                f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
-                f"of driver {queue.driver}",
-            )
-        started = time.monotonic()
-        try:
+            if consumer is not None:
+                self._check_publish(consumer, queue, headers)
+            if "priority" in headers:
+                priority(headers["priority"])  # the same rule on every driver
+            codec = CODECS[queue.codec]
+            body = codec.encode(data)
+            limit = self.config.drivers[queue.driver].max_message_size
+            if len(body) > limit:
+                raise QueueError(
+                    Kind.INVALID,
+                    f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
+                    f"of driver {queue.driver}",
+                )
+            started = time.monotonic()
             message_id = await self.drivers[queue.driver].publish(
                 queue, body, headers, codec.content_type
             )
-        except QueueError:
+        except QueueError as exc:
+            stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
             raise
         except Exception as exc:
+            stats.failures[Kind.INTERNAL] = stats.failures.get(Kind.INTERNAL, 0) + 1
             raise QueueError(
                 Kind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
             ) from exc
         stats.durations.observe(time.monotonic() - started)
         stats.published += 1
         return message_id
+
+    def _check_publish(self, consumer: str, queue: QueueEntry, headers: dict[str, Any]) -> None:
+        try:
+            self.access[consumer].check_publish(queue.id, headers)
+        except Denied as exc:
+            denials = self.consumers_by_id[consumer].stats.denials
+            denials[exc.action] = denials.get(exc.action, 0) + 1
+            _log.warning("publish denied", extra={"consumer": consumer, "error": exc.message})
+            raise
 
     async def info(self, namespace: str, queue_id: str) -> tuple[int, int]:
         queue = self.queue(namespace, queue_id)

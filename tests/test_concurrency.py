@@ -3,8 +3,12 @@ bounds (`concurrency` on running handlers, `prefetch` on deliveries held)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from conftest import AppFactory, eventually
 from luaq.runtime.codecs import CODECS
+from luaq.runtime.consumer import Pace
 
 N = 1000
 
@@ -183,3 +187,19 @@ async def test_prefetch_one_holds_a_single_delivery(apps: AppFactory) -> None:
     out = await app.drain("out")
     # with one delivery at a time, even four slots process in queue order
     assert [r.data["n"] for r in out] == list(range(6))
+
+
+async def test_handlers_yield_to_the_loop_only_when_it_was_kept_busy() -> None:
+    """Handlers that wait for something, as most do, let the event loop turn on its own: none
+    of them gives it a turn on top. One that keeps the loop for longer than a slice makes the
+    next handler yield first."""
+    pace = Pace(slice_seconds=0.5)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 1.5
+    while loop.time() < until:
+        assert not pace.due(), "the loop had its turns"
+        await asyncio.sleep(0.001)
+    time.sleep(0.7)  # noqa: ASYNC251 (a handler that computes, holding the loop)
+    assert pace.due()
+    await pace.turn()
+    assert not pace.due()

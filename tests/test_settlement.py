@@ -210,7 +210,9 @@ async def test_budget_applies_per_invocation(apps: AppFactory) -> None:
 # -- poison bodies -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", [b"\xff{not json", b"{not json", b"", b'{"a": 1'])
+@pytest.mark.parametrize(
+    "body", [b"\xff{not json", b"{not json", b"", b'{"a": 1', b'\xef\xbb\xbf{"a": 1']
+)
 async def test_poison_body_rejected_once_never_redelivered(apps: AppFactory, body: bytes) -> None:
     """With `dead_letter` but no dead-letter queue, rejected (see test_reliability for a queue
     without `dead_letter`, where nothing is dropped)."""
@@ -241,6 +243,20 @@ async def test_poison_body_rejected_once_never_redelivered(apps: AppFactory, bod
     )
     assert await app.info("in") == (0, 1)
     assert app.consumer.held == 0
+
+
+async def test_json_bodies_are_read_in_every_encoding_json_allows(apps: AppFactory) -> None:
+    """UTF-8 with or without a byte order mark, UTF-16 and UTF-32, as another client may send."""
+    app = await apps.start('function handle(p) assert(queue.publish("out", p)) end')
+    queue_entry = app.worker.queue("app", "in")
+    driver = app.worker.drivers["app:broker"]
+    text = '{"n": "\u00e9"}'
+    for body in (text.encode(), b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16"),
+                 text.encode("utf-32")):  # fmt: skip
+        await driver.publish(queue_entry, body, {}, "application/json")
+    await app.idle()
+    assert [r.data for r in await app.drain("out")] == [{"n": "\u00e9"}] * 4
+    assert app.consumer.stats.rejected == 0
 
 
 # -- early settlement: first settle wins -------------------------------------------------------

@@ -7,6 +7,8 @@ memory driver and the AMQP driver implement it; the conformance suite holds them
 
 from __future__ import annotations
 
+import itertools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +33,18 @@ class Settlement(StrEnum):
     RETRY = "retry"  # given back for another attempt, after a delay
     REQUEUE = "requeue"  # given back at once (shutdown)
     REJECT = "reject"  # dropped (a broker may dead-letter it by its own policy)
+
+
+class MessageIds:
+    """Unique message ids without a uuid per message: a random 64-bit prefix per driver
+    instance (so per process) and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):08x}"
 
 
 class Delivery(ABC):

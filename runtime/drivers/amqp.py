@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import ssl
@@ -30,7 +29,16 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
 from ..errors import Kind, QueueError
-from . import CLOSE_TIMEOUT, Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
+from . import (
+    CLOSE_TIMEOUT,
+    Delivery,
+    Driver,
+    MessageIds,
+    OnDelivery,
+    QueueInfo,
+    Settlement,
+    Subscription,
+)
 from .amqp_client import (
     MALFORMED,
     Channel,
@@ -215,18 +223,6 @@ def _pem_file(value: str) -> Any:
         handle.write(value)
         handle.flush()
         yield handle.name
-
-
-class MessageIds:
-    """Unique message ids without a uuid per message: a random 64-bit prefix per driver
-    instance (so per process) and a counter."""
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):08x}"
 
 
 class AmqpDelivery(Delivery):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from ..entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
 from ..errors import Kind, QueueError
-from . import Delivery, Driver, OnDelivery, QueueInfo, Settlement, Subscription
+from . import Delivery, Driver, MessageIds, OnDelivery, QueueInfo, Settlement, Subscription
 
 
 class _Message:
@@ -159,6 +158,7 @@ class MemoryDriver(Driver):
     def __init__(self, entry: MemoryDriverEntry) -> None:
         self.entry = entry
         self._queues: dict[str, _Queue] = {}
+        self._ids = MessageIds()
 
     @property
     def connected(self) -> bool:
@@ -195,7 +195,7 @@ class MemoryDriver(Driver):
         target = self._queue(queue)
         if len(target.ready) >= target.max_length:
             await target.wait_for_space(self.entry.publish_timeout)
-        message_id = str(headers.get("message_id") or uuid.uuid4())
+        message_id = str(headers.get("message_id") or self._ids.next())
         target.ready.append(_Message(message_id, body, dict(headers), content_type))
         target.dispatch()
         return message_id

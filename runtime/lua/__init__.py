@@ -46,6 +46,7 @@ KEEPALIVE_EVERY = 1_000_000  # instructions between two calls to Host.keepalive 
 MAX_HEADER_DEPTH = 32  # nesting of header tables and arrays handed to Lua
 _CONTAINERS = (dict, list)
 _SCALARS = frozenset((str, int, float, bool))
+_NUMBERS = frozenset((int, float, bool))  # what lupa makes of Lua numbers and booleans
 _log = logging.getLogger("luaq.lua")
 _lua_type = lupa.lua_type
 _T = TypeVar("_T")
@@ -141,25 +142,28 @@ class _Reader:
         self.values += 1
         if self.values > self.limit:
             raise ConversionError(f"data has more than {self.limit} values")
-        lua_type = _lua_type(value)
-        if lua_type is None:
-            if type(value) is str:
-                self.text += len(value)
-                if self.text > MAX_TEXT:
-                    raise ConversionError(f"data has more than {MAX_TEXT} characters of text")
+        cls = type(value)
+        if cls is str:
+            self.text += len(value)
+            if self.text > MAX_TEXT:
+                raise ConversionError(f"data has more than {MAX_TEXT} characters of text")
             return value
+        if cls in _NUMBERS:
+            return value
+        lua_type = _lua_type(value)
         if lua_type != "table":
             raise ConversionError(f"a Lua {lua_type} cannot be sent as data")
         if depth >= MAX_DEPTH:
             raise ConversionError(
                 f"data is nested deeper than {MAX_DEPTH} levels or a table contains itself"
             )
+        depth += 1
         shape, length = self._shape(value)
         if shape == "array":
             array: list[Any] = [None] * length
             for index, item in value.items():
                 if type(index) is int and 0 < index <= length:
-                    array[index - 1] = self._read(item, depth + 1)
+                    array[index - 1] = self._read(item, depth)
             return array
         result: dict[str, Any] = {}
         for key, item in value.items():
@@ -170,7 +174,7 @@ class _Reader:
             else:
                 kind = _lua_type(key) or type(key).__name__
                 raise ConversionError(f"table keys must be strings or integers, not a {kind}")
-            result[key] = self._read(item, depth + 1)
+            result[key] = self._read(item, depth)
         return result
 
 
