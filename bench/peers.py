@@ -24,8 +24,11 @@ first look, over the time between), so start-up costs nobody anything. "cpu_us_p
 CPU time the consumer's processes and the broker (beam.smp, with whatever else it served
 meanwhile) spent per message: on a small machine, that is where the time goes.
 
-Latency: a separate process publishes at a fixed rate (--latency-rate, by default half luaq's
-median `consume` rate) for --latency-seconds, each message with a `sent_at` header
+Latency: a separate process publishes at a fixed rate (--latency-rate, by default half the most
+luaq carries on that load: "luaq_end_to_end_max", the publisher going as fast as the broker
+confirms while luaq consumes, messages over the time until luaq had them all; on a small machine
+publisher, broker and consumer share the cores, so this is less than luaq's `consume` rate,
+which is the broker only delivering) for --latency-seconds, each message with a `sent_at` header
 (time.time()); luaq's Lua handler takes `time.now() - msg:header("sent_at")` (time.now() is
 time.time() too) and, once all have arrived, sends its samples back through a queue; aio-pika's
 callback does the same in Python. "backlog_s" is how long the consumer took to catch up after the
@@ -89,6 +92,7 @@ POLL = 0.001
 # The latency publisher sends what is due every TICK, each message stamped as it leaves: a
 # shorter sleep would only spin, since the event loop's timers count milliseconds.
 TICK = 0.001
+WINDOW = 2000  # unconfirmed messages of a publisher going as fast as it can
 STALL = 60.0  # seconds without progress before a run is declared stuck
 CPUS = os.cpu_count() or 1
 
@@ -176,7 +180,13 @@ class Luaq(Peer):
             "run": "a Worker in the bench's process, as `luaq run` runs it (one process, uvloop)",
             "driver": "queue.driver.amqp",
             "handler": LUA,
-            "concurrency": bench.concurrency,
+            "concurrency": f"{bench.concurrency} handlers at once"
+            + (
+                " (the prefetch: any message in flight can be in a handler, as the README advises "
+                "for handlers that wait on the broker)"
+                if bench.concurrency == bench.prefetch
+                else ""
+            ),
             "prefetch": bench.prefetch,
             "ack": "after the handler returns",
             "publish": "publisher confirms, persistent, awaited before the ack",
@@ -622,35 +632,51 @@ class Published:
     cpu_seconds: float  # the publisher's
 
 
-def publish_at(url: str, queue: str, rate: float, seconds: float) -> Published:
-    """In a process of its own: publish at `rate` for `seconds`, each message with the time it
-    left in a `sent_at` header."""
+def publish_at(url: str, queue: str, rate: float | None, seconds: float) -> Published:
+    """In a process of its own: publish at `rate` for `seconds` (None: as fast as the broker
+    confirms, WINDOW messages unconfirmed at most), each message with the time it left in a
+    `sent_at` header."""
     return uvloop.run(_publish_at(url, queue, rate, seconds))
 
 
-async def _publish_at(url: str, queue: str, rate: float, seconds: float) -> Published:
+async def _publish_at(url: str, queue: str, rate: float | None, seconds: float) -> Published:
     cpu = time.process_time()
     connection = await Connection.open(Endpoint.from_url(url))
     channel = await connection.channel()
     await channel.confirm_select()
-    total = max(1, round(rate * seconds))
+    total = max(1, round(rate * seconds)) if rate is not None else math.inf
     confirms = []
+    unconfirmed = 0
+
+    def confirmed(_: asyncio.Future[str]) -> None:
+        nonlocal unconfirmed
+        unconfirmed -= 1
+
     loop = asyncio.get_running_loop()
     started = loop.time()
     sent = 0
     while sent < total:
-        due = min(total, int((loop.time() - started) * rate) + 1)
-        for _ in range(due - sent):
+        elapsed = loop.time() - started
+        if rate is not None:
+            due = min(total, int(elapsed * rate) + 1)
+        elif elapsed < seconds:
+            due = sent + WINDOW - unconfirmed
+        else:
+            break
+        for _ in range(int(due) - sent):
             headers = {"sent_at": time.time()}
-            confirms.append(channel.publish(BODY, queue, {**PERSISTENT, "headers": headers}))
-        sent = due
+            confirm = channel.publish(BODY, queue, {**PERSISTENT, "headers": headers})
+            confirm.add_done_callback(confirmed)
+            confirms.append(confirm)
+        unconfirmed += int(due) - sent
+        sent = int(due)
         await asyncio.sleep(TICK)
     elapsed = loop.time() - started
     outcomes = set(await asyncio.gather(*confirms))
     await connection.close()
     if outcomes != {Confirm.ACK}:
         raise RuntimeError(f"the broker did not take every message: {outcomes}")
-    return Published(total, elapsed, time.process_time() - cpu)
+    return Published(sent, elapsed, time.process_time() - cpu)
 
 
 @dataclass(frozen=True)
@@ -682,6 +708,9 @@ class Load:
             "p99_ms": rank(0.99),
             "max_ms": rank(1.0),
             "backlog_s": round(self.backlog_seconds, 2),
+            "end_to_end_rate": round(
+                published.messages / (published.seconds + self.backlog_seconds)
+            ),
             "cpu_us_per_msg": {
                 who: None if seconds is None else round(seconds / published.messages * 1e6, 1)
                 for who, seconds in cpu.items()
@@ -712,8 +741,13 @@ async def under_load(
 
 
 async def latency(
-    bench: Bench, peer: str, rate: float, seconds: float, publisher: concurrent.futures.Executor
+    bench: Bench,
+    peer: str,
+    rate: float | None,
+    seconds: float,
+    publisher: concurrent.futures.Executor,
 ) -> dict[str, Any]:
+    """A latency run of `peer` at `rate`; None: as fast as publisher, broker and luaq go."""
     queues = Queues.new(f"latency-{peer}", "consume")
     await fill(bench.url, queues.inbox, 0)
     await fill(bench.url, queues.outbox, 0)
@@ -885,14 +919,19 @@ def arguments() -> argparse.Namespace:
         default=200,
         help="of luaq, the minimal consumer, aio-pika and FastStream (200)",
     )
-    add("--concurrency", type=int, default=32, help="luaq's (32)")
+    add(
+        "--concurrency",
+        type=int,
+        help="luaq's handlers at once (the prefetch, up to 1000: as many as messages in flight, "
+        "as the minimal consumer and aio-pika have)",
+    )
     add(
         "--latency-seconds", type=float, default=20.0, help="how long the latency runs publish (20)"
     )
     add(
         "--latency-rate",
         type=float,
-        help="messages per second of the latency runs (half luaq's median consume rate)",
+        help="messages per second of the latency runs (half luaq_end_to_end_max)",
     )
     add(
         "--peers",
@@ -912,6 +951,7 @@ def arguments() -> argparse.Namespace:
     )
     args = parser.parse_args()
     args.peers = ["luaq", *(name for name in args.peers.split(",") if name != "luaq")]
+    args.concurrency = args.concurrency or min(args.prefetch, 1000)  # (luaq's most)
     if unknown := set(args.peers) - set(PEERS):
         parser.error(f"--peers: no {', '.join(sorted(unknown))} among {', '.join(PEERS)}")
     if min(args.messages, args.rounds, args.latency_seconds, args.latency_rate or 1) <= 0:
@@ -931,9 +971,8 @@ def throughput(bench: Bench, peers: list[str], rounds: int) -> dict[str, dict[st
     return runs
 
 
-def latencies(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
+def latencies(bench: Bench, rate: float | None, seconds: float) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "rate": round(rate),
         "seconds": seconds,
         "method": "a process of its own publishes at `rate` for `seconds`, each message with a "
         "sent_at header (time.time()); on receipt, luaq's Lua handler takes time.now() - sent_at "
@@ -941,6 +980,17 @@ def latencies(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
     }
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as publisher:
+        if rate is None:
+            # luaq's most on this very load, the publisher and the broker on the same machine
+            flat_out = uvloop.run(latency(bench, "luaq", None, seconds, publisher))
+            report["luaq_end_to_end_max"] = flat_out["end_to_end_rate"]
+            report["rate_from"] = (
+                "half luaq_end_to_end_max: the publisher as fast as the broker confirms "
+                f"({WINDOW} unconfirmed) for `seconds`, messages over the time until luaq had "
+                "them all"
+            )
+            rate = flat_out["end_to_end_rate"] / 2
+        report["rate"] = round(rate)
         for peer in ("luaq", "aio_pika"):
             report[peer] = uvloop.run(latency(bench, peer, rate, seconds, publisher))
             say(f"latency {peer}: {report[peer]}")
@@ -1011,8 +1061,7 @@ def main() -> None:
                 for name, rs in runs[w].items()}
             for w in WORKLOADS
         }  # fmt: skip
-        rate = args.latency_rate or rates["consume"]["luaq"] / 2
-        report["latency"] = latencies(bench, rate, args.latency_seconds)
+        report["latency"] = latencies(bench, args.latency_rate, args.latency_seconds)
         report["targets"] = {
             **{f"{w} luaq/{peer}": f">= {TARGETS[peer]}" for w in WORKLOADS for peer in TARGETS},
             "latency luaq p99_ms": f"< {P99_TARGET_MS}",
