@@ -367,6 +367,13 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
             sys.stderr.write("\n")
         await worker.stop(grace)
     _summary(worker, sys.stdout)
+    if until_idle and (left := sum(c.stats.unsettled for c in worker.consumers)):
+        print(
+            f"luaq: {left} message(s) left unsettled by an error in luaq (logged above): the "
+            "queues look empty, but the broker delivers these again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -45,6 +45,7 @@ class ConsumerStats:
     dead_lettered: int = 0  # moved to the queue's dead-letter queue
     rejected: int = 0  # dropped: out of attempts, or undecodable, with no dead-letter queue
     stale: int = 0  # from a channel that closed before they were settled: redelivered there
+    unsettled: int = 0  # left unsettled by an error in luaq: redelivered once their channel closes
     first_at: float | None = None
     last_at: float | None = None
     errors: dict[str, int] = field(default_factory=dict)  # failed invocations by error kind
@@ -224,6 +225,7 @@ class Consumer:
                 try:
                     await self._retry(delivery, self._backoff.delay_after(delivery.attempts))
                 except Exception:  # the broker redelivers it when its channel closes
+                    self.stats.unsettled += 1
                     _log.exception(
                         "giving the message back failed", extra={"consumer": self.entry.id}
                     )

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from luaq.runtime.cli import main
+from luaq.runtime.consumer import Consumer
+from luaq.runtime.drivers.memory import MemoryDelivery
 from processes import (
     LUAQ,
     Process,
@@ -451,3 +453,32 @@ def test_no_command_is_a_usage_error() -> None:
 
     assert result.returncode == 2
     assert "usage: luaq" in result.stderr
+
+
+def test_run_until_idle_fails_when_a_message_was_left_unsettled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in luaq itself, then one giving the message back: the queue looks empty and the
+    broker has the message back only once the channel closes, so all is not done."""
+
+    async def broken(*_: Any) -> None:
+        raise RuntimeError("a bug in luaq")
+
+    monkeypatch.setattr(Consumer, "_handle", broken)
+    monkeypatch.setattr(MemoryDelivery, "retry", broken)
+    app = write_app(
+        tmp_path / "app.yaml",
+        [
+            broker(),
+            queue("in"),
+            {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle"}
+            | {"source": "function handle() end"},
+        ],
+    )
+    messages = write_jsonl(tmp_path / "messages.jsonl", [{"queue": "in", "data": {"n": 1}}])
+
+    result = luaq(capsys, "run", app, "--input", messages, "--until-idle")
+
+    assert result.code == 1, result.err
+    assert "giving the message back failed" in result.err
+    assert "luaq: 1 message(s) left unsettled by an error in luaq" in result.err
