@@ -130,11 +130,10 @@ def test_run_until_idle_prints_exact_counts(
     assert all(line["consumer"] == "app:worker" for line in failures)
 
 
-def test_run_until_idle_with_nothing_to_do(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    app = write_app(
-        tmp_path / "app.yaml",
+def noop_app(directory: Path) -> Path:
+    """One memory queue, `in`, and a consumer whose handler does nothing."""
+    return write_app(
+        directory / "app.yaml",
         [
             broker(),
             queue("in"),
@@ -142,6 +141,12 @@ def test_run_until_idle_with_nothing_to_do(
             | {"source": "function handle() end"},
         ],
     )
+
+
+def test_run_until_idle_with_nothing_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = noop_app(tmp_path)
 
     result = luaq(capsys, "run", app, "--until-idle")
 
@@ -466,15 +471,7 @@ def test_run_until_idle_fails_when_a_message_was_left_unsettled(
 
     monkeypatch.setattr(Consumer, "_handle", broken)
     monkeypatch.setattr(MemoryDelivery, "retry", broken)
-    app = write_app(
-        tmp_path / "app.yaml",
-        [
-            broker(),
-            queue("in"),
-            {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle"}
-            | {"source": "function handle() end"},
-        ],
-    )
+    app = noop_app(tmp_path)
     messages = write_jsonl(tmp_path / "messages.jsonl", [{"queue": "in", "data": {"n": 1}}])
 
     result = luaq(capsys, "run", app, "--input", messages, "--until-idle")
