@@ -644,7 +644,7 @@ async def _publish_at(url: str, queue: str, rate: float | None, seconds: float) 
     connection = await Connection.open(Endpoint.from_url(url))
     channel = await connection.channel()
     await channel.confirm_select()
-    total = max(1, round(rate * seconds)) if rate is not None else math.inf
+    total = max(1, round(rate * seconds)) if rate is not None else sys.maxsize
     confirms = []
     unconfirmed = 0
 
@@ -663,13 +663,13 @@ async def _publish_at(url: str, queue: str, rate: float | None, seconds: float) 
             due = sent + WINDOW - unconfirmed
         else:
             break
-        for _ in range(int(due) - sent):
+        for _ in range(due - sent):
             headers = {"sent_at": time.time()}
             confirm = channel.publish(BODY, queue, {**PERSISTENT, "headers": headers})
             confirm.add_done_callback(confirmed)
             confirms.append(confirm)
-        unconfirmed += int(due) - sent
-        sent = int(due)
+        unconfirmed += due - sent
+        sent = due
         await asyncio.sleep(TICK)
     elapsed = loop.time() - started
     outcomes = set(await asyncio.gather(*confirms))

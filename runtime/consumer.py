@@ -82,7 +82,6 @@ class Pace:
         self.slice = slice_seconds
         self.since = time.monotonic()
         self._marker: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the timer's
         self._started = False  # a handler started since the timer last ran
 
     def due(self) -> bool:
@@ -97,17 +96,14 @@ class Pace:
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         self.since = time.monotonic()
-        if self._loop is not asyncio.get_running_loop():
-            self._mark()  # the timer ran on a loop that is gone (one Pace, one loop after another)
 
     def _mark(self) -> None:
         self.since = time.monotonic()
         if self._started:
             self._started = False
-            self._loop = asyncio.get_running_loop()
-            self._marker = self._loop.call_later(self.slice / 2, self._mark)
+            self._marker = asyncio.get_running_loop().call_later(self.slice / 2, self._mark)
         else:
-            self._marker = self._loop = None
+            self._marker = None
 
 
 class LogBudget:
