@@ -4,7 +4,7 @@ type on receipt, so a consumer decodes whatever a publisher chose."""
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import msgpack
 
@@ -42,6 +42,11 @@ class JsonCodec:
 
 
 class MsgpackCodec:
+    """Reads plain values only, as JSON has: timestamps as seconds since the epoch (a float),
+    map keys that are text, bytes or 64-bit integers. Another client may send anything else
+    msgpack has (an extension type, a float, nil or NaN as a key): no Lua value stands for it,
+    so such a body cannot be decoded."""
+
     content_type = "application/msgpack"
 
     def encode(self, data: Any) -> bytes:
@@ -52,9 +57,31 @@ class MsgpackCodec:
 
     def decode(self, body: bytes) -> Any:
         try:
-            return msgpack.unpackb(body, raw=False, strict_map_key=False)
+            return msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=False,
+                timestamp=1,
+                ext_hook=_no_extension,
+                object_pairs_hook=_plain_map,
+            )
         except (msgpack.UnpackException, TypeError, ValueError) as exc:
-            raise ValueError(f"not valid msgpack: {exc}") from exc
+            raise ValueError(f"cannot read the msgpack body: {exc}") from exc
+
+
+def _no_extension(code: int, data: bytes) -> NoReturn:
+    raise ValueError(f"extension type {code} has no plain value")
+
+
+INT64 = range(-(2**63), 2**63)  # the integers msgpack and Lua hold
+
+
+def _plain_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    for key, _ in pairs:
+        kind = type(key)
+        if kind is not str and kind is not bytes and not (kind is int and key in INT64):
+            raise ValueError(f"map key {key!r} is not text, bytes or a 64-bit integer")
+    return dict(pairs)
 
 
 CODECS: dict[str, Codec] = {"json/plain": JsonCodec(), "application/msgpack": MsgpackCodec()}

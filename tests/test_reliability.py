@@ -13,6 +13,7 @@ import gzip
 import itertools
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -235,6 +236,37 @@ def test_bodies_are_read_by_the_content_type_other_clients_give(
     assert "content encoding 'gzip'" in errors[0], errors
     assert "unknown content type 'text/html'" in errors[1], errors
     assert dead[0].body == bodies[4][0], "dead-lettered as it came"
+
+
+def test_values_lua_has_no_value_for_neither_crash_nor_fail_the_worker(
+    tmp_path: Path, vhost: str, spawn: Spawner
+) -> None:
+    """What msgpack and JSON can carry beyond Lua's values, from another client: a NaN map key
+    aborted the whole process (Lua cannot index a table with it), a big integer failed every
+    attempt with an internal error. Now numbers arrive as floats, and what has no Lua value at
+    all is poison."""
+    url = vhost_url(vhost)
+    bodies = [
+        (b'{"n": 1, "big": 18446744073709551616}', "application/json"),
+        (msgpack.packb({"n": 2, math.nan: 1}), "application/msgpack"),
+        (msgpack.packb({"n": 3, "t": msgpack.Timestamp(1_700_000_000, 0)}), "application/msgpack"),
+        (msgpack.packb({"n": 4, "e": msgpack.ExtType(1, b"")}), "application/msgpack"),
+    ]
+    app = amqp_app(
+        tmp_path / "app.yaml", url, 'function handle(p) assert(queue.publish("app:out", p)) end',
+        {"name": "jobs", "dead_letter": {"queue": "dlq", "max_attempts": 3}},
+    )  # fmt: skip
+    messages = [aio_pika.Message(body, content_type=content_type) for body, content_type in bodies]
+    run_on_what_aio_pika_sent(spawn, app, url, messages)
+    assert sorted(asyncio.run(take_json(url, "out")), key=lambda report: report["n"]) == [
+        {"n": 1, "big": 2.0**64},
+        {"n": 3, "t": 1_700_000_000.0},
+    ]
+    dead = asyncio.run(take_raw(url, "dlq"))
+    assert [message.headers["x_dead_letter_reason"] for message in dead] == ["poison"] * 2
+    errors = [str(message.headers["x_last_error"]) for message in dead]
+    assert "map key nan" in errors[0], errors
+    assert "extension type 1" in errors[1], errors
 
 
 def run_on_what_aio_pika_sent(

@@ -7,7 +7,10 @@ handler has seen that id), so redelivery shows up as several records with the sa
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
+import msgpack
 import pytest
 from conftest import AppFactory, Received
 from luaq.runtime.settings import Settings
@@ -257,6 +260,75 @@ async def test_json_bodies_are_read_in_every_encoding_json_allows(apps: AppFacto
     await app.idle()
     assert [r.data for r in await app.drain("out")] == [{"n": "\u00e9"}] * 4
     assert app.consumer.stats.rejected == 0
+
+
+MSGPACK_POISON = {
+    "an extension type": {"e": msgpack.ExtType(5, b"abc")},
+    "a NaN key": {math.nan: 1},  # (Lua cannot index a table with it: this aborted the process)
+    "a float key": {1.5: 1},
+    "a nil key": {None: 1},
+    "a boolean key": {True: 1},
+    "a key beyond 64-bit integers": {2**64 - 1: 1},
+}
+
+
+@pytest.mark.parametrize("data", MSGPACK_POISON.values(), ids=MSGPACK_POISON.keys())
+async def test_msgpack_bodies_lua_has_no_value_for_are_poison(apps: AppFactory, data: Any) -> None:
+    """A msgpack body is read into plain values only (no Python object reaches Lua), with keys
+    a Lua table can hold and JSON can write back: anything else cannot be decoded."""
+    app = await apps.start(
+        'function handle(p) assert(queue.publish("out", {seen = p})) end',
+        in_queue={"dead_letter": {"max_attempts": 3}},
+    )
+    queue_entry = app.worker.queue("app", "in")
+    driver = app.worker.drivers["app:broker"]
+    for body in (msgpack.packb({"n": 1}), msgpack.packb(data), msgpack.packb({"n": 2})):
+        await driver.publish(queue_entry, body, {}, "application/msgpack")
+    await app.idle()
+    assert [r.data["seen"] for r in await app.drain("out")] == [{"n": 1}, {"n": 2}]
+    stats = app.consumer.stats
+    assert (stats.rejected, stats.processed, stats.failed) == (1, 2, 0)
+
+
+async def test_numbers_lua_cannot_hold_exactly_arrive_as_floats(apps: AppFactory) -> None:
+    """Integers beyond Lua's 64 bits (in a body or a header) become floats, as in other Lua
+    JSON libraries, instead of failing every attempt; msgpack timestamps become seconds since
+    the epoch; integer keys and byte strings are kept."""
+    app = await apps.start(
+        """
+        function handle(p)
+          local msg = queue.message()
+          local seen = {}
+          for k, v in pairs(p) do seen[tostring(k)] = {math.type(v) or type(v), v} end
+          local h = msg:header("big")
+          seen.header = {math.type(h), h}
+          assert(queue.publish("out", seen))
+        end
+        """
+    )
+    queue_entry = app.worker.queue("app", "in")
+    driver = app.worker.drivers["app:broker"]
+    big = {"big": 2**64 + 8}
+    await driver.publish(queue_entry, b'{"a": 18446744073709551615, "b": -9223372036854775809, '
+                         b'"c": 9223372036854775807}', big, "application/json")  # fmt: skip
+    stamp = msgpack.Timestamp(1_700_000_000, 500_000_000)
+    await driver.publish(queue_entry, msgpack.packb({"t": stamp, 7: b"bytes", "i": 2**64 - 1}),
+                         big, "application/msgpack")  # fmt: skip
+    await app.idle()
+    first, second = (r.data for r in await app.drain("out"))
+    assert first == {
+        "a": ["float", 2.0**64],
+        "b": ["float", -(2.0**63)],
+        "c": ["integer", 2**63 - 1],
+        "header": ["float", 2.0**64],
+    }
+    assert second == {
+        "t": ["float", 1_700_000_000.5],
+        "7": ["string", "bytes"],
+        "i": ["float", 2.0**64],
+        "header": ["float", 2.0**64],
+    }
+    assert app.consumer.stats.failed == 0
 
 
 # -- early settlement: first settle wins -------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import lupa.lua54 as lupa
 
+from ..codecs import INT64
 from ..drivers import Delivery
 from ..errors import Kind, QueueError
 from ..metrics import UserMetrics
@@ -44,7 +45,8 @@ MEMORY_MARGIN = 2**20  # bytes of --lua-max-memory kept free for lupa's unprotec
 BUDGET_STEP = 1000  # instructions between two charges to an invocation's budget
 KEEPALIVE_EVERY = 1_000_000  # instructions between two calls to Host.keepalive (a few ms)
 MAX_HEADER_DEPTH = 32  # nesting of header tables and arrays handed to Lua
-_CONTAINERS = (dict, list)
+_CONTAINERS = frozenset((dict, list))
+_AS_IS = frozenset((str, float, bool, bytes, type(None)))  # what to_lua hands Lua unchanged
 _NUMBERS = frozenset((int, float, bool))  # what lupa makes of Lua numbers and booleans
 _SCALARS = _NUMBERS | {str}
 _log = logging.getLogger("luaq.lua")
@@ -247,34 +249,49 @@ class LuaRuntime:
     # -- conversion -----------------------------------------------------------------------
 
     def to_lua(self, value: Any) -> Any:
+        """Decoded data as Lua values: dicts and lists as tables (lists marked as arrays),
+        integers beyond Lua's 64 bits as floats (a JSON number can be any size)."""
         kind = type(value)
         if kind is dict:
-            for item in value.values():
-                if type(item) in _CONTAINERS:
-                    break
-            else:
-                return self._table_from(value)
+            if _CONTAINERS.isdisjoint(map(type, value.values())):
+                try:
+                    return self._table_from(value)
+                except OverflowError:  # a big integer: converted one by one below
+                    pass
             return self._table_from(
-                {k: self.to_lua(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+                {k: v if type(v) in _AS_IS else self.to_lua(v) for k, v in value.items()}
             )
         if kind is list:
+            if _CONTAINERS.isdisjoint(map(type, value)):
+                try:
+                    return self._array(self._table_from(value))
+                except OverflowError:
+                    pass
             return self._array(
-                self._table_from([self.to_lua(v) if type(v) in _CONTAINERS else v for v in value])
+                self._table_from([v if type(v) in _AS_IS else self.to_lua(v) for v in value])
             )
+        if kind is int and value not in INT64:
+            return float(value)
         return value
 
     def headers_to_lua(self, headers: Mapping[str, Any]) -> Any:
         """Message headers as a Lua table of plain values, whatever another client sent:
         tables and arrays as tables, timestamps as integer seconds since the epoch (UTC),
         decimals as numbers (integers when they have no fraction digits), byte arrays as
-        strings. Void values, and anything nested deeper than MAX_HEADER_DEPTH, are left out."""
-        for value in headers.values():
-            if type(value) not in _SCALARS:
-                return self._header_value(headers, 0)
-        return self._table_from(headers)
+        strings, integers beyond 64 bits as floats. Void values, and anything nested deeper
+        than MAX_HEADER_DEPTH, are left out."""
+        if _SCALARS.issuperset(map(type, headers.values())):
+            try:
+                return self._table_from(headers)
+            except OverflowError:  # an integer beyond Lua's 64 bits: below, as a float
+                pass
+        return self._header_value(headers, 0)
 
     def _header_value(self, value: Any, depth: int) -> Any:
-        if type(value) in _SCALARS:
+        kind = type(value)
+        if kind is int:
+            return value if value in INT64 else float(value)
+        if kind in _SCALARS:
             return value
         if depth > MAX_HEADER_DEPTH:
             return None
