@@ -18,7 +18,6 @@ import asyncio
 import datetime
 import decimal
 import itertools
-import json
 import logging
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import lupa.lua54 as lupa
 
-from ..codecs import INT64
+from ..codecs import CODECS, INT64
 from ..drivers import Delivery
 from ..errors import Kind, QueueError
 from ..metrics import UserMetrics
@@ -50,6 +49,7 @@ _AS_IS = frozenset((str, float, bool, bytes, type(None)))  # what to_lua hands L
 _NUMBERS = frozenset((int, float, bool))  # what lupa makes of Lua numbers and booleans
 _SCALARS = _NUMBERS | {str}
 _log = logging.getLogger("luaq.lua")
+_JSON = CODECS["json/plain"]
 _lua_type = lupa.lua_type
 _T = TypeVar("_T")
 
@@ -386,14 +386,14 @@ class LuaRuntime:
         _log.log(_LEVELS[level], message, extra=extra)
         return reader.cost
 
-    def _json_encode(self, value: Any, allowance: int) -> tuple[bool, str | None, str | None, int]:
+    def _json_encode(
+        self, value: Any, allowance: int
+    ) -> tuple[bool, bytes | None, str | None, int]:
         reader = self.reader(allowance)
         try:
-            text = json.dumps(
-                reader.read(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            )
-        except (QueueError, ValueError, TypeError) as exc:
-            return False, None, f"json.encode: {exc}", reader.cost
+            text = _JSON.encode(reader.read(value))
+        except QueueError as exc:
+            return False, None, f"json.encode: {exc.message}", reader.cost
         if not self._room(len(text), collect=False):
             return False, None, None, reader.cost
         return True, text, None, reader.cost
@@ -421,7 +421,7 @@ class LuaRuntime:
         if values > MAX_VALUES or len(text) > MAX_TEXT:
             return False, None, f"json.decode: over {MAX_VALUES} values or {MAX_TEXT} bytes", cost
         try:
-            value = self._unlimited(self.to_lua, json.loads(text))
+            value = self._unlimited(self.to_lua, _JSON.decode(text.encode()))
         except (ValueError, RecursionError) as exc:
             return False, None, f"json.decode: {exc}", cost
         if not self._room(collect=False):
