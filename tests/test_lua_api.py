@@ -710,6 +710,7 @@ async def test_json_errors(apps: AppFactory) -> None:
             encode_function = outcome(pcall(json.encode, function() end)),
             encode_cyclic = outcome(pcall(json.encode, cyclic)),
             encode_nan = outcome(pcall(json.encode, 0/0)),
+            decode_deep = outcome(pcall(json.decode, ("["):rep(101) .. ("]"):rep(101))),
           })
         end
         """,
@@ -725,6 +726,7 @@ async def test_json_errors(apps: AppFactory) -> None:
             "encode_function",
             "encode_cyclic",
             "encode_nan",
+            "decode_deep",
         ]
     )
     for case in report.values():

@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import AppFactory, Received
+from luaq.runtime.codecs import BY_CONTENT_TYPE as CODECS
 from luaq.runtime.settings import Settings
 
 # Records every call, and runs the Lua statement `fail` on the first `fail_times` calls per id.
@@ -329,6 +330,35 @@ async def test_numbers_lua_cannot_hold_exactly_arrive_as_floats(apps: AppFactory
         "header": ["float", 2.0**64],
     }
     assert app.consumer.stats.failed == 0
+
+
+@pytest.mark.parametrize("codec", ["application/json", "application/msgpack"])
+async def test_a_body_nested_deeper_than_lua_data_may_be_fails_without_running_the_handler(
+    apps: AppFactory, codec: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deeper than the 100 levels luaq reads back from Lua: INVALID, and the handler never runs.
+    Beyond a few hundred levels, this was an internal error with a traceback (RecursionError)
+    on every attempt."""
+    app = await apps.start(
+        'function handle(p) assert(queue.publish("out", {n = p.n})) end',
+        in_queue={"dead_letter": {"max_attempts": 2}},
+    )
+    queue_entry = app.worker.queue("app", "in")
+    driver = app.worker.drivers["app:broker"]
+    deep: Any = {"n": 0}
+    for _ in range(600):
+        deep = {"n": 0, "inner": deep}
+    bodies = [{"n": 1}, deep, {"n": 2}]
+    for data in bodies:
+        await driver.publish(queue_entry, CODECS[codec].encode(data), {}, codec)
+    await app.idle()
+    assert [r.data["n"] for r in await app.drain("out")] == [1, 2]
+    stats = app.consumer.stats
+    assert (stats.processed, stats.failed, stats.rejected) == (4, 2, 1)
+    assert stats.errors == {"INVALID": 2}
+    failures = [r.__dict__.get("error") for r in caplog.records if r.msg == "handler failed"]
+    assert failures == ["the message's data is nested deeper than 100 levels"], failures
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
 
 # -- early settlement: first settle wins -------------------------------------------------------

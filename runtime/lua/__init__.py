@@ -180,6 +180,12 @@ class _Reader:
         return result
 
 
+def _deeper(depth: int) -> int:
+    if depth >= MAX_DEPTH - 1:
+        raise ConversionError(f"data is nested deeper than {MAX_DEPTH} levels")
+    return depth + 1
+
+
 def _deny_attributes(obj: object, name: object, *rest: object) -> NoReturn:
     raise AttributeError("Python objects are not accessible from Lua")
 
@@ -248,9 +254,10 @@ class LuaRuntime:
 
     # -- conversion -----------------------------------------------------------------------
 
-    def to_lua(self, value: Any) -> Any:
+    def to_lua(self, value: Any, depth: int = 0) -> Any:
         """Decoded data as Lua values: dicts and lists as tables (lists marked as arrays),
-        integers beyond Lua's 64 bits as floats (a JSON number can be any size)."""
+        integers beyond Lua's 64 bits as floats (a JSON number can be any size). Raises
+        ConversionError for data nested deeper than MAX_DEPTH, as deep as luaq reads Lua data."""
         kind = type(value)
         if kind is dict:
             if _CONTAINERS.isdisjoint(map(type, value.values())):
@@ -258,8 +265,9 @@ class LuaRuntime:
                     return self._table_from(value)
                 except OverflowError:  # a big integer: converted one by one below
                     pass
+            depth = _deeper(depth)
             return self._table_from(
-                {k: v if type(v) in _AS_IS else self.to_lua(v) for k, v in value.items()}
+                {k: v if type(v) in _AS_IS else self.to_lua(v, depth) for k, v in value.items()}
             )
         if kind is list:
             if _CONTAINERS.isdisjoint(map(type, value)):
@@ -267,8 +275,9 @@ class LuaRuntime:
                     return self._array(self._table_from(value))
                 except OverflowError:
                     pass
+            depth = _deeper(depth)
             return self._array(
-                self._table_from([v if type(v) in _AS_IS else self.to_lua(v) for v in value])
+                self._table_from([v if type(v) in _AS_IS else self.to_lua(v, depth) for v in value])
             )
         if kind is int and value not in INT64:
             return float(value)
@@ -422,7 +431,7 @@ class LuaRuntime:
             return False, None, f"json.decode: over {MAX_VALUES} values or {MAX_TEXT} bytes", cost
         try:
             value = self._unlimited(self.to_lua, _JSON.decode(text.encode()))
-        except (ValueError, RecursionError) as exc:
+        except (ValueError, RecursionError, ConversionError) as exc:
             return False, None, f"json.decode: {exc}", cost
         if not self._room(collect=False):
             return False, None, None, cost
@@ -466,6 +475,8 @@ class LuaRuntime:
                 # the bridge's own code, after the handler's, found the state full
                 self._abandon(invocation)
                 return OUT_OF_MEMORY
+            except ConversionError as exc:  # (the payload: the handler did not start)
+                return Outcome(Verdict.FAIL, Kind.INVALID, f"the message's {exc.message}")
             except Exception as exc:
                 # lupa failing to convert a result, a bug in luaq: this invocation fails, the
                 # worker does not.
