@@ -36,7 +36,7 @@ class JsonCodec:
             body = orjson.dumps(data)
         except TypeError:
             return self._encode(data)
-        if b"null" in body:  # (perhaps a NaN)
+        if body.find(b"null") >= 0:  # (perhaps a NaN; `in` would first try b"null" as an int)
             return self._encode(data)
         return body
 
