@@ -46,10 +46,14 @@ async def test_replicas_follow_the_backlog_up_and_down_to_zero(
 
     connection = await aiormq.connect(url)
     try:
-        channel = await connection.channel()
+        channel = await connection.channel(publisher_confirms=False)  # (for a transaction)
+        # one transaction: the backlog goes from 0 to 25 at once, so the operator cannot read
+        # it half-way (and scale 0 -> 2 -> 3) on a busy machine
+        await channel.tx_select()
         for number in range(25):
             body = json.dumps({"to": f"user{number}@example.com"}).encode()
             await channel.basic_publish(body, routing_key="receipts")
+        await channel.tx_commit()
         await eventually(lambda: replicas(cluster, ns) == 3, 20)  # ceil(25 / 10)
         await eventually(lambda: status(cluster, ns).get("backlog") == 25, 20)
         assert status(cluster, ns)["desiredReplicas"] == 3
