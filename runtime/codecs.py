@@ -112,7 +112,7 @@ def _no_extension(code: int, data: bytes) -> NoReturn:
     raise ValueError(f"extension type {code} has no plain value")
 
 
-INT64 = range(-(2**63), 2**63)  # the integers msgpack and Lua hold
+INT64 = range(-(2**63), 2**63)  # the integers a Lua integer holds
 
 
 def _plain_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
