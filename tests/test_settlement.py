@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import AppFactory, Received
-from luaq.runtime.codecs import BY_CONTENT_TYPE as CODECS
+from luaq.runtime.codecs import BY_CONTENT_TYPE
 from luaq.runtime.settings import Settings
 
 # Records every call, and runs the Lua statement `fail` on the first `fail_times` calls per id.
@@ -350,7 +350,7 @@ async def test_a_body_nested_deeper_than_lua_data_may_be_fails_without_running_t
         deep = {"n": 0, "inner": deep}
     bodies = [{"n": 1}, deep, {"n": 2}]
     for data in bodies:
-        await driver.publish(queue_entry, CODECS[codec].encode(data), {}, codec)
+        await driver.publish(queue_entry, BY_CONTENT_TYPE[codec].encode(data), {}, codec)
     await app.idle()
     assert [r.data["n"] for r in await app.drain("out")] == [1, 2]
     stats = app.consumer.stats
