@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from uuid import uuid4
@@ -25,6 +26,7 @@ from broker import (
     driver_entry,
     queue_depth,
     queue_entry,
+    queue_totals,
     rabbitmqctl,
 )
 from conftest import eventually
@@ -34,6 +36,7 @@ from luaq.runtime.drivers import Delivery
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.drivers.amqp_client import (
     HEARTBEAT_FRAME,
+    WRITE_BATCH,
     Channel,
     ChannelClosed,
     Confirm,
@@ -156,6 +159,20 @@ async def test_settlements_are_what_pamqp_reads() -> None:
         (spec.Basic.Nack, 8, False),
     ]
     assert [f.requeue for f in frames[2:]] == [True, False]
+
+
+async def test_a_long_loop_iteration_sends_every_write_batch_at_once() -> None:
+    """Writes wait for the end of the loop iteration, to go out together; but a run of handlers
+    may keep one iteration busy for milliseconds, and the broker should not idle meanwhile."""
+    _, channel, wire = await on_a_wire()
+
+    for tag in range(1, 2 * WRITE_BATCH + 2):
+        channel.ack(tag)
+    sent = len(wire.frames())
+    await eventually(lambda: bool(wire.data))
+
+    assert sent == 2 * WRITE_BATCH
+    assert [f.delivery_tag for f in wire.frames()] == [2 * WRITE_BATCH + 1]
 
 
 def deliveries() -> tuple[bytes, list[tuple[int, bool, dict[str, Any], bytes]]]:
@@ -483,6 +500,27 @@ async def test_a_name_amqp_cannot_carry_is_invalid_and_the_driver_goes_on(
         await subscription.close()
     finally:
         await delete_queues(queue.external_name)
+
+
+async def test_a_long_run_of_handlers_publishes_as_it_goes(
+    driver: AmqpDriver, queue_name: str
+) -> None:
+    """The broker routes the publishes of a run of handlers while the run goes on, every
+    WRITE_BATCH of them. rabbitmqctl is asked here without letting the loop turn (it blocks),
+    as such a run blocks it."""
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    publisher = await driver._publisher_channel()
+    batches = 100 // WRITE_BATCH * WRITE_BATCH
+
+    confirms = [publisher.publish(b"{}", queue_name, {"message_id": str(n)}) for n in range(100)]
+    deadline = time.monotonic() + 10
+    while (ready := queue_totals("/")[queue_name][0]) < batches and time.monotonic() < deadline:
+        pass
+
+    assert ready == batches  # the rest goes once the loop turns
+    assert await asyncio.gather(*confirms) == [Confirm.ACK] * 100
+    assert queue_totals("/")[queue_name] == (100, 0)
 
 
 async def test_a_message_no_queue_takes_is_not_found(driver: AmqpDriver, queue_name: str) -> None:

@@ -305,6 +305,7 @@ class AmqpSubscription(Subscription):
         self.active = True
         self._open: dict[int, bool] = {}  # delivery tag -> acked, in delivery order
         self._flush_scheduled = False
+        self._unsent = 0  # acks coalesced and not yet sent
         self._reattaching: asyncio.Future[None] | None = None
 
     async def attach(self, connection: Connection) -> None:
@@ -316,6 +317,7 @@ class AmqpSubscription(Subscription):
         channel = await connection.channel()
         await channel.qos(self.prefetch)
         self._open.clear()  # tags of an old channel mean nothing on the new one
+        self._unsent = 0
         self.channel = channel
         try:
             await channel.consume(
@@ -388,6 +390,7 @@ class AmqpSubscription(Subscription):
             return False  # from a channel that is gone: the broker has requeued it already
         if ack:
             self._open[tag] = True
+            self._unsent += 1
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
@@ -400,26 +403,26 @@ class AmqpSubscription(Subscription):
         """Ack every leading acked tag with one frame, and write at once: the next callback
         may be a handler that keeps the loop busy for a while."""
         self._flush_scheduled = False
+        unsent, self._unsent = self._unsent, 0
         channel = self.channel
         if channel is None or channel.is_closed:
             return
-        last = None
-        for tag, acked in self._open.items():
+        opened = self._open
+        leading = []
+        for tag, acked in opened.items():
             if not acked:
                 break
-            last = tag
-        if last is not None:
-            for tag in list(self._open):
-                if tag > last:
-                    break
-                del self._open[tag]
-            channel.ack(last, multiple=True)
-        # acked tags behind an open one are sent on their own: none waits for a slow handler,
-        # and each frees its prefetch slot at once
-        stragglers = [tag for tag, acked in self._open.items() if acked]
-        for tag in stragglers:
-            del self._open[tag]
-            channel.ack(tag)
+            leading.append(tag)
+        for tag in leading:
+            del opened[tag]
+        if leading:
+            channel.ack(leading[-1], multiple=True)
+        if len(leading) < unsent:
+            # acked tags behind an open one are sent on their own: none waits for a slow
+            # handler, and each frees its prefetch slot at once
+            for tag in [tag for tag, acked in opened.items() if acked]:
+                del opened[tag]
+                channel.ack(tag)
         channel.connection.flush()
 
     @property
