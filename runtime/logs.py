@@ -105,10 +105,23 @@ def _text(value: Any) -> str:
     return _dumps(value)
 
 
+class StderrHandler(logging.StreamHandler[Any]):
+    """Writes to sys.stderr as it is at each line, as logging's own last-resort handler does:
+    where something swaps sys.stderr (a test's capture, an application embedding luaq), a
+    handler bound to the old stream would write to a closed file."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+
 def configure(level: str, format: Format = "auto") -> None:
     if format == "auto":
         format = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(TextFormatter() if format == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -5,9 +5,12 @@ handlers' own metrics; the two log formats."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import signal
 import socket
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from urllib.parse import quote
 import pytest
 from broker import AMQP_URL, rabbitmqctl
 from conftest import AppFactory
+from luaq.runtime import logs
 from luaq.runtime.metrics import Family, Server, Snapshots, Source, merge
 from processes import Spawner, free_port, wait_until, write_app, write_jsonl
 from prometheus_client.parser import text_string_to_metric_families
@@ -410,3 +414,18 @@ def test_log_formats_carry_the_same_fields(tmp_path: Path, spawn: Spawner, form:
         assert "metrics=null" in started
         assert " attempt=1 " in failed
         assert 'error="not yet"' in failed
+
+
+def test_log_lines_go_where_stderr_points_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something may swap sys.stderr after luaq set up its logs (a test's capture, as the
+    operator's tests do around `luaq manifests`, or an application embedding luaq), and close
+    the old one: lines logged then (by kopf's thread, say) still go out."""
+    before, after = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", before)
+    logs.configure("info", "json")
+    before.close()
+    monkeypatch.setattr(sys, "stderr", after)
+
+    logging.getLogger("luaq.test").info("still heard")
+
+    assert json.loads(after.getvalue())["msg"] == "still heard"
