@@ -33,7 +33,7 @@ from conftest import eventually
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from luaq.runtime.drivers import Delivery
-from luaq.runtime.drivers.amqp import AmqpDriver
+from luaq.runtime.drivers.amqp import AmqpDriver, AmqpSubscription
 from luaq.runtime.drivers.amqp_client import (
     HEARTBEAT_FRAME,
     WRITE_BATCH,
@@ -225,6 +225,43 @@ async def test_deliveries_arrive_whole_however_the_stream_is_cut(chunk: int) -> 
 
     assert got == expected
     assert not connection.is_closed
+
+
+async def test_the_acks_of_the_last_run_go_out_before_the_next_deliveries() -> None:
+    """Acks wait to be coalesced until the loop's next turn, but the loop reads its sockets
+    before it runs that callback: the broker should not wait for the next batch to be taken in
+    before it hears of the last one's acks."""
+    connection, _, wire = await on_a_wire()
+    queue = queue_entry("q")
+    got: list[Delivery] = []
+    subscription = AmqpSubscription(
+        AmqpDriver(driver_entry()), queue, consumer_entry(queue), 10, got.append
+    )
+    attaching = asyncio.ensure_future(subscription.attach(connection))
+    for reply in (
+        spec.Channel.OpenOk(),
+        spec.Basic.QosOk(),
+        spec.Basic.ConsumeOk(subscription.tag),
+    ):
+        await eventually(lambda: bool(wire.data))
+        wire.frames()
+        connection.data_received(server(reply, channel=2))
+    await attaching
+
+    def delivery(tag: int) -> bytes:
+        deliver = spec.Basic.Deliver(subscription.tag, tag, False, "", "q")
+        return server(deliver, ContentHeader(0, 0), channel=2)
+
+    connection.data_received(delivery(1) + delivery(2))
+    for each in got:
+        await each.ack()  # (no loop turn: the acks wait)
+    assert not wire.data
+    connection.data_received(delivery(3))
+
+    assert [(type(f), f.delivery_tag, f.multiple) for f in wire.frames()] == [
+        (spec.Basic.Ack, 2, True)
+    ]
+    assert len(got) == 3
 
 
 async def test_a_reply_goes_to_its_caller_even_when_an_earlier_one_gave_up() -> None:
@@ -521,6 +558,28 @@ async def test_a_long_run_of_handlers_publishes_as_it_goes(
     assert ready == batches  # the rest goes once the loop turns
     assert await asyncio.gather(*confirms) == [Confirm.ACK] * 100
     assert queue_totals("/")[queue_name] == (100, 0)
+
+
+async def test_messages_sent_without_an_id_get_one_each(
+    driver: AmqpDriver, queue_name: str
+) -> None:
+    """Not every client sets message_id (luaq's logs, dead letters and retry counts need one);
+    luaq's own publishes take theirs from the same sequence, so none can be the same."""
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    publisher = await driver._publisher_channel()
+    sent = [publisher.publish(b"{}", queue_name, {}) for _ in range(3)]
+    assert await asyncio.gather(*sent) == [Confirm.ACK] * 3
+    ours = await driver.publish(queue, b"{}", {}, "application/json")
+    got: list[Delivery] = []
+
+    subscription = await driver.consume(queue, consumer_entry(queue), got.append)
+    await eventually(lambda: len(got) == 4)
+
+    assert got[3].id == ours
+    assert all(delivery.id for delivery in got)
+    assert len({delivery.id for delivery in got}) == 4
+    await subscription.close()
 
 
 async def test_a_message_no_queue_takes_is_not_found(driver: AmqpDriver, queue_name: str) -> None:

@@ -360,6 +360,10 @@ class AmqpSubscription(Subscription):
     def _on_message(
         self, tag: int, redelivered: bool, properties: dict[str, Any], body: bytes
     ) -> None:
+        if self._flush_scheduled:
+            # The acks of the last run of handlers go before this run's deliveries are read:
+            # the loop reads its sockets before it runs the callback that would send them.
+            self._flush()
         headers = headers_from(properties)
         delivery_count = headers.pop("x-delivery-count", None)
         if isinstance(delivery_count, int):
@@ -375,7 +379,7 @@ class AmqpSubscription(Subscription):
                 self.channel,
                 tag,
                 # another client may publish without an id; such a message gets a fresh one
-                properties.get("message_id") or uuid.uuid4().hex,
+                properties.get("message_id") or self.driver.ids.next(),
                 body,
                 headers,
                 properties.get("content_type") or "",
@@ -580,7 +584,7 @@ class AmqpDriver(Driver):
         self._publisher: Channel | None = None
         self._admin: Channel | None = None
         self._channel_lock = asyncio.Lock()
-        self._ids = MessageIds()
+        self.ids = MessageIds()  # of messages published, and of those that came without one
 
     @property
     def url(self) -> str:
@@ -744,7 +748,7 @@ class AmqpDriver(Driver):
     async def publish(
         self, queue: QueueEntry, body: bytes, headers: Mapping[str, Any], content_type: str
     ) -> str:
-        message_id = str(headers.get("message_id") or self._ids.next())
+        message_id = str(headers.get("message_id") or self.ids.next())
         return await self._publish(queue, body, headers, content_type, message_id)
 
     async def republish(self, queue: QueueEntry, delivery: Delivery, delay: float) -> None:
