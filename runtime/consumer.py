@@ -263,10 +263,13 @@ class Consumer:
             await self._ack(delivery)
         started = time.monotonic()
         outcome = await self._invoke(payload, delivery, self._settle_early_fn)
+        if outcome.verdict is Verdict.POISON and delivery.settled is None:
+            await self._give_up(delivery, "poison", outcome.error or "")
+            return
         stats.processed += 1
         stats.last_at = finished = time.monotonic()
         stats.durations.observe(finished - started)
-        failed = outcome.verdict is Verdict.FAIL
+        failed = outcome.verdict >= Verdict.FAIL
         if failed:
             stats.failed += 1
             # a kind a handler made up counts as UNKNOWN: the metric's labels stay bounded

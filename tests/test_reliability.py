@@ -243,14 +243,15 @@ def test_values_lua_has_no_value_for_neither_crash_nor_fail_the_worker(
 ) -> None:
     """What msgpack and JSON can carry beyond Lua's values, from another client: a NaN map key
     aborted the whole process (Lua cannot index a table with it), a big integer failed every
-    attempt with an internal error. Now numbers arrive as floats, and what has no Lua value at
-    all is poison."""
+    attempt with an internal error, data too deep for Lua failed every attempt. Now numbers
+    arrive as floats, and what has no Lua value at all is poison."""
     url = vhost_url(vhost)
     bodies = [
         (b'{"n": 1, "big": 18446744073709551616}', "application/json"),
         (msgpack.packb({"n": 2, math.nan: 1}), "application/msgpack"),
         (msgpack.packb({"n": 3, "t": msgpack.Timestamp(1_700_000_000, 0)}), "application/msgpack"),
         (msgpack.packb({"n": 4, "e": msgpack.ExtType(1, b"")}), "application/msgpack"),
+        (b'{"n": 5, "deep": ' + b"[" * 500 + b"]" * 500 + b"}", "application/json"),
     ]
     app = amqp_app(
         tmp_path / "app.yaml", url, 'function handle(p) assert(queue.publish("app:out", p)) end',
@@ -263,10 +264,12 @@ def test_values_lua_has_no_value_for_neither_crash_nor_fail_the_worker(
         {"n": 3, "t": 1_700_000_000.0},
     ]
     dead = asyncio.run(take_raw(url, "dlq"))
-    assert [message.headers["x_dead_letter_reason"] for message in dead] == ["poison"] * 2
+    assert [message.headers["x_dead_letter_reason"] for message in dead] == ["poison"] * 3
+    assert [message.headers["x_attempts"] for message in dead] == [1] * 3, "at once"
     errors = [str(message.headers["x_last_error"]) for message in dead]
     assert "map key nan" in errors[0], errors
     assert "extension type 1" in errors[1], errors
+    assert "nested deeper than 100 levels" in errors[2], errors
 
 
 def run_on_what_aio_pika_sent(

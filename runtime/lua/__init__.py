@@ -60,6 +60,7 @@ class Verdict(IntEnum):
     ACK = 0
     NACK = 1
     FAIL = 2
+    POISON = 3  # the message's data cannot be handed to the handler: no attempt can succeed
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +477,7 @@ class LuaRuntime:
                 self._abandon(invocation)
                 return OUT_OF_MEMORY
             except ConversionError as exc:  # (the payload: the handler did not start)
-                return Outcome(Verdict.FAIL, Kind.INVALID, f"the message's {exc.message}")
+                return Outcome(Verdict.POISON, Kind.INVALID, f"the message's {exc.message}")
             except Exception as exc:
                 # lupa failing to convert a result, a bug in luaq: this invocation fails, the
                 # worker does not.
