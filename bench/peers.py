@@ -37,7 +37,8 @@ last publish (0: it kept up), "cores_busy" what the publisher, the broker and th
 Then luaq runs each workload once more under py-spy, and "profile" shows where its process
 spent its time: the share of samples by innermost function and file ("Runner.run" there is the
 event loop's own C code, uvloop's socket reads and writes). The JSON also lists the targets the
-issue set, and those this run missed.
+issue set, and those this run missed; "missed_beyond_minimal" the missed ones over a peer that
+ask luaq for more than the minimal consumer, the broker's limit, carried in the same run.
 """
 
 from __future__ import annotations
@@ -1009,6 +1010,29 @@ def missed(ratios: dict[str, dict[str, float]], p99_ms: float) -> dict[str, floa
     return found
 
 
+def beyond_minimal(
+    rates: dict[str, dict[str, int]], found: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """The missed targets over a peer that ask luaq for more than the minimal consumer, the
+    broker's limit, carried on that workload in the same run: what a target needs, beside what
+    the bare client did."""
+    beyond = {}
+    for workload, by_peer in rates.items():
+        limit = by_peer.get("minimal")
+        for peer, target in TARGETS.items():
+            name = f"{workload} luaq/{peer}"
+            if limit is None or peer == "minimal" or name not in found:
+                continue
+            needed = target * by_peer[peer]
+            if needed > limit:
+                beyond[name] = {
+                    "needs_msg_per_s": round(needed),
+                    "minimal_msg_per_s": round(limit),
+                    "needs/minimal": round(needed / limit, 2),
+                }
+    return beyond
+
+
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -1067,6 +1091,7 @@ def main() -> None:
             "latency luaq p99_ms": f"< {P99_TARGET_MS}",
         }
         report["missed"] = missed(report["ratios"], report["latency"]["luaq"]["p99_ms"])
+        report["missed_beyond_minimal"] = beyond_minimal(report["msg_per_s"], report["missed"])
         if args.profile:
             report["profile"] = profile(bench)
         report["machine"]["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]

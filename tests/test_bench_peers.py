@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from broker import rabbitmqctl
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "peers.py"
@@ -54,6 +55,16 @@ def test_every_peer_runs_both_workloads_and_the_report_has_it_all() -> None:
 
     assert set(report["targets"]) >= {"consume luaq/minimal", "latency luaq p99_ms"}
     assert set(report["missed"]) <= set(report["targets"])
+    beyond = {
+        f"{workload} luaq/{peer}": 5.0 * rates[peer]
+        for workload, rates in report["msg_per_s"].items()
+        for peer in ("faststream", "dramatiq", "celery")
+        if f"{workload} luaq/{peer}" in report["missed"] and 5.0 * rates[peer] > rates["minimal"]
+    }
+    assert set(report["missed_beyond_minimal"]) == set(beyond), report
+    for name, figures in report["missed_beyond_minimal"].items():
+        assert figures["needs_msg_per_s"] == round(beyond[name]), figures
+        assert figures["needs_msg_per_s"] > figures["minimal_msg_per_s"], figures
     assert set(report["profile"]) == {"luaq consume", "luaq publish"}
     for profile in report["profile"].values():
         shares = profile["self_percent_by_file"].values()
@@ -68,3 +79,30 @@ def test_an_unknown_peer_is_refused_before_anything_runs() -> None:
     assert result.returncode == 2
     assert "--peers: no kafka among luaq, minimal, aio_pika" in result.stderr
     assert bench_vhosts() <= before
+
+
+def test_a_missed_target_beyond_the_minimal_consumer_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from peers import beyond_minimal
+
+    rates = {
+        "consume": {"luaq": 24_000, "minimal": 29_000, "dramatiq": 5_000, "celery": 7_000},
+        "publish": {"luaq": 11_700, "minimal": 11_750, "dramatiq": 2_960, "celery": 1_250},
+    }
+    found = {
+        "consume luaq/dramatiq": 4.8,  # 5 x 5,000 is under the minimal consumer's rate
+        "consume luaq/celery": 3.43,
+        "publish luaq/dramatiq": 3.95,
+    }
+    assert beyond_minimal(rates, found) == {
+        "consume luaq/celery": {
+            "needs_msg_per_s": 35_000, "minimal_msg_per_s": 29_000, "needs/minimal": 1.21,
+        },
+        "publish luaq/dramatiq": {
+            "needs_msg_per_s": 14_800, "minimal_msg_per_s": 11_750, "needs/minimal": 1.26,
+        },
+    }  # fmt: skip
+    without_minimal = {"publish": {"luaq": 1, "dramatiq": 1}}
+    assert beyond_minimal(without_minimal, {"publish luaq/dramatiq": 1.0}) == {}
