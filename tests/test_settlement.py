@@ -338,8 +338,8 @@ async def test_a_body_nested_deeper_than_lua_data_may_be_is_poison(
 ) -> None:
     """Deeper than the 100 levels luaq reads back from Lua: no attempt can succeed, so it is
     poison, set aside at once, and the handler never runs. It used to fail every attempt until
-    max_attempts (for ever without one), and beyond a few hundred levels with an internal
-    error and a traceback (RecursionError) each time."""
+    max_attempts, and beyond a few hundred levels with an internal error and a traceback
+    (RecursionError) each time."""
     app = await apps.start(
         'function handle(p) assert(queue.publish("out", {n = p.n})) end',
         in_queue={"dead_letter": {"max_attempts": 2}},
