@@ -33,14 +33,16 @@ FILENAME = f"{NAME}.yaml"
 
 _KEPT = {
     "type", "description", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength",
-    "minItems", "maxItems", "x-kubernetes-validations", "x-kubernetes-list-type",
+    "minItems", "maxItems", "minProperties", "maxProperties", "x-kubernetes-validations",
+    "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
 }  # fmt: skip
 _DROPPED = {"title", "additionalProperties", "default", "properties", "items", "required", "$defs"}
-_DURATION_RULE = (
-    "type(self) == int ? self >= 0 : string(self).matches('^\\\\s*[0-9]+(\\\\.[0-9]+)?"
-    "\\\\s*(ms|s|m|h)?\\\\s*$')"
-)
+# An int-or-string keeps the bounds of both branches: the API server checks `minimum` and
+# `maximum` on an integer and `pattern` and `maxLength` on a string, without a CEL rule (whose
+# cost it estimates from the largest value a field may hold).
+_NUMBER_BOUNDS = {"minimum", "maximum"}
+_STRING_BOUNDS = {"pattern", "maxLength"}
 
 
 class SchemaError(Exception):
@@ -69,11 +71,10 @@ def structural(node: Mapping[str, Any], defs: Mapping[str, Any], where: str = ""
                 "x-kubernetes-int-or-string": True,
                 **{k: v for k, v in outer.items() if k in _KEPT},
             }
-            if types == ["number", "string"]:  # a Duration
-                result["x-kubernetes-validations"] = [
-                    {"rule": _DURATION_RULE, "message": "a duration like 500ms, 10s, 1.5m, 1h"}
-                ]
-            if "default" in outer:
+            for option in options:
+                kept = _STRING_BOUNDS if option["type"] == "string" else _NUMBER_BOUNDS
+                result.update({k: v for k, v in option.items() if k in kept})
+            if outer.get("default") is not None:
                 result["default"] = int_or_string(outer["default"])
             return result
         raise SchemaError(f"{where or '.'}: cannot express anyOf {types} structurally")
@@ -119,11 +120,17 @@ def spec_schema() -> dict[str, Any]:
 
 
 # The name becomes the Service's `<name>-metrics` (a DNS-1035 label of at most 63 characters)
-# and a label value.
-NAME_RULE = {
-    "rule": "self.metadata.name.size() <= 55 && "
-    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-    "message": "name: at most 55 lowercase letters, digits and '-', starting with a letter",
+# and a label value. `name` is the one field of `metadata` a CRD's schema may restrict.
+METADATA = {
+    "type": "object",
+    "properties": {
+        "name": {
+            "type": "string",
+            "maxLength": 55,
+            "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$",
+            "description": "at most 55 lowercase letters, digits and '-', starting with a letter",
+        }
+    },
 }
 
 PRINTER_COLUMNS = [
@@ -170,11 +177,10 @@ def crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "Workers running a Lua handler on a queue.",
                             "required": ["spec"],
-                            "x-kubernetes-validations": [NAME_RULE],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "metadata": METADATA,
                                 "spec": spec_schema(),
                                 "status": _schema(QueueConsumerStatus),
                             },

@@ -12,10 +12,12 @@ import copy
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from luaq.runtime.entries import (
+    MANY,
     NAME_RE,
+    SHORT,
     Actor,
     AmqpDriverEntry,
     ConsumerDriverOptions,
@@ -28,10 +30,11 @@ from luaq.runtime.entries import (
     QueueEntry,
     Ref,
     Retry,
+    Short,
     TlsOptions,
     _Model,
 )
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 GROUP = "luaq.dev"
 VERSION = "v1alpha1"
@@ -48,31 +51,62 @@ def _like(model: type[_Model], name: str, **changes: Any) -> Any:
     return field
 
 
+# What the API server accepts as a ConfigMap's, Secret's or ServiceAccount's name (a DNS-1123
+# subdomain) and as a key of their data: a name given here can only ever be a name, never a
+# path into another namespace.
+ObjectName = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    ),
+]
+DataKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+]
+# A Kubernetes quantity (100m, 128Mi, 1.5Gi, 2), as resource requests and limits take it.
+Quantity = (
+    Annotated[int, Field(ge=0)]
+    | Annotated[
+        str,
+        StringConstraints(
+            max_length=64,
+            pattern=r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+            r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        ),
+    ]
+)
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+# An inline Lua source; a bigger one lives in a ConfigMap of its own (`sourceRef`).
+SOURCE_LENGTH = 256 * 1024
+
+
 class SecretKeyRef(_Model):
     """A key of a Secret in the QueueConsumer's namespace."""
 
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    name: ObjectName
+    key: DataKey
 
 
 class LocalObjectReference(_Model):
     """An object in the QueueConsumer's namespace, by name."""
 
-    name: str = Field(min_length=1)
+    name: ObjectName
 
 
 class ConfigMapKeyRef(_Model):
     """A key of a ConfigMap in the QueueConsumer's namespace."""
 
-    config_map_name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    config_map_name: ObjectName
+    key: DataKey
 
 
 class BrokerTls(_Model):
     """TLS to the broker; PEM material comes from Secrets (a `queue.driver.amqp` entry's tls)."""
 
     enabled: bool = _like(TlsOptions, "enabled")
-    server_name: str | None = _like(TlsOptions, "server_name")
+    server_name: Short | None = _like(TlsOptions, "server_name")
     insecure_skip_verify: bool = _like(TlsOptions, "insecure_skip_verify")
     ca_secret_ref: SecretKeyRef | None = None
     cert_secret_ref: SecretKeyRef | None = None
@@ -84,8 +118,8 @@ class Broker(_Model):
     Secret and reaches the pod as an environment variable."""
 
     url_secret_ref: SecretKeyRef
-    vhost: str | None = _like(AmqpDriverEntry, "vhost")
-    connection_name: str | None = _like(AmqpDriverEntry, "connection_name")
+    vhost: Short | None = _like(AmqpDriverEntry, "vhost")
+    connection_name: Short | None = _like(AmqpDriverEntry, "connection_name")
     heartbeat: Duration | None = _like(AmqpDriverEntry, "heartbeat")
     connection_timeout: Duration = _like(AmqpDriverEntry, "connection_timeout")
     reconnect_delay: Duration = _like(AmqpDriverEntry, "reconnect_delay")
@@ -125,8 +159,8 @@ class Autoscaling(_Model):
 
     min_replicas: int = Field(0, ge=0, le=1000)
     max_replicas: int = Field(ge=1, le=1000)
-    backlog_per_replica: int = Field(100, ge=1)
-    activation_backlog: int = Field(0, ge=0)
+    backlog_per_replica: int = Field(100, ge=1, le=2**31 - 1)
+    activation_backlog: int = Field(0, ge=0, le=2**31 - 1)
     cooldown_seconds: int = Field(300, ge=0, description="wait this long before scaling down")
 
     @model_validator(mode="after")
@@ -136,28 +170,25 @@ class Autoscaling(_Model):
         return self
 
 
-Quantity = int | str
-
-
 class Resources(_Model):
     """The container's resource requests and limits (quantities like 100m, 128Mi)."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
 
 
 class EnvVar(_Model):
     """An environment variable of the worker container (`valueFrom` as in a pod)."""
 
-    name: str = Field(min_length=1)
-    value: str | None = None
-    value_from: dict[str, Any] | None = None
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = Field(None, max_length=32768)
+    value_from: dict[str, Any] | None = Field(None, max_length=4)
 
 
 class Toleration(_Model):
-    key: str | None = None
+    key: str | None = Field(None, max_length=317)  # a label key: prefix/name
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
@@ -183,9 +214,13 @@ class QueueConsumerSpec(_Model):
     )
 
     # the consumer, as in an entries file
-    id_namespace: str = Field("app", pattern=NAME_RE.pattern, description=_ID_NAMESPACE)
+    id_namespace: str = Field(
+        "app", pattern=NAME_RE.pattern, max_length=SHORT, description=_ID_NAMESPACE
+    )
     queue: Ref = Field(description="the queue to consume, one of `queues`")
-    method: str = Field(min_length=1, description="the Lua function that handles a message")
+    method: str = Field(
+        min_length=1, max_length=SHORT, description="the Lua function that handles a message"
+    )
     func: Ref | None = Field(
         None, description="id of the function entry (keeps the id the entries file gave it)"
     )
@@ -195,29 +230,37 @@ class QueueConsumerSpec(_Model):
     auto_ack: bool = _like(ConsumerEntry, "auto_ack")
     retry: Retry | None = None
     driver_options: ConsumerDriverOptions = _like(ConsumerEntry, "driver_options")
-    source: str | None = Field(None, min_length=1, description="the Lua source, inline")
+    source: str | None = Field(
+        None, min_length=1, max_length=SOURCE_LENGTH, description="the Lua source, inline"
+    )
     source_ref: ConfigMapKeyRef | None = Field(None, description="the Lua source, from a ConfigMap")
     broker: Broker
     queues: tuple[QueueSpec, ...] = Field(
-        min_length=1, description="the queues it declares; the only ones it may publish to"
+        min_length=1,
+        max_length=MANY,
+        description="the queues it declares; the only ones it may publish to",
     )
     policies: tuple[PolicyRule, ...] = Field(
-        (), description="security.policy rules; when given, they alone decide what it may publish"
+        (),
+        max_length=MANY,
+        description="security.policy rules; when given, they alone decide what it may publish",
     )
     actor: Actor | None = Field(None, description="who its handler acts as (default: itself)")
     # the pods
     replicas: int = Field(1, ge=0, le=1000, description="pods, unless autoscaling is set")
     processes: int = Field(1, ge=1, le=64, description="worker processes per pod")
     autoscaling: Autoscaling | None = None
-    image: str | None = Field(None, min_length=1, description="default: the operator's")
+    image: str | None = Field(
+        None, min_length=1, max_length=512, description="default: the operator's"
+    )
     resources: Resources | None = None
-    env: tuple[EnvVar, ...] = ()
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
-    affinity: dict[str, Any] | None = None
-    service_account_name: str | None = None
+    env: tuple[EnvVar, ...] = Field((), max_length=128)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    tolerations: tuple[Toleration, ...] = Field((), max_length=64)
+    affinity: dict[str, Any] | None = Field(None, max_length=3)
+    service_account_name: ObjectName | None = None
     image_pull_secrets: tuple[LocalObjectReference, ...] = Field(
-        (), description="Secrets in this namespace to pull the image with, as in a pod"
+        (), max_length=16, description="Secrets in this namespace to pull the image with"
     )
 
     @model_validator(mode="after")
@@ -318,9 +361,11 @@ def _problem(error: Mapping[str, Any]) -> str:
 class StatusCondition(_Model):
     type: Literal["Ready", "Progressing", "Degraded"]
     status: Literal["True", "False", "Unknown"]
-    reason: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
-    message: str = ""
-    last_transition_time: str = Field(description="RFC 3339 time of the last status change")
+    reason: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: str = Field(
+        max_length=64, description="RFC 3339 time of the last status change"
+    )
     observed_generation: int | None = None
 
 
@@ -331,11 +376,14 @@ class QueueConsumerStatus(_Model):
     replicas: int = Field(0, description="pods of the worker Deployment")
     ready_replicas: int = 0
     desired_replicas: int | None = Field(None, description="what spec or the autoscaler asks")
-    selector: str | None = Field(None, description="label selector of the pods, for scaling")
+    selector: str | None = Field(
+        None, max_length=4096, description="label selector of the pods, for scaling"
+    )
     backlog: int | None = Field(None, description="ready messages in the queue (autoscaling)")
-    last_scale_time: str | None = None
+    last_scale_time: str | None = Field(None, max_length=64)
     conditions: tuple[StatusCondition, ...] = Field(
         (),
+        max_length=8,
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],

@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -33,8 +34,18 @@ from pydantic import (
 VERSION = "1.0"
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
+# Bounds on the strings and lists an entry holds, far beyond any real use: they cap what one
+# entry weighs, and so what a QueueConsumer (whose CRD is generated from these models) may
+# weigh, and they let the Kubernetes API server estimate the cost of its validation rules.
+SHORT = 255  # an AMQP short string: queue names, consumer tags, virtual hosts
+MANY = 100  # list items: policies, their patterns and conditions
+Short = Annotated[str, StringConstraints(max_length=SHORT)]
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+_DURATION_LENGTH = 32
 
 
 def parse_duration(value: Any) -> float:
@@ -43,7 +54,11 @@ def parse_duration(value: Any) -> float:
         raise ValueError("expected a duration like 10s, 500ms, 1h")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+    elif (
+        isinstance(value, str)
+        and len(value) <= _DURATION_LENGTH
+        and (match := _DURATION_RE.match(value))
+    ):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError(f"expected a duration like 10s, 500ms, 1h, got {value!r}")
@@ -61,6 +76,8 @@ def _check_id(value: str) -> str:
     parts = value.split(":")
     if len(parts) != 2 or not all(NAME_RE.match(part) for part in parts):
         raise ValueError(f"{value!r} is not a valid id (expected name or namespace:name)")
+    if max(map(len, parts)) > SHORT:
+        raise ValueError(f"{value[:40]}...: a name has at most {SHORT} characters")
     return value
 
 
@@ -77,7 +94,7 @@ Duration = Annotated[
         {
             "anyOf": [
                 {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": _DURATION_RE.pattern},
+                {"type": "string", "pattern": _DURATION_RE.pattern, "maxLength": _DURATION_LENGTH},
             ],
             "description": "seconds, or a duration like 500ms, 10s, 1.5m, 1h",
         }
@@ -90,6 +107,7 @@ Ref = Annotated[
         {
             "type": "string",
             "pattern": rf"^({NAME_RE.pattern[1:-1]}:)?{NAME_RE.pattern[1:-1]}$",
+            "maxLength": 2 * SHORT + 1,
             "description": "an id, namespace:name, or a bare name in the file's namespace",
         }
     ),
@@ -152,7 +170,7 @@ class TlsOptions(_Model):
     """PEM material inline, as file://path, or from ${env:NAME}."""
 
     enabled: bool = False
-    server_name: str | None = None
+    server_name: Short | None = None
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -164,8 +182,8 @@ class AmqpDriverEntry(_DriverEntry):
 
     kind: Literal["queue.driver.amqp"]
     url: str = "amqp://guest:guest@localhost:5672/"
-    vhost: str | None = None
-    connection_name: str | None = None
+    vhost: Short | None = None
+    connection_name: Short | None = None
     heartbeat: Duration | None = None
     connection_timeout: Duration = 10.0  # also bounds every other wait on the broker
     # how long a publish may wait for the link, a blocking broker and its confirm
@@ -255,7 +273,7 @@ class Retry(_Model):
 class QueueEntry(_Entry):
     kind: Literal["queue.queue"]
     driver: Ref
-    queue_name: str | None = Field(None, min_length=1)
+    queue_name: str | None = Field(None, min_length=1, max_length=SHORT)
     codec: Literal["json/plain", "application/msgpack"] = "json/plain"
     dead_letter: DeadLetter | None = None
     retry: Retry | None = None
@@ -303,12 +321,12 @@ class _LuaSource(_Model):
 class FunctionEntry(_Entry, _LuaSource):
     kind: Literal["function.lua"]
     source: str = Field(min_length=1)
-    method: str = Field(min_length=1)
-    modules: tuple[Module, ...] = Field(DEFAULT_MODULES, strict=False)
+    method: str = Field(min_length=1, max_length=SHORT)
+    modules: tuple[Module, ...] = Field(DEFAULT_MODULES, strict=False, max_length=MANY)
 
 
 class ConsumerAmqpOptions(_Model):
-    consumer_tag: str | None = None
+    consumer_tag: Short | None = None
     exclusive: bool = False
 
 
@@ -320,19 +338,20 @@ Operator = Literal[
     "eq", "ne", "lt", "gt", "lte", "gte", "in", "nin", "exists", "nexists",
     "contains", "ncontains", "matches", "nmatches",
 ]  # fmt: skip
-Patterns = Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)]
+Patterns = Annotated[
+    tuple[Short, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)
+]
+_FIELD = r"^(actor\.id|actor\.meta\..+|action|resource|meta\..+)$"
 
 
 class Condition(_Model):
     """`field` (actor.id, actor.meta.*, action, resource, meta.*) compared with `value`, or
     with another field named by `value_from`."""
 
-    field: str = Field(pattern=r"^(actor\.id|actor\.meta\..+|action|resource|meta\..+)$")
+    field: str = Field(pattern=_FIELD, max_length=SHORT)
     operator: Operator
     value: Any = None
-    value_from: str | None = Field(
-        None, pattern=r"^(actor\.id|actor\.meta\..+|action|resource|meta\..+)$"
-    )
+    value_from: str | None = Field(None, pattern=_FIELD, max_length=SHORT)
 
     @model_validator(mode="after")
     def _operand(self) -> Condition:
@@ -354,10 +373,10 @@ class Condition(_Model):
 
 
 class PolicyRule(_Model):
-    actions: Patterns = Field(strict=False, min_length=1)
-    resources: Patterns = Field(("*",), strict=False, min_length=1)
+    actions: Patterns = Field(strict=False, min_length=1, max_length=MANY)
+    resources: Patterns = Field(("*",), strict=False, min_length=1, max_length=MANY)
     effect: Literal["allow", "deny"]
-    conditions: tuple[Condition, ...] = Field((), strict=False)
+    conditions: tuple[Condition, ...] = Field((), strict=False, max_length=MANY)
 
 
 class PolicyEntry(_Entry):
@@ -369,8 +388,8 @@ class PolicyEntry(_Entry):
 
 
 class Actor(_Model):
-    id: str = Field(min_length=1)
-    meta: dict[str, Any] = {}
+    id: str = Field(min_length=1, max_length=SHORT)
+    meta: dict[str, Any] = Field(default_factory=dict, max_length=MANY)
 
 
 class ConsumerSecurity(_Model):
@@ -383,8 +402,8 @@ class ConsumerEntry(_Entry, _LuaSource):
     kind: Literal["queue.consumer"]
     queue: Ref
     func: Ref | None = None
-    method: str | None = Field(None, min_length=1)
-    modules: tuple[Module, ...] = Field(DEFAULT_MODULES, strict=False)
+    method: str | None = Field(None, min_length=1, max_length=SHORT)
+    modules: tuple[Module, ...] = Field(DEFAULT_MODULES, strict=False, max_length=MANY)
     concurrency: int = Field(1, ge=1, le=1000)
     prefetch: int = Field(10, ge=1, le=10_000)
     auto_ack: bool = False

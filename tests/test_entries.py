@@ -579,16 +579,31 @@ def test_amqp_queue_names_the_broker_would_refuse(
     assert len(problems) == 1
 
 
-def test_the_longest_amqp_queue_name_and_any_memory_one_pass(
+def test_the_longest_amqp_queue_name_and_a_longer_memory_one_pass(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     amqp = {"name": "rabbit", "kind": "queue.driver.amqp", "url": "amqp://localhost/"}
     longest = queue("far", "rabbit", queue_name="q" * 226)
     path = write_entries(
-        tmp_path / "app.yaml", app(amqp, longest, queue("near", queue_name="q" * 300))
+        tmp_path / "app.yaml", app(amqp, longest, queue("near", queue_name="q" * 255))
     )
 
     assert luaq(capsys, "check", path).code == 0
+
+
+def test_names_and_lists_have_bounds_no_one_reaches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bounds the QueueConsumer CRD carries (so the API server can cost its rules) are the
+    entries file's own: `luaq check` refuses what the API server would."""
+    too_long = queue("near", queue_name="q" * 256)
+    long_id = consumer("w" * 256)
+    path = write_entries(tmp_path / "app.yaml", app(too_long, long_id))
+
+    problems = rejected(luaq(capsys, "check", path))
+
+    assert_problem(problems, path, "app:near", "queue_name", "at most 255 characters")
+    assert any("a name has at most 255 characters" in p for p in problems), problems
 
 
 def test_reference_to_the_wrong_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
