@@ -610,7 +610,7 @@ async def test_amqp_entries_with_env_and_durations_are_valid(
                 default_message_ttl=30,
                 prefetch_count=50,
             ),
-            amqp_queue("jobs", jobs, driver_options={"amqp": {"message_ttl": "500ms"}}),
+            amqp_queue("jobs", jobs, driver_options={"amqp": {"message_ttl": "2.5m"}}),
         ],
     )
     env = {"LUAQ_TEST_URL": AMQP_URL, "LUAQ_TEST_NAME": "e2e"}
