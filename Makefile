@@ -5,12 +5,21 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench crds dashboards constraints clean
 
-$(BIN)/.installed: pyproject.toml
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+$(BIN)/python:
 	cd / && $(PYTHON) -m venv $(CURDIR)/$(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+
+# The runtime alone (`make demo`), and everything the suite and the tools need.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
 	touch $@
 
-demo: $(BIN)/.installed  ## run the email example on the in-memory driver
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+demo: $(VENV)/.runtime  ## run the email example on the in-memory driver
 	$(BIN)/luaq run examples/email/app.yaml --input examples/email/messages.jsonl --until-idle
 
 # mypy sees the sources under their import names (luaq.runtime, luaq.operator) through links.
@@ -21,19 +30,20 @@ $(TYPECHECK)/luaq:
 	ln -sfn $(CURDIR)/runtime $@/runtime
 	ln -sfn $(CURDIR)/operator $@/operator
 
-lint: $(BIN)/.installed $(TYPECHECK)/luaq
+lint: $(VENV)/.test $(TYPECHECK)/luaq
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p luaq.runtime -p luaq.operator
 	$(BIN)/mypy dashboards
 
-test: lint  ## lint, type-check and run the whole suite
+test: lint  ## lint, type-check, start RabbitMQ (installing it and prometheus if missing), run the suite
+	tests/services.sh
 	$(BIN)/pytest
 
-crds: $(BIN)/.installed  ## write the CRDs from the models (luaq.operator.resource): crds/ and the chart's
+crds: $(VENV)/.test  ## write the CRDs from the models (luaq.operator.resource): crds/ and the chart's
 	$(BIN)/python -m luaq.operator.crd crds charts/luaq/crds
 
-dashboards: $(BIN)/.installed  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
+dashboards: $(VENV)/.test  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
 	$(BIN)/python dashboards/luaq_dashboard.py
 
 # The image's dependencies (Dockerfile), pinned: what `.[operator]` resolves to today.
@@ -46,7 +56,7 @@ constraints:  ## re-pin constraints.txt to the newest versions pyproject.toml al
 	  $(PINNING)/bin/pip freeze --exclude luaq; } > constraints.txt
 	rm -rf $(PINNING)
 
-bench: $(BIN)/.installed
+bench: $(VENV)/.test
 	$(BIN)/python bench/memory.py
 
 clean:
