@@ -1,4 +1,9 @@
-"""`luaq-operator`: run the operator. Every flag can also be set as LUAQ_OPERATOR_<FLAG>."""
+"""`luaq-operator`: run the operator. Every flag can also be set as LUAQ_OPERATOR_<FLAG>.
+
+kopf and the Kubernetes client come with the `operator` extra: they are imported when the
+operator starts, not with this module, so that without them `luaq-operator` says what to
+install instead of a traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import kopf
-
-from .handlers import Operator, registry
 from .settings import DEFAULT_IMAGE, OperatorSettings
 
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# What the `operator` extra installs, by import name.
+_OPERATOR_EXTRA = ("kopf", "kubernetes")
+EXIT_NOT_INSTALLED = 2  # luaq's code for a configuration error: nothing ran
 
 
 def _env(name: str, default: Any) -> Any:
@@ -37,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luaq-operator",
         description="Run the luaq operator: QueueConsumer resources become worker Deployments.",
+        epilog="It needs the operator extra (pip install 'luaq[operator]'); without it, it "
+        f"exits with {EXIT_NOT_INSTALLED}.",
     )
     namespaces = _env("namespace", "")
     parser.add_argument(
@@ -107,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> OperatorSettings:
+    # The pod's name, else the host's: never the user's, which a container's uid may not have.
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return OperatorSettings(
         image=args.image,
@@ -123,6 +131,20 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        import kopf
+        from kopf._core.engines.peering import Identity  # kopf.run's type, not exported
+
+        from .handlers import Operator, registry
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _OPERATOR_EXTRA:
+            raise
+        print(
+            f"luaq-operator: {exc.name} is not installed; install the operator with "
+            "pip install 'luaq[operator]'",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_INSTALLED
     settings = settings_from(args)
     kopf.configure(
         verbose=args.log_level == "debug",
@@ -137,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=liveness,
+        # else kopf names itself after the user from the passwd database, which has no entry
+        # for the image's uid (KeyError at start-up)
+        identity=Identity(settings.identity),
     )
     return 0
 

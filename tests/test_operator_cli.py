@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
+import pytest
 from conftest import eventually
 from kube_fixtures import Cluster, apply, namespace
 from processes import free_port
@@ -70,3 +71,19 @@ def test_the_help_names_every_flag() -> None:
     assert done.returncode == 0
     for flag in ("--namespace", "--image", "--metrics-port", "--health-port", "--lease-name"):
         assert flag in done.stdout
+
+
+@pytest.mark.parametrize("missing", ["kopf", "kubernetes"])
+def test_without_the_operator_extra_it_says_what_to_install(tmp_path: Path, missing: str) -> None:
+    # `pip install luaq` without the extra: the module cannot be imported
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{missing!r}] = None\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [str(OPERATOR)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"luaq-operator: {missing} is not installed; install the operator with "
+        "pip install 'luaq[operator]'"
+    ]
