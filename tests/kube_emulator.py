@@ -12,6 +12,7 @@ and server-side tables with a CRD's printer columns, for `kubectl get`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import re
@@ -25,9 +26,138 @@ from typing import Any
 
 import attrs
 import kmock
-from kmock._internal import apps, rendering
+from kmock._internal import apps, parsing, rendering
 
 Body = dict[str, Any]
+
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads `/api/v1/namespaces` and `/api/v1/namespaces/NAME` as paths inside a
+    namespace (and fails on the first): they are the cluster-scoped namespaces resource."""
+    parts = path.strip("/").split("/")
+    subresource = len(parts) == 5 and parts[4] in ("status", "finalize")
+    if parts[:3] == ["api", "v1", "namespaces"] and (len(parts) <= 4 or subresource):
+        name = parts[3] if len(parts) > 3 else None
+        return parsing.ParsedPath(
+            "", "v1", "namespaces", None, name, parts[4] if subresource else None
+        )
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path
+
+
+# kubectl 1.37 sends the objects of its `create` subcommands (namespace, secret, configmap) in
+# Kubernetes' protobuf encoding, and a real API server reads them. These are the fields of those
+# kinds that kubectl fills in, by field number (k8s.io/api's generated.proto); a non-empty field
+# not listed here is refused with 415, so a test never sees part of what was sent.
+PROTOBUF = "application/vnd.kubernetes.protobuf"
+_STRINGS = ("map", str)
+_OBJECT_META = {
+    1: ("name", str),
+    2: ("generateName", str),
+    3: ("namespace", str),
+    11: ("labels", _STRINGS),
+    12: ("annotations", _STRINGS),
+}
+_PROTO_KINDS: dict[str, dict[int, tuple[str, Any]]] = {
+    "Namespace": {1: ("metadata", _OBJECT_META)},
+    "Secret": {
+        1: ("metadata", _OBJECT_META),
+        2: ("data", ("map", bytes)),
+        3: ("type", str),
+        4: ("stringData", _STRINGS),
+        5: ("immutable", bool),
+    },
+    "ConfigMap": {
+        1: ("metadata", _OBJECT_META),
+        2: ("data", _STRINGS),
+        3: ("binaryData", ("map", bytes)),
+        4: ("immutable", bool),
+    },
+}
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """A protobuf message's fields in order: varints as ints, length-delimited ones as bytes."""
+    found: list[tuple[int, int | bytes]] = []
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        if key & 7 == 0:
+            value, at = _varint(data, at)
+            found.append((key >> 3, value))
+        elif key & 7 == 2:
+            size, at = _varint(data, at)
+            found.append((key >> 3, data[at : at + size]))
+            at += size
+        else:
+            raise ValueError(f"wire type {key & 7}")
+    return found
+
+
+def _empty(value: int | bytes) -> bool:
+    if not value:
+        return True
+    try:
+        return isinstance(value, bytes) and all(_empty(v) for _, v in _fields(value))
+    except (ValueError, IndexError):
+        return False
+
+
+def _message(data: bytes, schema: Mapping[int, tuple[str, Any]], where: str) -> Body:
+    body: Body = {}
+    for number, value in _fields(data):
+        if number not in schema:
+            if not _empty(value):
+                raise ValueError(f"{where}: field {number} is not emulated")
+            continue
+        name, kind = schema[number]
+        if isinstance(kind, dict):
+            assert isinstance(value, bytes)
+            body[name] = _message(value, kind, f"{where}.{name}")
+        elif isinstance(kind, tuple):  # a map<string, T>: repeated entries of key 1, value 2
+            assert isinstance(value, bytes)
+            entry = dict(_fields(value))
+            key, item = bytes(entry.get(1, b"")).decode(), entry.get(2, b"")
+            assert isinstance(item, bytes)
+            body.setdefault(name, {})[key] = (
+                base64.b64encode(item).decode() if kind[1] is bytes else item.decode()
+            )
+        elif kind is bool:
+            body[name] = bool(value)
+        elif value:
+            assert isinstance(value, bytes)
+            body[name] = value.decode()
+    return body
+
+
+def from_protobuf(data: bytes) -> Body:
+    """A built-in object in Kubernetes' protobuf envelope (`k8s\\0`, then runtime.Unknown with
+    the type and the raw object) as the JSON body the API server would have read."""
+    if not data.startswith(b"k8s\x00"):
+        raise ValueError("no k8s protobuf magic")
+    envelope = dict(_fields(data[4:]))
+    type_meta = dict(_fields(bytes(envelope.get(1, b""))))
+    api_version = bytes(type_meta.get(1, b"")).decode()
+    kind = bytes(type_meta.get(2, b"")).decode()
+    if kind not in _PROTO_KINDS:
+        raise ValueError(f"{kind} is not emulated in protobuf")
+    raw = envelope.get(2, b"")
+    assert isinstance(raw, bytes)
+    return {"apiVersion": api_version, "kind": kind, **_message(raw, _PROTO_KINDS[kind], kind)}
 
 
 @dataclass(frozen=True)
@@ -212,15 +342,51 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
     _kinds: dict[kmock.resource, Kind] = attrs.field(factory=dict, init=False)
     _watchers: dict[kmock.resource, _Watchers] = attrs.field(factory=dict, init=False)
     _version: int = attrs.field(default=0, init=False)
+    # As the API server's NamespaceLifecycle admission: objects go only into namespaces that
+    # exist. Off unless a test asks, since most tests make up namespaces by name alone.
+    namespace_lifecycle: bool = False
 
     async def _handle(self, request: rendering.Request) -> Any:
         """Registered resources are served here, straight (kmock's routing looks through every
         past request for each new one, too slow for hundreds of objects); the rest, discovery
         mostly, goes through kmock's routing (not its emulator's bookkeeping of writes)."""
         serve = self._server_of(request)
+        if serve is None and request.url.path.startswith("/openapi/v3"):
+            serve = self._serve_openapi
         if serve is None:
             return await apps.RawHandler._handle(self, request)
         return await rendering.Response(payload=serve)(request)
+
+    async def _serve_openapi(self, request: rendering.Request) -> Body:
+        """The part of the OpenAPI v3 documents kubectl reads before it leaves the validation
+        of fields to the server (`fieldValidation`, its default): per group-version, the PATCH
+        of each resource, its kind, and that parameter. Without them kubectl validates with a
+        downloaded schema, and fails here without `--validate=false`."""
+        versions: dict[str, list[Kind]] = {}
+        for kind in self._kinds.values():
+            group, version = kind.resource.group, kind.resource.version
+            versions.setdefault(
+                f"apis/{group}/{version}" if group else f"api/{version}", []
+            ).append(kind)
+        path = request.url.path.removeprefix("/openapi/v3").strip("/")
+        if not path:
+            return {"paths": {p: {"serverRelativeURL": f"/openapi/v3/{p}"} for p in versions}}
+        if path not in versions:
+            raise kmock.KubernetesResourceNotFoundError()
+        paths = {}
+        for kind in versions[path]:
+            scope = "/namespaces/{namespace}" if kind.namespaced else ""
+            gvk = {"group": kind.resource.group or "", "version": kind.resource.version,
+                   "kind": kind.kind}  # fmt: skip
+            parameter = {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+            paths[f"/{path}{scope}/{kind.resource.plural}/{{name}}"] = {
+                "patch": {"x-kubernetes-group-version-kind": gvk, "parameters": [parameter]}
+            }
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "v1"},
+            "paths": paths,
+        }
 
     def _server_of(self, request: rendering.Request) -> Any:
         if request.resource is None or request.resource not in self._kinds:
@@ -319,6 +485,15 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
 
     # -- serving ---------------------------------------------------------------------------------
 
+    def _namespace_exists(self, namespace: str) -> bool:
+        """Those of every cluster, and those created."""
+        if namespace in ("default", "kube-system", "kube-public", "kube-node-lease"):
+            return True
+        return any(
+            key[0].plural == "namespaces" and key[2] == namespace and not obj.deleted
+            for key, obj in self._objects.items()
+        )
+
     def _kind(self, request: rendering.Request) -> Kind:
         assert request.resource is not None
         for resource, kind in self._kinds.items():
@@ -357,6 +532,13 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
     async def _serve_create(self, request: rendering.Request) -> Body:
         kind = self._kind(request)
         obj: Body = copy.deepcopy(request.data or {})
+        if request.headers.get("Content-Type", "").startswith(PROTOBUF):
+            try:
+                obj = from_protobuf(request.body)
+            except ValueError as exc:
+                raise kmock.KubernetesError(
+                    status=415, reason="UnsupportedMediaType", message=str(exc)
+                ) from None
         meta = obj.setdefault("metadata", {})
         if not meta.get("name"):
             if not meta.get("generateName"):
@@ -374,6 +556,10 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
                     status=400, reason="BadRequest", message="namespace mismatch"
                 )
             meta["namespace"] = namespace
+            if self.namespace_lifecycle and not self._namespace_exists(namespace):
+                raise kmock.KubernetesError(
+                    status=404, reason="NotFound", message=f'namespaces "{namespace}" not found'
+                )
         key = (kind.resource, meta.get("namespace"), meta["name"])
         if key in self._objects and not self._objects[key].deleted:
             raise kmock.KubernetesError(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kube_emulator import matches_labels
-from kube_fixtures import Cluster
+from kube_fixtures import EXAMPLES, Cluster, kubectl
 from kubernetes.client.exceptions import ApiException
 from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS
 
@@ -208,3 +211,30 @@ async def test_tables_carry_the_printer_columns(cluster: Cluster) -> None:
         "Age",
     ]
     assert table["rows"][0]["cells"][:2] == ["q", "app:x"]
+
+
+async def test_kubectl_create_in_protobuf_and_apply_with_server_side_validation(
+    cluster: Cluster, kubectl_binary: Path
+) -> None:
+    """kubectl's `create` subcommands send protobuf; `apply` reads the OpenAPI v3 documents to
+    leave field validation to the server. And objects go only into namespaces that exist."""
+    cluster.emulator.namespace_lifecycle = True
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [str(kubectl_binary), "--kubeconfig", str(cluster.kubeconfig), "create", "secret",
+         "generic", "s", "--namespace", "shop", "--from-literal=url=amqp://x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert 'namespaces "shop" not found' in refused.stderr
+    await kubectl(kubectl_binary, cluster, "create", "namespace", "shop")
+    await kubectl(kubectl_binary, cluster, "create", "secret", "generic", "s", "--namespace",
+                  "shop", "--from-literal=url=amqp://x", "--from-literal=empty=")  # fmt: skip
+    await kubectl(kubectl_binary, cluster, "apply", "--namespace", "shop", "-f", str(EXAMPLES))
+    secret = cluster.get("secrets", "shop", "s")
+    assert secret is not None
+    assert secret["data"] == {"url": base64.b64encode(b"amqp://x").decode(), "empty": ""}
+    namespace = cluster.get("namespaces", None, "shop")
+    assert namespace is not None
+    assert namespace["metadata"]["name"] == "shop"
+    assert cluster.get("queueconsumers", "shop", "email-worker") is not None
