@@ -221,7 +221,7 @@ def test_the_build_context_is_the_package_and_nothing_else() -> None:
     ).stdout.split()  # fmt: skip
     assert set(tracked) <= set(context)  # nothing the package needs is left out
     others = {name for name in context if not name.startswith(("runtime/", "operator/"))}
-    assert others == {"constraints.txt", "pyproject.toml", "README.md"}
+    assert others == {"constraints.txt", "pyproject.toml", "README.md", "LICENSE"}
     assert not [name for name in context if "__pycache__" in name or name.endswith(".pyc")]
 
 
@@ -239,14 +239,18 @@ def test_the_dockerignore_matcher_keeps_out_what_docker_would() -> None:
     ]
     for path in kept_out:
         assert ignored(path, patterns), path
-    for path in ("runtime/cli.py", "operator/lua/x.lua", "README.md", "constraints.txt"):
+    for path in ("runtime/cli.py", "operator/lua/x.lua", "README.md", "LICENSE", "constraints.txt"):
         assert not ignored(path, patterns), path
 
 
 def test_the_image_is_slim_pinned_non_root_and_compiles_nothing() -> None:
     assert BUILD.name == "build"
     assert FINAL.base == BUILD.base  # the venv's python is the base image's
-    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", BUILD.base), BUILD.base
+    # a patch release of the slim image, pinned by digest: a tag can be pushed again, a digest not
+    for stage in STAGES:
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+@sha256:[0-9a-f]{64}", stage.base), (
+            stage.base
+        )
     (user,) = FINAL.args("USER")
     assert re.fullmatch(r"[1-9]\d*:\d+", user), "a numeric, non-root USER"
     assert not FINAL.args("RUN"), "the final stage only copies the built venv"
@@ -264,19 +268,51 @@ def test_the_image_runs_luaq_by_default_as_the_workers_deployment_does(image: Im
     assert image.command == container["command"]
 
 
+def installed(image: Image, cwd: Path) -> dict[str, str]:
+    """The distributions in the image's venv, name to version (the venv has no pip to ask)."""
+    listed = image.run(
+        "python", "-c",
+        "import importlib.metadata as m\n"
+        "for d in m.distributions(): print(d.metadata['Name'], d.version)",
+        cwd=cwd,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    return dict(line.split(" ", 1) for line in listed.stdout.splitlines())
+
+
 def test_every_installed_distribution_is_pinned_by_the_constraints(
     image: Image, tmp_path: Path
 ) -> None:
-    frozen = image.run("pip", "freeze", "--exclude", "luaq", cwd=tmp_path)
-    assert frozen.returncode == 0, frozen.stderr
+    distributions = installed(image, tmp_path)
+    assert distributions.pop("luaq") == VERSION
     pinned = [
         line
         for line in (ROOT / "constraints.txt").read_text().splitlines()
         if line and not line.startswith("#")
     ]
-    assert sorted(frozen.stdout.lower().split()) == sorted(p.lower() for p in pinned), (
+    frozen = [f"{name}=={version}" for name, version in distributions.items()]
+    assert sorted(f.lower() for f in frozen) == sorted(p.lower() for p in pinned), (
         "constraints.txt is stale: run `make constraints`"
     )
+
+
+def test_the_venv_carries_no_installer_and_the_license(image: Image, tmp_path: Path) -> None:
+    """pip, setuptools and wheel stay in the build stage; the package's dist-info has the
+    LICENSE, so the wheel built there had it."""
+    assert not {"pip", "setuptools", "wheel"} & set(installed(image, tmp_path))
+    (site_packages,) = image.venv.glob("lib/python3*/site-packages")
+    patterns = ["pip*", "setuptools*", "wheel*", "*distutils*"]
+    leftovers = [
+        *(path for pattern in patterns for path in site_packages.glob(pattern)),
+        *image.venv.glob("bin/pip*"),
+        *image.venv.glob("bin/wheel"),
+    ]
+    assert not leftovers
+    imported = image.run("python", "-c", "import pip", cwd=tmp_path)
+    assert imported.returncode != 0, "the image's python imports pip"
+    licenses = list(site_packages.glob("luaq-*.dist-info/licenses/LICENSE"))
+    assert licenses, "the build stage made a wheel without the LICENSE: COPY it"
+    assert [path.read_bytes() for path in licenses] == [(ROOT / "LICENSE").read_bytes()]
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
