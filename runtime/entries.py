@@ -207,15 +207,20 @@ class AmqpDriverEntry(_DriverEntry):
     def _check(self) -> AmqpDriverEntry:
         if not self.url.startswith(("amqp://", "amqps://")):
             raise ValueError("url: must start with amqp:// or amqps://")
-        parts = urlsplit(self.url)
+        # The URL holds a password: no message quotes any part of it.
         try:
+            parts = urlsplit(self.url)
             parts.port  # noqa: B018 - parsing it is the check
-        except ValueError as exc:
-            raise ValueError(f"url: {exc}") from None
-        if parts.query:
+        except ValueError:
             raise ValueError(
-                f"url: query parameters ({parts.query}) are not read; use the entry's fields "
-                "(heartbeat, connection_timeout, connection_name, tls, ...)"
+                "url: cannot be read as amqp://user:password@host:port/vhost (a '/', '?', '#' "
+                "or '@' in the user or password must be percent-encoded, as %2F, %3F, %23, %40)"
+            ) from None
+        if parts.query or parts.fragment:
+            raise ValueError(
+                "url: query parameters are not read; use the entry's fields (heartbeat, "
+                "connection_timeout, connection_name, tls, ...), and percent-encode a '?' or "
+                "'#' in the password"
             )
         if self.reconnect_max_delay < self.reconnect_delay:
             raise ValueError("reconnect_max_delay: must not be less than reconnect_delay")

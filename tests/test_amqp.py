@@ -633,6 +633,14 @@ async def test_amqp_entries_with_env_and_durations_are_valid(
     assert await rabbit.depth(jobs) == 1
 
 
+UNREADABLE_URL = (
+    "url: cannot be read as amqp://user:password@host:port/vhost (a '/', '?', '#' or '@' in the "
+    "user or password must be percent-encoded, as %2F, %3F, %23, %40)"
+)
+QUERY_URL = (
+    "url: query parameters are not read; use the entry's fields (heartbeat, connection_timeout, "
+    "connection_name, tls, ...), and percent-encode a '?' or '#' in the password"
+)
 BAD_DRIVERS: dict[str, tuple[dict[str, Any], str]] = {
     "env-unset": (
         {"url": "${env:LUAQ_TEST_URL}"},
@@ -646,15 +654,12 @@ BAD_DRIVERS: dict[str, tuple[dict[str, Any], str]] = {
         {"url": "http://guest:guest@127.0.0.1:5672/"},
         "url: must start with amqp:// or amqps://",
     ),
-    "port": (
-        {"url": "amqp://guest:guest@127.0.0.1:amqp/"},
-        "url: Port could not be cast to integer value as 'amqp'",
-    ),
-    "query": (
-        {"url": "amqp://guest:guest@127.0.0.1:5672/?heartbeat=30"},
-        "url: query parameters (heartbeat=30) are not read; use the entry's fields "
-        "(heartbeat, connection_timeout, connection_name, tls, ...)",
-    ),
+    "port": ({"url": "amqp://guest:guest@127.0.0.1:amqp/"}, UNREADABLE_URL),
+    # a password with a '/' or '?' puts part of it where the port or the query should be: no
+    # message quotes any of it
+    "slash-in-password": ({"url": "amqp://luaq:Zm9v/YmFy@rabbitmq:5672/"}, UNREADABLE_URL),
+    "query": ({"url": "amqp://guest:guest@127.0.0.1:5672/?heartbeat=30"}, QUERY_URL),
+    "question-mark-in-password": ({"url": "amqp://luaq:s3cr3t?tail@rabbitmq/"}, UNREADABLE_URL),
     "delays": (
         {"reconnect_delay": "5s", "reconnect_max_delay": "500ms"},
         "reconnect_max_delay: must not be less than reconnect_delay",
