@@ -43,6 +43,7 @@ class Operator:
         self.metrics = Metrics()
         self.schema = spec_schema()
         self.triggers: dict[Key, asyncio.Event] = {}
+        self.checks = asyncio.Semaphore(settings.check_concurrency)
         self.bodies: dict[Key, Mapping[str, Any]] = {}
         self._kube: Kube | None = None
         self._leader: LeaderElection | None = None
@@ -118,7 +119,7 @@ class Operator:
         self.metrics.consumers.set(len(self.triggers))
         state = ConsumerState()
         reconciler = Reconciler(
-            self.kube, self.settings, self.metrics, self.schema, _post_event, self.call
+            self.kube, self.settings, self.metrics, self.schema, _post_event, self.call, self.checks
         )
         failures = 0
         try:

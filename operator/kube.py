@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,15 @@ from kubernetes.client.exceptions import ApiException
 from .resource import API_VERSION, PLURAL
 
 MERGE_PATCH = "application/merge-patch+json"
+# A namespace, an object's or a subresource's name: one path segment, never a path (a name
+# from a tenant's spec is validated before it comes here; this is the last line).
+_SEGMENT = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def _segment(value: str) -> str:
+    if not _SEGMENT.match(value) or ".." in value or len(value) > 253:
+        raise ValueError(f"not a Kubernetes name: {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -29,11 +39,9 @@ class Kind:
 
     def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
         root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{root}/namespaces/{namespace}/{self.plural}"
-        for part in (name, subresource):
-            if part:
-                path += f"/{part}"
-        return path
+        parts = [root, "namespaces", _segment(namespace), self.plural]
+        parts += [_segment(part) for part in (name, subresource) if part]
+        return "/".join(parts)
 
 
 CONFIG_MAPS = Kind("v1", "configmaps")
@@ -95,10 +103,16 @@ class Kube:
         path: str,
         body: Any = None,
         content_type: str = "application/json",
+        query: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self.api.param_serialize(
-            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
         )
         response = self.api.call_api(method, url, headers, body, _request_timeout=30)
         data = response.read()
@@ -120,6 +134,20 @@ class Kube:
     def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", kind.path(namespace), body)
 
+    def labelled(self, kind: Kind, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The objects of `kind` in `namespace` that match a label selector."""
+        found = self.request("GET", kind.path(namespace), query={"labelSelector": selector})
+        items: list[dict[str, Any]] = found["items"]
+        return items
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> None:
+        """Gone whether it was there or not."""
+        try:
+            self.request("DELETE", kind.path(namespace, name))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def replace(
         self, kind: Kind, namespace: str, name: str, body: dict[str, Any]
     ) -> dict[str, Any]:
@@ -135,12 +163,12 @@ class Kube:
     ) -> dict[str, Any]:
         return self.request("PATCH", kind.path(namespace, name, subresource), patch, MERGE_PATCH)
 
-    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        """The decoded value of a Secret's key; None when the Secret or the key is missing."""
+    def secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
+        """The value of a Secret's key; None when the Secret or the key is missing."""
         secret = self.get(SECRETS, namespace, name)
         if secret is None:
             return None
         if key in (secret.get("stringData") or {}):  # never stored by a real API server
-            return str(secret["stringData"][key])
+            return str(secret["stringData"][key]).encode()
         encoded = (secret.get("data") or {}).get(key)
-        return None if encoded is None else base64.b64decode(encoded).decode()
+        return None if encoded is None else base64.b64decode(encoded)

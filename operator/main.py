@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .settings import DEFAULT_IMAGE, OperatorSettings
+from .resource import QUANTITY
+from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
 
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # What the `operator` extra installs, by import name.
@@ -36,6 +37,17 @@ def _own_namespace() -> str:
     if _SERVICE_ACCOUNT_NAMESPACE.exists():
         return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
     return "default"
+
+
+def _list(name: str) -> list[str]:
+    return [item for item in _env(name, "").split(",") if item]
+
+
+def _quantity(text: str) -> str:
+    """A Kubernetes quantity, checked as the API server checks it."""
+    if not QUANTITY.match(text):
+        raise argparse.ArgumentTypeError(f"not a Kubernetes quantity: {text!r}")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +116,61 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="read autoscaled queues' backlog this often (default: %(default)s)",
     )
+    policy = parser.add_argument_group(
+        "what a QueueConsumer may ask for",
+        "Creating a QueueConsumer creates pods in its namespace; on a cluster shared by teams, "
+        "bound what they run. A QueueConsumer beyond these is Degraded (NotAllowed), nothing "
+        "of it applied.",
+    )
+    policy.add_argument(
+        "--allow-image",
+        action="append",
+        default=_list("allow_image"),
+        metavar="GLOB",
+        help="an image pattern the workers may run, as registry.example/luaq:* (repeatable; "
+        "default: any)",
+    )
+    policy.add_argument(
+        "--allow-service-account",
+        action="append",
+        default=_list("allow_service_account"),
+        metavar="GLOB",
+        help="a service account the workers may run as (repeatable; default: any)",
+    )
+    policy.add_argument(
+        "--secret-env",
+        action=argparse.BooleanOptionalAction,
+        default=_env("secret_env", "true").lower() in ("1", "true", "yes"),
+        help="whether a QueueConsumer's env may take values from its namespace's Secrets "
+        "(default: yes)",
+    )
+    for name, default, what in (
+        ("replicas", Policy.max_replicas, "replicas (or autoscaling's maxReplicas)"),
+        ("processes", Policy.max_processes, "worker processes per pod"),
+    ):
+        policy.add_argument(
+            f"--max-{name}",
+            type=int,
+            default=int(_env(f"max_{name}", default)),
+            metavar="N",
+            help=f"the most {what} (default: %(default)s)",
+        )
+    for name in ("cpu", "memory"):
+        policy.add_argument(
+            f"--max-{name}",
+            type=_quantity,
+            default=_env(f"max_{name}", None),
+            metavar="QUANTITY",
+            help=f"the most {name} a worker may request or be limited to (default: no bound)",
+        )
+    parser.add_argument(
+        "--check-concurrency",
+        type=int,
+        default=int(_env("check_concurrency", OperatorSettings.check_concurrency)),
+        metavar="N",
+        help="QueueConsumers' Lua sources checked at once, each in a child process "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--log-level",
         default=_env("log_level", "info"),
@@ -126,6 +193,16 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         lease_name=args.lease_name,
         lease_namespace=args.lease_namespace or _own_namespace(),
         identity=identity,
+        check_concurrency=args.check_concurrency,
+        policy=Policy(
+            images=tuple(args.allow_image or ("*",)),
+            service_accounts=tuple(args.allow_service_account or ("*",)),
+            secret_env=args.secret_env,
+            max_replicas=args.max_replicas,
+            max_processes=args.max_processes,
+            max_cpu=args.max_cpu,
+            max_memory=args.max_memory,
+        ),
     )
 
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from .resource import GROUP, PLURAL
 
-_OWNED = ["get", "list", "watch", "create", "patch"]
+# Deployments and Services are replaced whole (what was added by hand goes); ConfigMaps are
+# immutable, made anew for each configuration and deleted after its rollout.
+_OWNED = ["get", "list", "watch", "create", "update"]
 
 # In every watched namespace (a ClusterRole when it watches them all).
 RULES: list[dict[str, Any]] = [
@@ -16,7 +18,12 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     # ownerReferences with blockOwnerDeletion need it (OwnerReferencesPermissionEnforcement)
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": _OWNED},
+    {"apiGroups": [""], "resources": ["services"], "verbs": _OWNED},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["get", "list", "watch", "create", "delete"],
+    },
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _OWNED},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # broker URL, TLS
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

@@ -1,13 +1,18 @@
-"""The actions: one QueueConsumer brought to what it declares, and its status told.
+"""One pass over a QueueConsumer, read top-down: gather its inputs, render the desired state (a
+pure function, render.desired), apply it with a semantic comparison, report the status.
 
-A pass validates everything first (the spec with the entries models, the Secrets and the Lua
-source with `luaq check`'s own function); a QueueConsumer that does not validate leaves its
-running objects as they are and says why in its Degraded condition. A valid one gets its
-ConfigMap, Deployment and Service created, updated or restored; a second pass changes nothing.
+A QueueConsumer that does not validate (the spec with the entries models, the admin's policy,
+the Secrets and the Lua source with `luaq check`'s own function), or whose objects the API
+server refuses, is Degraded with the reason and the API's message, and what runs is left as it
+is. A valid one gets its ConfigMap (immutable, named by its content), its Deployment switched to
+that ConfigMap, and its Service; ConfigMaps of earlier configurations go once the rollout is
+done. An owned object changed by hand is restored, fields added to it included; a second pass
+changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
@@ -19,15 +24,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from luaq.runtime.check import check
 from luaq.runtime.entries import AmqpDriverEntry, Config, resolve_id
-from luaq.runtime.errors import ConfigError, QueueError
+from luaq.runtime.errors import ConfigError
 
-from . import render
+from . import policy, render
 from .autoscale import BacklogReader, decide
-from .kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES, Kind, Kube
+from .kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES, Kube
 from .metrics import Metrics
 from .resource import InvalidSpec, QueueConsumerSpec, parse_spec
 from .settings import OperatorSettings
@@ -37,6 +44,9 @@ _log = logging.getLogger("luaq.operator")
 SPEC_HASH = "luaq.dev/spec-hash"
 PostEvent = Callable[[Mapping[str, Any], str, str, str], None]
 Call = Callable[..., Awaitable[Any]]  # runs a blocking function off the event loop
+KINDS = {"ConfigMap": CONFIG_MAPS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
+# Service fields the API server allocates: a replacement keeps them as they are.
+_ALLOCATED = ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy")
 
 
 class Invalid(Exception):
@@ -48,6 +58,21 @@ class Invalid(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a pass reads besides what it owns: the resource and what it references."""
+
+    body: dict[str, Any]
+    spec: QueueConsumerSpec
+    source: str
+    environ: dict[str, str]  # the pod's environment, as far as its entries file reads it
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The Secret values of the pods' environment."""
+        return {variable: self.environ[variable] for variable in render.secret_refs(self.spec)}
+
+
 @dataclass
 class ConsumerState:
     """What the operator remembers of one QueueConsumer between passes."""
@@ -57,10 +82,14 @@ class ConsumerState:
     backlog_read: float = float("-inf")
     desired: int | None = None
     last_scale: datetime | None = None
-    events: dict[str, str] = field(default_factory=dict)
+    # The Warning Events posted and still standing, by topic: one Event per change.
+    warnings: dict[str, tuple[str, str]] = field(default_factory=dict)
     status: dict[str, Any] | None = None  # what this operator wrote last (it is the only writer)
     # The last check: a digest of the files and environment, and its outcome.
     checked: tuple[str, Config | Invalid] | None = None
+    # Of each owned object, a fingerprint of what the API server stored after this operator
+    # last wrote or saw it in the desired state: anything else is a change by hand.
+    stored: dict[str, str] = field(default_factory=dict)
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -106,6 +135,34 @@ def digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fingerprint(stored: Mapping[str, Any]) -> str:
+    """Of what an owned object says (not its metadata, which others annotate too)."""
+    return digest({key: stored.get(key) for key in ("spec", "data", "immutable")})
+
+
+def _rolled_out(deployment: Mapping[str, Any] | None, wanted: int) -> bool:
+    if deployment is None:
+        return False
+    observed = deployment.get("status") or {}
+    updated = int(observed.get("updatedReplicas") or 0)
+    return (
+        int(observed.get("observedGeneration") or 0)
+        >= int(deployment["metadata"].get("generation") or 0)
+        and updated >= wanted
+        and int(observed.get("replicas") or 0) == updated
+    )
+
+
+def _rollout_failure(deployment: Mapping[str, Any] | None) -> str | None:
+    """The Deployment controller's message when the rollout passed its progress deadline."""
+    for condition in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Progressing" and (
+            condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return str(condition.get("message") or "the rollout passed its progress deadline")
+    return None
+
+
 def _condition(
     previous: Mapping[str, Mapping[str, Any]],
     kind: str,
@@ -135,7 +192,8 @@ def status_for(
     invalid: Invalid | None,
     state: ConsumerState,
 ) -> dict[str, Any]:
-    """The status a pass reports: what was observed of the Deployment, and the conditions."""
+    """The status a pass reports: what was observed of the Deployment, and the conditions, which
+    follow the Deployment's own (a rollout past its deadline is a failure, not progress)."""
     meta = body["metadata"]
     generation = meta.get("generation")
     observed = (deployment or {}).get("status") or {}
@@ -146,28 +204,31 @@ def status_for(
         (deployment or {}).get("spec", {}).get("replicas", 0) if desired is None else desired
     )
     previous = {c["type"]: c for c in previous_status.get("conditions") or []}
-    rolled_out = deployment is not None and (
-        int(observed.get("observedGeneration") or 0)
-        >= int(deployment["metadata"].get("generation") or 0)
-        and updated >= wanted
-        and replicas == updated
-    )
+    rolled_out = _rolled_out(deployment, wanted)
+    failure = None if rolled_out else _rollout_failure(deployment)
     if deployment is None:
-        progress = ("Creating", "the worker Deployment does not exist yet")
+        progress = (False, "NotCreated", "no worker Deployment: nothing was applied")
     elif rolled_out:
-        progress = ("UpToDate", f"{updated} replica(s) run the current configuration")
+        progress = (False, "UpToDate", f"{updated} replica(s) run the current configuration")
+    elif failure is not None:
+        progress = (False, "RolloutFailed", failure)
     else:
-        progress = ("RollingOut", f"{updated} of {wanted} replica(s) updated")
+        progress = (True, "RollingOut", f"{updated} of {wanted} replica(s) updated")
     if rolled_out and wanted == 0:
         readiness = (True, "ScaledToZero", "no replicas are wanted")
     elif rolled_out and ready >= wanted:
         readiness = (True, "ReplicasReady", f"{ready} of {wanted} replica(s) ready")
     else:
         readiness = (False, "WaitingForReplicas", f"{ready} of {wanted} replica(s) ready")
-    degraded = (True, invalid.reason, invalid.message) if invalid else (False, "Valid", "")
+    if invalid is not None:
+        degraded = (True, invalid.reason, invalid.message)
+    elif failure is not None:
+        degraded = (True, "RolloutFailed", failure)
+    else:
+        degraded = (False, "Valid", "")
     conditions = [
         _condition(previous, "Ready", *readiness, generation),
-        _condition(previous, "Progressing", not rolled_out, *progress, generation),
+        _condition(previous, "Progressing", *progress, generation),
         _condition(previous, "Degraded", *degraded, generation),
     ]
     return {
@@ -182,6 +243,14 @@ def status_for(
     }
 
 
+def _refusal(exc: ApiException) -> str:
+    """The API server's own message for a refused request."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -191,6 +260,7 @@ class Reconciler:
         schema: Mapping[str, Any],
         post_event: PostEvent,
         call: Call,
+        checks: asyncio.Semaphore,
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -198,45 +268,56 @@ class Reconciler:
         self.schema = schema
         self.post_event = post_event
         self._call = call
+        self._checks = checks  # shared by every QueueConsumer: how many checks run at once
 
-    async def reconcile(self, body: Mapping[str, Any], state: ConsumerState) -> str:
+    async def reconcile(self, resource: Mapping[str, Any], state: ConsumerState) -> str:
         """One pass; returns the outcome (ok, invalid), raises on API or broker failures."""
-        body = copy.deepcopy(dict(body))
+        body = copy.deepcopy(dict(resource))  # kopf's view changes while the pass awaits
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         try:
-            spec = parse_spec(body.get("spec") or {}, self.schema)
-            source = await self._source(namespace, spec)
-            environ = await self._environment(namespace, spec)
-            data = render.config_data(name, spec, source)
-            config = await self._checked(data, environ, state)
-        except (Invalid, InvalidSpec) as exc:
-            invalid = exc if isinstance(exc, Invalid) else Invalid("InvalidSpec", str(exc))
+            inputs = await self._inputs(body)
+            config = await self._checked(inputs, state)
+        except Invalid as exc:
             running = await self._call(
                 self.kube.get, DEPLOYMENTS, namespace, render.Names(name).deployment
             )
-            await self._report(body, state, None, running, invalid)
+            await self._report(body, state, None, running, exc)
             return "invalid"
-        # the Secrets' values too, so that a rotated password rolls the pods (their env has it)
-        secrets = {variable: environ[variable] for variable in render.secret_refs(spec)}
-        checksum = render.checksum(data, secrets)
-        desired = await self._replicas(body, spec, state, config, checksum)
-        owned = [
-            (CONFIG_MAPS, render.config_map(body, data)),
-            (DEPLOYMENTS, render.deployment(body, spec, self.settings, checksum, desired)),
-            (SERVICES, render.service(body, self.settings)),
-        ]
-        deployment: dict[str, Any] | None = None
+        replicas = await self._replicas(inputs, state, config)
+        desired = render.desired(
+            body, inputs.spec, self.settings, inputs.source, inputs.secrets, replicas
+        )
         try:
-            for kind, manifest in owned:
-                actual = await self._apply(body, kind, manifest)
-                if kind is DEPLOYMENTS:
-                    deployment = actual
+            applied = {m["kind"]: await self._apply(body, m, state) for m in desired.manifests}
         except Invalid as exc:
-            await self._report(body, state, desired, deployment, exc)
+            running = await self._call(
+                self.kube.get, DEPLOYMENTS, namespace, render.Names(name).deployment
+            )
+            await self._report(body, state, replicas, running, exc)
             return "invalid"
-        await self._report(body, state, desired, deployment, None)
+        deployment = applied["Deployment"]
+        if _rolled_out(deployment, replicas):
+            await self._collect(body, desired.config_map["metadata"]["name"])
+        await self._report(body, state, replicas, deployment, None)
         return "ok"
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    async def _inputs(self, body: dict[str, Any]) -> Inputs:
+        """The spec, validated and within the admin's policy, and what it references in its own
+        namespace: the Lua source and the Secrets of the pod's environment."""
+        namespace = body["metadata"]["namespace"]
+        try:
+            spec = parse_spec(body.get("spec") or {}, self.schema)
+        except InvalidSpec as exc:
+            raise Invalid("InvalidSpec", str(exc)) from None
+        image = spec.image or self.settings.image
+        if refused := policy.violations(spec, image, self.settings.policy):
+            raise Invalid("NotAllowed", "; ".join(refused))
+        source = await self._source(namespace, spec)
+        environ = await self._environment(namespace, spec)
+        return Inputs(body, spec, source, environ)
 
     async def _source(self, namespace: str, spec: QueueConsumerSpec) -> str:
         if spec.source is not None:
@@ -260,19 +341,26 @@ class Reconciler:
                     "BrokerSecretMissing",
                     f"Secret {ref.name} with key {ref.key} not found in namespace {namespace}",
                 )
-            environ[variable] = value
+            try:
+                environ[variable] = value.decode()
+            except UnicodeDecodeError:
+                raise Invalid(
+                    "BrokerSecretInvalid", f"Secret {ref.name} key {ref.key} is not UTF-8 text"
+                ) from None
         return environ
 
-    async def _checked(
-        self, data: Mapping[str, str], environ: Mapping[str, str], state: ConsumerState
-    ) -> Config:
-        """The check of the last pass, when nothing it reads has changed since."""
-        key = digest({"data": data, "environ": environ})
+    async def _checked(self, inputs: Inputs, state: ConsumerState) -> Config:
+        """`luaq check` on the ConfigMap's files with the pod's environment; the outcome of the
+        last pass when nothing it reads has changed since."""
+        name = inputs.body["metadata"]["name"]
+        data = render.config_data(name, inputs.spec, inputs.source)
+        key = digest({"data": data, "environ": inputs.environ})
         if state.checked is None or state.checked[0] != key:
-            try:
-                outcome: Config | Invalid = await self._call(self._check, data, environ)
-            except Invalid as exc:
-                outcome = exc
+            async with self._checks:
+                try:
+                    outcome: Config | Invalid = await self._call(self._check, data, inputs.environ)
+                except Invalid as exc:
+                    outcome = exc
             state.checked = (key, outcome)
         outcome = state.checked[1]
         if isinstance(outcome, Invalid):
@@ -280,58 +368,63 @@ class Reconciler:
         return outcome
 
     def _check(self, data: Mapping[str, str], environ: Mapping[str, str]) -> Config:
-        """`luaq check` on the ConfigMap's files, with the pod's environment."""
         with tempfile.TemporaryDirectory(prefix="luaq-check-") as tmp:
             directory = Path(tmp).resolve()
             for file_name, text in data.items():
                 (directory / file_name).write_text(text, encoding="utf-8")
             try:
-                worker = check([directory / render.ENTRIES_FILE], self.settings.validation, environ)
+                return check(
+                    [directory / render.ENTRIES_FILE],
+                    self.settings.validation,
+                    environ,
+                    self.settings.check_timeout,
+                )
             except ConfigError as exc:
                 problems = [problem.replace(f"{directory}/", "") for problem in exc.problems]
-                lua = any(": source: " in problem for problem in problems)
+                lua = any(": source: " in p or "Lua source" in p for p in problems)
                 raise Invalid(
                     "InvalidSource" if lua else "InvalidSpec", "; ".join(problems)
                 ) from None
-            return worker.config
 
-    async def _replicas(
-        self,
-        body: Mapping[str, Any],
-        spec: QueueConsumerSpec,
-        state: ConsumerState,
-        config: Config,
-        checksum: str,
-    ) -> int:
+    async def _replicas(self, inputs: Inputs, state: ConsumerState, config: Config) -> int:
+        spec, body = inputs.spec, inputs.body
         scaling = spec.autoscaling
         if scaling is None:
             await state.close()
             state.backlog = state.last_scale = state.desired = None
+            state.warnings.pop("backlog", None)
             return spec.replicas
         status = body.get("status") or {}
         if state.desired is None:  # a restarted operator goes on from what it reported
             state.desired = status.get("desiredReplicas", scaling.min_replicas)
             last = status.get("lastScaleTime")
             state.last_scale = datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
+        driver = config.drivers[resolve_id(render.BROKER_ID, spec.id_namespace)]
+        assert isinstance(driver, AmqpDriverEntry)
         due = time.monotonic() - state.backlog_read >= self.settings.autoscale_seconds
-        if state.reader is None or state.reader.checksum != checksum:
+        reader_key = digest({"driver": driver.model_dump(mode="json"), "queue": spec.queue})
+        if state.reader is None or state.reader.checksum != reader_key:
             await state.close()
-            driver = config.drivers[resolve_id(render.BROKER_ID, spec.id_namespace)]
-            assert isinstance(driver, AmqpDriverEntry)
-            state.reader = BacklogReader(driver, config.queues[spec.queue], checksum)
+            state.reader = BacklogReader(driver, config.queues[spec.queue], reader_key)
             due = True
         current = min(max(int(state.desired or 0), scaling.min_replicas), scaling.max_replicas)
         if due:
             state.backlog_read = time.monotonic()
             try:
                 state.backlog = await state.reader.backlog()
-            except (QueueError, OSError) as exc:
-                message = getattr(exc, "message", str(exc))
-                self._event_once(body, state, "Warning", "BacklogUnavailable", message)
-                _log.warning("backlog of %s: %s", spec.queue, message)
+            except Exception as exc:
+                # the tenant names the broker: say where, never what the network said (an Event
+                # that tells an open port from a closed one is a port scanner)
+                where = urlsplit(driver.url)
+                message = (
+                    f"cannot read the backlog of {spec.queue} from the broker at "
+                    f"{where.hostname}:{where.port or 5672}"
+                )
+                self._warn(body, state, "backlog", "BacklogUnavailable", message)
+                _log.warning("%s: %s", message, exc)
                 await state.close()
                 return current
-            state.events.pop("BacklogUnavailable", None)
+            state.warnings.pop("backlog", None)
             since = (_now() - state.last_scale).total_seconds() if state.last_scale else None
             target = decide(state.backlog, scaling, current, since)
             if target != current:
@@ -346,17 +439,21 @@ class Reconciler:
         state.desired = current
         return current
 
+    # -- apply ------------------------------------------------------------------------------
+
     async def _apply(
-        self, body: Mapping[str, Any], kind: Kind, manifest: dict[str, Any]
+        self, body: Mapping[str, Any], manifest: dict[str, Any], state: ConsumerState
     ) -> dict[str, Any]:
+        kind = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         wanted = _canonical(manifest)
         meta.setdefault("annotations", {})[SPEC_HASH] = digest(wanted)
-        actual: dict[str, Any] | None = await self._call(self.kube.get, kind, namespace, name)
         what = f"{manifest['kind']} {name}"
+        actual: dict[str, Any] | None = await self._call(self.kube.get, kind, namespace, name)
         if actual is None:
-            created: dict[str, Any] = await self._call(self.kube.create, kind, namespace, manifest)
+            created = await self._write(what, self.kube.create, kind, namespace, manifest)
+            state.stored[what] = _fingerprint(created)
             self.post_event(body, "Normal", "Created", f"created {what}")
             return created
         owners = actual["metadata"].get("ownerReferences") or []
@@ -364,22 +461,59 @@ class Reconciler:
             raise Invalid(
                 "NameConflict", f"{what} exists and does not belong to this QueueConsumer"
             )
-        if contains(_canonical(actual), {**wanted, "metadata": meta}):
+        seen = state.stored.get(what)
+        by_hand = seen is not None and seen != _fingerprint(actual)
+        if contains(_canonical(actual), {**wanted, "metadata": meta}) and not by_hand:
+            state.stored[what] = _fingerprint(actual)
             return actual
+        replacement = _replacement(actual, manifest)
         updated = (actual["metadata"].get("annotations") or {}).get(SPEC_HASH) != digest(wanted)
-        patched: dict[str, Any] = await self._call(self.kube.patch, kind, namespace, name, manifest)
+        written = await self._write(what, self.kube.replace, kind, namespace, name, replacement)
+        state.stored[what] = _fingerprint(written)
         if updated:
             self.post_event(body, "Normal", "Updated", f"updated {what}")
         else:
             self.post_event(body, "Normal", "Restored", f"restored {what}, changed by hand")
-        return patched
+        return written
 
-    def _event_once(
-        self, body: Mapping[str, Any], state: ConsumerState, kind: str, reason: str, message: str
+    async def _write(self, what: str, method: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        """A create or a replace; what the API server refuses for good (not a conflict, not a
+        throttle) is a Degraded QueueConsumer with its message, not a retry."""
+        try:
+            written: dict[str, Any] = await self._call(method, *args)
+            return written
+        except ApiException as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
+                raise Invalid("ApplyFailed", f"{what}: {_refusal(exc)}") from None
+            raise
+
+    async def _collect(self, body: Mapping[str, Any], current: str) -> None:
+        """ConfigMaps of earlier configurations, once no pod mounts them (the rollout is done)."""
+        meta = body["metadata"]
+        names = render.Names(meta["name"])
+        owned = await self._call(
+            self.kube.labelled,
+            CONFIG_MAPS,
+            meta["namespace"],
+            f"{render.OWNER_LABEL}={meta['name']}",
+        )
+        for config_map in owned:
+            old = config_map["metadata"]
+            mine = any(
+                owner.get("uid") == meta["uid"] for owner in old.get("ownerReferences") or []
+            )
+            if mine and old["name"].startswith(names.config_map_prefix) and old["name"] != current:
+                await self._call(self.kube.delete, CONFIG_MAPS, meta["namespace"], old["name"])
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _warn(
+        self, body: Mapping[str, Any], state: ConsumerState, topic: str, reason: str, message: str
     ) -> None:
-        if state.events.get(reason) != message:
-            state.events[reason] = message
-            self.post_event(body, kind, reason, message)
+        """One Warning Event per change of what is wrong, not one per pass."""
+        if state.warnings.get(topic) != (reason, message):
+            state.warnings[topic] = (reason, message)
+            self.post_event(body, "Warning", reason, message)
 
     async def _report(
         self,
@@ -392,10 +526,11 @@ class Reconciler:
         meta = body["metadata"]
         current = state.status if state.status is not None else body.get("status") or {}
         status = status_for(body, current, desired, deployment, invalid, state)
-        if invalid is not None:
-            self._event_once(body, state, "Warning", invalid.reason, invalid.message)
+        degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+        if degraded["status"] == "True":
+            self._warn(body, state, "degraded", degraded["reason"], degraded["message"])
         else:
-            state.events.clear()
+            state.warnings.pop("degraded", None)
         self.metrics.desired.labels(meta["namespace"], meta["name"]).set(status["desiredReplicas"])
         self.metrics.ready.labels(meta["namespace"], meta["name"]).set(status["readyReplicas"])
         if any(current.get(key) != value for key, value in status.items()):
@@ -408,3 +543,19 @@ class Reconciler:
                 "status",
             )
         state.status = status
+
+
+def _replacement(actual: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """`manifest` as a replacement for `actual`: every field the operator owns as it says (what
+    was added by hand goes), the metadata others wrote kept, the Service's allocated addresses
+    kept, and actual's resourceVersion, so a concurrent change makes it a conflict."""
+    meta = copy.deepcopy(dict(actual["metadata"]))
+    ours = manifest["metadata"]
+    meta["labels"] = {**(meta.get("labels") or {}), **ours["labels"]}
+    meta["annotations"] = {**(meta.get("annotations") or {}), **ours.get("annotations", {})}
+    meta["ownerReferences"] = ours["ownerReferences"]
+    replacement = {**copy.deepcopy(dict(manifest)), "metadata": meta}
+    if manifest["kind"] == "Service":
+        allocated = {k: v for k, v in (actual.get("spec") or {}).items() if k in _ALLOCATED}
+        replacement["spec"] = {**replacement["spec"], **allocated}
+    return replacement

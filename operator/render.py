@@ -2,6 +2,8 @@
 
 A QueueConsumer becomes a ConfigMap holding exactly what `luaq run` reads (the entries file and
 the Lua source), a Deployment running `luaq run` on it, and a Service for the workers' metrics.
+The ConfigMap is immutable and named by its content: a new configuration is a new ConfigMap, and
+the Deployment's switch to it is the rollout, so running pods never see new code early.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ class Names:
     consumer: str
 
     @property
-    def config_map(self) -> str:
-        return f"{self.consumer}-luaq"
+    def config_map_prefix(self) -> str:
+        return f"{self.consumer}-luaq-"
+
+    def config_map(self, data: Mapping[str, str]) -> str:
+        return self.config_map_prefix + checksum(data)[:10]
 
     @property
     def deployment(self) -> str:
@@ -48,6 +53,41 @@ class Names:
     @property
     def service(self) -> str:
         return f"{self.consumer}-metrics"
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything one QueueConsumer should have, as manifests."""
+
+    config_map: dict[str, Any]
+    deployment: dict[str, Any]
+    service: dict[str, Any]
+
+    @property
+    def manifests(self) -> list[dict[str, Any]]:
+        """In the order they are applied: the ConfigMap exists before a pod mounts it."""
+        return [self.config_map, self.deployment, self.service]
+
+
+def desired(
+    owner: Mapping[str, Any],
+    spec: QueueConsumerSpec,
+    settings: OperatorSettings,
+    source: str,
+    secrets: Mapping[str, str],
+    replicas: int,
+) -> Desired:
+    """The whole desired state of a QueueConsumer: its Lua `source`, the values of the Secrets
+    its pods' environment takes (hashed into the pod template, so a rotated password rolls the
+    pods), and the replicas it runs."""
+    data = config_data(owner["metadata"]["name"], spec, source)
+    made = config_map(owner, data)
+    pods = checksum(data, secrets)
+    return Desired(
+        made,
+        deployment(owner, spec, settings, made["metadata"]["name"], pods, replicas),
+        service(owner, settings),
+    )
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -212,7 +252,8 @@ def config_map(owner: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, A
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, Names(owner["metadata"]["name"]).config_map),
+        "metadata": _metadata(owner, Names(owner["metadata"]["name"]).config_map(data)),
+        "immutable": True,
         "data": dict(data),
     }
 
@@ -227,7 +268,12 @@ def pod_env(spec: QueueConsumerSpec, settings: OperatorSettings) -> list[dict[st
         {"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         for variable, ref in secret_refs(spec).items()
     ]
-    env += [_api(variable.model_dump(mode="json", exclude_none=True)) for variable in spec.env]
+    # as the API server stores them: an empty value is no value (the variable is set, empty)
+    for variable in spec.env:
+        fields = _api(variable.model_dump(mode="json", exclude_none=True))
+        if fields.get("value") == "":
+            del fields["value"]
+        env.append(fields)
     return env
 
 
@@ -244,9 +290,12 @@ def deployment(
     owner: Mapping[str, Any],
     spec: QueueConsumerSpec,
     settings: OperatorSettings,
+    config: str,
     config_checksum: str,
     replicas: int,
 ) -> dict[str, Any]:
+    """The worker Deployment, mounting ConfigMap `config`; `config_checksum` on the pod
+    template says what the pods read (the ConfigMap and the Secret values of their env)."""
     name = owner["metadata"]["name"]
     names = Names(name)
     container: dict[str, Any] = {
@@ -282,7 +331,7 @@ def deployment(
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [
-            {"name": "config", "configMap": {"name": names.config_map}},
+            {"name": "config", "configMap": {"name": config}},
             {"name": "tmp", "emptyDir": {}},
         ],
     }

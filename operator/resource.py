@@ -66,16 +66,13 @@ DataKey = Annotated[
     str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
 ]
 # A Kubernetes quantity (100m, 128Mi, 1.5Gi, 2), as resource requests and limits take it.
+QUANTITY = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 Quantity = (
     Annotated[int, Field(ge=0)]
-    | Annotated[
-        str,
-        StringConstraints(
-            max_length=64,
-            pattern=r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-            r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
-        ),
-    ]
+    | Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY.pattern)]
 )
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
 # An inline Lua source; a bigger one lives in a ConfigMap of its own (`sourceRef`).
@@ -116,6 +113,20 @@ class BrokerTls(_Model):
 class Broker(_Model):
     """The AMQP broker (a `queue.driver.amqp` entry); its URL, with the password, comes from a
     Secret and reaches the pod as an environment variable."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_environment(cls, data: Any) -> Any:
+        """A driver entry expands `${env:NAME}` in its strings, and the pod's environment holds
+        the broker's Secrets (the operator's backlog reader has them too): a spec may not
+        name one, or a vhost could carry the TLS key into an error message."""
+        strings = [data] if isinstance(data, str) else []
+        if isinstance(data, dict):
+            strings = [v for v in data.values() if isinstance(v, str)]
+            strings += [v for v in (data.get("tls") or {}).values() if isinstance(v, str)]
+        if any("${" in text for text in strings):
+            raise ValueError("${...} is not expanded in a QueueConsumer's broker fields")
+        return data
 
     url_secret_ref: SecretKeyRef
     vhost: Short | None = _like(AmqpDriverEntry, "vhost")

@@ -10,6 +10,24 @@ DEFAULT_IMAGE = "ghcr.io/luaq/luaq:0.1.0"
 
 
 @dataclass(frozen=True)
+class Policy:
+    """What a QueueConsumer may ask for (policy.py checks a spec against it)."""
+
+    # Globs (fnmatch) the worker image must match: `registry.example/luaq:*`.
+    images: tuple[str, ...] = ("*",)
+    # Globs the pods' service account must match (the namespace's `default` when none is named).
+    service_accounts: tuple[str, ...] = ("*",)
+    # Whether `env` may take values from the namespace's Secrets (`valueFrom.secretKeyRef`); the
+    # broker's own Secrets are always read.
+    secret_env: bool = True
+    max_replicas: int = 1000  # also autoscaling's maxReplicas
+    max_processes: int = 64
+    # The largest cpu and memory a container may request or be limited to (quantities).
+    max_cpu: str | None = None
+    max_memory: str | None = None
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     # What the watched QueueConsumers' pods run unless their spec names an image.
     image: str = DEFAULT_IMAGE
@@ -29,7 +47,13 @@ class OperatorSettings:
     lease_seconds: float = 15.0
     # Who this replica is in the Lease (the pod name in a cluster).
     identity: str = ""
-    # Limits for loading a QueueConsumer's Lua source while validating it (as `luaq check`).
+    # Limits for loading a QueueConsumer's Lua source while validating it (as `luaq check`,
+    # in a child process), and how many such checks run at once: a burst of QueueConsumers
+    # costs the operator at most this many children.
     validation: RuntimeSettings = field(
         default_factory=lambda: RuntimeSettings(lua_max_memory=64 * 2**20)
     )
+    check_timeout: float = 20.0
+    check_concurrency: int = 2
+    # What a QueueConsumer may ask for (images, service accounts, Secrets in env, sizes).
+    policy: Policy = field(default_factory=Policy)

@@ -387,24 +387,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             lua_max_memory=args.lua_max_memory * 2**20,
             shutdown_timeout=args.shutdown_timeout,
         )
+    paths = args.entries if args.command in ("publish", "dlq") else args.paths
     try:
-        paths = args.entries if args.command in ("publish", "dlq") else args.paths
-        worker = check(paths, settings)
-        inputs = read_input(args.input, worker.config) if getattr(args, "input", None) else []
+        if args.command in ("check", "manifests"):  # the Lua loads in a child, bounded
+            config = check(paths, settings)
+        else:  # what runs: the Lua loads here
+            worker = Worker(entries.load(paths), settings)
+            config = worker.config
+        inputs = read_input(args.input, config) if getattr(args, "input", None) else []
         if args.command == "publish":
-            publish = _publish_args(args, worker.config)
+            publish = _publish_args(args, config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "manifests":
-        return _manifests(worker.config, args)
+        return _manifests(config, args)
     if args.command == "check":
-        config = worker.config
         print(
             f"ok: {len(config.files)} file(s), {len(config.drivers)} driver(s), "
-            f"{len(config.queues)} queue(s), {len(worker.handlers)} function(s), "
+            f"{len(config.queues)} queue(s), {len(config.functions)} function(s), "
             f"{len(config.consumers)} consumer(s)"
         )
         for consumer in config.consumers.values():

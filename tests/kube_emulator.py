@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import decimal
 import json
+import math
 import re
 import secrets
 import string
@@ -569,6 +571,8 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         obj.setdefault("kind", kind.kind)
         if kind.status:
             obj.pop("status", None)
+        obj = stored_form(kind.kind, obj, None)
+        meta = obj["metadata"]
         meta.update(
             uid=secrets.token_hex(16),
             creationTimestamp=_now(),
@@ -734,6 +738,8 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             new["status"] = current.get("status")
             if new["status"] is None:
                 del new["status"]
+        if subresource is None:
+            new = stored_form(kind.kind, new, current)
         meta = new.setdefault("metadata", {})
         for key in (
             "uid",
@@ -826,6 +832,114 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             "columnDefinitions": [{**c, "description": "", "priority": 0} for c in columns],
             "rows": rows,
         }
+
+
+# -- what the API server stores: defaults, canonical forms, immutability -------------------------
+
+_BINARY = (("Ei", 2**60), ("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10))
+_DECIMAL = {"E": 18, "P": 15, "T": 12, "G": 9, "M": 6, "k": 3, "": 0, "m": -3, "u": -6, "n": -9}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+
+
+def canonical_quantity(value: str | int | float) -> str:
+    """A resource quantity as the API server writes it back: `0.5` -> `500m`, `1000m` -> `1`,
+    `1.5Gi` -> `1536Mi` (binary suffixes stay binary where the value allows, sub-milli values
+    round up)."""
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        raise kmock.KubernetesError(status=422, reason="Invalid", message=f"quantity {value!r}")
+    number, suffix = decimal.Decimal(match[1]), match[2] or ""
+    if suffix.endswith("i"):
+        exact = number * dict(_BINARY)[suffix]
+        if exact == exact.to_integral_value() and exact >= 1024:
+            for unit, factor in _BINARY:
+                if exact % factor == 0:
+                    return f"{int(exact // factor)}{unit}"
+        number, suffix = exact, ""
+    exponent = int(suffix[1:]) if suffix[:1] in ("e", "E") else _DECIMAL[suffix]
+    milli = math.ceil(number * decimal.Decimal(10) ** (exponent + 3))
+    for unit, power in _DECIMAL.items():
+        if power >= 0 and milli % 10 ** (power + 3) == 0:
+            return f"{milli // 10 ** (power + 3)}{unit}"
+    return f"{milli}m"
+
+
+def _pod_defaults(pod: Body) -> None:
+    pod.setdefault("restartPolicy", "Always")
+    pod.setdefault("terminationGracePeriodSeconds", 30)
+    pod.setdefault("dnsPolicy", "ClusterFirst")
+    pod.setdefault("schedulerName", "default-scheduler")
+    pod.setdefault("securityContext", {})
+    for volume in pod.get("volumes") or []:
+        for source in ("configMap", "secret"):
+            if source in volume:
+                volume[source].setdefault("defaultMode", 0o644)
+    for container in pod.get("containers") or []:
+        image = str(container.get("image", ""))
+        latest = ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")
+        container.setdefault("imagePullPolicy", "Always" if latest else "IfNotPresent")
+        container.setdefault("terminationMessagePath", "/dev/termination-log")
+        container.setdefault("terminationMessagePolicy", "File")
+        for port in container.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+        for probe in (container.get(p) for p in ("livenessProbe", "readinessProbe")):
+            if probe:
+                for key, default in (("timeoutSeconds", 1), ("periodSeconds", 10),
+                                     ("successThreshold", 1), ("failureThreshold", 3)):  # fmt: skip
+                    probe.setdefault(key, default)
+                if "httpGet" in probe:
+                    probe["httpGet"].setdefault("scheme", "HTTP")
+        for variable in container.get("env") or []:
+            if variable.get("value") == "":  # omitempty: an empty value is stored as none
+                del variable["value"]
+        for group in (container.get("resources") or {}).values():
+            for key, quantity in group.items():
+                group[key] = canonical_quantity(quantity)
+
+
+def stored_form(kind: str, new: Body, current: Body | None) -> Body:
+    """`new` as the API server would store it over `current` (None: a create), or the 422 it
+    answers: defaults of the fields the operator tests look at, canonical quantities, empty env
+    values dropped, immutable ConfigMaps and Secrets, a Service's allocated cluster IP."""
+    new = copy.deepcopy(new)
+    immutable = kind in ("ConfigMap", "Secret") and (current or {}).get("immutable")
+    if immutable and any(new.get(k) != current.get(k) for k in ("data", "binaryData", "immutable")):
+        raise kmock.KubernetesError(
+            status=422, reason="Invalid", message="field is immutable when `immutable` is set"
+        )
+    spec = new.get("spec")
+    if kind == "Deployment" and isinstance(spec, dict):
+        spec.setdefault("replicas", 1)
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("progressDeadlineSeconds", 600)
+        spec.setdefault(
+            "strategy",
+            {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
+            },
+        )
+        _pod_defaults(spec.setdefault("template", {}).setdefault("spec", {}))
+    if kind == "Service" and isinstance(spec, dict):
+        before = (current or {}).get("spec") or {}
+        allocated = (
+            before.get("clusterIP")
+            or f"10.96.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
+        )
+        if spec.get("clusterIP") not in (None, allocated):
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid", message="spec.clusterIP: field is immutable"
+            )
+        spec.update(clusterIP=allocated, clusterIPs=[allocated])
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+        for port in spec.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+            port.setdefault("targetPort", port.get("port"))
+    return new
 
 
 def _spec(obj: Mapping[str, Any]) -> Body:

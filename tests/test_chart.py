@@ -348,8 +348,8 @@ def worker(case: str) -> tuple[Manifest, Manifest]:
     settings = settings_from(_parser().parse_args(args))
     body = next(doc for doc in example("email-worker.yaml") if doc["kind"] == "QueueConsumer")
     parsed = parse_spec(body["spec"], crd.spec_schema())
-    deployment = render.deployment(owner, parsed, settings, "checksum", 1)
-    return deployment, render.service(owner, settings)
+    desired = render.desired(owner, parsed, settings, parsed.source or "", {}, 1)
+    return desired.deployment, desired.service
 
 
 def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:

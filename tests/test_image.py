@@ -263,7 +263,7 @@ def test_the_image_runs_luaq_by_default_as_the_workers_deployment_does(image: Im
     body = next(doc for doc in example("email-worker.yaml") if doc["kind"] == "QueueConsumer")
     owner = {**body, "metadata": {"name": "w", "namespace": "ns", "uid": "u"}}
     spec = parse_spec(body["spec"], crd.spec_schema())
-    worker = render.deployment(owner, spec, OperatorSettings(), "checksum", 1)
+    worker = render.desired(owner, spec, OperatorSettings(), spec.source or "", {}, 1).deployment
     (container,) = worker["spec"]["template"]["spec"]["containers"]
     assert image.command == container["command"]
 

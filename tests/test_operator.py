@@ -39,6 +39,16 @@ def deployment(cluster: Cluster, ns: str, name: str = NAME) -> dict[str, Any] | 
     return cluster.get("deployments", ns, name)
 
 
+def mounted(cluster: Cluster, ns: str, name: str = NAME) -> dict[str, Any] | None:
+    """The ConfigMap the Deployment's pods mount (named by its content)."""
+    found = deployment(cluster, ns, name)
+    if found is None:
+        return None
+    volumes = found["spec"]["template"]["spec"]["volumes"]
+    config = next(volume["configMap"]["name"] for volume in volumes if volume["name"] == "config")
+    return cluster.get("configmaps", ns, config)
+
+
 def checksum(found: dict[str, Any] | None) -> str | None:
     if found is None:
         return None
@@ -48,7 +58,7 @@ def checksum(found: dict[str, Any] | None) -> str | None:
 def versions(cluster: Cluster, ns: str) -> dict[str, str]:
     """resourceVersion of each owned object: unchanged means nothing was written."""
     found = {
-        "configmap": cluster.get("configmaps", ns, f"{NAME}-luaq"),
+        "configmap": mounted(cluster, ns),
         "deployment": deployment(cluster, ns),
         "service": cluster.get("services", ns, f"{NAME}-metrics"),
     }
@@ -76,7 +86,7 @@ async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
 ) -> None:
     await email_worker(cluster, ns)
     owner = resource(cluster, ns)
-    config_map = cluster.get("configmaps", ns, f"{NAME}-luaq")
+    config_map = mounted(cluster, ns)
     found = deployment(cluster, ns)
     service = cluster.get("services", ns, f"{NAME}-metrics")
     assert config_map is not None
@@ -88,6 +98,8 @@ async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
         assert reference["controller"]
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "luaq-operator"
     assert config_map["data"][render.SOURCE_FILE] == owner["spec"]["source"]
+    assert config_map["immutable"]
+    assert config_map["metadata"]["name"].startswith(f"{NAME}-luaq-")
     assert "${env:LUAQ_BROKER_URL}" in config_map["data"][render.ENTRIES_FILE]
     url = example("broker-secret.yaml")[0]["stringData"]["url"]
     assert checksum(found) == render.checksum(config_map["data"], {render.URL_ENV: url})
@@ -103,7 +115,7 @@ async def test_a_queueconsumer_becomes_its_configmap_deployment_and_service(
     assert status["selector"] == render.selector(NAME)
     assert condition(cluster, ns, "Degraded")["status"] == "False"
     assert condition(cluster, ns, "Ready")["status"] == "False"  # no pod is ready yet
-    wanted = {f"created Deployment {NAME}", f"created ConfigMap {NAME}-luaq"}
+    wanted = {f"created Deployment {NAME}", f"created ConfigMap {config_map['metadata']['name']}"}
     await eventually(lambda: cluster.messages(ns, "Created") >= wanted, 20)
 
 
@@ -135,12 +147,12 @@ async def test_spec_changes_update_the_deployment_and_a_code_change_rolls_the_po
     await edit(cluster, ns, {"source": source + "\n-- v2\n"})
     await eventually(lambda: checksum(deployment(cluster, ns)) not in (first, None), 20)
     second = checksum(deployment(cluster, ns))
-    config_map = cluster.get("configmaps", ns, f"{NAME}-luaq")
+    config_map = mounted(cluster, ns)
     assert config_map is not None
     assert config_map["data"][render.SOURCE_FILE].endswith("-- v2\n")
     await edit(cluster, ns, {"concurrency": 9})
     await eventually(lambda: checksum(deployment(cluster, ns)) not in (second, None), 20)
-    config_map = cluster.get("configmaps", ns, f"{NAME}-luaq")
+    config_map = mounted(cluster, ns)
     assert config_map is not None
     assert "concurrency: 9" in config_map["data"][render.ENTRIES_FILE]
     third = checksum(deployment(cluster, ns))
@@ -210,7 +222,7 @@ async def test_a_rotated_broker_secret_rolls_the_pods_at_the_next_pass(
     await edit(cluster, ns, {"replicas": 3})
     await eventually(lambda: (deployment(cluster, ns) or {})["spec"]["replicas"] == 3, 20)
     assert checksum(deployment(cluster, ns)) != first
-    for written in (deployment(cluster, ns), cluster.get("configmaps", ns, f"{NAME}-luaq")):
+    for written in (deployment(cluster, ns), mounted(cluster, ns)):
         assert "rotated-pw" not in json.dumps(written)
     second = checksum(deployment(cluster, ns))
     await edit(cluster, ns, {"replicas": 2})
@@ -274,17 +286,23 @@ async def test_objects_edited_or_deleted_by_hand_are_restored(
     found = deployment(cluster, ns)
     assert found is not None
     assert found["spec"]["template"]["spec"]["containers"][0]["image"] == "luaq:test"
-    await cluster.patch(CONFIG_MAPS, ns, f"{NAME}-luaq", {"data": {render.SOURCE_FILE: "-- gone"}})
-    await eventually(
-        lambda: (
-            (cluster.get("configmaps", ns, f"{NAME}-luaq") or {})["data"][render.SOURCE_FILE]
-            != "-- gone"
-        ),
-        20,
-    )
+    config_map = mounted(cluster, ns)
+    assert config_map is not None
+    await cluster.delete(CONFIG_MAPS, ns, config_map["metadata"]["name"])
+    await eventually(lambda: mounted(cluster, ns) is not None, 20)
     await cluster.delete(SERVICES, ns, f"{NAME}-metrics")
     await eventually(lambda: cluster.get("services", ns, f"{NAME}-metrics") is not None, 20)
     await eventually(lambda: cluster.events(ns, "Restored"), 20)
+
+
+async def rolled_out(cluster: Cluster, ns: str, name: str = NAME) -> None:
+    """Play the Deployment controller: every replica runs the current template."""
+    found = deployment(cluster, ns, name)
+    assert found is not None
+    replicas = found["spec"]["replicas"]
+    status = {"observedGeneration": found["metadata"]["generation"], "replicas": replicas,
+              "updatedReplicas": replicas, "readyReplicas": replicas}  # fmt: skip
+    await cluster.patch(DEPLOYMENTS, ns, name, {"status": status}, "status")
 
 
 async def test_deleting_a_queueconsumer_removes_its_objects(
@@ -300,11 +318,15 @@ async def test_the_operator_uses_exactly_the_permissions_it_declares(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
     await email_worker(cluster, ns)
-    await edit(cluster, ns, {"concurrency": 3})  # patches the ConfigMap and the Deployment
-    await eventually(lambda: "concurrency: 3" in str(cluster.get("configmaps", ns, f"{NAME}-luaq")))
+    first = mounted(cluster, ns)
+    assert first is not None
+    await edit(cluster, ns, {"concurrency": 3})  # a new ConfigMap, the Deployment replaced
+    await eventually(lambda: "concurrency: 3" in str(mounted(cluster, ns)))
+    await rolled_out(cluster, ns)  # the old ConfigMap goes
+    await eventually(lambda: cluster.get("configmaps", ns, first["metadata"]["name"]) is None, 20)
     selector = {render.OWNER_LABEL: "someone-else"}
     await cluster.patch(SERVICES, ns, f"{NAME}-metrics", {"spec": {"selector": selector}})
-    await eventually(lambda: ("", "services", "patch") in cluster.permissions(), 20)
+    await eventually(lambda: ("", "services", "update") in cluster.permissions(), 20)
     await cluster.delete(SERVICES, ns, f"{NAME}-metrics")
     await eventually(lambda: cluster.get("services", ns, f"{NAME}-metrics") is not None, 20)
     await eventually(lambda: ("coordination.k8s.io", "leases", "update") in cluster.permissions())

@@ -253,13 +253,8 @@ def test_camel_case_fields_reach_the_entries_models_and_free_maps_keep_their_key
 def rendered(resource: dict[str, Any]) -> list[dict[str, Any]]:
     body = owner(resource)
     spec = parse_spec(body["spec"], SPEC)
-    data = render.config_data(body["metadata"]["name"], spec, spec.source or "-- from a ConfigMap")
-    settings = OperatorSettings()
-    return [
-        render.config_map(body, data),
-        render.deployment(body, spec, settings, render.checksum(data), 3),
-        render.service(body, settings),
-    ]
+    source = spec.source or "-- from a ConfigMap"
+    return render.desired(body, spec, OperatorSettings(), source, {}, 3).manifests
 
 
 @pytest.mark.parametrize("resource", queue_consumers(), ids=lambda r: r["metadata"]["name"])
@@ -348,6 +343,5 @@ def test_a_queueconsumer_may_bear_the_name_of_its_queue(tmp_path: Path) -> None:
     config_map, _, _ = rendered(resource)
     for name, text in config_map["data"].items():
         (tmp_path / name).write_text(text)
-    worker = check([tmp_path / render.ENTRIES_FILE], Settings(), {"LUAQ_BROKER_URL": AMQP_URL})
-    assert "qc:emails" in worker.consumers_by_id
-    assert worker.consumers_by_id["qc:emails"].queue.id == "app:emails"
+    config = check([tmp_path / render.ENTRIES_FILE], Settings(), {"LUAQ_BROKER_URL": AMQP_URL})
+    assert config.consumers["qc:emails"].queue == "app:emails"

@@ -38,10 +38,10 @@ def pod(
     owner = {**resource, "metadata": {**resource["metadata"], "namespace": "shop", "uid": "u1"}}
     spec = parse_spec(owner["spec"], crd.spec_schema())
     settings = OperatorSettings(worker_metrics_port=free_port())
-    data = render.config_data("email-worker", spec, spec.source or "")
-    for name, text in render.config_map(owner, data)["data"].items():
+    desired = render.desired(owner, spec, settings, spec.source or "", {}, 1)
+    for name, text in desired.config_map["data"].items():
         (directory / name).write_text(text)
-    deployment = render.deployment(owner, spec, settings, render.checksum(data), 1)
+    deployment = desired.deployment
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env: dict[str, str] = {}
     for variable in container["env"]:

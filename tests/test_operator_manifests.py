@@ -20,7 +20,6 @@ from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS
 from luaq.operator.resource import parse_spec
 from luaq.runtime import cli
 from luaq.runtime.check import check
-from luaq.runtime.entries import Config
 from luaq.runtime.errors import QueueError
 from luaq.runtime.security import access_for
 from luaq.runtime.settings import Settings
@@ -33,14 +32,6 @@ EMAIL = Path(__file__).resolve().parent.parent / "examples" / "email" / "app.yam
 def manifests(capsys: pytest.CaptureFixture[str], *args: str | Path) -> list[dict[str, Any]]:
     assert cli.main(["manifests", *map(str, args)]) == 0
     return list(yaml.safe_load_all(capsys.readouterr().out))
-
-
-def checked(paths: list[Path], environ: dict[str, str] | None = None) -> Config:
-    """What `luaq check` accepts (check gives a Worker, or its Config when it loads the Lua in
-    a child)."""
-    loaded: Any = check(paths, Settings(), environ)
-    config: Config = getattr(loaded, "config", loaded)
-    return config
 
 
 def as_files(qc: dict[str, Any], documents: list[dict[str, Any]], directory: Path) -> Path:
@@ -83,7 +74,7 @@ def test_the_email_example_becomes_queueconsumers_with_the_same_ids(
     assert email["broker"] == {"urlSecretRef": {"name": "luaq-broker", "key": "url"}}
     assert {q["name"] for q in email["queues"]} == {"app:emails", "app:receipts"}
     entries = as_files(consumers[0], documents, tmp_path / "email")
-    config = checked([entries], {"LUAQ_BROKER_URL": "amqp://localhost/"})
+    config = check([entries], Settings(), {"LUAQ_BROKER_URL": "amqp://localhost/"})
     assert "app:email_handler" in config.functions
     assert set(config.queues) == {"app:emails", "app:receipts"}
 
@@ -115,8 +106,9 @@ def test_policies_and_actors_decide_the_same_on_the_cluster(
     assert qc["spec"]["actor"] == {"id": "mailer", "meta": {"team": "dev"}}
     assert qc["spec"]["broker"]["heartbeat"] == "1.5s"
     assert admit(qc) == []
-    laptop = checked([project])
-    cluster = checked([as_files(qc, documents, tmp_path / "pod")], {"LUAQ_BROKER_URL": "amqp://x/"})
+    laptop = check([project], Settings())
+    pod = as_files(qc, documents, tmp_path / "pod")
+    cluster = check([pod], Settings(), {"LUAQ_BROKER_URL": "amqp://x/"})
     for queue in ("app:in", "app:out", "app:secret"):
         outcomes = []
         for config in (laptop, cluster):
