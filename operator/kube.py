@@ -40,7 +40,7 @@ class Kind:
     def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
         root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
         parts = [root, "namespaces", _segment(namespace), self.plural]
-        parts += [_segment(part) for part in (name, subresource) if part]
+        parts += [_segment(part) for part in (name, subresource) if part is not None]
         return "/".join(parts)
 
 

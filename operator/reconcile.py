@@ -127,7 +127,7 @@ def _canonical(manifest: dict[str, Any]) -> dict[str, Any]:
     for container in containers:
         for group in (container.get("resources") or {}).values():
             for key, value in group.items():
-                group[key] = str(parse_quantity(value))
+                group[key] = f"{parse_quantity(value).normalize():f}"
     return manifest
 
 

@@ -348,6 +348,11 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
     # exist. Off unless a test asks, since most tests make up namespaces by name alone.
     namespace_lifecycle: bool = False
 
+    async def __call__(self, raw_request: Any) -> Any:
+        """A real API server reads requests of up to 3 MiB (aiohttp's default is 1 MiB)."""
+        raw_request._client_max_size = 3 * 2**20
+        return await super().__call__(raw_request)
+
     async def _handle(self, request: rendering.Request) -> Any:
         """Registered resources are served here, straight (kmock's routing looks through every
         past request for each new one, too slow for hundreds of objects); the rest, discovery
@@ -907,6 +912,14 @@ def stored_form(kind: str, new: Body, current: Body | None) -> Body:
         raise kmock.KubernetesError(
             status=422, reason="Invalid", message="field is immutable when `immutable` is set"
         )
+    if kind in ("ConfigMap", "Secret"):
+        size = sum(len(k) + len(str(v).encode()) for k, v in (new.get("data") or {}).items())
+        if size > 2**20:
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message="[]: Too long: must have at most 1048576 bytes",
+            )
     spec = new.get("spec")
     if kind == "Deployment" and isinstance(spec, dict):
         spec.setdefault("replicas", 1)
