@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -219,18 +218,8 @@ def _broker(driver: Any, secret: str, notes: list[str]) -> dict[str, Any]:
 def manifests(config: Config, namespace: str | None, secret: str) -> Manifests:
     """QueueConsumers (and source ConfigMaps) for every consumer of a validated project.
 
-    Two objects that cannot be given different names are said on stderr, and the process exits
-    with 2, as `luaq` does for a configuration it refuses (the CLI catches ConfigError only
-    while checking the project)."""
-    try:
-        names = _names(config)
-    except ConfigError as exc:
-        from luaq.runtime.cli import EXIT_CONFIG
-
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        print(f"luaq: {len(exc.problems)} problem(s), no manifests were printed", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from exc
+    Raises ConfigError when two objects cannot be given different names."""
+    names = _names(config)
     result = Manifests(notes=list(names.notes))
     schema = spec_schema()
     written: set[str] = set()  # source files whose ConfigMap is listed

@@ -397,13 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = read_input(args.input, config) if getattr(args, "input", None) else []
         if args.command == "publish":
             publish = _publish_args(args, config)
+        if args.command == "manifests":
+            return _manifests(config, args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "manifests":
-        return _manifests(config, args)
     if args.command == "check":
         print(
             f"ok: {len(config.files)} file(s), {len(config.drivers)} driver(s), "
