@@ -28,8 +28,8 @@ from conftest import eventually
 from kube_fixtures import TEST_SETTINGS, Cluster, apply, example, k8s_tool, kubectl, running
 from luaq.operator import crd, rbac, render
 from luaq.operator.main import _parser, settings_from
-from luaq.operator.resource import parse_spec
-from luaq.operator.settings import DEFAULT_IMAGE, OperatorSettings
+from luaq.operator.resource import QUANTITY, parse_spec
+from luaq.operator.settings import DEFAULT_IMAGE, OperatorSettings, Policy
 from processes import free_port
 from test_operator_cli import answers
 from test_operator_crd import K8S_VERSION
@@ -40,7 +40,9 @@ README = (ROOT / "README.md").read_text()
 RELEASE, NAMESPACE = "luaq", "luaq-system"
 Manifest = dict[str, Any]
 
-# namespaced mode, monitoring on, two replicas, and what else a user may change
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+# namespaced mode, monitoring on, two replicas, an admin's policy, and what else a user may
+# change
 CUSTOM: dict[str, Any] = {
     "replicaCount": 2,
     "image": {"repository": "registry.example/luaq", "tag": "1.2.3", "pullPolicy": "Always"},
@@ -51,6 +53,16 @@ CUSTOM: dict[str, Any] = {
         "logLevel": "debug",
         "resyncSeconds": 30,
         "autoscaleSeconds": 2.5,
+        "checkConcurrency": 4,
+        "policy": {
+            "allowedImages": ["registry.example/luaq-workers:*", "registry.example/luaq:1.[0-9]*"],
+            "allowedServiceAccounts": ["queue-*", "default"],
+            "secretEnv": False,
+            "maxReplicas": 20,
+            "maxProcesses": 8,
+            "maxCpu": "2",
+            "maxMemory": "4Gi",
+        },
     },
     "serviceAccount": {"name": "queue-operator", "annotations": {"team": "queues"}},
     "podAnnotations": {"example.com/scrape": "no"},
@@ -180,7 +192,7 @@ def test_every_rendered_manifest_passes_strict_validation(case: str) -> None:
     assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "Pod"} <= kinds
     if case == "custom":
         assert {"ServiceMonitor", "PrometheusRule", "Role"} <= kinds
-        assert "ClusterRole" not in kinds
+        assert not find(docs, "ClusterRole", RELEASE)  # only the aggregated ones
     if case == "podmonitor":
         assert "PodMonitor" in kinds
 
@@ -207,7 +219,7 @@ def test_rbac_cluster_wide_is_exactly_what_the_operator_uses() -> None:
     docs = manifests("default")
     deployment = one(docs, "Deployment")
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
-    role = one(docs, "ClusterRole")
+    role = one(docs, "ClusterRole", RELEASE)
     assert grants(role["rules"]) == grants(rbac.RULES)
     leases = one(docs, "Role")
     assert leases["metadata"]["namespace"] == NAMESPACE
@@ -231,7 +243,7 @@ def test_rbac_cluster_wide_is_exactly_what_the_operator_uses() -> None:
 
 def test_rbac_namespaced_is_a_role_per_watched_namespace() -> None:
     docs = manifests("custom")
-    assert not find(docs, "ClusterRole")
+    assert {role["metadata"]["name"] for role in find(docs, "ClusterRole")} == set(AGGREGATED)
     assert not find(docs, "ClusterRoleBinding")
     roles = {
         (role["metadata"]["namespace"], role["metadata"]["name"]): grants(role["rules"])
@@ -249,6 +261,69 @@ def test_rbac_namespaced_is_a_role_per_watched_namespace() -> None:
             {"kind": "ServiceAccount", "name": "queue-operator", "namespace": NAMESPACE}
         ]
     assert len(find(docs, "RoleBinding")) == len(roles)
+
+
+QC, STATUS, SCALE = "queueconsumers", "queueconsumers/status", "queueconsumers/scale"
+READ = {"get", "list", "watch"}
+WRITE = {"create", "update", "patch", "delete", "deletecollection"}
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+# The aggregated ClusterRoles: what each grants, and to which of Kubernetes' roles.
+AGGREGATED = {
+    f"{RELEASE}-view": (
+        {("luaq.dev", resource, verb) for resource in (QC, STATUS) for verb in READ},
+        {"view"},
+    ),
+    f"{RELEASE}-edit": (
+        {("luaq.dev", QC, verb) for verb in READ | WRITE}
+        | {("luaq.dev", STATUS, verb) for verb in READ}
+        | {("luaq.dev", SCALE, verb) for verb in ("get", "update", "patch")},
+        {"edit", "admin"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ["default", "custom"])
+def test_queueconsumers_join_the_view_edit_and_admin_roles(case: str) -> None:
+    """As cert-manager's do: view reads QueueConsumers, edit and admin also write and scale
+    them, never their status (the operator's); bound to nobody, aggregated by label."""
+    docs = manifests(case)
+    roles = {
+        role["metadata"]["name"]: role
+        for role in find(docs, "ClusterRole")
+        if role["metadata"]["name"] in AGGREGATED
+    }
+    assert roles.keys() == AGGREGATED.keys()
+    for name, (granted, aggregated_to) in AGGREGATED.items():
+        role = roles[name]
+        validate(role)
+        assert grants(role["rules"]) == granted, name
+        labels = role["metadata"]["labels"]
+        assert {key.removeprefix(AGGREGATE) for key in labels if key.startswith(AGGREGATE)} == (
+            aggregated_to
+        )
+        assert all(labels[AGGREGATE + to] == "true" for to in aggregated_to)
+        assert "aggregationRule" not in role
+    assert grants(roles[f"{RELEASE}-view"]["rules"]) < grants(roles[f"{RELEASE}-edit"]["rules"])
+    bound = {
+        b["roleRef"]["name"]
+        for b in [*find(docs, "ClusterRoleBinding"), *find(docs, "RoleBinding")]
+    }
+    assert not bound & AGGREGATED.keys()
+    # verbs the API server knows: a typo would grant nothing
+    assert {verb for role in roles.values() for *_, verb in grants(role["rules"])} <= READ | WRITE
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"rbac": {"aggregateClusterRoles": False}}, {"rbac": {"create": False}}],
+    ids=["disabled", "no-rbac"],
+)
+def test_the_aggregated_roles_are_left_out_when_disabled(values: dict[str, Any]) -> None:
+    docs = [doc for doc in yaml.safe_load_all(template(values)) if doc]
+    names = {doc["metadata"]["name"] for doc in find(docs, "ClusterRole")}
+    assert not names & AGGREGATED.keys()
+    if values["rbac"].get("create", True):
+        assert names == {RELEASE}  # the operator's own stays
 
 
 def test_without_rbac_or_service_account_the_chart_uses_what_exists() -> None:
@@ -278,7 +353,10 @@ def test_without_rbac_or_service_account_the_chart_uses_what_exists() -> None:
         ("custom", OperatorSettings(
             image="registry.example/luaq-workers:1.2.3", namespaces=("shop", "mail"),
             resync_seconds=30.0, autoscale_seconds=2.5, lease_name=RELEASE,
-            lease_namespace=NAMESPACE)),
+            lease_namespace=NAMESPACE, check_concurrency=4, policy=Policy(
+                images=("registry.example/luaq-workers:*", "registry.example/luaq:1.[0-9]*"),
+                service_accounts=("queue-*", "default"), secret_env=False, max_replicas=20,
+                max_processes=8, max_cpu="2", max_memory="4Gi"))),
     ],
 )  # fmt: skip
 def test_the_operator_runs_with_the_settings_the_values_say(
@@ -302,6 +380,83 @@ def test_the_operator_runs_with_the_settings_the_values_say(
     assert ports == {"metrics": settings.metrics_port, "health": 8081}
 
 
+def operator_settings(
+    values: Mapping[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    *args: str,
+    release: str = "current",
+) -> OperatorSettings:
+    """The settings the chart's operator runs with, its arguments parsed by its own parser
+    (no LUAQ_OPERATOR_* from this environment)."""
+    for name in list(os.environ):
+        if name.startswith("LUAQ_OPERATOR_"):
+            monkeypatch.delenv(name)
+    rendered = template(values, "--show-only", "templates/deployment.yaml", *args, release=release)
+    return settings_from(_parser().parse_args(container(yaml.safe_load(rendered))["args"]))
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ({}, Policy()),
+        ({"allowedImages": ["registry.example/*"]}, Policy(images=("registry.example/*",))),
+        (
+            {"allowedServiceAccounts": ["mail-*", "shop-[ab]?", "default"]},
+            Policy(service_accounts=("mail-*", "shop-[ab]?", "default")),
+        ),
+        ({"secretEnv": False}, Policy(secret_env=False)),
+        ({"maxReplicas": 1, "maxProcesses": 1}, Policy(max_replicas=1, max_processes=1)),
+        ({"maxCpu": "500m", "maxMemory": "512Mi"}, Policy(max_cpu="500m", max_memory="512Mi")),
+        # numbers, as `--set operator.policy.maxCpu=2` gives: cpus and bytes
+        ({"maxCpu": 2, "maxMemory": 1073741824}, Policy(max_cpu="2", max_memory="1073741824")),
+        ({"maxCpu": 0.5, "maxMemory": 1e20}, Policy(max_cpu="0.5", max_memory="1e+20")),
+    ],
+)  # fmt: skip
+def test_the_policy_values_are_the_operators_policy(
+    policy: dict[str, Any], expected: Policy, release: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = operator_settings({"operator": {"policy": policy}}, monkeypatch, release=release)
+    assert settings.policy == expected
+
+
+SET_POLICY = (
+    "--set 'operator.policy.allowedImages={registry.example/luaq:*}'"
+    " --set 'operator.policy.allowedServiceAccounts={queue-*}'"
+    " --set operator.policy.secretEnv=false --set operator.policy.maxReplicas=50"
+    " --set operator.policy.maxCpu=2 --set operator.policy.maxMemory=4Gi"
+    " --set operator.checkConcurrency=4"
+)
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+def test_the_policy_may_be_set_with_set(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set`: lists as {a,b}, booleans and numbers as helm parses them (maxCpu=2 a number)."""
+    settings = operator_settings({}, monkeypatch, *shlex.split(SET_POLICY), release=release)
+    assert settings.policy == Policy(
+        images=("registry.example/luaq:*",), service_accounts=("queue-*",), secret_env=False,
+        max_replicas=50, max_cpu="2", max_memory="4Gi",
+    )  # fmt: skip
+    assert settings.check_concurrency == 4
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+def test_values_from_before_the_policy_run_the_operators_defaults(
+    release: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`helm upgrade --reuse-values` keeps an older release's values, without these (null
+    removes a value, as they lack it): the flags are left out, never given empty."""
+    older = {"operator": {"policy": None, "checkConcurrency": None}}
+    settings = operator_settings(older, monkeypatch, release=release)
+    assert settings.policy == Policy()
+    assert settings.check_concurrency == OperatorSettings.check_concurrency
+    partial = {"operator": {"policy": {"secretEnv": None, "maxCpu": None}}}
+    assert operator_settings(partial, monkeypatch, release=release).policy == Policy()
+    older_rbac = template({"rbac": {"aggregateClusterRoles": None}})
+    docs = [doc for doc in yaml.safe_load_all(older_rbac) if doc]
+    assert {doc["metadata"]["name"] for doc in find(docs, "ClusterRole")} == {RELEASE}
+
+
 def test_the_defaults_are_the_operators_and_the_image_is_this_release() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
@@ -313,6 +468,36 @@ def test_the_defaults_are_the_operators_and_the_image_is_this_release() -> None:
     assert values["operator"]["autoscaleSeconds"] == defaults.autoscale_seconds
     assert values["operator"]["metricsPort"] == defaults.metrics_port
     assert values["operator"]["workerMetricsPort"] == defaults.worker_metrics_port
+    assert values["operator"]["checkConcurrency"] == defaults.check_concurrency
+    policy = values["operator"]["policy"]
+    assert (
+        Policy(
+            images=tuple(policy["allowedImages"]) or ("*",),
+            service_accounts=tuple(policy["allowedServiceAccounts"]) or ("*",),
+            secret_env=policy["secretEnv"],
+            max_replicas=policy["maxReplicas"],
+            max_processes=policy["maxProcesses"],
+            max_cpu=policy["maxCpu"] or None,
+            max_memory=policy["maxMemory"] or None,
+        )
+        == defaults.policy
+    )
+
+
+def test_the_schemas_bounds_are_the_crds_and_its_quantities_the_operators() -> None:
+    """maxReplicas and maxProcesses at most what a QueueConsumer may ask for at all; a
+    quantity the schema takes is one the operator takes, and not below zero."""
+    policy = SCHEMA["properties"]["operator"]["properties"]["policy"]["properties"]
+    spec = crd.spec_schema()["properties"]
+    assert policy["maxReplicas"]["maximum"] == spec["replicas"]["maximum"]
+    assert policy["maxProcesses"]["maximum"] == spec["processes"]["maximum"]
+    assert policy["maxReplicas"]["minimum"] == policy["maxProcesses"]["minimum"] == 1
+    pattern = re.compile(policy["maxCpu"]["pattern"])
+    assert policy["maxMemory"]["pattern"] == pattern.pattern
+    for text in ["2", "500m", "1.5", ".5", "4Gi", "512Mi", "1e3", "1E+09", "128k", "3.",
+                 "", "2 cores", "1GB", "1ki", "-1", "+1", "1e", "Gi", "0x10", "1.5.2"]:  # fmt: skip
+        expected = text == "" or (bool(QUANTITY.match(text)) and text[0] not in "+-")
+        assert bool(pattern.match(text)) == expected, text
 
 
 @CASES
@@ -426,6 +611,7 @@ def test_the_dashboard_and_the_alert_rules_ship_as_they_are() -> None:
         ({"metrics": {"interval": "30"}}, "/metrics/interval"),
         ({"image": {"repository": ""}}, "/image/repository"),
         ({"nodeSelector": {"disk": 1}}, "/nodeSelector/disk"),
+        ({"rbac": {"aggregateClusterRoles": "yes"}}, "/rbac/aggregateClusterRoles"),
     ],
 )
 def test_the_values_schema_refuses_a_bad_value_naming_it(
@@ -435,6 +621,42 @@ def test_the_values_schema_refuses_a_bad_value_naming_it(
     assert done.returncode != 0
     assert "values don't meet the specifications of the schema" in done.stderr
     assert named in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+@pytest.mark.parametrize(
+    ("values", "path", "shown"),
+    [
+        ({"policy": {"maxCpu": "2 cores"}}, "policy/maxCpu", "'2 cores'"),
+        ({"policy": {"maxCpu": "-1"}}, "policy/maxCpu", "'-1'"),
+        ({"policy": {"maxMemory": "4GB"}}, "policy/maxMemory", "'4GB'"),
+        ({"policy": {"maxMemory": 0}}, "policy/maxMemory", "got 0"),
+        ({"policy": {"maxReplicas": 0}}, "policy/maxReplicas", "got 0"),
+        ({"policy": {"maxReplicas": 5000}}, "policy/maxReplicas", "got 5,000"),
+        ({"policy": {"maxProcesses": 0}}, "policy/maxProcesses", "got 0"),
+        ({"policy": {"maxProcesses": "8"}}, "policy/maxProcesses", "got string"),
+        ({"policy": {"secretEnv": "no"}}, "policy/secretEnv", "got string"),
+        ({"policy": {"allowedImages": "registry.example/*"}}, "policy/allowedImages", "got string"),
+        ({"policy": {"allowedImages": ["registry.example/luaq :*"]}}, "policy/allowedImages/0",
+         "'registry.example/luaq :*'"),
+        ({"policy": {"allowedServiceAccounts": ["Queue_Ops"]}}, "policy/allowedServiceAccounts/0",
+         "'Queue_Ops'"),
+        ({"policy": {"maxCPU": "2"}}, "policy", "'maxCPU' not allowed"),
+        ({"checkConcurrency": 0}, "checkConcurrency", "got 0"),
+    ],
+)  # fmt: skip
+def test_the_values_schema_refuses_a_bad_policy_naming_it(
+    values: dict[str, Any], path: str, shown: str, release: str
+) -> None:
+    """Helm 4 names the value by its JSON pointer and shows it; Helm 3 names it dotted."""
+    done = helm("template", RELEASE, str(CHART), values={"operator": values}, release=release)
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr
+    if release == "helm3":
+        assert f"- operator.{path.replace('/', '.')}: " in done.stderr, done.stderr
+    else:
+        assert f"- at '/operator/{path}': " in done.stderr, done.stderr
+        assert shown in done.stderr, done.stderr
 
 
 def test_the_same_port_for_metrics_and_health_is_refused() -> None:
@@ -486,6 +708,26 @@ def test_every_helm_install_and_upgrade_of_the_readme_renders() -> None:
         kept = [arg for arg in args[1:] if arg not in ("--create-namespace", "--reuse-values")]
         done = helm("template", *kept)
         assert done.returncode == 0, f"{args}: {done.stderr}"
+
+
+def values_table() -> str:
+    """The README's table of the chart's values."""
+    return README.split("**The chart's values**", 1)[1].split("\n\n", 2)[1]
+
+
+def test_the_readme_table_names_every_operator_and_rbac_value_and_its_sets_render() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    named = set(re.findall(r"`([\w.]+)`", values_table()))
+    paths = (
+        [f"operator.{key}" for key in values["operator"] if key != "policy"]
+        + [f"operator.policy.{key}" for key in values["operator"]["policy"]]
+        + [f"rbac.{key}" for key in values["rbac"]]
+    )
+    assert [path for path in paths if path not in named] == []
+    sets = re.findall(r"`(--set '[^`]+')`", values_table())
+    assert len(sets) >= 2
+    for option in sets:
+        template({}, *shlex.split(option))
 
 
 def notes(values: Mapping[str, Any]) -> str:
@@ -572,6 +814,37 @@ async def run_hook(hook: Manifest) -> subprocess.CompletedProcess[str]:
 IMAGE = "registry.example/luaq:test"
 
 
+def operator_grants(
+    cluster: Cluster, deployment: Manifest, namespace: str | None
+) -> set[tuple[str, str, str]]:
+    """What the operator's service account may do in `namespace` (None: across all), by the
+    roles bound to it: not by every role there is (the aggregated ones grant nobody)."""
+    account = {
+        "kind": "ServiceAccount",
+        "name": deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "namespace": NAMESPACE,
+    }
+    bindings = [
+        binding
+        for binding in [
+            *cluster.emulator.read_all("clusterrolebindings"),
+            *(cluster.emulator.read_all("rolebindings", namespace) if namespace else []),
+        ]
+        if account in binding["subjects"]
+    ]
+    granted = set()
+    for binding in bindings:
+        ref = binding["roleRef"]
+        role = (
+            cluster.emulator.read("clusterroles", None, ref["name"])
+            if ref["kind"] == "ClusterRole"
+            else cluster.get("roles", binding["metadata"]["namespace"], ref["name"])
+        )
+        assert role is not None, ref
+        granted |= grants(role["rules"])
+    return granted
+
+
 @pytest.mark.parametrize(
     "values",
     [{}, {"replicaCount": 2, "operator": {"watchNamespaces": ["default", "shop"]}}],
@@ -613,21 +886,49 @@ async def test_the_installed_chart_runs_the_examples(
         checked = await run_hook(hook)
         assert checked.returncode == 0, checked.stderr
 
-        cluster_wide = set()
-        for role in cluster.emulator.read_all("clusterroles"):
-            cluster_wide |= grants(role["rules"])
         for namespace, *permission in cluster.scoped_permissions():
-            granted = cluster_wide | {
-                grant
-                for role in (cluster.emulator.read_all("roles", namespace) if namespace else [])
-                for grant in grants(role["rules"])
-            }
+            granted = operator_grants(cluster, deployment, namespace)
             assert tuple(permission) in granted, f"{permission} in {namespace or 'all'}"
 
         done = await shell(cluster, kubectl_binary, notes_commands(notes(values)))
         assert "hello-worker" in done.stdout
         first = (values["operator"].get("watchNamespaces") or ["default"])[0]
         await eventually(lambda: cluster.get("deployments", first, "hello-worker") is not None, 20)
+
+
+async def test_the_installed_operator_holds_queueconsumers_to_the_values_policy(
+    cluster: Cluster, kubectl_binary: Path, tmp_path: Path
+) -> None:
+    """The policy reaches the running operator: within it, the email worker runs; the receipt
+    worker, autoscaled up to 5 replicas, asks for more than the 2 allowed and gets nothing."""
+    values = {
+        "operator": {
+            "healthPort": free_port(),
+            "metricsPort": free_port(),
+            "workerImage": IMAGE,
+            "policy": {"allowedImages": ["registry.example/*"], "maxReplicas": 2},
+        }
+    }
+    await kubectl(
+        kubectl_binary, cluster, "apply", "--validate=false", "-f", "-",
+        stdin=template(values, "--skip-tests"),
+    )  # fmt: skip
+    deployment = cluster.get("deployments", NAMESPACE, RELEASE)
+    assert deployment is not None
+    async with operator_pods(cluster, deployment, 1, tmp_path):
+        await kubectl(kubectl_binary, cluster, *APPLY_EXAMPLES.split()[1:], "--validate=false")
+        await eventually(lambda: cluster.get("deployments", "shop", "email-worker") is not None, 20)
+
+        def refused() -> dict[str, Any]:
+            body = cluster.get("queueconsumers", "shop", "receipt-worker") or {}
+            conditions = (body.get("status") or {}).get("conditions") or []
+            found = [c for c in conditions if c["type"] == "Degraded" and c["status"] == "True"]
+            return found[0] if found else {}
+
+        await eventually(lambda: bool(refused()), 20)
+        assert refused()["reason"] == "NotAllowed"
+        assert "spec.replicas: 5 is over the allowed 2" in refused()["message"]
+        assert cluster.get("deployments", "shop", "receipt-worker") is None
 
 
 async def test_queueconsumers_go_with_the_operator_running_and_need_a_hand_without(

@@ -70,3 +70,16 @@ matchNames:
 any: true
 {{- end }}
 {{- end }}
+
+{{/*
+A quantity value as the operator's flag takes it: a string as it is, a whole number (from
+`--set`, or unquoted in a values file) without the exponent Go gives a large float
+(1073741824, not 1.073741824e+09) unless it is too large for an integer (1e+20 stays).
+*/}}
+{{- define "luaq.quantity" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) (lt . 1e15) }}
+{{- . | int64 }}
+{{- else }}
+{{- . }}
+{{- end }}
+{{- end }}
