@@ -1,0 +1,95 @@
+"""A RabbitMQ node of a test's own, on free ports, for faults that need the broker reconfigured
+(consumer_timeout, channel_max, alarms, policies): never the shared node on 5672. It runs from
+the same installation with its own node name, data and log directories, and no plugins, and is
+stopped (and its directories removed) when the test is done."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from processes import free_port
+
+
+@dataclass
+class RabbitNode:
+    name: str  # as rabbitmqctl -n takes it
+    port: int
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """rabbitmqctl against this node; fails the test when it fails."""
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", "-n", self.name, *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+
+@contextmanager
+def rabbit_node(config: str = "") -> Iterator[RabbitNode]:
+    """A started node; `config` is added to its rabbitmq.conf (new-style `key = value` lines).
+    Its data lives in a directory of its own under /tmp, short enough for Erlang's paths."""
+    base = Path(tempfile.mkdtemp(prefix="luaq-rmq-"))
+    port, dist = free_port(), free_port()
+    name = f"luaq-test-{uuid.uuid4().hex[:8]}@localhost"
+    (base / "rabbitmq.conf").write_text(
+        f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n{config}\n"
+    )
+    (base / "enabled_plugins").write_text("[].\n")
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": name,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist),
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_PID_FILE": str(base / "pid"),
+        "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+        "HOME": "/var/lib/rabbitmq",  # the shared Erlang cookie rabbitmqctl reads
+    }
+    (base / "rabbitmq-env.conf").write_text("")
+    for directory in ("mnesia", "log"):
+        (base / directory).mkdir()
+    # Debian's rabbitmq-server runs the node as the rabbitmq user: its directories are its own
+    for path in (base, *base.rglob("*")):
+        shutil.chown(path, "rabbitmq", "rabbitmq")
+    node = RabbitNode(name, port, env)
+    subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, timeout=60)
+    try:
+        # -detached returns at once, and await_startup fails until the node has registered
+        deadline = time.monotonic() + 90
+        while not node.answers():
+            log = "\n".join(p.read_text()[-2000:] for p in (base / "log").glob("*.log"))
+            assert time.monotonic() < deadline, f"node {name} did not start:\n{log}"
+            time.sleep(0.2)
+        node.ctl("await_startup", "--timeout", "60", timeout=90)
+        yield node
+    finally:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "-n", name, "stop"], env=env, capture_output=True, timeout=60
+        )
+        shutil.rmtree(base, ignore_errors=True)
