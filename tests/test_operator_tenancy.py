@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import os
 import signal
 import subprocess
@@ -35,20 +34,14 @@ from test_operator import (
     versions,
 )
 from test_operator_cli import OPERATOR, answers
+from test_operator_crd import changed
 
 EMAIL = next(doc for doc in example("email-worker.yaml") if doc["kind"] == "QueueConsumer")
 
 
 def consumer(name: str, **spec: Any) -> dict[str, Any]:
     """The email worker under another name, with `spec` changed (None removes a field)."""
-    body = copy.deepcopy(EMAIL)
-    body["metadata"] = {"name": name}
-    for key, value in spec.items():
-        if value is None:
-            body["spec"].pop(key, None)
-        else:
-            body["spec"][key] = value
-    return body
+    return {**changed(**spec), "metadata": {"name": name}}
 
 
 def operator_requests_in(cluster: Cluster, ns: str) -> set[tuple[str | None, str, str, str]]:
