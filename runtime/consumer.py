@@ -22,7 +22,7 @@ from typing import Any
 
 from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
-from .entries import ConsumerEntry, QueueEntry, Retry
+from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from .errors import Kind, QueueError
 from .lua import Outcome, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
@@ -30,8 +30,10 @@ from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
 Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]
 DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
-DEFAULT_RETRY = Retry()  # 1s, doubling up to 60s
 REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
+# Attempts counted without `max_attempts`: a count another publisher set beyond it is taken as
+# this (it still fits the 64-bit header that carries it, plus one per attempt for ages).
+MAX_COUNTED_ATTEMPTS = 2**31
 _log = logging.getLogger("luaq.consumer")
 
 
@@ -145,7 +147,9 @@ class Consumer:
         self.entry = entry
         self._max_size = max_message_size
         self._backoff = entry.retry or queue.retry or DEFAULT_RETRY
+        driver.retries_with(queue, self._backoff)
         self._max_attempts = queue.dead_letter.max_attempts if queue.dead_letter else None
+        self._attempts_limit = self._max_attempts or MAX_COUNTED_ATTEMPTS
         self._dead_letter_sink = dead_letter
         self.queue = queue
         self._codec = CODECS[queue.codec]  # for a body that comes without a content type
@@ -200,6 +204,8 @@ class Consumer:
         if self._requeued_attempts:
             earlier = self._requeued_attempts.pop(delivery.id, 0)
             delivery.attempts = max(delivery.attempts, earlier + 1)
+        if not 1 <= delivery.attempts <= self._attempts_limit:
+            self._clamp_attempts(delivery)
         self._buffer.append(delivery)
         waiting = self._waiting
         while waiting:
@@ -207,6 +213,23 @@ class Consumer:
             if not waiter.done():  # (done: its worker task was cancelled)
                 waiter.set_result(None)
                 break
+
+    def _clamp_attempts(self, delivery: Delivery) -> None:
+        """An attempt count from another publisher (x-luaq-attempts, x-delivery-count) that no
+        retry of luaq's gives: below 1 it would dodge max_attempts, above it the message has had
+        every attempt it may have."""
+        given = delivery.attempts
+        delivery.attempts = min(max(given, 1), self._attempts_limit)
+        if self._log_budget.take() is not None:
+            _log.warning(
+                "attempt count out of range",
+                extra={
+                    "consumer": self.entry.id,
+                    "message_id": delivery.id,
+                    "given": given,
+                    "taken_as": delivery.attempts,
+                },
+            )
 
     async def _work(self) -> None:
         buffer, waiting, pace = self._buffer, self._waiting, self._pace

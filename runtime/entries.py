@@ -7,6 +7,7 @@ fixes a file in one pass instead of one error per run.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -272,7 +273,27 @@ class Retry(_Model):
         return self
 
     def delay_after(self, attempts: int) -> float:
-        return float(min(self.delay * self.multiplier ** max(attempts - 1, 0), self.max_delay))
+        """The wait after the `attempts`-th attempt failed. Capped before it is computed: the
+        power alone overflows a float past a thousand attempts or so."""
+        exponent = max(attempts - 1, 0)
+        if self.delay >= self.max_delay:
+            return float(self.max_delay)
+        if exponent * math.log(self.multiplier) >= math.log(self.max_delay / self.delay):
+            return float(self.max_delay)
+        return float(min(self.delay * self.multiplier**exponent, self.max_delay))
+
+    def delays(self) -> list[float]:
+        """Every distinct wait this policy gives, shortest first: `delay` times each power of
+        `multiplier` below `max_delay`, then `max_delay` (a finite list)."""
+        found = [self.delay_after(1)]
+        attempts = 1
+        while found[-1] < self.max_delay and self.multiplier > 1:
+            attempts += 1
+            found.append(self.delay_after(attempts))
+        return found
+
+
+DEFAULT_RETRY = Retry()  # 1s, doubling up to 60s: for a consumer and queue without `retry`
 
 
 class QueueEntry(_Entry):
@@ -613,7 +634,8 @@ def _check_refs(config: Config) -> None:
 
 
 # AMQP names a queue with a short string of at most 255 bytes, and luaq's delay queues append
-# `.retry.<milliseconds>ms` (drivers/amqp.py) to it: at most 29 more bytes.
+# `.delay.<milliseconds>ms` (drivers/amqp.py; `.retry.<milliseconds>ms` for a queue that is not
+# durable, as every delay queue was named before) to it: at most 29 more bytes.
 AMQP_QUEUE_NAME_BYTES = 255 - 29
 
 

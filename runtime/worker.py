@@ -304,16 +304,15 @@ class Worker:
         driver = self.drivers[target.driver]
 
         async def sink(delivery: Delivery, reason: str, error: str) -> None:
+            # the message as it came (never with an expiration), and why it is here
             headers = {
-                **delivery.headers,
-                "message_id": delivery.id,
                 "x_dead_letter_reason": reason,
                 "x_original_queue": source.id,
                 "x_attempts": delivery.attempts,
                 "x_last_error": _shortened(error),
                 "x_failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
-            await driver.publish(target, delivery.body, headers, delivery.content_type)
+            await driver.forward(target, delivery, headers)
 
         return sink
 

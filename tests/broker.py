@@ -9,8 +9,7 @@ from typing import Any
 from uuid import uuid4
 
 import aiormq
-from luaq.runtime.consumer import DEFAULT_RETRY
-from luaq.runtime.entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
+from luaq.runtime.entries import DEFAULT_RETRY, AmqpDriverEntry, ConsumerEntry, QueueEntry
 
 CONTEXT = {"namespace": "app", "base_dir": Path(".")}
 
@@ -56,14 +55,18 @@ RETRY_DELAYS_MS = sorted(
 )
 
 
+KINDS = ("delay", "retry")  # luaq's quorum delay queues, and its classic ones
+
+
 async def delete_queues(*names: str, url: str = AMQP_URL) -> None:
     """Delete queues, whether they exist or not, and the delay queues luaq may have declared
-    for them (`<name>.retry.<ms>ms`)."""
+    for them (`<name>.delay.<ms>ms`, and `<name>.retry.<ms>ms` as before or when not durable)."""
     connection = await aiormq.connect(url)
     try:
         channel = await connection.channel()
         for name in names:
-            for queue in (name, *(f"{name}.retry.{ms}ms" for ms in RETRY_DELAYS_MS)):
+            delays = (f"{name}.{kind}.{ms}ms" for ms in RETRY_DELAYS_MS for kind in KINDS)
+            for queue in (name, *delays):
                 if len(queue.encode()) > 255:  # no such queue can exist
                     continue
                 if channel.is_closed:

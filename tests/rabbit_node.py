@@ -48,9 +48,11 @@ class RabbitNode:
 
 
 @contextmanager
-def rabbit_node(config: str = "") -> Iterator[RabbitNode]:
-    """A started node; `config` is added to its rabbitmq.conf (new-style `key = value` lines).
-    Its data lives in a directory of its own under /tmp, short enough for Erlang's paths."""
+def rabbit_node(config: str = "", advanced: str = "") -> Iterator[RabbitNode]:
+    """A started node; `config` is added to its rabbitmq.conf (new-style `key = value` lines),
+    `advanced` (an Erlang term list, such as `[{rabbit, [{key, value}]}].`) is its
+    advanced.config, for settings rabbitmq.conf has no key for. Its data lives in a directory
+    of its own under /tmp, short enough for Erlang's paths."""
     base = Path(tempfile.mkdtemp(prefix="luaq-rmq-"))
     port, dist = free_port(), free_port()
     name = f"luaq-test-{uuid.uuid4().hex[:8]}@localhost"
@@ -58,12 +60,14 @@ def rabbit_node(config: str = "") -> Iterator[RabbitNode]:
         f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n{config}\n"
     )
     (base / "enabled_plugins").write_text("[].\n")
+    (base / "advanced.config").write_text(advanced or "[].\n")
     env = {
         **os.environ,
         "RABBITMQ_NODENAME": name,
         "RABBITMQ_NODE_PORT": str(port),
         "RABBITMQ_DIST_PORT": str(dist),
         "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
         "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
         "RABBITMQ_LOG_BASE": str(base / "log"),

@@ -381,7 +381,7 @@ def test_the_longest_queue_name_luaq_check_allows_works_with_its_delay_queue(
     assert process.wait(30) == 0, process.stderr
     [dead] = asyncio.run(take_raw(url, "dlq"))
     assert dead.headers["x_attempts"] == 2
-    assert any(name.startswith(f"{longest}.retry.") for name in queue_totals(vhost))
+    assert any(name.startswith(f"{longest}.delay.") for name in queue_totals(vhost))
 
 
 # -- 4. deliveries buffered when their channel dies ----------------------------------------------
@@ -815,7 +815,7 @@ def test_a_failing_republish_never_turns_into_a_requeue_loop(
     max_attempts dead-lettered."""
     url = vhost_url(vhost)
     asyncio.run(fill(url, "jobs", 1))
-    asyncio.run(declare_conflicting(url, "jobs.retry.100ms"))
+    asyncio.run(declare_conflicting(url, "jobs.delay.100ms"))
     app = amqp_app(
         tmp_path / "app.yaml", url, 'function handle(p) logger:info("ran") error("no") end',
         {"name": "jobs", "dead_letter": {"queue": "dlq", "max_attempts": 3},

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ..entries import ConsumerEntry, QueueEntry
+from ..entries import ConsumerEntry, QueueEntry, Retry
 
 CLOSE_TIMEOUT = 2.0  # for closing a subscription or a driver, after which connections are dropped
 
@@ -157,6 +157,22 @@ class Driver(ABC):
     ) -> str:
         """Enqueue a message and return its id; raises QueueError (NOT_FOUND, INVALID,
         UNAVAILABLE, TIMEOUT, INTERNAL), never anything else."""
+
+    async def forward(
+        self, queue: QueueEntry, delivery: Delivery, headers: Mapping[str, Any]
+    ) -> None:
+        """Publish `delivery` to `queue` as it came, with `headers` added: the same id, body
+        and headers, and on a broker the same properties and header types. For a dead letter,
+        which must never expire: an `expiration` moves to the x_original_expiration header."""
+        carried = {**delivery.headers, "message_id": delivery.id}
+        if "expiration" in carried:
+            carried["x_original_expiration"] = carried.pop("expiration")
+        await self.publish(queue, delivery.body, {**carried, **headers}, delivery.content_type)
+
+    def retries_with(self, queue: QueueEntry, retry: Retry) -> None:
+        """A consumer of `queue` in this process retries with `retry`: `info` counts what waits
+        out those delays too (beside the queue's own `retry`, or the default)."""
+        return None  # a driver whose `info` counts delayed messages without knowing the delays
 
     @abstractmethod
     async def info(self, queue: QueueEntry) -> QueueInfo:

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from ..entries import AmqpDriverEntry, ConsumerEntry, QueueEntry
+from ..entries import DEFAULT_RETRY, AmqpDriverEntry, ConsumerEntry, QueueEntry, Retry
 from ..errors import Kind, QueueError
 from . import (
     CLOSE_TIMEOUT,
@@ -41,12 +41,14 @@ from . import (
 )
 from .amqp_client import (
     MALFORMED,
+    RAW_HEADERS,
     Channel,
     ChannelClosed,
     ChannelGone,
     Confirm,
     Connection,
     Endpoint,
+    raw_fields,
 )
 
 _log = logging.getLogger("luaq.amqp")
@@ -64,6 +66,16 @@ PROPERTIES = {
 }
 PRIORITY_NAMES = {"low": 1, "normal": 5, "high": 9}
 ATTEMPTS = "x-luaq-attempts"  # attempts a retried message has had, carried in its headers
+DELIVERY_COUNT = "x-delivery-count"  # a quorum queue's count of earlier deliveries
+# The properties a retry or a dead letter passes on as they came (`headers` aside)
+PASSED_ON = frozenset(
+    {"content_type", "content_encoding", "delivery_mode", "priority", "correlation_id",
+     "reply_to", "expiration", "message_id", "timestamp", "type", "user_id", "app_id",
+     "cluster_id"}
+)  # fmt: skip
+# A delay queue found missing is looked for again after this many seconds (a passive declare
+# of a queue that does not exist costs a channel, and an error line in the broker's log)
+ABSENT_RECHECK = 5.0
 # Broker reply codes (channel closes) as error kinds
 REPLY_KINDS = {
     403: Kind.PERMISSION_DENIED,  # access refused
@@ -120,9 +132,25 @@ def priority(value: Any) -> int:
     return number
 
 
+class AmqpHeaders(dict[str, Any]):
+    """A delivery's headers as its handler sees them (headers_from), and the AMQP properties
+    they came from: a retry or a dead letter passes those on as they were."""
+
+    __slots__ = ("properties",)
+
+    properties: Mapping[str, Any]
+
+
+class Properties(dict[str, Any]):
+    """AMQP properties made already, for a message passed on as it came: given to `_publish`
+    as its headers, properties_for takes them as they are."""
+
+
 def properties_for(
     headers: Mapping[str, Any], content_type: str, message_id: str, persistent: bool
 ) -> dict[str, Any]:
+    if type(headers) is Properties:
+        return headers
     table: dict[str, Any] = {}
     properties: dict[str, Any] = {
         "content_type": content_type,
@@ -174,8 +202,9 @@ def expiration(value: Any) -> str:
     return text
 
 
-def headers_from(properties: Mapping[str, Any]) -> dict[str, Any]:
-    headers: dict[str, Any] = {}
+def headers_from(properties: Mapping[str, Any]) -> AmqpHeaders:
+    headers = AmqpHeaders()
+    headers.properties = properties
     for key, name in PROPERTIES.items():
         value = properties.get(name)
         if value is not None:
@@ -184,6 +213,41 @@ def headers_from(properties: Mapping[str, Any]) -> dict[str, Any]:
     if table:
         headers.update(table)  # as decoded: bytes, decimals, timestamps kept for a republish
     return headers
+
+
+def passed_on(
+    delivery: Delivery, user: str, extra: Mapping[str, Any], drop: tuple[str, ...] = ()
+) -> Properties:
+    """The properties of `delivery` for a copy sent on (a retry, a dead letter): as it came,
+    every header of the wire type it had, with `extra` headers set and `drop` left out, and
+    the broker's x-delivery-count too (a retry carries x-luaq-attempts).
+
+    Two properties cannot go on as they are. `expiration`: the copy would expire out of a
+    delay queue before its backoff, and out of a dead-letter queue; it goes in the header
+    x_original_expiration instead (as RabbitMQ's own dead-lettering drops it). And `user_id`,
+    unless it is the user luaq publishes as: RabbitMQ refuses any other (x_original_user_id)."""
+    original: Mapping[str, Any] | None = getattr(delivery.headers, "properties", None)
+    table: dict[str, Any] = {}
+    if original is None:  # not from a broker (a test's delivery): as luaq would publish it
+        original = properties_for(delivery.headers, delivery.content_type, delivery.id, True)
+        table.update(original.get("headers") or {})
+    elif RAW_HEADERS in original:
+        table.update(raw_fields(original[RAW_HEADERS]))
+    properties = {k: v for k, v in original.items() if k in PASSED_ON}
+    properties["message_id"] = delivery.id
+    for key in (DELIVERY_COUNT, *drop):
+        table.pop(key, None)
+    expiration = properties.pop("expiration", None)
+    if expiration is not None:
+        table.setdefault("x_original_expiration", expiration)
+    user_id = properties.get("user_id")
+    if user_id is not None and user_id != user:
+        del properties["user_id"]
+        table.setdefault("x_original_user_id", user_id)
+    table.update(extra)
+    if table:
+        properties["headers"] = table
+    return Properties({k: v for k, v in properties.items() if v is not None})
 
 
 def ssl_context(entry: AmqpDriverEntry) -> ssl.SSLContext | None:
@@ -579,6 +643,12 @@ class AmqpDriver(Driver):
         self._declared: dict[str, QueueEntry] = {}
         # name -> (the queue it feeds, its TTL in ms); declared again after a reconnect
         self._delay_queues: dict[str, tuple[QueueEntry, int]] = {}
+        self._delay_routes: dict[tuple[str, int], str] = {}  # (queue, TTL in ms) -> delay queue
+        self._retries: dict[str, set[Retry]] = {}  # queue -> its consumers' retry policies here
+        self._waits: dict[str, list[str]] = {}  # queue -> every delay queue it may have
+        self._absent: dict[str, float] = {}  # delay queue found missing -> when to look again
+        self._warned: set[str] = set()  # queues told to retry at-most-once
+        self._user = Endpoint.from_url(entry.url).username  # user_id a publish may carry
         self._consuming = Link(self, "consume", self._restore)
         self._publishing = Link(self, "publish", self._open_publisher)
         self._publisher: Channel | None = None
@@ -753,45 +823,103 @@ class AmqpDriver(Driver):
 
     async def republish(self, queue: QueueEntry, delivery: Delivery, delay: float) -> None:
         """The same message again, with the attempts it has had, for another try: straight
-        into its queue, or into a delay queue whose TTL dead-letters it back there."""
-        headers = {**delivery.headers, ATTEMPTS: delivery.attempts}
+        into its queue, or into a delay queue whose TTL dead-letters it back there. It keeps
+        its properties and headers as they came (passed_on)."""
+        properties = passed_on(delivery, self._user, {ATTEMPTS: delivery.attempts})
         route = await self._delay_queue(queue, delay) if delay > 0 else None
         await self._publish(
-            queue, delivery.body, headers, delivery.content_type, delivery.id, route
+            queue, delivery.body, properties, delivery.content_type, delivery.id, route
         )
+
+    async def forward(
+        self, queue: QueueEntry, delivery: Delivery, headers: Mapping[str, Any]
+    ) -> None:
+        """A dead letter: the message as it came (passed_on), `headers` added; never with an
+        expiration, and without luaq's count of attempts (`headers` says it)."""
+        properties = passed_on(delivery, self._user, headers, drop=(ATTEMPTS,))
+        await self._publish(queue, delivery.body, properties, delivery.content_type, delivery.id)
 
     async def _delay_queue(self, queue: QueueEntry, delay: float) -> str:
         """One queue per distinct delay, so its single TTL keeps it first-in first-out. No
         x-expires: RabbitMQ would delete it while messages still wait in it (publishes do not
-        count as use); an idle, empty delay queue costs nothing."""
+        count as use); an idle, empty delay queue costs nothing.
+
+        A quorum queue, `<queue>.delay.<ms>ms`, whose dead-lettering is at-least-once: the
+        broker hands an expired message back only once `<queue>` confirmed it, and keeps it
+        while `<queue>` refuses it (full, with overflow reject-publish). A queue that is not
+        durable (quorum queues are), or a broker that refuses quorum delay queues, gets a
+        classic one, `<queue>.retry.<ms>ms`, as before: at-most-once, a warning says so."""
         milliseconds = max(_milliseconds(delay), 1)
-        name = f"{queue.external_name}.retry.{milliseconds}ms"
-        if name not in self._delay_queues:
+        key = (queue.external_name, milliseconds)
+        name = self._delay_routes.get(key)
+        if name is not None and name in self._delay_queues:
+            return name
+        quorum = f"{queue.external_name}.delay.{milliseconds}ms"
+        classic = f"{queue.external_name}.retry.{milliseconds}ms"
 
-            async def declare(channel: Channel) -> None:
-                await self._declare_delay_queue(channel, name, queue, milliseconds)
+        async def declare(channel: Channel) -> str:
+            if not queue.driver_options.amqp.durable:
+                self._at_most_once(queue, "the queue is not durable, and quorum queues are")
+                await self._declare_delay_queue(channel, classic, queue, milliseconds)
+                return classic
+            try:
+                await self._declare_delay_queue_on(channel, quorum, queue, milliseconds)
+                return quorum
+            except ChannelGone:
+                raise
+            except ChannelClosed as exc:
+                # 406 "inequivalent arg": a queue of that name exists with other arguments
+                # (someone else's); the publish fails, and the message is held, not lost
+                if exc.code != 406 or "inequivalent" in exc.text:
+                    raise broker_error(exc, f"cannot declare delay queue {quorum}") from exc
+                self._at_most_once(queue, f"the broker refused a quorum delay queue: {exc.text}")
+            channel = await self._admin_on(channel.connection)
+            await self._declare_delay_queue(channel, classic, queue, milliseconds)
+            return classic
 
-            await self._on_admin(f"cannot declare delay queue {name}", declare)
-            self._delay_queues[name] = (queue, milliseconds)
+        name = await self._on_admin(f"cannot declare a delay queue for {quorum}", declare)
+        self._delay_queues[name] = (queue, milliseconds)
+        self._delay_routes[key] = name
+        self._absent.pop(name, None)
         return name
+
+    def _at_most_once(self, queue: QueueEntry, why: str) -> None:
+        if queue.external_name not in self._warned:
+            self._warned.add(queue.external_name)
+            _log.warning(
+                "retries wait in classic delay queues: a retry whose queue is full when its "
+                "delay ends is dropped (at-most-once)",
+                extra={"queue": queue.external_name, "why": why},
+            )
 
     async def _declare_delay_queue(
         self, channel: Channel, name: str, queue: QueueEntry, milliseconds: int
     ) -> None:
         try:
-            await channel.queue_declare(
-                name,
-                durable=queue.driver_options.amqp.durable,
-                arguments={
-                    "x-message-ttl": milliseconds,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue.external_name,
-                },
-            )
+            await self._declare_delay_queue_on(channel, name, queue, milliseconds)
         except ChannelGone:
             raise
         except ChannelClosed as exc:
             raise broker_error(exc, f"cannot declare delay queue {name}") from exc
+
+    async def _declare_delay_queue_on(
+        self, channel: Channel, name: str, queue: QueueEntry, milliseconds: int
+    ) -> None:
+        """Quorum for a `.delay.` name, classic for a `.retry.` one (see _delay_queue)."""
+        arguments: dict[str, Any] = {
+            "x-message-ttl": milliseconds,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue.external_name,
+        }
+        if name == f"{queue.external_name}.delay.{milliseconds}ms":
+            arguments |= {
+                "x-queue-type": "quorum",
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",  # which at-least-once asks of its source
+            }
+        await channel.queue_declare(
+            name, durable=queue.driver_options.amqp.durable, arguments=arguments
+        )
 
     async def _publish(
         self,
@@ -868,24 +996,53 @@ class AmqpDriver(Driver):
             )
         return message_id
 
-    async def info(self, queue: QueueEntry) -> QueueInfo:
-        """Counts from a passive declare, plus what waits in the queue's delay queues (those
-        this driver has used: the ones for a retry's delays)."""
+    def retries_with(self, queue: QueueEntry, retry: Retry) -> None:
+        self._retries.setdefault(queue.external_name, set()).add(retry)
+        self._waits.pop(queue.external_name, None)
+
+    def _delay_queues_of(self, queue: QueueEntry) -> list[str]:
+        """Every delay queue a retry of `queue` may wait in, whoever declared it: one per delay
+        of its retry policies (its own or the default, and its consumers' here), quorum and
+        classic (as before quorum ones, or for a queue that is not durable)."""
         name = queue.external_name
+        waits = self._waits.get(name)
+        if waits is None:
+            policies = {queue.retry or DEFAULT_RETRY, *self._retries.get(name, ())}
+            delays = sorted({max(_milliseconds(d), 1) for p in policies for d in p.delays()})
+            waits = [f"{name}.{kind}.{ms}ms" for ms in delays for kind in ("delay", "retry")]
+            self._waits[name] = waits
+        known = [n for n, (q, _) in self._delay_queues.items() if q is queue]
+        return [*waits, *(n for n in known if n not in waits)]
+
+    async def info(self, queue: QueueEntry) -> QueueInfo:
+        """Counts from a passive declare, plus what waits in the queue's delay queues: those
+        of every delay its retry policies give, whoever declared them (an earlier process,
+        say). One found missing is looked for again after ABSENT_RECHECK, or once this driver
+        declares it. Messages a quorum delay queue holds back while their queue refuses them
+        (full) are in no count: the broker's passive declare leaves them out."""
+        name = queue.external_name
+        places = self._delay_queues_of(queue)
 
         async def count(channel: Channel) -> QueueInfo:
             ok = await channel.queue_declare(name, passive=True)
             messages, consumers = ok.message_count or 0, ok.consumer_count or 0
-            for delay in [n for n, (q, _) in self._delay_queues.items() if q is queue]:
+            now = asyncio.get_running_loop().time()
+            absent = self._absent
+            for delay in places:
+                if absent.get(delay, 0.0) > now:
+                    continue
                 try:
                     messages += (
                         await channel.queue_declare(delay, passive=True)
                     ).message_count or 0
-                except ChannelClosed as exc:  # deleted behind our back: nothing waits there
+                except ChannelClosed as exc:  # none, or deleted behind our back: none waits
                     if exc.code != 404 or isinstance(exc, ChannelGone):
                         raise
-                    del self._delay_queues[delay]
+                    absent[delay] = now + ABSENT_RECHECK
+                    self._delay_queues.pop(delay, None)  # declared again at its next use
                     channel = await self._admin_on(channel.connection)
+                else:
+                    absent.pop(delay, None)
             return QueueInfo(messages, consumers)
 
         return await self._on_admin(f"no information on queue {name}", count)

@@ -89,6 +89,9 @@ OnMessage = Callable[[int, bool, dict[str, Any], bytes], None]
 be decoded come as {MALFORMED: why}: the message still reaches its consumer, which can settle it,
 since failing the connection would only have the broker deliver it again, forever."""
 MALFORMED: Final = "malformed"
+# The headers table as it came, undecoded, beside its decoded form in a delivery's properties:
+# what a retry or a dead letter passes on, every value of the wire type it had (raw_fields).
+RAW_HEADERS: Final = "raw_headers"
 
 Reply = TypeVar("Reply", bound=base.Frame)
 
@@ -335,11 +338,26 @@ def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
         elif kind == "F":
             end = offset + 4 + _u32.unpack_from(data, offset)[0]
             properties[name] = decode_table(data, offset + 4, end)
+            properties[RAW_HEADERS] = data[offset + 4 : end]
             offset = end
         else:
             properties[name] = _u64.unpack_from(data, offset)[0]
             offset += 8
     return properties
+
+
+def raw_fields(data: bytes) -> dict[str, Opaque]:
+    """The fields of a headers table (RAW_HEADERS) by key, each value kept as its wire bytes:
+    encoded again, every one has the type and the bytes it came with."""
+    fields: dict[str, Opaque] = {}
+    offset, end = 0, len(data)
+    while offset < end:
+        key_end = offset + 1 + data[offset]
+        key = data[offset + 1 : key_end].decode("utf-8", "replace")
+        _, value_end = _decode_value(data, key_end, 0)
+        fields[key] = Opaque(data[key_end : key_end + 1], data[key_end + 1 : value_end])
+        offset = value_end
+    return fields
 
 
 def frame(kind: int, channel: int, payload: bytes) -> bytes:
