@@ -713,7 +713,9 @@ def test_without_retry_settings_a_failing_message_backs_off(
     worker = summary(process.stdout)["app:worker"]
     assert worker["rejected"] == 0
     if driver == "amqp":  # still on the broker: in its queue or waiting in a delay queue
-        assert sum(sum(counts) for counts in queue_totals(vhost).values()) == 1
+        # (counted by passive declares: rabbitmqctl's counts of a quorum queue lag by seconds)
+        url = vhost_url(vhost)
+        assert sum(queue_depth_sync(url, name) for name in queue_totals(vhost)) == 1
 
 
 @pytest.mark.parametrize("driver", ["memory", "amqp"])

@@ -41,13 +41,13 @@ from . import (
 )
 from .amqp_client import (
     MALFORMED,
-    RAW_HEADERS,
     Channel,
     ChannelClosed,
     ChannelGone,
     Confirm,
     Connection,
     Endpoint,
+    HeadersTable,
     raw_fields,
 )
 
@@ -231,8 +231,10 @@ def passed_on(
     if original is None:  # not from a broker (a test's delivery): as luaq would publish it
         original = properties_for(delivery.headers, delivery.content_type, delivery.id, True)
         table.update(original.get("headers") or {})
-    elif RAW_HEADERS in original:
-        table.update(raw_fields(original[RAW_HEADERS]))
+    elif isinstance(original.get("headers"), HeadersTable):
+        table.update(raw_fields(original["headers"].raw))
+    else:
+        table.update(original.get("headers") or {})
     properties = {k: v for k, v in original.items() if k in PASSED_ON}
     properties["message_id"] = delivery.id
     for key in (DELIVERY_COUNT, *drop):
@@ -877,7 +879,7 @@ class AmqpDriver(Driver):
             await self._declare_delay_queue(channel, classic, queue, milliseconds)
             return classic
 
-        name = await self._on_admin(f"cannot declare a delay queue for {quorum}", declare)
+        name = await self._on_admin(f"cannot declare delay queue {quorum}", declare)
         self._delay_queues[name] = (queue, milliseconds)
         self._delay_routes[key] = name
         self._absent.pop(name, None)

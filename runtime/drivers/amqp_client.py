@@ -89,9 +89,16 @@ OnMessage = Callable[[int, bool, dict[str, Any], bytes], None]
 be decoded come as {MALFORMED: why}: the message still reaches its consumer, which can settle it,
 since failing the connection would only have the broker deliver it again, forever."""
 MALFORMED: Final = "malformed"
-# The headers table as it came, undecoded, beside its decoded form in a delivery's properties:
-# what a retry or a dead letter passes on, every value of the wire type it had (raw_fields).
-RAW_HEADERS: Final = "raw_headers"
+
+
+class HeadersTable(dict[str, Any]):
+    """A delivery's headers table, decoded, and the bytes it was decoded from (`raw`): what a
+    retry or a dead letter passes on, every value of the wire type it had (raw_fields)."""
+
+    __slots__ = ("raw",)
+
+    raw: bytes
+
 
 Reply = TypeVar("Reply", bound=base.Frame)
 
@@ -337,8 +344,8 @@ def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
             offset += 1
         elif kind == "F":
             end = offset + 4 + _u32.unpack_from(data, offset)[0]
-            properties[name] = decode_table(data, offset + 4, end)
-            properties[RAW_HEADERS] = data[offset + 4 : end]
+            table = properties[name] = HeadersTable(decode_table(data, offset + 4, end))
+            table.raw = data[offset + 4 : end]
             offset = end
         else:
             properties[name] = _u64.unpack_from(data, offset)[0]
@@ -347,7 +354,7 @@ def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
 
 
 def raw_fields(data: bytes) -> dict[str, Opaque]:
-    """The fields of a headers table (RAW_HEADERS) by key, each value kept as its wire bytes:
+    """The fields of a headers table (HeadersTable.raw) by key, each value as its wire bytes:
     encoded again, every one has the type and the bytes it came with."""
     fields: dict[str, Opaque] = {}
     offset, end = 0, len(data)
