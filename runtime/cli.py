@@ -15,9 +15,8 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +30,7 @@ from .entries import Config
 from .errors import ConfigError, QueueError
 from .metrics import Server, Snapshots, Source
 from .settings import Settings
+from .supervisor import Supervisor
 from .worker import Worker
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -297,45 +297,6 @@ def _failed(exc: QueueError) -> int:
     return EXIT_FAILURE
 
 
-def _fork(
-    count: int,
-    child: Callable[[], int],
-    forked: Callable[[], None] = lambda: None,
-    signalled: Callable[[], None] = lambda: None,
-) -> int:
-    """Run `child` in `count` processes; pass SIGTERM/SIGINT on; exit with the worst code.
-    `forked` runs here once the children are forked (a thread must not be running before, or
-    the children would inherit its locks), `signalled` when a signal is passed on."""
-    pids = []
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:
-            code = EXIT_FAILURE
-            try:
-                code = child()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        pids.append(pid)
-
-    def forward(signum: int, _frame: Any) -> None:
-        signalled()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    forked()
-    worst = EXIT_OK
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        worst = max(worst, code if code >= 0 else EXIT_FAILURE)  # < 0: killed by a signal
-    return worst
-
-
 async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, grace: float) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -510,27 +471,25 @@ def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Na
     if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
         return code
     grace = worker.settings.shutdown_timeout
+
+    def child() -> int:
+        return uvloop.run(_run(worker, [], args.until_idle, grace))
+
     if args.metrics_port is None:
-        return _fork(args.processes, lambda: uvloop.run(_run(worker, [], args.until_idle, grace)))
-    # Each process writes its metrics into a directory; this one serves them all on one port.
+        return Supervisor(args.processes, child, grace, until_idle=args.until_idle).run()
+    # Each process writes its metrics into a directory; the supervisor serves them on one port.
     with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
         snapshots = Snapshots(Path(directory))
-        stopping = threading.Event()
-        server = _server(args, snapshots.source(lambda: args.processes, stopping.is_set))
+        supervisor = Supervisor(
+            args.processes, child, grace, until_idle=args.until_idle, snapshots=snapshots
+        )
+        server = _server(args, supervisor.source())
         if server is None:  # bound before forking: a busy port stops everything at once
             return EXIT_FAILURE
         worker.snapshots = snapshots
         worker.sample_backlog = True
         worker.metrics_address = server.address
-
-        def child() -> int:
-            server.close()  # the parent serves
-            return uvloop.run(_run(worker, [], args.until_idle, grace))
-
-        try:
-            return _fork(args.processes, child, server.start, stopping.set)
-        finally:
-            server.stop()
+        return supervisor.run(server)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ and `Histogram`s (a bisect and two additions), and a scrape turns their state in
 families. That keeps the cost of metrics at well under a microsecond per message.
 
 With `--processes N`, each worker process writes its families to a snapshot file every second;
-the parent process serves the port and merges the snapshots, so one port reports the whole pod.
-How a series combines across processes is part of its family: counters and histograms add up,
-and a gauge says whether it adds up, takes the minimum, the maximum, or the latest value set.
+the supervisor (supervisor.py) serves the port and merges the snapshots, so one port reports the
+whole pod. How a series combines across processes is part of its family: counters and histograms
+add up, and a gauge says whether it adds up, takes the minimum, the maximum, or the latest value
+set.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +53,7 @@ MAX_USER_LABEL_VALUE = 256  # characters
 STALE_AFTER = 15.0  # seconds without a sign of life from an event loop: not live
 SNAPSHOT_EVERY = 1.0
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _log = logging.getLogger("luaq.metrics")
 
 Type = Literal["counter", "gauge", "histogram"]
@@ -99,12 +103,36 @@ class Family:
         }  # fmt: skip
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Family:
-        series = {tuple(key): value for key, value in data["series"]}
-        return cls(
-            data["name"], data["type"], data["help"], tuple(data["labels"]), data["merge"],
-            tuple(data["bounds"]), series,
-        )  # fmt: skip
+    def from_json(cls, data: Any) -> Family:
+        """The family `to_json` wrote; ValueError for anything else (another process wrote it:
+        whatever it holds must not break a scrape)."""
+        try:
+            name, type_, help_, merge_ = data["name"], data["type"], data["help"], data["merge"]
+            labels, bounds = tuple(data["labels"]), tuple(data["bounds"])
+            pairs = list(data["series"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a metric family: {exc!r}") from None
+        if not (isinstance(name, str) and _METRIC_RE.match(name) and isinstance(help_, str)):
+            raise ValueError(f"bad name or help: {name!r:.100}")
+        if type_ not in ("counter", "gauge", "histogram") or merge_ not in MERGES:
+            raise ValueError(f"{name}: bad type or merge: {type_!r:.20}, {merge_!r:.20}")
+        if not all(isinstance(label, str) and _NAME_RE.match(label) for label in labels):
+            raise ValueError(f"{name}: bad label names")
+        if not all(_is_number(bound) for bound in bounds):
+            raise ValueError(f"{name}: bad bounds")
+        series = {}
+        for pair in pairs:
+            if not isinstance(pair, list | tuple) or len(pair) != 2:
+                raise ValueError(f"{name}: bad series")
+            key, value = pair
+            if not isinstance(key, list | tuple) or len(key) != len(labels):
+                raise ValueError(f"{name}: bad label values")
+            if not all(isinstance(item, str) for item in key):
+                raise ValueError(f"{name}: bad label values")
+            if not _valid_value(type_, merge_, len(bounds), value):
+                raise ValueError(f"{name}: bad value {value!r:.100}")
+            series[tuple(key)] = value
+        return cls(name, type_, help_, labels, merge_, bounds, series)
 
     def metric(self) -> Metric:
         labels = list(self.labels)
@@ -128,12 +156,33 @@ class Family:
         return histogram
 
 
+MERGES = ("sum", "min", "max", "latest")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _valid_value(type_: str, merge_: str, bounds: int, value: Any) -> bool:
+    if type_ == "histogram":  # bucket counts (the last one +Inf), and their sum
+        return (
+            isinstance(value, list | tuple) and len(value) == 2
+            and isinstance(value[0], list) and len(value[0]) == bounds + 1
+            and all(_is_number(count) for count in value[0]) and _is_number(value[1])
+        )  # fmt: skip
+    if type_ == "gauge" and merge_ == "latest":  # the value and when it was set
+        return isinstance(value, list | tuple) and len(value) == 2 and all(map(_is_number, value))
+    return _is_number(value)
+
+
 def _number(bound: float) -> str:
     return repr(float(bound))
 
 
-def merge(snapshots: Sequence[Sequence[Family]]) -> list[Family]:
-    """The families of several processes as one pod's."""
+def merge(snapshots: Sequence[Sequence[Family]], conflicts: set[str] | None = None) -> list[Family]:
+    """The families of several processes as one pod's. A family that does not match the first
+    of its name (type, labels, merge, buckets) is left out, and its name added to `conflicts`:
+    which process is right cannot be told."""
     merged: dict[str, Family] = {}
     for families in snapshots:
         for family in families:
@@ -144,6 +193,16 @@ def merge(snapshots: Sequence[Sequence[Family]]) -> list[Family]:
                     family.bounds, dict(family.series),
                 )  # fmt: skip
                 continue
+            if (into.type, into.labels, into.merge) != (family.type, family.labels, family.merge):
+                if conflicts is not None:
+                    conflicts.add(family.name)
+                continue
+            if into.bounds != family.bounds:  # a histogram without series has no bounds yet
+                if into.series and family.series:
+                    if conflicts is not None:
+                        conflicts.add(family.name)
+                    continue
+                into.bounds = into.bounds or family.bounds
             for key, value in family.series.items():
                 if key in into.series:
                     into.series[key] = _combine(into, into.series[key], value)
@@ -273,11 +332,14 @@ def _labels(name: str, labels: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
 @dataclass
 class Source:
     """What the server reports: the families, and why the worker is not live or not ready
-    (None when it is)."""
+    (None when it is). The server asks, and writes to stderr, only while it holds `lock`: a
+    supervisor forking a worker process holds it too, so that no lock of the server's threads
+    (stderr's above all) is held in the new process."""
 
     families: Callable[[], list[Family]]
     unhealthy: Callable[[], str | None]
     unready: Callable[[], str | None]
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Collector:
@@ -287,6 +349,17 @@ class _Collector:
     def collect(self) -> Iterator[Metric]:
         for family in self.source.families():
             yield family.metric()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    lock: threading.Lock
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # the client hung up: nothing to tell
+        with self.lock:  # not on stderr from here without it: see Source
+            _log.exception("metrics request failed")
 
 
 class Server:
@@ -301,22 +374,26 @@ class Server:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # the name http.server calls
-                path = self.path.split("?", 1)[0]
+                with server.source.lock:
+                    try:
+                        reply = self._answer(self.path.split("?", 1)[0])
+                    except Exception:
+                        _log.exception("metrics request failed", extra={"path": self.path})
+                        reply = 500, b"internal error (logged)\n", "text/plain"
+                self._reply(*reply)
+
+            def _answer(self, path: str) -> tuple[int, bytes, str]:
                 if path == "/metrics":
                     encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                    self._reply(200, encoder(registry), content_type)
-                elif path == "/healthz":
-                    self._status(server.source.unhealthy(), "ok")
-                elif path == "/readyz":
-                    self._status(server.source.unready(), "ready")
-                else:
-                    self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
-
-            def _status(self, problem: str | None, good: str) -> None:
-                if problem is None:
-                    self._reply(200, f"{good}\n".encode())
-                else:
-                    self._reply(503, f"{problem}\n".encode())
+                    return 200, encoder(registry), content_type
+                if path in ("/healthz", "/readyz"):
+                    healthz = path == "/healthz"
+                    source = server.source
+                    problem = source.unhealthy() if healthz else source.unready()
+                    if problem is None:
+                        return 200, b"ok\n" if healthz else b"ready\n", "text/plain"
+                    return 503, f"{problem}\n".encode(), "text/plain"
+                return 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
 
             def _reply(self, code: int, body: bytes, content_type: str = "text/plain") -> None:
                 self.send_response(code)
@@ -328,16 +405,20 @@ class Server:
             def log_message(self, format: str, *args: Any) -> None:
                 return None  # scrapes every few seconds would drown the worker's own logs
 
-        self._http = ThreadingHTTPServer((address, port), Handler)  # binds now: errors early
-        self._http.daemon_threads = True
+        self._http = _HTTPServer((address, port), Handler)  # binds now: errors early
+        self._http.lock = source.lock
         self.address = f"{address}:{self._http.server_address[1]}"
-        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, poll_interval: float = 0.5) -> None:
+        """Serve from a thread; `stop` may take up to `poll_interval` seconds."""
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, args=(poll_interval,), daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._http.shutdown()
         self.close()
 
@@ -351,7 +432,7 @@ class Server:
 
 class Snapshots:
     """The metrics of a pod's worker processes, as files in one directory: each process writes
-    its own (`write`), the parent reads them all (`source`)."""
+    its own (`write`), its supervisor reads them (`read`, see supervisor.Pod)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -363,44 +444,22 @@ class Snapshots:
             "unready": unready,
             "families": [family.to_json() for family in families],
         }
-        path = self.directory / f"{os.getpid()}.json"
+        path = self._path(os.getpid())
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(data))
         temporary.replace(path)
 
-    def _read(self) -> list[dict[str, Any]]:
-        found = []
-        for path in sorted(self.directory.glob("*.json")):
-            try:
-                found.append(json.loads(path.read_text()))
-            except (OSError, ValueError):  # replaced as we read it: the next scrape has it
-                continue
-        return found
-
-    def source(self, processes: Callable[[], int], stopping: Callable[[], bool]) -> Source:
-        """`processes`: how many worker processes should be running now."""
-
-        def families() -> list[Family]:
-            snapshots = self._read()
-            return merge([[Family.from_json(f) for f in s["families"]] for s in snapshots])
-
-        def unhealthy() -> str | None:
-            now = time.monotonic()
-            for snapshot in self._read():
-                if now - snapshot["beat"] > STALE_AFTER:
-                    return f"worker process {snapshot['pid']} gave no sign of life for " \
-                        f"{now - snapshot['beat']:.0f}s"  # fmt: skip
+    def read(self, pid: int) -> Any:
+        """The last snapshot process `pid` wrote, as parsed JSON; None when there is none."""
+        try:
+            return json.loads(self._path(pid).read_text())
+        except (OSError, ValueError):  # none yet (a snapshot is replaced whole, never in part)
             return None
 
-        def unready() -> str | None:
-            if stopping():
-                return "stopping"
-            snapshots = self._read()
-            if len(snapshots) < processes():
-                return f"starting ({len(snapshots)} of {processes()} processes up)"
-            for snapshot in snapshots:
-                if snapshot["unready"] is not None:
-                    return f"process {snapshot['pid']}: {snapshot['unready']}"
-            return None
+    def remove(self, pid: int) -> None:
+        for path in (self._path(pid), self._path(pid).with_suffix(".tmp")):
+            with suppress(FileNotFoundError):
+                path.unlink()
 
-        return Source(families, unhealthy, unready)
+    def _path(self, pid: int) -> Path:
+        return self.directory / f"{pid}.json"

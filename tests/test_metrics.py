@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from broker import AMQP_URL, rabbitmqctl
 from conftest import AppFactory
 from luaq.runtime import logs
 from luaq.runtime.metrics import Family, Server, Snapshots, Source, merge
+from luaq.runtime.supervisor import Pod
 from processes import Spawner, free_port, wait_until, write_app, write_jsonl
 from prometheus_client.parser import text_string_to_metric_families
 from test_faults import fill
@@ -277,7 +279,9 @@ def test_liveness_reads_the_event_loops_last_sign_of_life() -> None:
 def test_a_pod_is_not_live_when_one_of_its_processes_went_silent(tmp_path: Path) -> None:
     snapshots = Snapshots(tmp_path)
     snapshots.write([], None)
-    source = snapshots.source(lambda: 1, lambda: False)
+    pod = Pod(1, snapshots)
+    pod.started(0, os.getpid())  # the snapshot above is this process's
+    source = pod.source()
     assert source.unhealthy() is None
     assert source.unready() is None
     (path,) = tmp_path.glob("*.json")
