@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -68,6 +69,9 @@ class Wire:
         return self.closed
 
     def abort(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
         self.closed = True
 
     def frames(self) -> list[Any]:
@@ -355,6 +359,41 @@ async def test_a_malformed_frame_closes_the_connection() -> None:
     assert wire.closed
     assert isinstance(connection.closed_by, ConnectionClosed)
     assert "malformed frame" in str(connection.closed_by)
+    [close] = wire.frames()  # the broker is told why (AMQP 0-9-1 4.2.3)
+    assert isinstance(close, spec.Connection.Close)
+    assert close.reply_code == 501
+    assert close.reply_text.startswith("FRAME_ERROR")
+
+
+@pytest.mark.parametrize("payload", [131_072 - 7, 2**31])
+async def test_a_frame_over_frame_max_is_a_frame_error_at_its_header(payload: int) -> None:
+    """Known from the header alone: waiting for the rest would wait for ever (2 GiB), with
+    the frames behind it, heartbeats too, buffered unseen."""
+    connection, _, wire = await on_a_wire()
+    assert connection.frame_max == 131_072
+    connection.data_received(server(spec.Basic.Ack(1)))  # whole frames first
+    largest = 131_072 - 8  # with its header and end octet, a frame of exactly frame_max
+    connection.data_received(struct.pack(">BHI", 3, 9, largest) + bytes(largest) + b"\xce")
+    assert not wire.closed
+
+    connection.data_received(struct.pack(">BHI", 3, 1, payload) + b"body")
+
+    assert wire.closed
+    assert isinstance(connection.closed_by, ConnectionClosed)
+    assert connection.closed_by.code == 501
+    [close] = wire.frames()
+    assert isinstance(close, spec.Connection.Close)
+    assert (close.reply_code, close.class_id, close.method_id) == (501, 0, 0)
+    assert f"a frame of {payload + 8:,} bytes" in close.reply_text
+
+
+async def test_only_whole_frames_are_signs_of_life() -> None:
+    connection, _, _ = await on_a_wire()
+    connection._heard = False
+    connection.data_received(HEARTBEAT_FRAME[:5])
+    assert not connection._heard
+    connection.data_received(HEARTBEAT_FRAME[5:])
+    assert connection._heard
 
 
 values = st.recursive(

@@ -44,6 +44,7 @@ from .amqp_client import (
     Channel,
     ChannelClosed,
     ChannelGone,
+    ChannelLimit,
     Confirm,
     Connection,
     Endpoint,
@@ -521,6 +522,18 @@ def broker_error(exc: ChannelClosed, what: str) -> QueueError:
     return QueueError(kind, f"{what}: {exc.text}", retryable=kind is Kind.INTERNAL)
 
 
+def channel_limit_error(exc: ChannelLimit, needed: int, what: str = "") -> QueueError:
+    """A broker whose channel_max is below what luaq opens on one connection: no reconnection
+    helps, its configuration must change."""
+    reason = str(exc)
+    if needed > exc.limit:
+        reason = (
+            f"the broker allows {exc.limit} channels per connection, luaq needs {needed}: "
+            "raise channel_max"
+        )
+    return QueueError(Kind.UNAVAILABLE, f"{what}: {reason}" if what else reason)
+
+
 class Link:
     """One connection to the broker, kept up: when it drops, reconnect with backoff, and run
     `restore` on the new connection before anyone may use it."""
@@ -540,28 +553,48 @@ class Link:
     async def start(self) -> None:
         try:
             await self._connect()
-        except (ChannelClosed, OSError, TimeoutError, QueueError) as exc:
+        except Exception as exc:  # whatever it is, a message, not a traceback
+            _log.debug("connecting failed", exc_info=True)
             raise QueueError(
                 Kind.UNAVAILABLE,
-                f"cannot connect to {self.driver.url}: {exc or type(exc).__name__}",
-                retryable=True,
+                f"cannot connect to {self.driver.url}: {self._reason(exc)}",
+                retryable=not isinstance(exc, ChannelLimit),
             ) from exc
         self._up.set()
         entry = self.driver.entry
         self._task = asyncio.create_task(self._keep(), name=f"{entry.id}#{self.role}")
 
+    def channels_needed(self) -> int:
+        """The channels the driver opens on this link's connection: the publisher's, or the
+        declarations' and one per consumer."""
+        if self.role == "publish":
+            return 1
+        return 1 + sum(1 for subscription in self.driver.subscriptions if subscription.active)
+
     async def _connect(self) -> None:
         async with asyncio.timeout(self.driver.entry.connection_timeout):
             connection = await Connection.open(self.driver.endpoint(self.role))
         try:
+            if connection.channel_max < self.channels_needed():
+                raise ChannelLimit(connection.channel_max)
             await self._restore(connection)
         except BaseException:
             connection.abort()
             raise
         self.connection = connection
 
+    def _reason(self, exc: Exception) -> str:
+        """Why connecting failed, for a log line or an error."""
+        if isinstance(exc, ChannelLimit):
+            return channel_limit_error(exc, self.channels_needed()).message
+        if isinstance(exc, ChannelClosed | OSError | TimeoutError | QueueError):
+            return str(exc) or type(exc).__name__
+        return f"{type(exc).__name__}: {exc}"  # not expected: a bug, named
+
     async def _keep(self) -> None:
-        """Wait for the connection to drop; reconnect with backoff and restore what we had."""
+        """Wait for the connection to drop; reconnect with backoff and restore what we had.
+        Nothing but close() ends this task: any failure is logged (once per distinct reason
+        in an outage) and retried."""
         entry = self.driver.entry
         where = {"driver": entry.id, "connection": self.role}
         while not self._closing:
@@ -575,14 +608,21 @@ class Link:
                 "connection lost, reconnecting",
                 extra={**where, "error": str(self.connection.closed_by)},
             )
+            told: set[str] = set()  # reasons logged in this outage
             while not self._closing:
                 await asyncio.sleep(delay)
                 try:
                     await self._connect()
-                except (ChannelClosed, OSError, TimeoutError, QueueError) as exc:
-                    _log.warning(
+                except Exception as exc:
+                    reason = self._reason(exc)
+                    expected = isinstance(exc, ChannelClosed | OSError | TimeoutError | QueueError)
+                    level = logging.DEBUG if reason in told else logging.WARNING
+                    told.add(reason)
+                    _log.log(
+                        level,
                         "reconnect failed, retrying",
-                        extra={**where, "error": str(exc) or type(exc).__name__, "delay": delay},
+                        extra={**where, "error": reason, "delay": delay},
+                        exc_info=not expected and level == logging.WARNING,
                     )
                     delay = min(delay * 2, entry.reconnect_max_delay)
                     continue
@@ -595,8 +635,10 @@ class Link:
         """The connection; while it is down, wait for the recovery (at most
         connection_timeout)."""
         connection = self.connection
-        if connection is not None and connection.is_closed:
-            self._up.clear()  # the recovery task is about to notice
+        if connection is not None and connection.closed_by is not None:
+            # closed, or closing (its reason is set a loop turn before it is gone): the
+            # recovery task is about to notice
+            self._up.clear()
         if not self._up.is_set():
             timeout = self.driver.entry.connection_timeout
             try:
@@ -613,7 +655,8 @@ class Link:
 
     @property
     def up(self) -> bool:
-        return self._up.is_set() and self.connection is not None and not self.connection.is_closed
+        connection = self.connection
+        return self._up.is_set() and connection is not None and connection.closed_by is None
 
     def keepalive(self) -> None:
         if self.connection is not None and not self.connection.is_closed:
@@ -725,9 +768,16 @@ class AmqpDriver(Driver):
                     f"{what}: no answer from the broker within {self.entry.connection_timeout:g}s",
                     retryable=True,
                 ) from exc
+            except ChannelLimit as exc:
+                raise channel_limit_error(exc, self._consuming.channels_needed(), what) from exc
             except OSError as exc:  # the connection went: the recovery is on it
-                if loop.time() >= deadline:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     raise QueueError(Kind.UNAVAILABLE, f"{what}: {exc}", retryable=True) from exc
+                # A connection the broker closed in the same read as its last reply fails the
+                # next call at once, before it is gone: wait until it is, so that the next try
+                # waits for the link's recovery instead of spinning on it, the loop frozen.
+                await asyncio.wait([connection.closed], timeout=remaining)
 
     async def _on_admin(self, what: str, operation: Callable[[Channel], Awaitable[T]]) -> T:
         """`operation` on the channel for declarations, which a failed declaration closes (a

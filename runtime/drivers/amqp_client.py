@@ -39,6 +39,7 @@ _log = logging.getLogger("luaq.amqp")
 PROTOCOL_HEADER: Final = b"AMQP\x00\x00\x09\x01"
 METHOD, HEADER, BODY = 1, 2, 3  # frame types; heartbeats (8) need no handling
 FRAME_END: Final = 0xCE
+FRAME_ERROR: Final = 501  # the reply code of a connection.close for a malformed frame
 FRAME_MAX: Final = 131_072  # what we propose; the broker may lower it
 HEARTBEAT_FRAME: Final = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 DELIVER = 60 << 16 | 60  # class and method ids, as one big-endian 32-bit number
@@ -124,6 +125,16 @@ class ConnectionClosed(ConnectionError):
     def __init__(self, text: str, code: int = 0) -> None:
         super().__init__(f"{code} {text}" if code else text)
         self.code = code
+        self.text = text
+
+
+class ChannelLimit(Exception):
+    """Every channel the broker allows on the connection (its channel_max) is open: another
+    connection would have the same limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"all {limit} channels the broker allows per connection are open")
+        self.limit = limit
 
 
 class Confirm:
@@ -704,10 +715,11 @@ class Connection(asyncio.Protocol):
         self._zero = Channel(self, 0)
         self._channels: dict[int, Channel] = {0: self._zero}
         self._channel_max = 2047
-        self._heard = True
+        self._heard = True  # a whole frame came since the last beat
         self._sent_at = time.monotonic()
         self._silent_beats = 0
         self._beat: asyncio.TimerHandle | None = None
+        self._give_up: asyncio.TimerHandle | None = None  # a close the broker does not take
         self._opened = False  # the AMQP handshake is through
         self.blocked: str | None = None  # why the broker blocks our publishes, while it does
         self._unblocked = asyncio.Event()
@@ -773,10 +785,18 @@ class Connection(asyncio.Protocol):
         if self.heartbeat:
             self._beat = self.loop.call_later(self.heartbeat / 2, self._on_beat)
 
+    @property
+    def channel_max(self) -> int:
+        """The most channels open at once (numbers 1 to channel_max), as negotiated."""
+        return self._channel_max
+
     async def channel(self) -> Channel:
         if self.closed_by is not None:
             raise self.closed_by
-        number = next(n for n in range(1, self._channel_max + 1) if n not in self._channels)
+        free = (n for n in range(1, self._channel_max + 1) if n not in self._channels)
+        number = next(free, None)
+        if number is None:
+            raise ChannelLimit(self._channel_max)
         channel = self._channels[number] = Channel(self, number)
         try:
             await channel.open()
@@ -892,6 +912,8 @@ class Connection(asyncio.Protocol):
         assert reason is not None
         if self._beat is not None:
             self._beat.cancel()
+        if self._give_up is not None:
+            self._give_up.cancel()
         self._writable.set()
         self._unblocked.set()
         for channel in list(self._channels.values()):
@@ -911,32 +933,58 @@ class Connection(asyncio.Protocol):
             self.closed_by = reason
 
     def data_received(self, data: bytes) -> None:
-        self._heard = True
         if self._rest:
             data = self._rest + data
         try:
             offset = self._frames(data)
         except Exception as exc:
-            _log.error("protocol error, closing the connection: %s", exc)
-            self._closing_reason(ConnectionClosed(f"protocol error: {exc}", 505))
-            self._rest = b""
-            self.abort()
+            code, text = 505, str(exc)  # UNEXPECTED_FRAME, unless the error says otherwise
+            if isinstance(exc, ConnectionClosed) and exc.code:
+                code, text = exc.code, exc.text
+            self._protocol_error(code, text)
             return
+        if offset:  # only a whole frame is a sign of life: a trickle of bytes is not
+            self._heard = True
         self._rest = data[offset:]
+
+    def _protocol_error(self, code: int, text: str) -> None:
+        """The broker sent what cannot be read (AMQP 0-9-1 4.2.3, 4.10.2): tell it why with a
+        connection.close and drop the connection, whose stream cannot be followed any more;
+        the driver opens a new one."""
+        _log.error("protocol error, closing the connection: %s", text)
+        self._closing_reason(ConnectionClosed(f"protocol error: {text}", code))
+        self._rest = b""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        reply = text.encode()[:255].decode(errors="ignore")
+        self._outgoing.append(pamqp.frame.marshal(spec.Connection.Close(code, reply, 0, 0), 0))
+        self.flush()
+        transport.close()  # reads no more; goes once the close is written,
+        self._give_up = self.loop.call_later(1.0, self.abort)  # or at once past a second
 
     def _frames(self, data: bytes) -> int:
         """Handle every whole frame in `data`; return where the unfinished one starts."""
         offset = 0
         size = len(data)
         channels = self._channels
+        limit = self.frame_max - 8  # a frame's header and end octet count in frame_max
         while size - offset >= 8:
             kind, number, length = _frame.unpack_from(data, offset)
+            if length > limit:  # checked before waiting for the rest: it would never come
+                raise ConnectionClosed(
+                    f"FRAME_ERROR - a frame of {length + 8:,} bytes, over the negotiated "
+                    f"frame_max of {self.frame_max:,}",
+                    FRAME_ERROR,
+                )
             start = offset + 7
             end = start + length
             if end >= size:
                 break
             if data[end] != FRAME_END:
-                raise ConnectionClosed("malformed frame", 501)
+                raise ConnectionClosed(
+                    "FRAME_ERROR - malformed frame: no frame-end octet", FRAME_ERROR
+                )
             channel = channels.get(number)
             if channel is None:
                 pass  # a late frame for a channel we have released
