@@ -178,6 +178,25 @@ class TlsOptions(_Model):
     insecure_skip_verify: bool = False
 
 
+def _whole_seconds(seconds: float) -> float:
+    """AMQP negotiates its heartbeat in whole seconds, as a 16-bit number; 0 turns it off.
+    Nothing is rounded: 400ms would round to 0, heartbeats off, the opposite of what was
+    meant."""
+    if 0 < seconds < 1:
+        raise ValueError(
+            f"AMQP heartbeats are whole seconds: {seconds:g}s would be 0, which turns them off "
+            "(write 0 for that, or at least 1s)"
+        )
+    if seconds != int(seconds):
+        raise ValueError(
+            f"AMQP heartbeats are whole seconds: {seconds:g}s is not one (write "
+            f"{int(seconds)}s or {int(seconds) + 1}s)"
+        )
+    if seconds > 65_535:
+        raise ValueError(f"AMQP heartbeats are at most 65535s, not {seconds:g}s")
+    return seconds
+
+
 class AmqpDriverEntry(_DriverEntry):
     """A RabbitMQ (or any AMQP 0-9-1) broker connection, recovered with backoff when lost."""
 
@@ -185,7 +204,7 @@ class AmqpDriverEntry(_DriverEntry):
     url: str = "amqp://guest:guest@localhost:5672/"
     vhost: Short | None = None
     connection_name: Short | None = None
-    heartbeat: Duration | None = None
+    heartbeat: Annotated[Duration, AfterValidator(_whole_seconds)] | None = None
     connection_timeout: Duration = 10.0  # also bounds every other wait on the broker
     # how long a publish may wait for the link, a blocking broker and its confirm
     publish_timeout: Duration = 10.0

@@ -668,6 +668,20 @@ BAD_DRIVERS: dict[str, tuple[dict[str, Any], str]] = {
         {"heartbeat": "soon"},
         "heartbeat: expected a duration like 10s, 500ms, 1h, got 'soon'",
     ),
+    # AMQP negotiates whole seconds: 400ms used to round to 0, heartbeats off
+    "sub-second-heartbeat": (
+        {"heartbeat": "400ms"},
+        "heartbeat: AMQP heartbeats are whole seconds: 0.4s would be 0, which turns them off "
+        "(write 0 for that, or at least 1s)",
+    ),
+    "fractional-heartbeat": (
+        {"heartbeat": 2.5},
+        "heartbeat: AMQP heartbeats are whole seconds: 2.5s is not one (write 2s or 3s)",
+    ),
+    "huge-heartbeat": (
+        {"heartbeat": "19h"},
+        "heartbeat: AMQP heartbeats are at most 65535s, not 68400s",
+    ),
     "garbage-unit": (
         {"reconnect_delay": "10 parsecs"},
         "reconnect_delay: expected a duration like 10s, 500ms, 1h, got '10 parsecs'",
@@ -696,6 +710,20 @@ def test_amqp_driver_entry_problems(
         f"{app}: app:broker: {problem}",
         "luaq: 1 problem(s), nothing was started",
     ]
+
+
+@pytest.mark.parametrize(("heartbeat", "seconds"), [(0, 0.0), ("1000ms", 1.0), ("1.5m", 90.0)])
+def test_heartbeats_in_whole_seconds_or_off_are_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], heartbeat: Any, seconds: float
+) -> None:
+    app = write_app(tmp_path / "app.yaml", [amqp_broker(heartbeat=heartbeat)])
+
+    code, _, err = check(capsys, app)
+
+    assert code == 0, err
+    driver = entries.load([app]).drivers["app:broker"]
+    assert isinstance(driver, entries.AmqpDriverEntry)
+    assert driver.heartbeat == seconds
 
 
 BAD_QUEUE_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
