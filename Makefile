@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench crds dashboards constraints clean
+.PHONY: demo test lint bench crds chart-docs dashboards constraints clean
 
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
@@ -40,8 +40,11 @@ test: lint  ## lint, type-check, start RabbitMQ (installing it and prometheus if
 	tests/services.sh
 	$(BIN)/pytest
 
-crds: $(VENV)/.test  ## write the CRDs from the models (luaq.operator.resource): crds/ and the chart's
-	$(BIN)/python -m luaq.operator.crd crds charts/luaq/crds
+crds: $(VENV)/.test  ## write the CRDs from the models (luaq.operator.resource): crds/ and the chart's template
+	$(BIN)/python -m luaq.operator.crd crds --chart-template charts/luaq/templates/crd-queueconsumers.yaml
+
+chart-docs: $(VENV)/.test  ## write charts/luaq/README.md from the chart's values.yaml and Chart.yaml
+	$(BIN)/python scripts/chart_docs.py
 
 dashboards: $(VENV)/.test  ## rebuild charts/luaq/dashboards/luaq.json from dashboards/luaq_dashboard.py
 	$(BIN)/python dashboards/luaq_dashboard.py

@@ -1,30 +1,38 @@
 """The Helm chart through the real helm: lint, template, its values schema, every manifest
-against the official schemas, RBAC exactly as the operator uses it; then installed into the
-emulated cluster with kubectl, its operator started as the chart's Deployment starts it."""
+against the official schemas, RBAC exactly as the operator uses it, its NetworkPolicy against
+the traffic the operator needs; then installed into the emulated cluster with kubectl, its
+operator started as the chart's Deployment starts it."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tomllib
+import typing
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kmock
 import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as monitoring
 from conftest import eventually
+from kube_emulator import Kind
 from kube_fixtures import TEST_SETTINGS, Cluster, apply, example, k8s_tool, kubectl, running
 from luaq.operator import crd, rbac, render
 from luaq.operator.main import _parser, settings_from
@@ -76,10 +84,67 @@ CUSTOM: dict[str, Any] = {
     },
     "dashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "luaq"}},
 }
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+# what a platform team sets: a mirror and a pinned image, spread, priority, a disruption
+# budget, a NetworkPolicy, the operator's own arguments, environment and volumes, extra
+# objects, probe timings, and monitors tuned
+PLATFORM: dict[str, Any] = {
+    "global": {"imageRegistry": "registry.example:5000/mirror"},
+    "image": {"digest": DIGEST},
+    "replicaCount": 2,
+    "priorityClassName": "system-cluster-critical",
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+         "whenUnsatisfiable": "ScheduleAnyway"},
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+         "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"team": "q"}}},
+    ],
+    "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
+    "networkPolicy": {
+        "enabled": True,
+        "apiServer": {"cidrs": ["172.18.0.2/32"]},
+        "metrics": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        },
+        "kubelet": {"cidrs": ["172.18.0.0/16"]},
+        "extraEgress": [
+            {"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}], "ports": [{"port": 4317}]}
+        ],
+    },
+    "extraArgs": ["--log-level=warning", "--resync-seconds=45"],
+    "extraEnv": [{"name": "TZ", "value": "UTC"}],
+    "volumes": [{"name": "ca", "configMap": {"name": "corporate-ca"}}],
+    "volumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/corporate", "readOnly": True}],
+    "livenessProbe": {"initialDelaySeconds": 5, "periodSeconds": 20, "timeoutSeconds": 3,
+                      "failureThreshold": 6},
+    "readinessProbe": {"periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 2,
+                       "successThreshold": 1},
+    "podLabels": {"team": "q"},
+    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                  "limits": {"memory": "1Gi", "ephemeral-storage": "1Gi"}},
+    "metrics": {
+        "monitor": "PodMonitor",
+        "interval": "1m",
+        "scrapeTimeout": "45s",
+        "relabelings": [{"sourceLabels": ["__meta_kubernetes_pod_node_name"],
+                         "targetLabel": "node", "action": "replace"}],
+        "metricRelabelings": [{"sourceLabels": ["__name__"], "regex": "go_.*",
+                               "action": "drop"}],
+    },
+    "extraObjects": [
+        {"apiVersion": "v1", "kind": "ConfigMap",
+         "metadata": {"name": '{{ include "luaq.fullname" . }}-extra'},
+         "data": {"release": "{{ .Release.Name }}"}},
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {{ .Release.Name }}-templated\n"
+        "stringData:\n  namespace: {{ .Release.Namespace }}\n",
+    ],
+}  # fmt: skip
 VALUES: dict[str, dict[str, Any]] = {
     "default": {},
     "custom": CUSTOM,
     "podmonitor": {"metrics": {"monitor": "PodMonitor"}, "rbac": {"create": True}},
+    "platform": PLATFORM,
 }
 
 
@@ -100,18 +165,47 @@ def helm(
 
 
 def template(values: Mapping[str, Any], *args: str, release: str = "current") -> str:
+    return _template(json.dumps(values, sort_keys=True), args, release)
+
+
+@functools.cache
+def _template(values: str, args: tuple[str, ...], release: str) -> str:
+    """`helm template` of the chart, once for the same values, arguments and helm."""
     done = helm(
         "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args,
-        values=values, release=release,
+        values=json.loads(values), release=release,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as the API server's decoder reads it: a key twice in a map is an error (PyYAML
+    would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(key) for key in keys if keys.count(key) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"keys given twice: {twice}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse(text: str) -> list[Manifest]:
+    return [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc]
+
+
+def rendered(values: Mapping[str, Any], *args: str, release: str = "current") -> list[Manifest]:
+    return parse(template(values, *args, release=release))
+
+
 @functools.cache
 def manifests(case: str) -> list[Manifest]:
-    """Everything a case installs: the CRD, the templates and the `helm test` hook."""
-    return [doc for doc in yaml.safe_load_all(template(VALUES[case], "--include-crds")) if doc]
+    """Everything a case installs: the CRD (a template), the rest of the templates and the
+    `helm test` hook."""
+    return rendered(VALUES[case])
 
 
 def find(docs: Iterable[Manifest], kind: str, name: str | None = None) -> list[Manifest]:
@@ -163,8 +257,7 @@ def test_helm_3_lints_and_renders_what_helm_4_does(case: str) -> None:
         values=VALUES[case], release="helm3",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    helm3 = [doc for doc in yaml.safe_load_all(template(VALUES[case], release="helm3")) if doc]
-    assert helm3 == [doc for doc in yaml.safe_load_all(template(VALUES[case])) if doc]
+    assert rendered(VALUES[case], release="helm3") == rendered(VALUES[case])
 
     refused = helm("template", RELEASE, str(CHART), values={"replicaCount": -1}, release="helm3")
     assert refused.returncode != 0
@@ -195,6 +288,8 @@ def test_every_rendered_manifest_passes_strict_validation(case: str) -> None:
         assert not find(docs, "ClusterRole", RELEASE)  # only the aggregated ones
     if case == "podmonitor":
         assert "PodMonitor" in kinds
+    if case == "platform":
+        assert {"PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "Secret"} <= kinds
 
 
 def test_the_validation_catches_what_the_api_would_refuse() -> None:
@@ -208,11 +303,49 @@ def test_the_validation_catches_what_the_api_would_refuse() -> None:
         validate(wrong)
 
 
-def test_the_charts_crd_is_the_generated_one_and_the_same_as_crds() -> None:
-    chart_copy = (CHART / "crds" / crd.FILENAME).read_text()
-    assert chart_copy == crd.render(), "charts/luaq/crds is stale: run `make crds`"
-    assert chart_copy == (ROOT / "crds" / crd.FILENAME).read_text()
-    assert [p.name for p in (CHART / "crds").iterdir()] == [crd.FILENAME]
+CRD_TEMPLATE = f"templates/{crd.CHART_TEMPLATE}"
+
+
+def test_the_charts_crd_is_a_generated_template_of_the_crd_in_crds() -> None:
+    """One source: `make crds` writes crds/ and the chart's template from the models. The
+    chart has no crds/ directory, which Helm would install beside the template."""
+    template_text = (CHART / CRD_TEMPLATE).read_text()
+    assert template_text == crd.chart_template(), f"{CRD_TEMPLATE} is stale: run `make crds`"
+    assert not (CHART / "crds").exists()
+    plain = yaml.safe_load((ROOT / "crds" / crd.FILENAME).read_text())
+    (installed,) = find(manifests("default"), "CustomResourceDefinition")
+    assert installed["spec"] == plain["spec"] == crd.crd()["spec"]
+    assert installed["metadata"]["name"] == plain["metadata"]["name"]
+    assert plain["metadata"]["labels"].items() <= installed["metadata"]["labels"].items()
+    assert installed["metadata"]["labels"]["app.kubernetes.io/component"] == "crds"
+    assert installed["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+@pytest.mark.parametrize(
+    ("values", "installed", "kept", "release"),
+    [
+        ({}, True, True, "current"),
+        ({}, True, True, "helm3"),
+        ({"crds": {"keep": False}}, True, False, "current"),
+        ({"crds": {"install": False}}, False, False, "current"),
+        ({"crds": {"install": False}}, False, False, "helm3"),
+        # a release's values from before crds.* (--reuse-values)
+        ({"crds": None}, True, True, "current"),
+        ({"crds": None}, True, True, "helm3"),
+    ],
+)
+def test_an_upgrade_applies_the_crd_and_keep_leaves_it(
+    values: dict[str, Any], installed: bool, kept: bool, release: str
+) -> None:
+    """What `helm upgrade` applies: the CRD with the templates, even where Helm skips a
+    chart's crds/ (--skip-crds, as every upgrade does), unless crds.install is false; keep
+    makes uninstall, or an upgrade without it, leave it."""
+    docs = rendered(values, "--is-upgrade", "--skip-crds", release=release)
+    found = find(docs, "CustomResourceDefinition", f"{crd.PLURAL}.{crd.GROUP}")
+    assert bool(found) == installed
+    if found:
+        annotations = found[0]["metadata"].get("annotations", {})
+        assert (annotations.get("helm.sh/resource-policy") == "keep") == kept
 
 
 def test_rbac_cluster_wide_is_exactly_what_the_operator_uses() -> None:
@@ -665,6 +798,658 @@ def test_the_same_port_for_metrics_and_health_is_refused() -> None:
     assert "operator.metricsPort and operator.healthPort" in done.stderr
 
 
+# -- what platform teams set ------------------------------------------------------------------
+
+
+def deployment_of(values: Mapping[str, Any], release: str = "current") -> Manifest:
+    return one(rendered(values, "--show-only", "templates/deployment.yaml", release=release),
+               "Deployment")  # fmt: skip
+
+
+IMAGES: list[tuple[dict[str, Any], str]] = [
+    ({}, DEFAULT_IMAGE),
+    ({"image": {"tag": "1.2.3"}}, "ghcr.io/luaq/luaq:1.2.3"),
+    ({"image": {"tag": "1.2.3", "digest": DIGEST}}, f"ghcr.io/luaq/luaq@{DIGEST}"),
+    ({"global": {"imageRegistry": "mirror.example"}}, "mirror.example/luaq/luaq:0.1.0"),
+    ({"global": {"imageRegistry": "mirror.example:5000/hub/"}, "image": {"digest": DIGEST}},
+     f"mirror.example:5000/hub/luaq/luaq@{DIGEST}"),
+    # a repository without a registry gets one; localhost and host:port are registries
+    ({"global": {"imageRegistry": "mirror.example"}, "image": {"repository": "luaq/luaq"}},
+     "mirror.example/luaq/luaq:0.1.0"),
+    ({"global": {"imageRegistry": "mirror.example"}, "image": {"repository": "luaq"}},
+     "mirror.example/luaq:0.1.0"),
+    ({"global": {"imageRegistry": "mirror.example"},
+      "image": {"repository": "localhost/luaq"}}, "mirror.example/luaq:0.1.0"),
+    ({"global": {"imageRegistry": "mirror.example"},
+      "image": {"repository": "registry:5000/luaq"}}, "mirror.example/luaq:0.1.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("values", "image", "release"),
+    [(values, image, "current") for values, image in IMAGES]
+    + [(values, image, "helm3") for values, image in IMAGES[4:6]],
+)
+def test_the_image_takes_a_digest_and_a_global_registry_for_the_workers_too(
+    values: dict[str, Any], image: str, release: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = rendered(values, release=release)
+    operator = container(one(docs, "Deployment"))
+    assert operator["image"] == image
+    assert container(one(docs, "Pod"))["image"] == image  # helm test's
+    for name in list(os.environ):
+        if name.startswith("LUAQ_OPERATOR_"):
+            monkeypatch.delenv(name)
+    assert settings_from(_parser().parse_args(operator["args"])).image == image  # --image
+
+
+def test_a_worker_image_of_its_own_is_taken_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "global": {"imageRegistry": "mirror.example"},
+        "image": {"digest": DIGEST},
+        "operator": {"workerImage": "registry.example/workers:2"},
+    }
+    assert operator_settings(values, monkeypatch).image == "registry.example/workers:2"
+    assert container(deployment_of(values))["image"] == f"mirror.example/luaq/luaq@{DIGEST}"
+
+
+@pytest.mark.parametrize(
+    ("budget", "spec"),
+    [
+        ({"enabled": True}, {"maxUnavailable": 1}),
+        ({"enabled": True, "minAvailable": 1}, {"minAvailable": 1}),
+        ({"enabled": True, "minAvailable": 0}, {"minAvailable": 0}),
+        ({"enabled": True, "minAvailable": "50%"}, {"minAvailable": "50%"}),
+        ({"enabled": True, "maxUnavailable": "25%"}, {"maxUnavailable": "25%"}),
+        ({"enabled": False, "minAvailable": 1}, None),
+    ],
+)
+def test_the_disruption_budget_covers_the_operators_pods(
+    budget: dict[str, Any], spec: dict[str, Any] | None
+) -> None:
+    docs = rendered({"replicaCount": 2, "podDisruptionBudget": budget})
+    found = find(docs, "PodDisruptionBudget")
+    if spec is None:
+        assert not found
+        return
+    (pdb,) = found
+    validate(pdb)
+    pod = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selects(pdb["spec"]["selector"], pod)
+    assert {k: v for k, v in pdb["spec"].items() if k != "selector"} == spec
+
+
+def test_the_notes_warn_of_a_budget_that_blocks_every_drain() -> None:
+    budget = {"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}
+    assert "every drain of their nodes blocks" in notes({**budget, "replicaCount": 2})
+    assert "every drain" not in notes({**budget, "replicaCount": 3})
+
+
+def test_spread_priority_arguments_environment_volumes_and_probes_reach_the_pod(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deployment = one(manifests("platform"), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    operator = container(deployment)
+    own = deployment["spec"]["selector"]["matchLabels"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    zone, host = pod["topologySpreadConstraints"]
+    spread = PLATFORM["topologySpreadConstraints"]
+    assert zone == {**spread[0], "labelSelector": {"matchLabels": own}}
+    assert host == PLATFORM["topologySpreadConstraints"][1]  # its own labelSelector, as it is
+    assert selects(zone["labelSelector"], deployment["spec"]["template"]["metadata"]["labels"])
+    # extraArgs come last and win: the operator parses them as it would on the pod
+    assert operator["args"][-2:] == PLATFORM["extraArgs"]
+    settings = settings_from(_parser().parse_args(operator["args"]))
+    assert settings.resync_seconds == 45
+    assert {"name": "TZ", "value": "UTC"} in operator["env"]
+    assert {v["name"] for v in operator["env"]} == {"POD_NAME", "POD_NAMESPACE", "TZ"}
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}, *PLATFORM["volumes"]]
+    assert operator["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        *PLATFORM["volumeMounts"],
+    ]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert operator[probe] == {
+            "httpGet": {"path": "/healthz", "port": "health"},
+            **PLATFORM[probe],
+        }
+    assert operator["resources"] == PLATFORM["resources"]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "q"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"volumes": [{"name": "tmp", "emptyDir": {}}]}, 'volumes: "tmp" is there twice'),
+        ({"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]},
+         'volumes: "a" is there twice'),
+        ({"volumeMounts": [{"name": "ca", "mountPath": "/ca"}]},
+         'volumeMounts: "ca" is not one of volumes (none)'),
+        ({"volumes": [{"name": "scratch", "emptyDir": {}}],
+          "volumeMounts": [{"name": "scratch", "mountPath": "/tmp/"}]},
+         'volumeMounts: "scratch" mounts at /tmp, the chart'),
+    ],
+)  # fmt: skip
+def test_volumes_that_the_api_server_would_refuse_are_refused_naming_them(
+    values: dict[str, Any], message: str
+) -> None:
+    done = helm("template", RELEASE, str(CHART), values=values)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_extra_objects_are_rendered_with_the_charts_values_and_helpers() -> None:
+    docs = manifests("platform")
+    assert one(docs, "ConfigMap", f"{RELEASE}-extra")["data"] == {"release": RELEASE}
+    secret = one(docs, "Secret", f"{RELEASE}-templated")
+    assert secret["stringData"] == {"namespace": NAMESPACE}
+    assert not find(manifests("default"), "Secret")
+
+
+# The NetworkPolicy, evaluated as a network plugin evaluates it (the rules of
+# networking.k8s.io/v1: a peer matches by ipBlock, or as a pod by its labels and its
+# namespace's), against the traffic the operator makes and takes.
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A party to a connection: an address, and for a pod its namespace and labels."""
+
+    ip: str
+    namespace: str | None = None  # None: not a pod (a node, the API server, the world)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def _selected(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in (values or []),
+            "NotIn": not present or labels[key] not in (values or []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def _peer_matches(spec: Mapping[str, Any], peer: Peer, namespace: str) -> bool:
+    if "ipBlock" in spec:
+        address = ipaddress.ip_address(peer.ip)
+        block = spec["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(other) for other in block.get("except", [])
+        )
+    if peer.namespace is None:
+        return False
+    if "namespaceSelector" in spec:
+        in_namespace = _selected(
+            spec["namespaceSelector"], {"kubernetes.io/metadata.name": peer.namespace}
+        )
+    else:
+        in_namespace = peer.namespace == namespace
+    return in_namespace and _selected(spec.get("podSelector", {}), peer.labels)
+
+
+def _port_matches(ports: list[Mapping[str, Any]] | None, port: int, protocol: str) -> bool:
+    if not ports:
+        return True
+    for rule in ports:
+        assert not isinstance(rule.get("port"), str), "named ports: not evaluated here"
+        if rule.get("protocol", "TCP") != protocol:
+            continue
+        low = rule.get("port")
+        if low is None or low <= port <= rule.get("endPort", low):
+            return True
+    return False
+
+
+def allows(policy: Manifest, direction: str, peer: Peer, port: int, protocol: str = "TCP") -> bool:
+    """Whether `policy` lets the connection through: `direction` ingress (from `peer` to a
+    selected pod's `port`) or egress (from a selected pod to `peer`'s `port`)."""
+    spec = policy["spec"]
+    if direction.capitalize() not in spec["policyTypes"]:
+        return True
+    key = "from" if direction == "ingress" else "to"
+    namespace = policy["metadata"]["namespace"]
+    return any(
+        _port_matches(rule.get("ports"), port, protocol)
+        and (not rule.get(key) or any(_peer_matches(p, peer, namespace) for p in rule[key]))
+        for rule in spec.get(direction) or []
+    )
+
+
+KUBERNETES_SERVICE = Peer("10.96.0.1")  # the `kubernetes` Service, before translation
+API_SERVER = Peer("172.18.0.2")  # kind's control plane node: 6443
+NODE = Peer("172.18.0.3")  # a node: the kubelet's probes come from it
+CLUSTER_DNS = Peer("10.96.0.10")
+NODE_LOCAL_DNS = Peer("169.254.20.10")
+BROKER = Peer("10.244.1.7", "default", {"app.kubernetes.io/name": "rabbitmq"})
+PROMETHEUS = Peer("10.244.2.9", "monitoring", {"app.kubernetes.io/name": "prometheus"})
+ELSEWHERE = Peer("10.244.3.4", "shop", {"app": "shop"})
+WORLD = Peer("93.184.216.34")
+
+
+def network_policy(case: str) -> tuple[Manifest, Manifest, dict[str, int]]:
+    """The case's NetworkPolicy, its operator Deployment, and the container's ports."""
+    docs = manifests(case) if case != "enabled" else rendered({"networkPolicy": {"enabled": True}})
+    deployment = one(docs, "Deployment")
+    ports = {port["name"]: port["containerPort"] for port in container(deployment)["ports"]}
+    return one(docs, "NetworkPolicy"), deployment, ports
+
+
+def broker_port() -> int:
+    """The port of the examples' broker URL, as a QueueConsumer names it."""
+    secret = next(doc for doc in example("broker-secret.yaml") if doc["kind"] == "Secret")
+    return urllib.parse.urlsplit(secret["stringData"]["url"]).port or 5672
+
+
+@pytest.mark.parametrize("case", ["enabled", "platform"])
+def test_the_network_policy_lets_through_what_the_operator_needs(case: str) -> None:
+    policy, deployment, ports = network_policy(case)
+    validate(policy)
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    pod = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _selected(policy["spec"]["podSelector"], pod)
+    worker_deployment, _ = worker("default")
+    assert not _selected(
+        policy["spec"]["podSelector"], worker_deployment["spec"]["template"]["metadata"]["labels"]
+    )
+    # out: the API server (as a network plugin sees it, on 6443 or 443), the brokers, DNS
+    assert allows(policy, "egress", API_SERVER, 6443)
+    assert allows(policy, "egress", API_SERVER, 443)
+    assert allows(policy, "egress", BROKER, broker_port())
+    assert allows(policy, "egress", BROKER, 5671)  # amqps
+    for resolver in (CLUSTER_DNS, NODE_LOCAL_DNS):
+        assert allows(policy, "egress", resolver, 53, "UDP")
+        assert allows(policy, "egress", resolver, 53, "TCP")
+    # in: Prometheus, `helm test`'s pod on both ports, the kubelet on the probes' port
+    hook = one(manifests(case if case != "enabled" else "default"), "Pod")
+    tester = Peer("10.244.0.5", NAMESPACE, hook["metadata"]["labels"])
+    for port in ports.values():
+        assert allows(policy, "ingress", PROMETHEUS, port)
+        assert allows(policy, "ingress", tester, port)
+    probed = {
+        container(deployment)[p]["httpGet"]["port"] for p in ("livenessProbe", "readinessProbe")
+    }
+    assert probed == {"health"}
+    assert allows(policy, "ingress", NODE, ports["health"])
+    # nothing else
+    assert not allows(policy, "ingress", NODE, ports["metrics"])
+    assert not allows(policy, "ingress", PROMETHEUS, 9999)
+    assert not allows(policy, "egress", WORLD, 80)
+    assert not allows(policy, "egress", ELSEWHERE, 8080)
+    assert not allows(policy, "egress", BROKER, 5672, "UDP")
+    assert not allows(policy, "egress", WORLD, 22)
+
+
+def test_the_network_policy_narrows_to_the_addresses_and_namespaces_given() -> None:
+    policy, _, ports = network_policy("platform")
+    assert not allows(policy, "egress", Peer("172.18.0.9"), 6443)
+    assert not allows(policy, "egress", KUBERNETES_SERVICE, 443)  # not in apiServer.cidrs
+    assert not allows(policy, "ingress", ELSEWHERE, ports["metrics"])
+    assert not allows(policy, "ingress", Peer("10.244.2.10", "monitoring", {}), ports["metrics"])
+    assert not allows(policy, "ingress", WORLD, ports["health"])  # not a node
+    assert allows(policy, "egress", Peer("10.1.2.3"), 4317)  # extraEgress
+    enabled, _, _ = network_policy("enabled")
+    assert allows(enabled, "ingress", ELSEWHERE, ports["metrics"])  # {}: every namespace
+    assert allows(enabled, "egress", KUBERNETES_SERVICE, 443)
+    assert not find(manifests("default"), "NetworkPolicy")
+
+
+def test_the_evaluation_can_refuse() -> None:
+    """The evaluator itself: a policy without rules lets nothing through, one without
+    policyTypes' direction lets all."""
+    policy: Manifest = {"metadata": {"namespace": NAMESPACE},
+              "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}}  # fmt: skip
+    assert not allows(policy, "ingress", PROMETHEUS, 8080)
+    assert allows(policy, "egress", WORLD, 80)
+    policy["spec"]["ingress"] = [{"from": [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["shop"]}]}}],
+        "ports": [{"port": 8000, "endPort": 8100}]}]  # fmt: skip
+    assert allows(policy, "ingress", PROMETHEUS, 8080)
+    assert not allows(policy, "ingress", ELSEWHERE, 8080)
+    assert not allows(policy, "ingress", PROMETHEUS, 8101)
+    assert not allows(policy, "ingress", WORLD, 8080)
+
+
+# -- the monitors -----------------------------------------------------------------------------
+
+
+def endpoints(monitor: Manifest) -> list[Manifest]:
+    spec = monitor["spec"]
+    return list(spec.get("endpoints") or spec["podMetricsEndpoints"])
+
+
+def meta_label(kind: str, label: str) -> str:
+    """The meta label Prometheus gives a pod's or a Service's label (Kubernetes SD)."""
+    return f"__meta_kubernetes_{kind}_label_{re.sub('[^a-zA-Z0-9_]', '_', label)}"
+
+
+@pytest.mark.parametrize("case", ["custom", "podmonitor", "platform"])
+def test_the_monitors_keep_the_targets_labels_and_name_each_workers_job(case: str) -> None:
+    """honorLabels: the operator's per-QueueConsumer `namespace` stays `namespace` (not
+    exported_namespace); a worker's job is its QueueConsumer's name, taken from the label the
+    operator puts on its pods and Service, not one job for every consumer."""
+    docs = manifests(case)
+    kind = "PodMonitor" if case != "custom" else "ServiceMonitor"
+    monitors = {doc["metadata"]["name"]: doc for doc in find(docs, kind)}
+    assert set(monitors) == {RELEASE, f"{RELEASE}-workers"}
+    for monitor in monitors.values():
+        validate(monitor)
+        assert [endpoint["honorLabels"] for endpoint in endpoints(monitor)] == [True]
+    deployment, service = worker(case)
+    labels = (deployment["spec"]["template"]["metadata"] if kind == "PodMonitor" else service[
+        "metadata"])["labels"]  # fmt: skip
+    (workers,) = endpoints(monitors[f"{RELEASE}-workers"])
+    first, *rest = workers["relabelings"]
+    source = meta_label("pod" if kind == "PodMonitor" else "service", render.OWNER_LABEL)
+    assert first == {"sourceLabels": [source], "regex": "(.+)", "targetLabel": "job",
+                     "action": "replace"}  # fmt: skip
+    assert labels[render.OWNER_LABEL] == "email-worker"
+    (operator,) = endpoints(monitors[RELEASE])
+    assert operator.get("relabelings", []) == rest == VALUES[case]["metrics"].get("relabelings", [])
+
+
+def test_the_monitors_take_timeouts_job_labels_and_metric_relabelings() -> None:
+    docs = manifests("platform")
+    for monitor in find(docs, "PodMonitor"):
+        (endpoint,) = endpoints(monitor)
+        assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("1m", "45s")
+        assert endpoint["metricRelabelings"] == PLATFORM["metrics"]["metricRelabelings"]
+        assert "jobLabel" not in monitor["spec"]
+    labelled = rendered({"metrics": {"monitor": "ServiceMonitor", "jobLabel": "team"}})
+    for monitor in find(labelled, "ServiceMonitor"):
+        validate(monitor)
+        assert monitor["spec"]["jobLabel"] == "team"
+        assert "relabelings" not in endpoints(monitor)[0]  # the job is the label's
+    for monitor in find(manifests("custom"), "ServiceMonitor"):
+        assert "scrapeTimeout" not in endpoints(monitor)[0]
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout", "refused", "release"),
+    [("30s", "30s", False, "current"), ("1m30s", "1m", False, "helm3"),
+     ("1h", "500ms", False, "current"), ("30s", "31s", True, "current"),
+     ("1m", "1m1s", True, "helm3"), ("500ms", "1s", True, "current"),
+     ("1d", "1w", True, "current")],
+)  # fmt: skip
+def test_a_scrape_timeout_longer_than_the_interval_is_refused(
+    interval: str, timeout: str, refused: bool, release: str
+) -> None:
+    values = {"metrics": {"monitor": "PodMonitor", "interval": interval, "scrapeTimeout": timeout}}
+    done = helm("template", RELEASE, str(CHART), values=values, release=release)
+    assert (done.returncode != 0) == refused, done.stderr
+    if refused:
+        assert f"metrics.scrapeTimeout ({timeout}) must not be longer than metrics.interval" in (
+            done.stderr
+        )
+
+
+def test_the_schemas_durations_and_relabel_actions_are_the_prometheus_operators() -> None:
+    metrics = SCHEMA["properties"]["metrics"]["properties"]
+    (pattern,) = [
+        item.pattern
+        for item in monitoring.Endpoint.model_fields["scrape_timeout"].metadata
+        if hasattr(item, "pattern")
+    ]
+    assert metrics["interval"]["pattern"] == metrics["scrapeTimeout"]["pattern"] == pattern
+    relabeling = SCHEMA["definitions"]["relabelings"]["items"]["properties"]
+    (actions, _) = typing.get_args(monitoring.RelabelingConfig.model_fields["action"].annotation)
+    assert relabeling["action"]["enum"] == list(typing.get_args(actions))
+    fields = {f.alias or name for name, f in monitoring.RelabelingConfig.model_fields.items()}
+    assert set(relabeling) == fields
+
+
+# -- the chart's metadata ---------------------------------------------------------------------
+
+CHART_YAML = yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+
+def test_the_chart_says_where_it_comes_from_for_artifact_hub() -> None:
+    annotations = CHART_YAML["annotations"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert annotations["artifacthub.io/license"] == project["license"]
+    assert CHART_YAML["home"] in CHART_YAML["sources"]
+    assert CHART_YAML["maintainers"]
+    assert all(maintainer["name"] for maintainer in CHART_YAML["maintainers"])
+    links = yaml.safe_load(annotations["artifacthub.io/links"])
+    assert all(link["url"].startswith(CHART_YAML["home"]) for link in links)
+    (image,) = yaml.safe_load(annotations["artifacthub.io/images"])
+    assert image["image"] == DEFAULT_IMAGE == container(one(manifests("default"), "Deployment"))[
+        "image"]  # fmt: skip
+    definition = crd.crd()
+    (described,) = yaml.safe_load(annotations["artifacthub.io/crds"])
+    assert described["kind"] == definition["spec"]["names"]["kind"]
+    assert described["version"] == definition["spec"]["versions"][0]["name"]
+    assert described["name"] == definition["metadata"]["name"]
+    (sample,) = yaml.safe_load(annotations["artifacthub.io/crdsExamples"])
+    assert sample["apiVersion"] == f"{crd.GROUP}/{crd.VERSION}"
+    parse_spec(sample["spec"], crd.spec_schema())  # a QueueConsumer the CRD takes
+    assert annotations["artifacthub.io/operator"] == "true"
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+def test_the_chart_refuses_a_kubernetes_older_than_its_kube_version(release: str) -> None:
+    assert CHART_YAML["kubeVersion"] == ">=1.30.0-0"
+    older = helm("template", RELEASE, str(CHART), "--kube-version", "1.29.9", release=release)
+    assert older.returncode != 0
+    assert "kubeVersion" in older.stderr or "incompatible" in older.stderr, older.stderr
+    assert helm("template", str(CHART), "--kube-version", "1.30.0", release=release).returncode == 0
+
+
+# -- values from an older release (--reuse-values) --------------------------------------------
+
+# The values this chart added after its first release, as the paths of values.yaml: an upgrade
+# with --reuse-values keeps the release's values without them (null removes a value).
+ADDED = [
+    "global.imageRegistry", "image.digest", "crds", "extraArgs", "extraEnv", "livenessProbe",
+    "readinessProbe", "volumes", "volumeMounts", "topologySpreadConstraints",
+    "priorityClassName", "podDisruptionBudget", "networkPolicy", "metrics.scrapeTimeout",
+    "metrics.jobLabel", "metrics.relabelings", "metrics.metricRelabelings", "extraObjects",
+]  # fmt: skip
+
+
+def without(paths: Iterable[str]) -> dict[str, Any]:
+    """Values that remove each of `paths` (null), as an older release's values lack them."""
+    values: dict[str, Any] = {}
+    for path in paths:
+        *parents, last = path.split(".")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = None
+    return values
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+@pytest.mark.parametrize("monitor", ["ServiceMonitor", "PodMonitor"])
+def test_values_from_before_these_options_render_what_their_defaults_do(
+    monitor: str, release: str
+) -> None:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path in ADDED:
+        node = defaults
+        for part in path.split("."):
+            assert part in node, f"{path} is not in values.yaml"
+            node = node[part]
+    values = {"metrics": {"monitor": monitor}}
+    older = without(ADDED)
+    older["metrics"] = {**older["metrics"], "monitor": monitor}
+    assert rendered(older, release=release) == rendered(values, release=release)
+
+
+# -- the schema: a wrong value is refused, named, and what was expected said ------------------
+
+OWN_LABEL = "(the chart's own selector label: leave it out of podLabels)"
+
+
+# A wrong value, and what each Helm says of it: Helm 4 (santhosh-tekuri/jsonschema) by JSON
+# pointer, Helm 3.17 (gojsonschema) dotted.
+REFUSED: list[tuple[dict[str, Any], str, str]] = [
+    # one pattern, not an anyOf whose message says only that no branch matched
+    ({"dashboard": {"namespace": "Monitoring"}},
+     "at '/dashboard/namespace': 'Monitoring' does not match pattern",
+     "dashboard.namespace: Does not match pattern"),
+    ({"fullnameOverride": "9lives"}, "at '/fullnameOverride': '9lives' does not match",
+     "fullnameOverride: Does not match pattern"),
+    ({"fullnameOverride": "a" * 64}, "at '/fullnameOverride': maxLength: got 64, want 63",
+     "fullnameOverride: String length must be less than or equal to 63"),
+    ({"nameOverride": "Luaq"}, "at '/nameOverride': 'Luaq' does not match",
+     "nameOverride: Does not match pattern"),
+    ({"nameOverride": "a" * 53}, "at '/nameOverride': maxLength: got 53, want 52",
+     "nameOverride: String length must be less than or equal to 52"),
+    ({"podLabels": {"app.kubernetes.io/instance": "x"}},
+     f"at '/podLabels/app.kubernetes.io~1instance': value must be '{OWN_LABEL}'".replace(
+         "'s", "\\'s"),
+     f'podLabels.app.kubernetes.io/instance does not match: "{OWN_LABEL}"'),
+    ({"podLabels": {"bad key!": "x"}}, "at '/podLabels': additional properties 'bad key!'",
+     "podLabels: Additional property bad key! is not allowed"),
+    ({"podLabels": {"team": "a b"}}, "at '/podLabels/team': 'a b' does not match",
+     "podLabels.team: Does not match pattern"),
+    ({"resources": {"requests": {"memroy": "1Gi"}}},
+     "at '/resources/requests': additional properties 'memroy' not allowed",
+     "resources.requests: Additional property memroy is not allowed"),
+    ({"resources": {"limit": {"memory": "1Gi"}}},
+     "at '/resources': additional properties 'limit' not allowed",
+     "resources: Additional property limit is not allowed"),
+    ({"resources": {"limits": {"memory": "1GB"}}},
+     "at '/resources/limits/memory': '1GB' does not match pattern",
+     "resources.limits.memory: Does not match pattern"),
+    ({"image": {"digest": "sha256:abc"}}, "at '/image/digest': 'sha256:abc' does not match",
+     "image.digest: Does not match pattern '^(sha256:[a-f0-9]{64})?$'"),
+    ({"global": {"imageRegistry": "https://mirror.example"}},
+     "at '/global/imageRegistry': 'https://mirror.example' does not match",
+     "global.imageRegistry: Does not match pattern"),
+    ({"crds": {"install": "yes"}}, "at '/crds/install': got string, want boolean",
+     "crds.install: Invalid type. Expected: boolean, given: string"),
+    ({"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}},
+     "at '/podDisruptionBudget/maxUnavailable': value must be ''",
+     'podDisruptionBudget.maxUnavailable does not match: ""'),
+    ({"podDisruptionBudget": {"minAvailable": "50"}},
+     "at '/podDisruptionBudget/minAvailable': '50' does not match pattern",
+     "podDisruptionBudget.minAvailable: Does not match pattern '^((100|[1-9]?[0-9])%)?$'"),
+    ({"podDisruptionBudget": {"maxUnavailable": -1}},
+     "at '/podDisruptionBudget/maxUnavailable': minimum: got -1, want 0",
+     "podDisruptionBudget.maxUnavailable: Must be greater than or equal to 0"),
+    ({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]},
+     "at '/topologySpreadConstraints/0': missing property 'whenUnsatisfiable'",
+     "topologySpreadConstraints.0: whenUnsatisfiable is required"),
+    ({"priorityClassName": "High_Priority"}, "at '/priorityClassName': 'High_Priority'",
+     "priorityClassName: Does not match pattern"),
+    ({"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1"]}}},
+     "at '/networkPolicy/apiServer/cidrs/0': '10.0.0.1' does not match",
+     "networkPolicy.apiServer.cidrs.0: Does not match pattern"),
+    ({"networkPolicy": {"brokers": {"ports": [0]}}},
+     "at '/networkPolicy/brokers/ports/0': minimum: got 0, want 1",
+     "networkPolicy.brokers.ports.0: Must be greater than or equal to 1"),
+    ({"networkPolicy": {"metrics": {"namespaceSelector": {"matchLabel": {"a": "b"}}}}},
+     "at '/networkPolicy/metrics/namespaceSelector': additional properties 'matchLabel'",
+     "networkPolicy.metrics.namespaceSelector: Additional property matchLabel is not"),
+    ({"livenessProbe": {"successThreshold": 2}},
+     "at '/livenessProbe': additional properties 'successThreshold' not allowed",
+     "livenessProbe: Additional property successThreshold is not allowed"),
+    ({"readinessProbe": {"periodSeconds": 0}},
+     "at '/readinessProbe/periodSeconds': minimum: got 0, want 1",
+     "readinessProbe.periodSeconds: Must be greater than or equal to 1"),
+    ({"extraArgs": "--log-level=debug"}, "at '/extraArgs': got string, want array",
+     "extraArgs: Invalid type. Expected: array, given: string"),
+    ({"extraEnv": [{"name": "X", "value": 1}]}, "at '/extraEnv/0/value': got number, want",
+     "extraEnv.0.value: Invalid type. Expected: string, given: integer"),
+    ({"volumes": [{"emptyDir": {}}]}, "at '/volumes/0': missing property 'name'",
+     "volumes.0: name is required"),
+    ({"volumeMounts": [{"name": "ca", "mountPath": "etc"}]},
+     "at '/volumeMounts/0/mountPath': 'etc' does not match",
+     "volumeMounts.0.mountPath: Does not match pattern"),
+    ({"extraObjects": [1]}, "at '/extraObjects/0': got number, want string or object",
+     "extraObjects.0: Invalid type. Expected: [object,string], given: integer"),
+    ({"metrics": {"relabelings": [{"action": "rename"}]}},
+     "at '/metrics/relabelings/0/action': value must be one of 'replace'",
+     "metrics.relabelings.0.action must be one of the following: \"replace\""),
+    ({"metrics": {"metricRelabelings": [{"source_labels": ["__name__"]}]}},
+     "at '/metrics/metricRelabelings/0': additional properties 'source_labels' not allowed",
+     "metrics.metricRelabelings.0: Additional property source_labels is not allowed"),
+    ({"metrics": {"scrapeTimeout": "10"}}, "at '/metrics/scrapeTimeout': '10' does not match",
+     "metrics.scrapeTimeout: Does not match pattern"),
+    ({"metrics": {"interval": ""}}, "at '/metrics/interval': minLength: got 0, want 1",
+     "metrics.interval: String length must be greater than or equal to 1"),
+    ({"metrics": {"jobLabel": "a b"}}, "at '/metrics/jobLabel': 'a b' does not match",
+     "metrics.jobLabel: Does not match pattern"),
+]  # fmt: skip
+
+
+def _paths(values: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    found: set[tuple[str, ...]] = set()
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            found |= _paths(value, (*prefix, key))
+        else:
+            found.add((*prefix, key))
+    return found
+
+
+def _merge(into: dict[str, Any], values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and value and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def batches(cases: list[tuple[dict[str, Any], str, str]]) -> list[tuple[dict[str, Any], list[Any]]]:
+    """The cases packed into as few values files as can hold them, no value set twice: helm
+    reports every value the schema refuses at once, and each run costs a second."""
+    packed: list[tuple[dict[str, Any], list[Any], set[tuple[str, ...]]]] = []
+    for case in cases:
+        paths = _paths(case[0])
+        for values, members, used in packed:
+            if not any(p[: len(q)] == q or q[: len(p)] == p for p in paths for q in used):
+                _merge(values, json.loads(json.dumps(case[0])))
+                members.append(case)
+                used |= paths
+                break
+        else:
+            packed.append((json.loads(json.dumps(case[0])), [case], set(paths)))
+    return [(values, members) for values, members, _ in packed]
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+def test_the_values_schema_says_what_was_expected_of_a_new_value(release: str) -> None:
+    """Both Helms' validators name each wrong value and what it should have been; none answers
+    with a bare `anyOf`/`oneOf` failure."""
+    for values, members in batches(REFUSED):
+        done = helm("template", RELEASE, str(CHART), values=values, release=release)
+        assert done.returncode != 0
+        assert "values don't meet the specifications of the schema" in done.stderr
+        for case, helm4, helm3 in members:
+            assert (helm3 if release == "helm3" else helm4) in done.stderr, (case, done.stderr)
+        assert "anyOf" not in done.stderr
+        assert "oneOf" not in done.stderr
+
+
+def test_each_refused_value_alone_is_refused() -> None:
+    """The packing hides no case behind another's error: each alone fails the schema too (by
+    a Python validator of the same draft, a millisecond each)."""
+    validator = jsonschema.Draft7Validator(SCHEMA)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert not list(validator.iter_errors(defaults))
+    for values, _, _ in REFUSED:
+        merged = json.loads(json.dumps(defaults))
+        _merge(merged, values)
+        assert list(validator.iter_errors(merged)), values
+    assert len(batches(REFUSED)) < len(REFUSED) / 3
+
+
+def test_the_schema_has_no_any_of_or_one_of() -> None:
+    text = (CHART / "values.schema.json").read_text()
+    assert '"anyOf"' not in text
+    assert '"oneOf"' not in text
+
+
 # -- installed into the emulated cluster --------------------------------------------------------
 
 INSTALL = f"helm install {RELEASE} charts/luaq --namespace {NAMESPACE} --create-namespace"
@@ -845,9 +1630,40 @@ def operator_grants(
     return granted
 
 
+# What the chart installs beyond the emulator's own kinds: stored, and nothing more (no network
+# plugin enforces a NetworkPolicy there, no eviction asks a PodDisruptionBudget, and the
+# QueueConsumer kind is served from the models' CRD whatever CRD object is stored).
+CHART_KINDS = (
+    Kind(
+        kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
+        "CustomResourceDefinition",
+        namespaced=False,
+    ),
+    Kind(kmock.resource("policy", "v1", "poddisruptionbudgets"), "PodDisruptionBudget"),
+    Kind(kmock.resource("networking.k8s.io", "v1", "networkpolicies"), "NetworkPolicy"),
+)
+CRD_NAME = f"{crd.PLURAL}.{crd.GROUP}"
+
+
+@pytest.fixture
+def cluster(cluster: Cluster) -> Cluster:
+    """The emulated cluster, serving the chart's other kinds too."""
+    for kind in CHART_KINDS:
+        cluster.emulator.register(kind)
+    return cluster
+
+
 @pytest.mark.parametrize(
     "values",
-    [{}, {"replicaCount": 2, "operator": {"watchNamespaces": ["default", "shop"]}}],
+    [
+        {},
+        {
+            "replicaCount": 2,
+            "operator": {"watchNamespaces": ["default", "shop"]},
+            "podDisruptionBudget": {"enabled": True},
+            "networkPolicy": {"enabled": True},
+        },
+    ],
     ids=["cluster-wide", "namespaced-two-replicas"],
 )
 async def test_the_installed_chart_runs_the_examples(
@@ -855,11 +1671,15 @@ async def test_the_installed_chart_runs_the_examples(
 ) -> None:
     ports = {"healthPort": free_port(), "metricsPort": free_port()}
     values = {**values, "operator": {**values.get("operator", {}), **ports, "workerImage": IMAGE}}
-    rendered = template(values, "--skip-tests")
     applied = await kubectl(
-        kubectl_binary, cluster, "apply", "--validate=false", "-f", "-", stdin=rendered,
+        kubectl_binary, cluster, "apply", "--validate=false", "-f", "-",
+        stdin=template(values, "--skip-tests"),
     )  # fmt: skip
     assert f"deployment.apps/{RELEASE} created" in applied
+    assert f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME} created" in applied
+    if values.get("networkPolicy"):
+        assert cluster.get("poddisruptionbudgets", NAMESPACE, RELEASE) is not None
+        assert cluster.get("networkpolicies", NAMESPACE, RELEASE) is not None
     deployment = cluster.get("deployments", NAMESPACE, RELEASE)
     assert deployment is not None
     replicas = deployment["spec"]["replicas"]
@@ -894,6 +1714,42 @@ async def test_the_installed_chart_runs_the_examples(
         assert "hello-worker" in done.stdout
         first = (values["operator"].get("watchNamespaces") or ["default"])[0]
         await eventually(lambda: cluster.get("deployments", first, "hello-worker") is not None, 20)
+
+
+async def test_an_upgrade_updates_the_crd_the_release_installed(
+    cluster: Cluster, kubectl_binary: Path, tmp_path: Path
+) -> None:
+    """Installed, then upgraded to a chart whose CRD changed (as `make crds` writes it after a
+    change of the models): what the upgrade applies replaces the CRD in the cluster, which a
+    chart's crds/ directory never would."""
+    installed = await kubectl(
+        kubectl_binary, cluster, "apply", "--validate=false", "-f", "-",
+        stdin=template({}, "--skip-tests"),
+    )  # fmt: skip
+    assert f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME} created" in installed
+    stored = cluster.emulator.read("customresourcedefinitions", None, CRD_NAME)
+    assert stored is not None
+    assert stored["spec"] == crd.crd()["spec"]
+    assert stored["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+    following = crd.crd()
+    column = {"name": "Processes", "type": "integer", "jsonPath": ".spec.processes"}
+    following["spec"]["versions"][0]["additionalPrinterColumns"].append(column)
+    chart = tmp_path / "luaq"
+    shutil.copytree(CHART, chart)
+    (chart / CRD_TEMPLATE).write_text(crd.chart_template(following))
+    upgrade = helm(
+        "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--is-upgrade",
+        "--skip-crds", "--skip-tests",
+    )  # fmt: skip
+    assert upgrade.returncode == 0, upgrade.stderr
+    upgraded = await kubectl(
+        kubectl_binary, cluster, "apply", "--validate=false", "-f", "-", stdin=upgrade.stdout
+    )
+    assert f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME} configured" in upgraded
+    stored = cluster.emulator.read("customresourcedefinitions", None, CRD_NAME)
+    assert stored is not None
+    assert stored["spec"]["versions"][0]["additionalPrinterColumns"][-1] == column
 
 
 async def test_the_installed_operator_holds_queueconsumers_to_the_values_policy(
