@@ -3,7 +3,9 @@
 Each QueueConsumer gets a kopf daemon: its one writer, which runs a reconcile pass whenever the
 resource or one of its objects changes (their watch events wake it), when an autoscaling or
 resync period is due, and after a failure with backoff. Only the holder of the leader Lease
-runs passes; the other replicas watch and wait.
+runs passes; the other replicas watch and wait. Losing the Lease cancels the passes in flight
+(no new write starts), and each new term starts every daemon from a fresh ConsumerState: what
+a replica cached in an earlier term may have been changed since by another.
 """
 
 from __future__ import annotations
@@ -12,20 +14,21 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
-from . import kube, render
+from . import kube, render, watching
 from .crd import spec_schema
 from .kube import Kube
-from .leader import LeaderElection
+from .leader import LeaderElection, LeadershipLost
 from .metrics import Metrics
 from .reconcile import ConsumerState, Reconciler
 from .resource import GROUP, PLURAL, VERSION
 from .settings import OperatorSettings
+from .watching import Watches
 
 _log = logging.getLogger("luaq.operator")
 
@@ -33,6 +36,7 @@ Key = tuple[str, str]
 MANAGED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
 PART_OF = {"app.kubernetes.io/part-of": "luaq"}
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+T = TypeVar("T")
 
 
 class Operator:
@@ -47,9 +51,11 @@ class Operator:
         self.bodies: dict[Key, Mapping[str, Any]] = {}
         self._kube: Kube | None = None
         self._leader: LeaderElection | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.epoch = 0  # leadership terms so far: a daemon's state belongs to one term
+        self._passes: set[asyncio.Task[Any]] = set()  # reconcile passes in flight
+        self.watches = Watches(settings)
         # API calls and checks run here: stopping drops what has not started, so nothing is
-        # written after the operator stops (the Lease has the loop's default executor).
+        # written after the operator stops (the Lease has a thread of its own).
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="luaq-operator")
 
     async def call(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -72,9 +78,30 @@ class Operator:
 
     def _leadership(self, leader: bool) -> None:
         self.metrics.leader.set(1 if leader else 0)
-        if leader:  # catch up on everything that happened meanwhile
+        if leader:  # a new term: catch up on everything that happened meanwhile
+            self.epoch += 1
             for trigger in self.triggers.values():
                 trigger.set()
+        else:  # stop acting now: the passes in flight start no further write
+            for task in self._passes:
+                task.cancel()
+
+    async def as_leader(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a pass that leadership's loss cancels: raises LeadershipLost then."""
+        if not self.leading:
+            coroutine.close()
+            raise LeadershipLost
+        task = asyncio.ensure_future(coroutine)
+        self._passes.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the daemon itself is stopping
+            raise LeadershipLost from None
+        finally:
+            self._passes.discard(task)
 
     def configure(self, kopf_settings: kopf.OperatorSettings) -> None:
         """kopf's side: no namespace or CRD scanning (no RBAC for it), server-side label
@@ -90,22 +117,21 @@ class Operator:
         kopf_settings.watching.label_selectors["", "configmaps"] = ",".join(
             f"{key}={value}" for key, value in PART_OF.items()
         )
+        watching.configure(kopf_settings, self.settings)
 
     async def start(self) -> None:
         self._kube = await asyncio.to_thread(Kube.connect)
-        self._leader = LeaderElection(self.kube, self.settings, self._leadership)
-        self._tasks.append(asyncio.create_task(self._leader.run(), name="leader election"))
+        self._leader = await asyncio.to_thread(
+            LeaderElection, self.kube, self.settings, self._leadership
+        )
+        self._leader.start()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
 
     async def stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._leader is not None:
-            await asyncio.to_thread(self._leader.release)
+            await self._leader.stop()  # releases the Lease, whatever happened before
         self.metrics.stop()
         if self._kube is not None:
             self._kube.close()
@@ -117,7 +143,7 @@ class Operator:
         trigger = self.triggers[key] = asyncio.Event()
         self.bodies[key] = body
         self.metrics.consumers.set(len(self.triggers))
-        state = ConsumerState()
+        state, term = ConsumerState(), self.epoch
         reconciler = Reconciler(
             self.kube, self.settings, self.metrics, self.schema, _post_event, self.call, self.checks
         )
@@ -127,9 +153,14 @@ class Operator:
                 trigger.clear()
                 delay: float | None = None
                 if self.leading:
+                    if term != self.epoch:  # a new term: what was cached may be stale by now
+                        await state.close()
+                        state, term = ConsumerState(), self.epoch
                     try:
-                        outcome = await reconciler.reconcile(body, state)
+                        outcome = await self.as_leader(reconciler.reconcile(body, state))
                         failures = 0
+                    except LeadershipLost:
+                        continue  # cancelled: wait for the next term
                     except Exception as exc:
                         outcome = "error"
                         delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
@@ -171,8 +202,14 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
     handlers = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=handlers)
-    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
-        return kube.login(settings)
+    async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSession:
+        info = await asyncio.to_thread(kube.login, settings)
+        return await operator.watches.session(info)  # traced: when each watch starts
+
+    # kopf's liveness endpoint fails while a probe raises (luaq.operator.watching)
+    @kopf.on.probe(id="watches", errors=kopf.ErrorsMode.PERMANENT, registry=handlers)
+    async def watches(**_: Any) -> dict[str, float]:
+        return operator.watches.ages()
 
     @kopf.on.startup(registry=handlers)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -1,19 +1,38 @@
-"""Leader election on a coordination.k8s.io Lease, as client-go's leaderelection does it.
+"""Leader election on a coordination.k8s.io Lease, as client-go's leaderelection does it for
+controller-runtime.
 
-Every replica watches and keeps its state warm; only the Lease holder acts. A holder that cannot
-renew stops acting at its renew deadline, before the Lease expires for the others; a replica
-that stops releases the Lease so another takes over at once.
+Every replica watches and keeps its state warm; only the Lease holder acts. With a Lease of
+`lease_seconds` (L):
+
+- every replica tries every retry period (L/6): the holder renews, the others look;
+- a follower takes the Lease only when its record has not changed for the Lease's duration,
+  measured on the follower's own clock from when it saw the last change (as client-go: no trust
+  in the holder's clock), or at once when it is released;
+- the holder stops acting the moment its renew deadline (2L/3 after the start of its last
+  successful renewal) passes, whatever the election loop is doing then: a timer, not the loop,
+  drops leadership, so a hung request cannot keep a replica acting; it also stops at once when
+  it finds another holder in the Lease;
+- every API call runs in the election's own thread, never on the event loop, in one attempt
+  bounded by the retry period, and each round by twice that (below the renew deadline);
+- any error in a round is logged and the round retried: the loop ends only when it is stopped;
+- `stop` releases the Lease (empty holder) whenever it still names this replica, so another
+  replica takes over at once, even after errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import json
 import logging
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from .kube import LEASES, Kube
@@ -22,114 +41,171 @@ from .settings import OperatorSettings
 _log = logging.getLogger("luaq.operator.leader")
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+class LeadershipLost(Exception):
+    """The Lease was lost while a pass ran: the pass was cancelled."""
 
 
-def _time(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _time() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+class _BoundedApiClient(client.ApiClient):
+    """The Kubernetes client for the Lease calls: one attempt each (no urllib3 retries), given
+    up after `timeout` seconds instead of Kube's 30."""
+
+    def __init__(self, configuration: client.Configuration, timeout: float) -> None:
+        super().__init__(configuration)
+        self.timeout = timeout
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["_request_timeout"] = self.timeout
+        return super().call_api(*args, **kwargs)
+
+
+def lease_client(kube: Kube, timeout: float) -> Kube:
+    """A client with `kube`'s configuration and user agent, and a connection pool of its own
+    (a stuck reconcile request never holds up a renewal), for bounded Lease calls."""
+    configuration = copy.deepcopy(kube.api.configuration)
+    configuration.retries = False
+    api = _BoundedApiClient(configuration, timeout)
+    api.user_agent = kube.api.user_agent
+    return Kube(api)
 
 
 class LeaderElection:
     def __init__(
         self, kube: Kube, settings: OperatorSettings, on_change: Callable[[bool], None]
     ) -> None:
-        self.kube = kube
         self.settings = settings
         self.identity = settings.identity
         self.on_change = on_change
         self.is_leader = False
-        self._renewed: datetime | None = None
+        lease = settings.lease_seconds
+        self.renew_deadline = lease * 2 / 3
+        self.retry_period = lease / 6
+        self.kube = lease_client(kube, timeout=self.retry_period)
+        # One thread: a call that hangs delays the next round instead of piling threads up,
+        # and the release on stop comes after any call still in flight.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="luaq-lease")
+        self._observed = ""  # the Lease's spec as last seen (JSON), and when it last changed
+        self._observed_at = 0.0
+        self._deadline: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    @property
-    def _duration(self) -> timedelta:
-        return timedelta(seconds=self.settings.lease_seconds)
-
-    def _spec(self, acquired: str, transitions: int) -> dict[str, Any]:
-        now = _time(_now())
-        return {
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": max(1, round(self.settings.lease_seconds)),
-            "acquireTime": acquired or now,
-            "renewTime": now,
-            "leaseTransitions": transitions,
-        }
-
-    def try_acquire(self) -> bool:
-        """One round: create, renew or take over the Lease. Conflicts mean someone else won."""
+    def try_acquire_or_renew(self) -> bool:
+        """One round (blocking): create, renew or take over the Lease; False when another
+        replica holds it. API errors (409: someone else wrote it first) are raised."""
         name, namespace = self.settings.lease_name, self.settings.lease_namespace
         lease = self.kube.get(LEASES, namespace, name)
+        now = time.monotonic()
         if lease is None:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": name, "namespace": namespace},
-                "spec": self._spec("", 0),
+                "spec": self._spec({}),
             }
-            self.kube.create(LEASES, namespace, body)
+            self._observe(self.kube.create(LEASES, namespace, body), now)
             return True
         spec = lease.get("spec") or {}
+        self._observe(lease, now)
         holder = spec.get("holderIdentity") or ""
-        renewed = _parse(spec.get("renewTime"))
-        duration = timedelta(seconds=spec.get("leaseDurationSeconds") or 0)
-        expired = renewed is None or renewed + duration < _now()
-        if holder and holder != self.identity and not expired:
+        duration = float(spec.get("leaseDurationSeconds") or 0)
+        if holder and holder != self.identity and now < self._observed_at + duration:
             return False
-        transitions = int(spec.get("leaseTransitions") or 0)
-        if holder == self.identity:
-            acquired = str(spec.get("acquireTime") or "")
-        else:
-            acquired, transitions = "", transitions + 1
-        lease["spec"] = self._spec(acquired, transitions)
-        self.kube.replace(LEASES, namespace, name, lease)  # resourceVersion: optimistic lock
+        lease["spec"] = self._spec(spec)
+        # resourceVersion makes it an optimistic lock: 409 when another replica wrote first
+        self._observe(self.kube.replace(LEASES, namespace, name, lease), now)
         return True
 
+    def _spec(self, previous: dict[str, Any]) -> dict[str, Any]:
+        now = _time()
+        transitions = int(previous.get("leaseTransitions") or 0)
+        ours = previous.get("holderIdentity") == self.identity
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": max(1, round(self.settings.lease_seconds)),
+            "acquireTime": previous.get("acquireTime") if ours else now,
+            "renewTime": now,
+            "leaseTransitions": transitions if ours or not previous else transitions + 1,
+        }
+
+    def _observe(self, lease: dict[str, Any], now: float) -> None:
+        record = json.dumps(lease.get("spec") or {}, sort_keys=True)
+        if record != self._observed:
+            self._observed, self._observed_at = record, now
+
     def _set(self, leader: bool) -> None:
+        if not leader and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if leader != self.is_leader:
             self.is_leader = leader
             _log.info("leadership %s", "acquired" if leader else "lost")
             self.on_change(leader)
 
-    async def run(self) -> None:
-        retry = self.settings.lease_seconds / 3
-        while True:
-            try:
-                won = await asyncio.to_thread(self.try_acquire)
-            except (ApiException, OSError) as exc:
-                if not (isinstance(exc, ApiException) and exc.status == 409):
-                    _log.warning("lease %s: %s", self.settings.lease_name, exc)
-                won = False
-            now = _now()
-            if won:
-                self._renewed = now
-                self._set(True)
-            elif self.is_leader:
-                # Stop acting before the Lease can expire for the others (renew deadline).
-                deadline = (self._renewed or now) + self._duration * 2 / 3
-                if now >= deadline or not self._held_by_us():
-                    self._set(False)
-            await asyncio.sleep(retry)
+    def _renewed(self, started: float) -> None:
+        """Leading until the renew deadline of a renewal that started at `started`."""
+        remaining = started + self.renew_deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = asyncio.get_running_loop().call_later(remaining, self._set, False)
+        self._set(True)
 
-    def _held_by_us(self) -> bool:
-        with contextlib.suppress(ApiException, OSError):
-            lease = self.kube.get(LEASES, self.settings.lease_namespace, self.settings.lease_name)
-            return lease is not None and lease["spec"].get("holderIdentity") == self.identity
-        return True  # cannot tell: the renew deadline decides
+    async def _round(self) -> bool | None:
+        """True: this replica holds the Lease; False: another does; None: cannot tell."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(2 * self.retry_period):
+                won: bool = await loop.run_in_executor(self._thread, self.try_acquire_or_renew)
+                return won
+        except Exception as exc:  # whatever the network does, the loop goes on
+            if isinstance(exc, ApiException) and exc.status == 409:
+                _log.debug("lease %s: written by another replica", self.settings.lease_name)
+            else:
+                _log.warning("lease %s: %r", self.settings.lease_name, exc)
+            return None
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            won = await self._round()
+            if won:
+                self._renewed(started)
+            elif won is False:
+                self._set(False)  # another holder: stop acting now, not at the deadline
+            # None: the holder keeps trying until its renew deadline's timer stops it
+            await asyncio.sleep(self.retry_period)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="leader election")
+
+    async def stop(self) -> None:
+        """Stop acting, stop the loop, and release the Lease if it still names this replica."""
+        self._set(False)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(3 * self.retry_period):  # behind a call in flight
+                await loop.run_in_executor(self._thread, self.release)
+        except Exception as exc:
+            _log.warning("lease %s not released: %r", self.settings.lease_name, exc)
+        self._thread.submit(self.kube.close)  # after whatever call is still in flight
+        self._thread.shutdown(wait=False)
 
     def release(self) -> None:
-        """Hand the Lease over at once on a clean stop."""
-        if not self.is_leader:
+        """Hand the Lease over at once (blocking), as client-go's ReleaseOnCancel does."""
+        namespace, name = self.settings.lease_namespace, self.settings.lease_name
+        lease = self.kube.get(LEASES, namespace, name)
+        if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
             return
-        self._set(False)
-        with contextlib.suppress(ApiException, OSError):
-            namespace, name = self.settings.lease_namespace, self.settings.lease_name
-            lease = self.kube.get(LEASES, namespace, name)
-            if lease is not None and lease["spec"].get("holderIdentity") == self.identity:
-                lease["spec"].update(holderIdentity="", leaseDurationSeconds=1)
-                self.kube.replace(LEASES, namespace, name, lease)
+        now = _time()
+        lease["spec"].update(
+            holderIdentity="", leaseDurationSeconds=1, acquireTime=now, renewTime=now
+        )
+        self.kube.replace(LEASES, namespace, name, lease)

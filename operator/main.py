@@ -103,6 +103,22 @@ def _parser() -> argparse.ArgumentParser:
         help="the Lease's namespace (default: the operator's own)",
     )
     parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(_env("lease_seconds", OperatorSettings.lease_seconds)),
+        metavar="SECONDS",
+        help="the Lease's duration: a holder that cannot renew it stops acting after 2/3 of it, "
+        "another replica takes over after all of it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--watch-seconds",
+        type=int,
+        default=int(_env("watch_seconds", OperatorSettings.watch_seconds)),
+        metavar="SECONDS",
+        help="end and restart each watch this often; liveness fails when one is not restarted "
+        "for three such periods (default: %(default)s)",
+    )
+    parser.add_argument(
         "--resync-seconds",
         type=float,
         default=float(_env("resync_seconds", OperatorSettings.resync_seconds)),
@@ -192,6 +208,7 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         autoscale_seconds=args.autoscale_seconds,
         lease_name=args.lease_name,
         lease_namespace=args.lease_namespace or _own_namespace(),
+        lease_seconds=args.lease_seconds,
         identity=identity,
         check_concurrency=args.check_concurrency,
         policy=Policy(
@@ -203,6 +220,7 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
             max_cpu=args.max_cpu,
             max_memory=args.max_memory,
         ),
+        watch_seconds=args.watch_seconds,
     )
 
 

@@ -57,3 +57,9 @@ class OperatorSettings:
     check_concurrency: int = 2
     # What a QueueConsumer may ask for (images, service accounts, Secrets in env, sizes).
     policy: Policy = field(default_factory=Policy)
+    # Watches: each watch request asks the API server to end it after this long (an integer,
+    # as timeoutSeconds must be), and the operator gives up on it this much later, so a stream
+    # cut without a FIN is replaced; liveness fails when one is not re-established for three
+    # such periods (luaq.operator.watching).
+    watch_seconds: int = 60
+    watch_connect_seconds: float = 10.0
