@@ -89,7 +89,7 @@ def test_policies_and_actors_decide_the_same_on_the_cluster(
         tmp_path / "app.yaml",
         [
             {"name": "broker", "kind": "queue.driver.amqp", "url": "amqp://localhost/",
-             "heartbeat": "1.5s"},
+             "connection_timeout": "1.5s"},
             *({"name": name, "kind": "queue.queue", "driver": "broker"}
               for name in ("in", "out", "secret")),
             {"name": "allow", "kind": "security.policy", "groups": ["workers"],
@@ -104,7 +104,7 @@ def test_policies_and_actors_decide_the_same_on_the_cluster(
     documents = manifests(capsys, project)
     qc = next(d for d in documents if d["kind"] == "QueueConsumer")
     assert qc["spec"]["actor"] == {"id": "mailer", "meta": {"team": "dev"}}
-    assert qc["spec"]["broker"]["heartbeat"] == "1.5s"
+    assert qc["spec"]["broker"]["connectionTimeout"] == "1.5s"
     assert admit(qc) == []
     laptop = check([project], Settings())
     pod = as_files(qc, documents, tmp_path / "pod")
