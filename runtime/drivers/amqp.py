@@ -352,7 +352,13 @@ class AmqpDelivery(Delivery):
 class AmqpSubscription(Subscription):
     """A consumer on its own channel. Acks are coalesced: the lowest tag still open bounds a
     `multiple` ack, sent once per loop iteration; nacks go out at once. The connection writes
-    frames in call order, so a nack always reaches the broker before a later `multiple` ack."""
+    frames in call order, so a nack always reaches the broker before a later `multiple` ack.
+
+    Kept consuming, as aio-pika's robust channel does: when the broker cancels the consumer
+    (its queue was deleted) or closes its channel (a consumer_timeout, say) while the
+    connection lives on, `_recover` consumes again on a new channel, declaring the queue first
+    when the broker says it is gone, with backoff, until that works or the subscription is
+    cancelled. A lost connection is its Link's to recover, which attaches every subscription."""
 
     def __init__(
         self,
@@ -368,61 +374,112 @@ class AmqpSubscription(Subscription):
         self.prefetch = prefetch
         self.on_delivery = on_delivery
         self.channel: Channel | None = None
+        self.consuming = False  # the broker has this consumer, on self.channel
         self.tag = consumer.driver_options.amqp.consumer_tag or f"{consumer.id}.{uuid.uuid4().hex}"
         self.active = True
         self._open: dict[int, bool] = {}  # delivery tag -> acked, in delivery order
         self._flush_scheduled = False
         self._unsent = 0  # acks coalesced and not yet sent
-        self._reattaching: asyncio.Future[None] | None = None
+        self._attaching = asyncio.Lock()  # recovery and a reconnect may attach at once
+        self._recovery: asyncio.Task[None] | None = None
+        self._missing = False  # the broker says the queue is gone: declare it before consuming
+        self._closing: set[asyncio.Future[None]] = set()  # channels a failed attach left
 
     async def attach(self, connection: Connection) -> None:
-        """Consume on `connection`, unless this subscription already does (recovery may have
-        attached it there meanwhile)."""
-        channel = self.channel
-        if channel is not None and channel.connection is connection and not channel.is_closed:
-            return
-        channel = await connection.channel()
-        await channel.qos(self.prefetch)
-        self._open.clear()  # tags of an old channel mean nothing on the new one
-        self._unsent = 0
-        self.channel = channel
-        try:
-            await channel.consume(
-                self.queue.external_name,
-                self._on_message,
-                self.tag,
-                exclusive=self.consumer.driver_options.amqp.exclusive,
-                on_cancel=self._on_cancel,
-            )
-        except ChannelClosed as exc:
-            what = f"cannot consume from queue {self.queue.external_name}"
-            raise broker_error(exc, what) from exc
+        """Consume on `connection` on a new channel, unless this subscription already does
+        (recovery may have attached it there meanwhile). A cancelled consumer's channel is
+        closed first: a consumer takes one channel, and the broker may allow no more."""
+        async with self._attaching:
+            old = self.channel
+            if not self.active or (self.attached and old and old.connection is connection):
+                return
+            if old is not None and not old.is_closed:
+                await old.close()  # its deliveries are stale from now on
+            channel = await connection.channel()
+            try:
+                channel.on_close = lambda reason: self._closed(channel, reason)
+                await channel.qos(self.prefetch)
+                self._open.clear()  # tags of an old channel mean nothing on the new one
+                self._unsent = 0
+                self.channel = channel
+                await channel.consume(
+                    self.queue.external_name,
+                    self._on_message,
+                    self.tag,
+                    exclusive=self.consumer.driver_options.amqp.exclusive,
+                    on_cancel=self._on_cancel,
+                )
+                if channel.closed_by is not None:  # closed before the consumer could be told
+                    raise channel.closed_by
+            except ChannelClosed as exc:
+                what = f"cannot consume from queue {self.queue.external_name}"
+                raise broker_error(exc, what) from exc
+            except BaseException:
+                if not channel.is_closed:  # (a timeout, a cancel): not left open behind us
+                    closing = asyncio.ensure_future(channel.close())
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
+                raise
+            self.consuming = True
+
+    def _closed(self, channel: Channel, reason: Exception) -> None:
+        """`channel` closed. By the broker on a connection that lives on (a consumer_timeout,
+        say): nothing else would ever consume again, so recover. With its connection: the
+        Link reconnects and attaches us again."""
+        if channel is not self.channel or not self.consuming:
+            return  # an old channel, or one still attaching (attach raises)
+        self.consuming = False
+        if isinstance(reason, ChannelClosed) and not channel.connection.is_closed:
+            self._recover(f"the broker closed the consumer's channel: {reason}", at_once=False)
 
     def _on_cancel(self) -> None:
-        if self.active:
-            self._reattaching = asyncio.ensure_future(self._reattach())
-
-    async def _reattach(self) -> None:
         """The broker ended this consumer, because its queue was deleted: the entries file
-        still wants it, so declare the queue again and consume anew (deliveries still held
-        went with the old queue)."""
-        old = self.channel
-        try:
-            await self.driver.declare(self.queue)
-            self.channel = None  # attach on a fresh channel, even on the same connection
-            await self.driver.on_link("restore a consumer", self.attach)
-        except QueueError as exc:
-            _log.error(
-                "consumer not restored after the broker cancelled it",
-                extra={"queue": self.queue.external_name, "error": exc.message},
-            )
-            return
-        _log.warning(
-            "queue declared again and consumer restored",
-            extra={"queue": self.queue.external_name},
-        )
-        if old is not None:
-            await old.close()
+        still wants it, so declare the queue again at once and consume anew (deliveries still
+        held went with the old queue)."""
+        self.consuming = False
+        self._missing = True
+        self._recover("the broker cancelled the consumer (its queue was deleted)", at_once=True)
+
+    def _recover(self, why: str, at_once: bool) -> None:
+        if self.active and (self._recovery is None or self._recovery.done()):
+            name = f"{self.consumer.id}#recover"
+            self._recovery = asyncio.create_task(self._recovering(why, at_once), name=name)
+
+    async def _recovering(self, why: str, at_once: bool) -> None:
+        """Consume again, with backoff (reconnect_delay doubling up to reconnect_max_delay),
+        until this subscription is attached or cancelled; whatever fails is logged and tried
+        again. The broker's reason is logged once, as each failed attempt is."""
+        entry = self.driver.entry
+        name = self.queue.external_name
+        where = {"consumer": self.consumer.id, "queue": name}
+        _log.warning("consumer lost, restoring it", extra={**where, "error": why})
+        delay = entry.reconnect_delay
+        wait = not at_once
+        while self.active:
+            if wait:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, entry.reconnect_max_delay)
+            wait = True
+            try:
+                if self._missing:
+                    await self.driver.declare(self.queue)
+                    self._missing = False
+                await self.driver.on_link(f"cannot consume from queue {name}", self.attach)
+            except Exception as exc:
+                if isinstance(exc, QueueError):
+                    self._missing = self._missing or exc.kind is Kind.NOT_FOUND
+                    error = exc.message
+                else:  # a bug, or something no one foresaw: the loop must go on
+                    _log.exception("restoring a consumer failed", extra=where)
+                    error = f"{type(exc).__name__}: {exc}"
+                _log.warning(
+                    "consumer not restored, retrying",
+                    extra={**where, "error": error, "delay": delay},
+                )
+                continue
+            if self.attached:
+                _log.warning("consumer restored", extra=where)
+                return
 
     def _on_message(
         self, tag: int, redelivered: bool, properties: dict[str, Any], body: bytes
@@ -498,18 +555,21 @@ class AmqpSubscription(Subscription):
 
     @property
     def attached(self) -> bool:
-        return self.channel is not None and not self.channel.is_closed
+        """Consuming now: the broker has this consumer, on a channel that is open."""
+        channel = self.channel
+        return self.consuming and channel is not None and not channel.is_closed
 
     async def cancel(self) -> None:
         self.active = False
-        channel = self.channel
-        if channel is not None and not channel.is_closed:
+        if self._recovery is not None:
+            self._recovery.cancel()
+        channel, consuming = self.channel, self.consuming
+        self.consuming = False
+        if consuming and channel is not None and not channel.is_closed:
             with contextlib.suppress(ChannelClosed, ConnectionError, TimeoutError):
                 await channel.cancel(self.tag)
 
     async def close(self) -> None:
-        if self._reattaching is not None:
-            self._reattaching.cancel()
         await self.cancel()
         channel, self.channel = self.channel, None
         self.driver.subscriptions.discard(self)

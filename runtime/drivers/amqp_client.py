@@ -424,6 +424,9 @@ class Channel:
         self._unconfirmed: dict[int, tuple[asyncio.Future[str], str | None, float]] = {}
         self._returned: set[int] = set()
         self._overdue: asyncio.TimerHandle | None = None  # the next deadline to check
+        # told once, with the reason, when the channel closes (by the broker, by us, or with
+        # its connection): a consumer's owner learns that its consumer is gone
+        self.on_close: Callable[[Exception], None] | None = None
 
     @property
     def is_closed(self) -> bool:
@@ -693,6 +696,12 @@ class Channel:
         self._consumers.clear()
         self._on_cancel.clear()
         self._incoming = None
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            try:
+                on_close(reason)
+            except Exception:
+                _log.exception("channel close callback failed")
 
 
 class Connection(asyncio.Protocol):
