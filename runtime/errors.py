@@ -33,6 +33,12 @@ class QueueError(Exception):
         self.retryable = retryable
 
 
+class MaybePublished(QueueError):
+    """A publish that failed after the message was sent: the broker never said whether it took
+    it, so it may have been published (and may still arrive). A caller that publishes it again
+    may make a duplicate (at-least-once); one that reports it must not say "nothing"."""
+
+
 class ConfigError(Exception):
     """Configuration that cannot run; carries every problem found, one per line."""
 

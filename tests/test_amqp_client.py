@@ -318,6 +318,26 @@ async def test_confirms_multiple_acks_nacks_and_returns() -> None:
         channel.publish(b"{}", "q", {})
 
 
+async def test_a_return_goes_to_the_publish_with_its_routing_key() -> None:
+    """A retry republishes a message, with its id, to a delay queue while its first publish
+    waits for its confirm (a persistent message's waits for the disk): a return of the
+    republish (its delay queue was deleted) is not the first publish's."""
+    connection, channel, _ = await on_a_wire()
+    first = channel.publish(b"{}", "jobs", {"message_id": "m"})
+    again = channel.publish(b"{}", "jobs.retry.50ms", {"message_id": "m"})
+
+    connection.data_received(
+        server(
+            spec.Basic.Return(312, "NO_ROUTE", "", "jobs.retry.50ms"),
+            ContentHeader(0, 0, spec.Basic.Properties(message_id="m")),
+            spec.Basic.Ack(2),
+            spec.Basic.Ack(1),
+        )
+    )
+
+    assert (await first, await again) == (Confirm.ACK, Confirm.RETURNED)
+
+
 async def test_a_publish_past_its_deadline_fails_and_a_late_confirm_is_harmless() -> None:
     connection, channel, _ = await on_a_wire()
     loop = asyncio.get_running_loop()
@@ -621,18 +641,34 @@ async def test_messages_sent_without_an_id_get_one_each(
     await subscription.close()
 
 
-async def test_a_message_no_queue_takes_is_not_found(driver: AmqpDriver, queue_name: str) -> None:
+async def test_a_message_no_queue_takes_declares_the_queue_again(
+    driver: AmqpDriver, queue_name: str
+) -> None:
+    """A queue deleted behind the driver's back: the broker returns the message (nothing was
+    enqueued), the driver declares the queue again and publishes once more."""
     queue = queue_entry(queue_name)
     await driver.declare(queue)
-    await delete_queues(queue_name)  # behind the driver's back: the broker returns the message
+    await delete_queues(queue_name)
 
-    with pytest.raises(QueueError, match="message returned") as returned:
-        await driver.publish(queue, b"{}", {}, "application/json")
-    assert returned.value.kind is Kind.NOT_FOUND
-
-    await driver.declare(queue)
     assert await driver.publish(queue, b"{}", {"message_id": "back"}, "application/json")
     assert (await driver.info(queue)).message_count == 1
+
+
+async def test_a_message_returned_again_is_not_found(
+    driver: AmqpDriver, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Returned once more after the queue was declared again: the publish fails, once."""
+    queue = queue_entry(queue_name)
+    await driver.declare(queue)
+    await delete_queues(queue_name)
+
+    async def declare_nothing(_queue: object) -> None:
+        pass
+
+    monkeypatch.setattr(driver, "declare", declare_nothing)
+    with pytest.raises(QueueError, match="also after declaring the queue again") as returned:
+        await driver.publish(queue, b"{}", {}, "application/json")
+    assert returned.value.kind is Kind.NOT_FOUND
 
 
 async def test_an_exclusive_consumer_holds_its_queue(driver: AmqpDriver, queue_name: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..entries import DEFAULT_RETRY, AmqpDriverEntry, ConsumerEntry, QueueEntry, Retry
-from ..errors import Kind, QueueError
+from ..errors import Kind, MaybePublished, QueueError
 from . import (
     CLOSE_TIMEOUT,
     Delivery,
@@ -1050,9 +1050,41 @@ class AmqpDriver(Driver):
         properties = properties_for(
             headers, content_type, message_id, queue.driver_options.amqp.durable
         )
+        confirmation = await self._send(name, route or name, body, properties, message_id)
+        if confirmation == Confirm.RETURNED:
+            # No queue took it, so nothing was enqueued: the queue was deleted behind our back.
+            # The entries want it: declare it again and publish once more.
+            await self._declare_again(queue, route)
+            confirmation = await self._send(name, route or name, body, properties, message_id)
+            if confirmation == Confirm.RETURNED:
+                raise QueueError(
+                    Kind.NOT_FOUND,
+                    f"queue {route or name} does not exist on the broker (message returned, "
+                    "also after declaring the queue again)",
+                )
+        if confirmation != Confirm.ACK:
+            raise QueueError(
+                Kind.INTERNAL,
+                f"the broker did not accept the message for {name}",
+                retryable=True,
+            )
+        return message_id
+
+    async def _send(
+        self,
+        name: str,
+        routing_key: str,
+        body: bytes,
+        properties: dict[str, Any],
+        message_id: str,
+    ) -> str:
+        """One publish, and the broker's answer (a Confirm). A failure says whether anything
+        was published: nothing, when the frames never left; once they did, only the broker's
+        confirm tells, and without it the message may have been published (MaybePublished)."""
         timeout = self.entry.publish_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         connection: Connection | None = None
+        sent = False
         try:
             channel = self._publisher
             if channel is None or not channel.connection.publishable or channel.is_closed:
@@ -1064,7 +1096,9 @@ class AmqpDriver(Driver):
                     await connection.unblocked()
                     await connection.drained()
             connection = channel.connection
-            confirmation = await channel.publish(body, route or name, properties, deadline)
+            confirmation = channel.publish(body, routing_key, properties, deadline)
+            sent = True
+            return await confirmation
         except (TypeError, ValueError) as exc:  # headers AMQP cannot carry, or too big
             raise QueueError(Kind.INVALID, f"cannot publish to {name}: {exc}") from exc
         except TimeoutError as exc:
@@ -1075,38 +1109,67 @@ class AmqpDriver(Driver):
                     f"to {name}",
                     retryable=True,
                 ) from exc
-            if connection.blocked:
+            blocking = connection.blocked
+            if not sent:
+                why = "the connection to the broker could not take it"
+                if blocking:
+                    why = f"the broker is blocking publishers ({blocking})"
                 raise QueueError(
                     Kind.UNAVAILABLE,
-                    f"the broker is blocking publishers ({connection.blocked}): nothing was "
-                    f"published to {name} within {timeout:g}s",
+                    f"{why}: nothing was published to {name} within {timeout:g}s",
+                    retryable=True,
+                ) from exc
+            if blocking:
+                # The broker blocks a connection once it reads a publish from it: the first
+                # of a connection, and any sent before the block reached us, are in its hands.
+                raise MaybePublished(
+                    Kind.UNAVAILABLE,
+                    f"the broker is blocking publishers ({blocking}) and did not confirm "
+                    f"message {message_id} to {name} within {timeout:g}s: it was sent before "
+                    "the broker blocked, so it may have been published",
+                    retryable=True,
+                ) from exc
+            raise MaybePublished(
+                Kind.TIMEOUT,
+                f"no confirmation from the broker within {timeout:g}s for message {message_id} "
+                f"to {name}: it may have been published",
+                retryable=True,
+            ) from exc
+        except (ChannelClosed, OSError) as exc:
+            kind = Kind.INTERNAL if isinstance(exc, ChannelClosed) else Kind.UNAVAILABLE
+            if sent:
+                raise MaybePublished(
+                    kind,
+                    f"publish to {name} failed: {exc}: message {message_id} was sent, so it "
+                    "may have been published",
                     retryable=True,
                 ) from exc
             raise QueueError(
-                Kind.TIMEOUT,
-                f"no confirmation from the broker within {timeout:g}s for the message to "
-                f"{name} (it may still arrive)",
-                retryable=True,
+                kind, f"publish to {name} failed: {exc}: nothing was published", retryable=True
             ) from exc
-        except ChannelClosed as exc:
+
+    async def _declare_again(self, queue: QueueEntry, route: str | None) -> None:
+        """A publish came back unroutable: declare its queue (or the delay queue it went to)
+        again."""
+        _log.warning(
+            "a publish was returned: its queue is gone from the broker, declaring it again",
+            extra={"queue": route or queue.external_name},
+        )
+        if route is None:
+            await self.declare(queue)
+            return
+        delay = self._delay_queues.get(route)
+        if delay is None:  # forgotten meanwhile (found deleted): the next retry declares it
             raise QueueError(
-                Kind.INTERNAL, f"publish to {name} failed: {exc}", retryable=True
-            ) from exc
-        except OSError as exc:
-            raise QueueError(
-                Kind.UNAVAILABLE, f"publish to {name} failed: {exc}", retryable=True
-            ) from exc
-        if confirmation == Confirm.RETURNED:
-            raise QueueError(
-                Kind.NOT_FOUND, f"queue {name} does not exist on the broker (message returned)"
+                Kind.NOT_FOUND, f"queue {route} does not exist on the broker (message returned)"
             )
-        if confirmation != Confirm.ACK:
-            raise QueueError(
-                Kind.INTERNAL,
-                f"the broker did not accept the message for {name}",
-                retryable=True,
-            )
-        return message_id
+        target, milliseconds = delay
+
+        async def declare(channel: Channel) -> None:
+            await self._declare_delay_queue(channel, route, target, milliseconds)
+
+        await self._on_admin(f"cannot declare delay queue {route}", declare)
+        self._absent.pop(route, None)
 
     def retries_with(self, queue: QueueEntry, retry: Retry) -> None:
         self._retries.setdefault(queue.external_name, set()).add(retry)

@@ -420,8 +420,8 @@ class Channel:
         self._routes: dict[str, bytes] = {}  # routing key -> its publish method frame
         self._next_tag = 1  # of the next publish, once confirms are on
         self._lowest = 1  # no unconfirmed publish has a lower tag
-        # tag -> (its future, its message id, when its publisher gives up waiting)
-        self._unconfirmed: dict[int, tuple[asyncio.Future[str], str | None, float]] = {}
+        # tag -> (its future, its routing key and message id, when its publisher gives up)
+        self._unconfirmed: dict[int, tuple[asyncio.Future[str], tuple[str, str | None], float]] = {}
         self._returned: set[int] = set()
         self._overdue: asyncio.TimerHandle | None = None  # the next deadline to check
         # told once, with the reason, when the channel closes (by the broker, by us, or with
@@ -548,7 +548,8 @@ class Channel:
         connection.write(b"".join(parts))
         loop = connection.loop
         future = loop.create_future()
-        self._unconfirmed[self._next_tag] = (future, properties.get("message_id"), deadline)
+        returned_as = (routing_key, properties.get("message_id"))
+        self._unconfirmed[self._next_tag] = (future, returned_as, deadline)
         self._next_tag += 1
         if self._overdue is None and deadline != math.inf:
             self._overdue = loop.call_at(deadline, self._expire)
@@ -640,14 +641,14 @@ class Channel:
         if entry is not None and not entry[0].done():  # not given up on by its publisher
             entry[0].set_result(outcome)
 
-    def _on_returned(
-        self, _tag: int, _redelivered: bool, properties: dict[str, Any], _body: bytes
-    ) -> None:
+    def _on_returned(self, routing_key: str, properties: dict[str, Any]) -> None:
         """A return comes before the confirm of its publish and carries no tag: it belongs to
-        the oldest unconfirmed publish with its message id not returned yet."""
-        message_id = properties.get("message_id")
-        for tag, (_, pending_id, _) in self._unconfirmed.items():
-            if pending_id == message_id and tag not in self._returned:
+        the oldest unconfirmed publish with its routing key and message id not returned yet.
+        The key tells apart publishes of one message to two queues (a retry's republish to a
+        delay queue, while the first publish to the message's queue waits for its confirm)."""
+        returned_as = (routing_key, properties.get("message_id"))
+        for tag, (_, pending, _) in self._unconfirmed.items():
+            if pending == returned_as and tag not in self._returned:
                 self._returned.add(tag)
                 return
 
@@ -656,7 +657,12 @@ class Channel:
             self.connection.write(pamqp.frame.marshal(spec.Channel.CloseOk(), self.number))
             self._fail(ChannelClosed(method.reply_code or 0, method.reply_text))
         elif isinstance(method, spec.Basic.Return):
-            self._incoming = _Incoming(self._on_returned, 0, False)
+            key = method.routing_key or ""
+
+            def returned(_tag: int, _again: bool, properties: dict[str, Any], _: bytes) -> None:
+                self._on_returned(key, properties)
+
+            self._incoming = _Incoming(returned, 0, False)
         elif isinstance(method, spec.Basic.Cancel):
             tag = method.consumer_tag or ""
             _log.warning("the broker cancelled consumer %s", tag)
