@@ -421,33 +421,55 @@ def _manifests(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
+    """Exits 1 when a run ends before it went through the messages it found (the first broker
+    refusal, a copy not confirmed, messages that never came), saying what it did."""
+    report = functools.partial(print, file=sys.stderr)
     try:
         queue = worker.queue(worker.config.namespace, args.queue_id)
         dlq.require_durable(worker, queue)
         await worker.connect()
-        batch = await dlq.take(worker, queue)
-        try:
-            if args.action == "list":
-                for delivery in batch.deliveries:
-                    print(json.dumps(dlq.describe(delivery), ensure_ascii=False, default=str))
-                print(f"{len(batch.deliveries)} message(s) in {queue.id}", file=sys.stderr)
-            elif args.action == "replay":
-                report = functools.partial(print, file=sys.stderr)
-                moved = await dlq.replay(worker, batch, report)
-                print(f"replayed {moved} of {len(batch.deliveries)} message(s)")
-            elif _confirmed(args.yes, f"delete {len(batch.deliveries)} message(s) of {queue.id}"):
-                for delivery in batch.deliveries:
-                    await delivery.ack()
-                print(f"purged {len(batch.deliveries)} message(s)")
-            else:
-                print("nothing deleted", file=sys.stderr)
-        finally:
-            await batch.subscription.close()  # gives back whatever was not acked
+        total = await dlq.depth(worker, queue)
+        if args.action == "list":
+            outcome = await dlq.show(worker, queue, total, sys.stdout, report)
+            report(f"listed {outcome.done} of {total} message(s) in {queue.id}")
+        elif args.action == "replay":
+            outcome = await dlq.replay(worker, queue, total, report)
+            print(_replayed(outcome, queue.id))
+        elif _confirmed(args.yes, f"delete {total} message(s) of {queue.id}"):
+            outcome = await dlq.purge(worker, queue, total, report)
+            print(f"purged {outcome.done} of {total} message(s)")
+        else:
+            report("nothing deleted")
+            return EXIT_OK
     except QueueError as exc:
         return _failed(exc)
     finally:
         await worker.stop(0)
+    if outcome.stopped is not None:
+        report(f"luaq: stopped: {outcome.stopped}")
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _replayed(outcome: dlq.Outcome, queue_id: str) -> str:
+    """`replayed 3 of 10 message(s)`, and what became of the others."""
+    parts = [f"replayed {outcome.done} of {outcome.total} message(s)"]
+    if outcome.kept:
+        parts.append(f"{outcome.kept} kept: their queue is not declared here")
+    if outcome.uncertain:
+        parts.append(
+            f"{len(outcome.uncertain)} may have been replayed, and stay in {queue_id} as well: "
+            + " ".join(outcome.uncertain)
+        )
+    if outcome.twice:
+        parts.append(
+            f"{len(outcome.twice)} kept may be in {queue_id} twice: " + " ".join(outcome.twice)
+        )
+    if outcome.stopped is not None:
+        left = outcome.total - outcome.done - outcome.kept
+        left -= len(outcome.uncertain) + len(outcome.twice)
+        parts.append(f"stopped at the first failure: {left} not replayed, still in {queue_id}")
+    return "; ".join(parts)
 
 
 def _confirmed(yes: bool, what: str) -> bool:
