@@ -577,7 +577,8 @@ async def test_a_name_amqp_cannot_carry_is_invalid_and_the_driver_goes_on(
     what is wrong in its own terms, and its declarations after that still work (a method that
     failed to encode used to leave a waiter behind that took the next call's reply)."""
     with pytest.raises(QueueError, match="255 bytes") as refused:
-        await driver.declare(queue_entry("q" * 256))
+        # past the entries' own bound too: built without validation, as a caller might
+        await driver.declare(queue_entry("q").model_copy(update={"queue_name": "q" * 256}))
     assert refused.value.kind is Kind.INVALID
 
     # a name that fits, but not with a delay queue's suffix: the retry fails, and says why
