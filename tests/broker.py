@@ -4,6 +4,7 @@ directly (as if loaded from x.yaml in namespace `app`)."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -25,10 +26,11 @@ def rabbitmqctl(*args: str) -> str:
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
-def queue_totals(vhost: str) -> dict[str, tuple[int, int]]:
-    """(ready, unacknowledged) by queue name, as the broker counts them."""
-    rows = rabbitmqctl("list_queues", "-p", vhost, "name", "messages_ready",
-                       "messages_unacknowledged").splitlines()  # fmt: skip
+def queue_totals(vhost: str, ctl: Callable[..., str] = rabbitmqctl) -> dict[str, tuple[int, int]]:
+    """(ready, unacknowledged) by queue name, as the broker counts them (`ctl`: rabbitmqctl
+    for the node, the shared one by default)."""
+    rows = ctl("list_queues", "-p", vhost, "name", "messages_ready",
+               "messages_unacknowledged").splitlines()  # fmt: skip
     totals = {}
     for row in rows:
         name, ready, unacked = row.split("\t")

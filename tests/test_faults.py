@@ -19,6 +19,7 @@ import aiormq
 from broker import queue_depth, queue_totals, rabbitmqctl
 from pamqp.commands import Basic
 from processes import Process, Spawner, summary, write_app
+from rabbit_node import RabbitNode, rabbit_node
 
 MESSAGES = 20_000
 HANDLER = 'function handle(p) return queue.publish("app:out", {n = p.n}) end'
@@ -49,9 +50,9 @@ def depth(url: str, queue: str) -> tuple[int, int]:
         return -1, -1
 
 
-def drained(vhost: str) -> bool:
+def drained(vhost: str, ctl: Callable[..., str] = rabbitmqctl) -> bool:
     """No message in any queue but `out`, the retry queues of `in` included."""
-    totals = queue_totals(vhost)
+    totals = queue_totals(vhost, ctl)
     return not any(sum(counts) for name, counts in totals.items() if name != "out")
 
 
@@ -76,10 +77,14 @@ async def drain(url: str, queue: str) -> list[int]:
     return seen
 
 
-def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
-    tmp_path: Path, vhost: str
-) -> None:
-    url = f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
+def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(tmp_path: Path) -> None:
+    """On a node of its own: restarting the shared one would fail every other test's calls."""
+    with rabbit_node() as node:
+        restarted(tmp_path, node)
+
+
+def restarted(tmp_path: Path, node: RabbitNode) -> None:
+    url = node.url
     asyncio.run(fill(url, "in"))
     app = write_app(
         tmp_path / "app.yaml",
@@ -98,15 +103,15 @@ def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
         process = spawner("run", app, "--shutdown-timeout", "10")
 
         wait(lambda: depth(url, "out")[0] >= 3_000, 60, "3,000 outputs", process)
-        rabbitmqctl("close_all_connections", "--vhost", vhost, "fault test: connections")
+        node.ctl("close_all_connections", "fault test: connections")
         wait(lambda: depth(url, "out")[0] >= 9_000, 60, "9,000 outputs", process)
-        rabbitmqctl("stop_app")
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
+        node.ctl("stop_app")
+        node.ctl("start_app")
+        node.ctl("await_startup")
         # drained: nothing left in `in` or waiting in its retry queues, ready or unacked, and
         # the worker consuming again
-        wait(lambda: depth(url, "in")[1] == 1 and drained(vhost), 120, "the input drained",
-             process)  # fmt: skip
+        wait(lambda: depth(url, "in")[1] == 1 and drained("/", node.ctl), 120,
+             "the input drained", process)  # fmt: skip
         wait(lambda: depth(url, "out")[0] >= MESSAGES, 60, "every output", process)
 
         process.popen.send_signal(signal.SIGTERM)

@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -44,6 +45,7 @@ from luaq.runtime.errors import Kind, QueueError
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from processes import Process, Spawner, summary, wait_until, write_app, write_jsonl
+from rabbit_node import RabbitNode, rabbit_node
 from test_faults import depth, drain, fill
 
 
@@ -441,26 +443,38 @@ def queue_depth_sync(url: str, queue: str) -> int:
 # -- 5. a broker that blocks publishers ---------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def private_node() -> Iterator[RabbitNode]:
+    """A node of these tests' own: a memory alarm on the shared one would stop every publisher
+    of the machine."""
+    with rabbit_node() as node:
+        yield node
+
+
+@pytest.fixture
+def private_vhost(private_node: RabbitNode) -> Iterator[tuple[RabbitNode, str]]:
+    name = f"luaq-test-{uuid.uuid4().hex[:12]}"
+    private_node.ctl("add_vhost", name)
+    private_node.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield private_node, name
+    private_node.ctl("delete_vhost", name)
+
+
 @contextlib.contextmanager
-def memory_alarm() -> Iterator[None]:
+def memory_alarm(node: RabbitNode) -> Iterator[None]:
     """RabbitMQ's memory alarm, for real: the high watermark set below what the node uses, and
-    always put back (an alarm left on would stop every publisher of the machine)."""
-    previous = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
-    rabbitmqctl("set_vm_memory_high_watermark", "0.0001")
+    put back."""
+    node.ctl("set_vm_memory_high_watermark", "0.0001")
     try:
-        wait_until(lambda: "memory" in alarms(), 30, "the memory alarm")
+        wait_until(lambda: "memory" in alarms(node), 30, "the memory alarm")
         yield
     finally:
-        if previous.startswith("{absolute,"):
-            limit = previous.removeprefix("{absolute,").rstrip("}")
-            rabbitmqctl("set_vm_memory_high_watermark", "absolute", limit)
-        else:
-            rabbitmqctl("set_vm_memory_high_watermark", previous)
-        wait_until(lambda: "memory" not in alarms(), 30, "the memory alarm to clear")
+        node.ctl("set_vm_memory_high_watermark", "0.4")
+        wait_until(lambda: "memory" not in alarms(node), 30, "the memory alarm to clear")
 
 
-def alarms() -> str:
-    return rabbitmqctl("eval", "rabbit_alarm:get_alarms().")
+def alarms(node: RabbitNode) -> str:
+    return node.ctl("eval", "rabbit_alarm:get_alarms().")
 
 
 PUBLISH_ODD = """
@@ -473,23 +487,25 @@ end
 
 
 def test_under_a_memory_alarm_acks_flow_publishes_fail_cleanly_and_nothing_is_lost(
-    tmp_path: Path, vhost: str, spawn: Spawner
+    tmp_path: Path, private_vhost: tuple[RabbitNode, str], spawn: Spawner
 ) -> None:
     """Odd inputs publish, even ones do not. While the broker blocks publishers, the even ones
     are acked (acks travel on the consuming connection, which the alarm does not block), the
     odd ones fail with a retryable error that says why and come back after their backoff, and
     `luaq publish` gives up with the same message. Once the alarm clears, every odd input
     reaches `out`."""
-    url = vhost_url(vhost)
+    node, vhost = private_vhost
+    url = f"{node.url}{quote(vhost, safe='')}"
     asyncio.run(fill(url, "jobs", 40))
     app = amqp_app(
         tmp_path / "app.yaml", url, PUBLISH_ODD,
         {"name": "jobs", "retry": {"delay": "300ms", "max_delay": "300ms"}},
         broker={"publish_timeout": "1s"}, concurrency=20, prefetch=40,
     )  # fmt: skip
-    with memory_alarm():
+    with memory_alarm(node):
         process = spawn("run", app)
-        wait_until(lambda: sum(queue_totals(vhost)["jobs"]) == 20, 30, "the even inputs acked")
+        wait_until(lambda: sum(queue_totals(vhost, node.ctl)["jobs"]) == 20, 30,
+                   "the even inputs acked")  # fmt: skip
         wait_until(lambda: logged(process, "handler failed"), 30, "odd inputs failing")
         failures = logged(process, "handler failed")
         assert {line["kind"] for line in failures} == {"UNAVAILABLE"}, failures
@@ -504,21 +520,22 @@ def test_under_a_memory_alarm_acks_flow_publishes_fail_cleanly_and_nothing_is_lo
 
     outputs = Outputs(url)
     wait_until(lambda: set(range(1, 40, 2)) <= set(outputs()), 60, "every odd input in out")
-    wait_until(lambda: sum(queue_totals(vhost)["jobs"]) == 0, 30, "jobs empty")
+    wait_until(lambda: sum(queue_totals(vhost, node.ctl)["jobs"]) == 0, 30, "jobs empty")
     process.popen.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0, process.stderr
 
 
 def test_shutdown_keeps_its_timeout_while_the_broker_blocks(
-    tmp_path: Path, vhost: str, spawn: Spawner
+    tmp_path: Path, private_vhost: tuple[RabbitNode, str], spawn: Spawner
 ) -> None:
-    url = vhost_url(vhost)
+    node, vhost = private_vhost
+    url = f"{node.url}{quote(vhost, safe='')}"
     asyncio.run(fill(url, "jobs", 5))
     app = amqp_app(
         tmp_path / "app.yaml", url, 'function handle(p) return queue.publish("app:out", p) end',
         broker={"publish_timeout": "60s"}, concurrency=5,
     )  # fmt: skip
-    with memory_alarm():
+    with memory_alarm(node):
         process = spawn("run", app, "--shutdown-timeout", "2")
         wait_until(lambda: logged(process, "the broker blocks publishes: low on memory"), 30,
                    "the broker blocking the worker's publishes")  # fmt: skip
@@ -529,7 +546,8 @@ def test_shutdown_keeps_its_timeout_while_the_broker_blocks(
         assert elapsed < 6, f"--shutdown-timeout 2, but exiting took {elapsed:.1f}s"
     # nothing lost: the cut handlers' messages are back (the broker may also have taken the
     # one publish written before it said it blocks: at-least-once)
-    wait_until(lambda: queue_totals(vhost)["jobs"] == (5, 0), 30, "the inputs back in jobs")
+    wait_until(lambda: queue_totals(vhost, node.ctl)["jobs"] == (5, 0), 30,
+               "the inputs back in jobs")  # fmt: skip
 
 
 # -- 7. connections lost in the middle of a call --------------------------------------------------
