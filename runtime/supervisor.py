@@ -62,6 +62,7 @@ READY = "luaq_worker_ready"
 RETIRED_USER_SERIES = MAX_USER_METRICS * MAX_USER_SERIES  # kept of dead workers' user metrics
 MAX_SAID = 1000  # distinct problems logged once each, then no more
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_CAUGHT = (*_STOP_SIGNALS, signal.SIGCHLD)
 _PR_SET_PDEATHSIG = 1
 
 try:
@@ -276,18 +277,22 @@ class Supervisor:
         with self.pod.lock:  # no server thread holds a lock (stderr's, say) across the fork
             sys.stdout.flush()
             sys.stderr.flush()
+            # held back until the new process has its own handlers: none is lost in between
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CAUGHT)
             try:
                 pid = os.fork()
             except OSError as exc:  # a death: tried again after the backoff, given up at length
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 self.pod.down[slot.index] = self._died(slot, 0, f"not forked: {exc}", 0.0)
                 return
             if pid == 0:
-                self._child(parent)
+                self._child(parent, mask)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         slot.pid, slot.started, slot.restart_at, slot.killed = pid, time.monotonic(), None, False
         self.pod.started(slot.index, pid)
         _log.info("worker process started", extra={"slot": slot.name, "pid": pid})
 
-    def _child(self, parent: int) -> NoReturn:
+    def _child(self, parent: int, mask: set[int | signal.Signals]) -> NoReturn:
         code = EXIT_FAILURE
         try:
             if _prctl is not None:
@@ -295,11 +300,12 @@ class Supervisor:
             if os.getppid() != parent:  # it died before the line above: so must this one
                 os._exit(EXIT_FAILURE)
             self._release_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if self._server is not None:
                 self._server.close()  # the supervisor serves
             code = self.target()
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         except KeyboardInterrupt:
             pass
         except BaseException:
@@ -318,7 +324,7 @@ class Supervisor:
         read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake = (read, write)
         self._previous = {-1: signal.set_wakeup_fd(write, warn_on_full_buffer=False)}
-        for signum in (*_STOP_SIGNALS, signal.SIGCHLD):
+        for signum in _CAUGHT:
             self._previous[signum] = signal.signal(signum, self._note)
 
     def _note(self, signum: int, _frame: FrameType | None) -> None:
