@@ -347,7 +347,7 @@ async def test_an_oversized_frame_is_a_frame_error_and_the_link_recovers(
     await rig.publish(5)
     tap.admitting.set()
     await eventually(lambda: rig.handled == 7, timeout=10)
-    assert worker.unready() is None
+    await eventually(lambda: worker.unready() is None, timeout=10)
 
 
 async def test_a_trickle_that_never_completes_a_frame_is_a_dead_connection(
@@ -371,7 +371,7 @@ async def test_a_trickle_that_never_completes_a_frame_is_a_dead_connection(
     await rig.publish(5)
     tap.admitting.set()
     await eventually(lambda: rig.handled == 7, timeout=10)
-    assert worker.unready() is None
+    await eventually(lambda: worker.unready() is None, timeout=10)
 
 
 # -- 13. a broker allowing fewer channels than luaq opens ---------------------------------------
@@ -445,4 +445,4 @@ async def test_too_few_channels_at_a_reconnect_is_retried_until_the_broker_allow
     await rig.publish(5)
     tap.target = shared
     await eventually(lambda: rig.handled == 7, timeout=10)
-    assert worker.unready() is None
+    await eventually(lambda: worker.unready() is None, timeout=10)
