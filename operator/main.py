@@ -22,7 +22,7 @@ from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
 
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # What the `operator` extra installs, by import name.
-_OPERATOR_EXTRA = ("kopf", "kubernetes")
+_OPERATOR_EXTRA = ("kopf", "kubernetes", "aiohttp")
 EXIT_NOT_INSTALLED = 2  # luaq's code for a configuration error: nothing ran
 
 
