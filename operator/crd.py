@@ -144,6 +144,11 @@ PRINTER_COLUMNS = [
 
 
 def crd() -> dict[str, Any]:
+    """A new document each time: a caller may change it."""
+    return copy.deepcopy(_crd())
+
+
+def _crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
