@@ -33,7 +33,9 @@ def _segment(value: str) -> str:
 
 
 @dataclass(frozen=True)
-class Kind:
+class ApiResource:
+    """An API resource (its group/version and plural), as request paths name it."""
+
     api_version: str
     plural: str
 
@@ -44,12 +46,12 @@ class Kind:
         return "/".join(parts)
 
 
-CONFIG_MAPS = Kind("v1", "configmaps")
-SECRETS = Kind("v1", "secrets")
-SERVICES = Kind("v1", "services")
-DEPLOYMENTS = Kind("apps/v1", "deployments")
-LEASES = Kind("coordination.k8s.io/v1", "leases")
-QUEUE_CONSUMERS = Kind(API_VERSION, PLURAL)
+CONFIG_MAPS = ApiResource("v1", "configmaps")
+SECRETS = ApiResource("v1", "secrets")
+SERVICES = ApiResource("v1", "services")
+DEPLOYMENTS = ApiResource("apps/v1", "deployments")
+LEASES = ApiResource("coordination.k8s.io/v1", "leases")
+QUEUE_CONSUMERS = ApiResource(API_VERSION, PLURAL)
 
 
 def configuration() -> client.Configuration:
@@ -123,45 +125,49 @@ class Kube:
         result: dict[str, Any] = json.loads(data) if data else {}
         return result
 
-    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, resource: ApiResource, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.request("GET", kind.path(namespace, name))
+            return self.request("GET", resource.path(namespace, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", kind.path(namespace), body)
+    def create(self, resource: ApiResource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", resource.path(namespace), body)
 
-    def labelled(self, kind: Kind, namespace: str, selector: str) -> list[dict[str, Any]]:
-        """The objects of `kind` in `namespace` that match a label selector."""
-        found = self.request("GET", kind.path(namespace), query={"labelSelector": selector})
+    def labelled(
+        self, resource: ApiResource, namespace: str, selector: str
+    ) -> list[dict[str, Any]]:
+        """The objects of `resource` in `namespace` that match a label selector."""
+        found = self.request("GET", resource.path(namespace), query={"labelSelector": selector})
         items: list[dict[str, Any]] = found["items"]
         return items
 
-    def delete(self, kind: Kind, namespace: str, name: str) -> None:
+    def delete(self, resource: ApiResource, namespace: str, name: str) -> None:
         """Gone whether it was there or not."""
         try:
-            self.request("DELETE", kind.path(namespace, name))
+            self.request("DELETE", resource.path(namespace, name))
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def replace(
-        self, kind: Kind, namespace: str, name: str, body: dict[str, Any]
+        self, resource: ApiResource, namespace: str, name: str, body: dict[str, Any]
     ) -> dict[str, Any]:
-        return self.request("PUT", kind.path(namespace, name), body)
+        return self.request("PUT", resource.path(namespace, name), body)
 
     def patch(
         self,
-        kind: Kind,
+        resource: ApiResource,
         namespace: str,
         name: str,
         patch: dict[str, Any],
         subresource: str | None = None,
     ) -> dict[str, Any]:
-        return self.request("PATCH", kind.path(namespace, name, subresource), patch, MERGE_PATCH)
+        return self.request(
+            "PATCH", resource.path(namespace, name, subresource), patch, MERGE_PATCH
+        )
 
     def secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
         """The value of a Secret's key; None when the Secret or the key is missing."""

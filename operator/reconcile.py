@@ -44,7 +44,7 @@ _log = logging.getLogger("luaq.operator")
 SPEC_HASH = "luaq.dev/spec-hash"
 PostEvent = Callable[[Mapping[str, Any], str, str, str], None]
 Call = Callable[..., Awaitable[Any]]  # runs a blocking function off the event loop
-KINDS = {"ConfigMap": CONFIG_MAPS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
+RESOURCES = {"ConfigMap": CONFIG_MAPS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
 # Service fields the API server allocates: a replacement keeps them as they are.
 _ALLOCATED = ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy")
 
@@ -444,15 +444,15 @@ class Reconciler:
     async def _apply(
         self, body: Mapping[str, Any], manifest: dict[str, Any], state: ConsumerState
     ) -> dict[str, Any]:
-        kind = KINDS[manifest["kind"]]
+        resource = RESOURCES[manifest["kind"]]
         meta = manifest["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         wanted = _canonical(manifest)
         meta.setdefault("annotations", {})[SPEC_HASH] = digest(wanted)
         what = f"{manifest['kind']} {name}"
-        actual: dict[str, Any] | None = await self._call(self.kube.get, kind, namespace, name)
+        actual: dict[str, Any] | None = await self._call(self.kube.get, resource, namespace, name)
         if actual is None:
-            created = await self._write(what, self.kube.create, kind, namespace, manifest)
+            created = await self._write(what, self.kube.create, resource, namespace, manifest)
             state.stored[what] = _fingerprint(created)
             self.post_event(body, "Normal", "Created", f"created {what}")
             return created
@@ -468,7 +468,7 @@ class Reconciler:
             return actual
         replacement = _replacement(actual, manifest)
         updated = (actual["metadata"].get("annotations") or {}).get(SPEC_HASH) != digest(wanted)
-        written = await self._write(what, self.kube.replace, kind, namespace, name, replacement)
+        written = await self._write(what, self.kube.replace, resource, namespace, name, replacement)
         state.stored[what] = _fingerprint(written)
         if updated:
             self.post_event(body, "Normal", "Updated", f"updated {what}")

@@ -9,7 +9,7 @@ from typing import Any, NoReturn, Protocol
 import msgpack
 import orjson
 
-from .errors import Kind, QueueError
+from .errors import ErrorKind, QueueError
 
 
 class Codec(Protocol):
@@ -44,7 +44,7 @@ class JsonCodec:
         try:
             return self._encoder.encode(data).encode()
         except (TypeError, ValueError) as exc:
-            raise QueueError(Kind.INVALID, f"data cannot be encoded as JSON: {exc}") from exc
+            raise QueueError(ErrorKind.INVALID, f"data cannot be encoded as JSON: {exc}") from exc
 
     def decode(self, body: bytes) -> Any:
         try:
@@ -92,7 +92,9 @@ class MsgpackCodec:
         try:
             return bytes(msgpack.packb(data, use_bin_type=True))
         except (TypeError, ValueError, OverflowError) as exc:
-            raise QueueError(Kind.INVALID, f"data cannot be encoded as msgpack: {exc}") from exc
+            raise QueueError(
+                ErrorKind.INVALID, f"data cannot be encoded as msgpack: {exc}"
+            ) from exc
 
     def decode(self, body: bytes) -> Any:
         try:

@@ -23,7 +23,7 @@ from typing import Any
 from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
-from .errors import Kind, QueueError
+from .errors import ErrorKind, QueueError
 from .lua import Outcome, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 
@@ -296,7 +296,7 @@ class Consumer:
         if failed:
             stats.failed += 1
             # a kind a handler made up counts as UNKNOWN: the metric's labels stay bounded
-            kind = Kind.__members__.get(outcome.kind or "", Kind.UNKNOWN)
+            kind = ErrorKind.__members__.get(outcome.kind or "", ErrorKind.UNKNOWN)
             stats.errors[kind] = stats.errors.get(kind, 0) + 1
         if delivery.settled is not None:
             # auto_ack, or the handler settled early with msg:ack() / msg:nack()
@@ -306,7 +306,7 @@ class Consumer:
             await self._ack(delivery)
         elif failed and self._max_attempts is not None and delivery.attempts >= self._max_attempts:
             await self._give_up(
-                delivery, "max_attempts", outcome.error or "", outcome.kind or Kind.UNKNOWN
+                delivery, "max_attempts", outcome.error or "", outcome.kind or ErrorKind.UNKNOWN
             )
         else:
             delay = self._backoff.delay_after(delivery.attempts)
@@ -388,7 +388,7 @@ class Consumer:
             await delivery.nack()
 
     async def _give_up(
-        self, delivery: Delivery, reason: str, error: str, kind: str = Kind.INVALID
+        self, delivery: Delivery, reason: str, error: str, kind: str = ErrorKind.INVALID
     ) -> None:
         """Out of attempts, or poison: to the dead-letter queue; with `dead_letter` but no
         queue, rejected; without `dead_letter` at all, kept and retried with backoff (nothing

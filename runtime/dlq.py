@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from .drivers import Delivery, Subscription
 from .entries import ConsumerEntry, QueueEntry
-from .errors import Kind, MaybePublished, QueueError
+from .errors import ErrorKind, MaybePublished, QueueError
 from .worker import Worker
 
 WINDOW = 500  # messages a replay or purge holds at once: its consumer's prefetch
@@ -317,7 +317,7 @@ async def purge(
 def require_durable(worker: Worker, queue: QueueEntry) -> None:
     if worker.config.drivers[queue.driver].kind == "queue.driver.memory":
         raise QueueError(
-            Kind.INVALID,
+            ErrorKind.INVALID,
             f"{queue.id} is on an in-memory driver: its messages live only inside a running "
             "worker, there is nothing to inspect from here",
         )

@@ -9,7 +9,9 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class Kind(StrEnum):
+class ErrorKind(StrEnum):
+    """What went wrong, as Lua handlers see it (`err:kind()`, the `errors` constants)."""
+
     INVALID = "INVALID"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
@@ -26,7 +28,7 @@ class Kind(StrEnum):
 class QueueError(Exception):
     """A failure with a kind and a retry hint, as the Lua `errors` module models it."""
 
-    def __init__(self, kind: Kind, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -38,7 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from .errors import Kind, QueueError
+from .errors import ErrorKind, QueueError
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
@@ -234,23 +234,23 @@ class UserMetrics:
 
     def record(self, kind: str, name: Any, labels: Any, value: Any) -> None:
         if kind not in ("counter", "gauge", "histogram"):
-            raise QueueError(Kind.INVALID, f"unknown metric type {kind!r}")
+            raise QueueError(ErrorKind.INVALID, f"unknown metric type {kind!r}")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise QueueError(
-                Kind.INVALID, f"metric name {name!r} must be letters, digits and underscores"
+                ErrorKind.INVALID, f"metric name {name!r} must be letters, digits and underscores"
             )
         if len(name) > MAX_USER_NAME:
             raise QueueError(
-                Kind.INVALID, f"metric name {name[:20]}... is over {MAX_USER_NAME} characters"
+                ErrorKind.INVALID, f"metric name {name[:20]}... is over {MAX_USER_NAME} characters"
             )
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not math.isfinite(value)
         ):
-            raise QueueError(Kind.INVALID, f"metric {name}: value must be a finite number")
+            raise QueueError(ErrorKind.INVALID, f"metric {name}: value must be a finite number")
         if kind == "counter" and value < 0:
-            raise QueueError(Kind.INVALID, f"metric {name}: a counter only goes up")
+            raise QueueError(ErrorKind.INVALID, f"metric {name}: a counter only goes up")
         names, values = _labels(name, labels)
         full = USER_PREFIX + name
         family = self._families.get(full)
@@ -263,10 +263,10 @@ class UserMetrics:
                 family.bounds = USER_BUCKETS
             self._families[full] = family
         elif family.type != kind:
-            raise QueueError(Kind.INVALID, f"metric {name} is a {family.type}, not a {kind}")
+            raise QueueError(ErrorKind.INVALID, f"metric {name} is a {family.type}, not a {kind}")
         elif family.labels != names:
             raise QueueError(
-                Kind.INVALID,
+                ErrorKind.INVALID,
                 f"metric {name} has labels {list(family.labels)}, not {list(names)}",
             )
         series = family.series
@@ -285,7 +285,7 @@ class UserMetrics:
         if name not in self._warned:
             self._warned.add(name)
             _log.warning("user metric refused", extra={"metric": name, "reason": why})
-        return QueueError(Kind.INVALID, f"metric {name} not recorded: {why}")
+        return QueueError(ErrorKind.INVALID, f"metric {name} not recorded: {why}")
 
     def families(self) -> list[Family]:
         return [
@@ -298,10 +298,10 @@ def _labels(name: str, labels: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if labels is None:
         return (), ()
     if not isinstance(labels, Mapping):
-        raise QueueError(Kind.INVALID, f"metric {name}: labels must be a table")
+        raise QueueError(ErrorKind.INVALID, f"metric {name}: labels must be a table")
     if len(labels) > MAX_USER_LABELS:
         raise QueueError(
-            Kind.INVALID, f"metric {name}: {len(labels)} labels, over {MAX_USER_LABELS}"
+            ErrorKind.INVALID, f"metric {name}: {len(labels)} labels, over {MAX_USER_LABELS}"
         )
     pairs = []
     for key, value in labels.items():
@@ -311,13 +311,13 @@ def _labels(name: str, labels: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
             or key.startswith("__")
             or len(key) > MAX_USER_NAME
         ):
-            raise QueueError(Kind.INVALID, f"metric {name}: {key!r:.40} is not a label name")
+            raise QueueError(ErrorKind.INVALID, f"metric {name}: {key!r:.40} is not a label name")
         if not isinstance(value, str | int | float):
-            raise QueueError(Kind.INVALID, f"metric {name}: label {key} must be a string")
+            raise QueueError(ErrorKind.INVALID, f"metric {name}: label {key} must be a string")
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if len(text) > MAX_USER_LABEL_VALUE:
             raise QueueError(
-                Kind.INVALID,
+                ErrorKind.INVALID,
                 f"metric {name}: label {key} is {len(text)} characters, over "
                 f"{MAX_USER_LABEL_VALUE}",
             )

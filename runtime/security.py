@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .entries import Condition, Config, ConsumerEntry, PolicyEntry
-from .errors import Kind, QueueError
+from .errors import ErrorKind, QueueError
 
 _MISSING = object()
 
@@ -142,7 +142,7 @@ class Denied(QueueError):
     """A publish a policy refuses; `action` is the check that refused it."""
 
     def __init__(self, action: str, message: str) -> None:
-        super().__init__(Kind.PERMISSION_DENIED, message)
+        super().__init__(ErrorKind.PERMISSION_DENIED, message)
         self.action = action
 
 

@@ -21,7 +21,7 @@ from .drivers import Delivery, Driver
 from .drivers.amqp import AmqpDriver, priority
 from .drivers.memory import MemoryDriver
 from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
-from .errors import ConfigError, Kind, QueueError
+from .errors import ConfigError, ErrorKind, QueueError
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
 from .metrics import DURATION_BUCKETS, STALE_AFTER, Family, Histogram, Snapshots
 from .security import ACTIONS, Denied, access_for
@@ -216,7 +216,7 @@ class Worker:
             duration.histogram(key, stats.durations)
             sizes.histogram(key, stats.sizes)
             # every kind and action from the start: rate() misses a series' first sample
-            for kind in Kind:
+            for kind in ErrorKind:
                 errors.add((*key, kind.value), stats.errors.get(kind, 0))
             in_flight.add(key, consumer.busy)
             concurrency.add(key, consumer.entry.concurrency)
@@ -235,7 +235,7 @@ class Worker:
             key = (queue_id, self.config.queues[queue_id].driver)
             published.add(key, publishes.published)
             publish_duration.histogram(key, publishes.durations)
-            for kind in Kind:
+            for kind in ErrorKind:
                 failures.add((*key, kind.value), publishes.failures.get(kind, 0))
         connected = Family(
             "luaq_driver_connected", "gauge", "1 when the driver's connections are up",
@@ -358,7 +358,7 @@ class Worker:
         full_id = resolve_id(queue_id, namespace)
         queue = self.config.queues.get(full_id)
         if queue is None:
-            raise QueueError(Kind.NOT_FOUND, f"queue {full_id} is not declared")
+            raise QueueError(ErrorKind.NOT_FOUND, f"queue {full_id} is not declared")
         return queue
 
     async def publish(
@@ -383,7 +383,7 @@ class Worker:
             limit = self.config.drivers[queue.driver].max_message_size
             if len(body) > limit:
                 raise QueueError(
-                    Kind.INVALID,
+                    ErrorKind.INVALID,
                     f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
                     f"of driver {queue.driver}",
                 )
@@ -395,9 +395,9 @@ class Worker:
             stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
             raise
         except Exception as exc:
-            stats.failures[Kind.INTERNAL] = stats.failures.get(Kind.INTERNAL, 0) + 1
+            stats.failures[ErrorKind.INTERNAL] = stats.failures.get(ErrorKind.INTERNAL, 0) + 1
             raise QueueError(
-                Kind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
+                ErrorKind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
             ) from exc
         stats.durations.observe(time.monotonic() - started)
         stats.published += 1

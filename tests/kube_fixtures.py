@@ -24,7 +24,7 @@ from kopf.testing import KopfRunner
 from kube_emulator import BUILTINS, KubernetesEmulator, kubeconfig
 from luaq.operator import crd
 from luaq.operator.handlers import Operator, registry
-from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS, Kind, Kube
+from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS, ApiResource, Kube
 from luaq.operator.settings import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "k8s"
@@ -84,17 +84,24 @@ class Cluster:
     async def call(self, method: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(method, *args)
 
-    async def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(
+        self, kind: ApiResource, namespace: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(self.kube.create, kind, namespace, body)
         return result
 
     async def patch(
-        self, kind: Kind, namespace: str, name: str, patch: dict[str, Any], sub: str | None = None
+        self,
+        kind: ApiResource,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        sub: str | None = None,
     ) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(self.kube.patch, kind, namespace, name, patch, sub)
         return result
 
-    async def delete(self, kind: Kind, namespace: str, name: str) -> None:
+    async def delete(self, kind: ApiResource, namespace: str, name: str) -> None:
         await self.call(self.kube.request, "DELETE", kind.path(namespace, name))
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -48,7 +48,7 @@ from luaq.runtime.drivers.amqp_client import (
     encode_properties,
     encode_table,
 )
-from luaq.runtime.errors import Kind, QueueError
+from luaq.runtime.errors import ErrorKind, QueueError
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
@@ -478,7 +478,7 @@ async def test_the_driver_reports_a_refused_login_without_the_password() -> None
     driver = AmqpDriver(driver_entry(url="amqp://guest:s3cr3t-pw@127.0.0.1:5672/"))
     with pytest.raises(QueueError) as failed:
         await driver.start()
-    assert failed.value.kind is Kind.UNAVAILABLE
+    assert failed.value.kind is ErrorKind.UNAVAILABLE
     assert "ACCESS_REFUSED" in failed.value.message
     assert "amqp://guest:***@127.0.0.1:5672/" in failed.value.message
     assert "s3cr3t-pw" not in failed.value.message
@@ -579,7 +579,7 @@ async def test_a_name_amqp_cannot_carry_is_invalid_and_the_driver_goes_on(
     with pytest.raises(QueueError, match="255 bytes") as refused:
         # past the entries' own bound too: built without validation, as a caller might
         await driver.declare(queue_entry("q").model_copy(update={"queue_name": "q" * 256}))
-    assert refused.value.kind is Kind.INVALID
+    assert refused.value.kind is ErrorKind.INVALID
 
     # a name that fits, but not with a delay queue's suffix: the retry fails, and says why
     queue = queue_entry(queue_name.ljust(250, "q"))
@@ -669,7 +669,7 @@ async def test_a_message_returned_again_is_not_found(
     monkeypatch.setattr(driver, "declare", declare_nothing)
     with pytest.raises(QueueError, match="also after declaring the queue again") as returned:
         await driver.publish(queue, b"{}", {}, "application/json")
-    assert returned.value.kind is Kind.NOT_FOUND
+    assert returned.value.kind is ErrorKind.NOT_FOUND
 
 
 async def test_an_exclusive_consumer_holds_its_queue(driver: AmqpDriver, queue_name: str) -> None:
@@ -682,7 +682,7 @@ async def test_an_exclusive_consumer_holds_its_queue(driver: AmqpDriver, queue_n
     try:
         with pytest.raises(QueueError, match="in exclusive use") as refused:
             await other.consume(queue, consumer_entry(queue), lambda delivery: None)
-        assert refused.value.kind is Kind.PERMISSION_DENIED  # the broker's 403 ACCESS_REFUSED
+        assert refused.value.kind is ErrorKind.PERMISSION_DENIED  # the broker's 403 ACCESS_REFUSED
         assert f"cannot consume from queue {queue_name}" in refused.value.message
     finally:
         await other.close()
@@ -749,6 +749,6 @@ async def test_a_declaration_queued_behind_a_failing_one_still_happens(
         driver.info(missing), driver.declare(queue), return_exceptions=True
     )
     assert isinstance(asked, QueueError), asked
-    assert asked.kind is Kind.NOT_FOUND
+    assert asked.kind is ErrorKind.NOT_FOUND
     assert declared is None, declared
     assert await queue_depth(queue_name) == (0, 0)

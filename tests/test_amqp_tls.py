@@ -21,7 +21,7 @@ import pytest
 import trustme
 from broker import delete_queues, driver_entry, queue_entry
 from luaq.runtime.drivers.amqp import AmqpDriver
-from luaq.runtime.errors import Kind, QueueError
+from luaq.runtime.errors import ErrorKind, QueueError
 
 SERVER_NAME = "broker.test"  # the name on the terminator's certificate, not 127.0.0.1
 
@@ -115,7 +115,7 @@ async def test_a_certificate_for_another_name_is_refused() -> None:
         driver = driver_for(tls.url, ca=tls.ca.cert_pem.bytes().decode())  # no server_name
         with pytest.raises(QueueError, match="certificate") as refused:
             await driver.start()
-        assert refused.value.kind is Kind.UNAVAILABLE
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
 
 
 async def test_an_unknown_ca_is_refused_unless_verification_is_off() -> None:
@@ -130,7 +130,7 @@ async def test_client_certificates_inline(monkeypatch: pytest.MonkeyPatch) -> No
         ca = tls.ca.cert_pem.bytes().decode()
         with pytest.raises(QueueError, match="before the AMQP handshake") as refused:
             await driver_for(tls.url, ca=ca, server_name=SERVER_NAME).start()
-        assert refused.value.kind is Kind.UNAVAILABLE
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
 
         client = tls.ca.issue_cert("worker.test")
         monkeypatch.setenv("LUAQ_TEST_KEY", client.private_key_pem.bytes().decode())

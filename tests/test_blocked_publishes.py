@@ -17,7 +17,7 @@ from conftest import eventually
 from dead_letters import dead_letter_id, put_dead_letters, ready
 from luaq.runtime.cli import main
 from luaq.runtime.drivers.amqp import AmqpDriver
-from luaq.runtime.errors import Kind, MaybePublished, QueueError
+from luaq.runtime.errors import ErrorKind, MaybePublished, QueueError
 from processes import wait_until, write_app
 from rabbit_node import RabbitNode, rabbit_node
 
@@ -75,7 +75,7 @@ async def test_a_publish_sent_before_the_broker_blocked_may_have_been_published(
                 await driver.publish(jobs, b'{"n": 2}', {}, "application/json")
         finally:
             await driver.close()
-    assert sent.value.kind == Kind.UNAVAILABLE
+    assert sent.value.kind == ErrorKind.UNAVAILABLE
     assert sent.value.retryable
     assert "blocking publishers" in sent.value.message
     assert "message first to blocked-publish" in sent.value.message

@@ -26,7 +26,7 @@ from luaq.runtime.drivers import Delivery, Driver, QueueInfo, Subscription
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.drivers.memory import MemoryDriver
 from luaq.runtime.entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
-from luaq.runtime.errors import Kind, QueueError
+from luaq.runtime.errors import ErrorKind, QueueError
 
 DRIVERS = ["memory", "amqp"]
 JSON = CODECS["json/plain"]
@@ -248,13 +248,13 @@ async def test_undeclared_queue_is_not_found(driver: Harness) -> None:
     queue = driver.queue()  # never declared through this driver, and absent from any broker
     with pytest.raises(QueueError) as published:
         await driver.publish(queue, {"n": 1})
-    assert published.value.kind is Kind.NOT_FOUND
+    assert published.value.kind is ErrorKind.NOT_FOUND
     with pytest.raises(QueueError) as consumed:
         await driver.collect(queue)
-    assert consumed.value.kind is Kind.NOT_FOUND
+    assert consumed.value.kind is ErrorKind.NOT_FOUND
     with pytest.raises(QueueError) as inspected:
         await driver.driver.info(queue)
-    assert inspected.value.kind is Kind.NOT_FOUND
+    assert inspected.value.kind is ErrorKind.NOT_FOUND
     # the failures left the driver usable
     other = await driver.declared()
     await driver.publish(other, "still works")
@@ -272,7 +272,7 @@ async def test_publish_to_a_queue_declared_only_by_another_driver_is_not_found(
         await elsewhere.declare(queue)
         with pytest.raises(QueueError) as published:
             await driver.publish(queue, {"n": 1})
-        assert published.value.kind is Kind.NOT_FOUND
+        assert published.value.kind is ErrorKind.NOT_FOUND
         # once declared here too, the same entry works
         await driver.driver.declare(queue)
         await driver.publish(queue, {"n": 2})

@@ -11,7 +11,7 @@ from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery, Driver, QueueInfo
 from luaq.runtime.drivers.memory import MemoryDriver
 from luaq.runtime.entries import ConsumerEntry, QueueEntry
-from luaq.runtime.errors import Kind, QueueError
+from luaq.runtime.errors import ErrorKind, QueueError
 
 IDLE_HANDLER = """
 function handle(p)
@@ -56,7 +56,7 @@ async def test_publish_to_full_queue_times_out_internal_retryable(apps: AppFacto
     with pytest.raises(QueueError) as caught:
         await driver.publish(other, body({"n": 3}), {}, JSON)
     waited = loop.time() - started
-    assert caught.value.kind is Kind.INTERNAL
+    assert caught.value.kind is ErrorKind.INTERNAL
     assert caught.value.retryable is True
     assert "full" in caught.value.message
     assert PUBLISH_TIMEOUT * 0.9 <= waited < PUBLISH_TIMEOUT + 0.5
@@ -414,7 +414,7 @@ async def test_declare_is_idempotent(apps: AppFactory) -> None:
     await driver.publish(other, body("second"), {}, JSON)
     with pytest.raises(QueueError) as caught:  # still bounded at 2
         await driver.publish(other, body("third"), {}, JSON)
-    assert caught.value.kind is Kind.INTERNAL
+    assert caught.value.kind is ErrorKind.INTERNAL
     drained = await app.drain("other")
     assert [r.data for r in drained] == ["kept", "second"]
 
@@ -432,7 +432,7 @@ async def test_undeclared_queue_is_not_found(apps: AppFactory) -> None:
     with pytest.raises(QueueError) as consume_error:
         await fresh.consume(other, consumer(1), lambda delivery: None)
     for caught in (publish_error, info_error, consume_error):
-        assert caught.value.kind is Kind.NOT_FOUND
+        assert caught.value.kind is ErrorKind.NOT_FOUND
         assert caught.value.retryable is False
         assert "other" in caught.value.message
     await fresh.declare(other)

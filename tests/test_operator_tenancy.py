@@ -18,7 +18,14 @@ import pytest
 from conftest import eventually
 from kube_fixtures import TEST_SETTINGS, Cluster, apply, example, namespace, reconciles, running
 from luaq.operator.handlers import Operator
-from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SECRETS, SERVICES, Kind
+from luaq.operator.kube import (
+    CONFIG_MAPS,
+    DEPLOYMENTS,
+    QUEUE_CONSUMERS,
+    SECRETS,
+    SERVICES,
+    ApiResource,
+)
 from luaq.operator.settings import Policy
 from processes import free_port
 from test_operator import (
@@ -365,5 +372,5 @@ def peak_rss(pid: int) -> int:
 def test_names_are_never_paths() -> None:
     for bad in ("../b", "a/b", "A", "", "x" * 254, "..", "a..b"):
         with pytest.raises(ValueError, match="not a Kubernetes name"):
-            Kind("v1", "secrets").path("ns", bad)
-    assert Kind("v1", "secrets").path("ns", "a.b-c") == "/api/v1/namespaces/ns/secrets/a.b-c"
+            ApiResource("v1", "secrets").path("ns", bad)
+    assert ApiResource("v1", "secrets").path("ns", "a.b-c") == "/api/v1/namespaces/ns/secrets/a.b-c"

@@ -41,7 +41,7 @@ from luaq.runtime import entries
 from luaq.runtime.consumer import LogBudget
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.drivers.amqp import AmqpDriver
-from luaq.runtime.errors import Kind, QueueError
+from luaq.runtime.errors import ErrorKind, QueueError
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from processes import Process, Spawner, summary, wait_until, write_app, write_jsonl
@@ -596,7 +596,7 @@ async def test_driver_calls_ride_out_a_lost_connection(vhost: str) -> None:
                 else:
                     continue
                 assert may_fail, failed
-                assert failed.kind is Kind.UNAVAILABLE, failed
+                assert failed.kind is ErrorKind.UNAVAILABLE, failed
                 assert failed.retryable, failed
         await driver.publish(jobs, b"{}", {"message_id": "after"}, "application/json")
         await eventually(lambda: "after" in got, 10)

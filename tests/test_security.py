@@ -19,7 +19,7 @@ import yaml
 from conftest import AppFactory
 from luaq.runtime.cli import main
 from luaq.runtime.entries import Operator, PolicyEntry, load
-from luaq.runtime.errors import Kind, QueueError
+from luaq.runtime.errors import ErrorKind, QueueError
 from luaq.runtime.security import Access, access_for
 
 OPERATORS: tuple[str, ...] = typing.get_args(Operator)
@@ -374,7 +374,7 @@ def test_check_publish_consults_the_queue_check_only_after_the_general_one_allow
         return
     with pytest.raises(QueueError) as raised:
         checks.check_publish("app:out", headers)
-    assert raised.value.kind is Kind.PERMISSION_DENIED
+    assert raised.value.kind is ErrorKind.PERMISSION_DENIED
     assert raised.value.retryable is False
     assert "queue.publish.queue" not in raised.value.message
     assert re.search(r"\bqueue\.publish\b", raised.value.message), raised.value.message
@@ -387,7 +387,7 @@ def test_check_publish_denied_by_the_queue_check_names_it_the_queue_and_the_acto
     with pytest.raises(QueueError) as raised:
         checks.check_publish("app:out", HEADERS)
     error = raised.value
-    assert (error.kind, error.retryable) == (Kind.PERMISSION_DENIED, False)
+    assert (error.kind, error.retryable) == (ErrorKind.PERMISSION_DENIED, False)
     assert "queue.publish.queue" in error.message
     assert "app:out" in error.message
     assert "svc-mailer" in error.message

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..entries import DEFAULT_RETRY, AmqpDriverEntry, ConsumerEntry, QueueEntry, Retry
-from ..errors import Kind, MaybePublished, QueueError
+from ..errors import ErrorKind, MaybePublished, QueueError
 from . import (
     CLOSE_TIMEOUT,
     Delivery,
@@ -79,10 +79,10 @@ PASSED_ON = frozenset(
 ABSENT_RECHECK = 5.0
 # Broker reply codes (channel closes) as error kinds
 REPLY_KINDS = {
-    403: Kind.PERMISSION_DENIED,  # access refused
-    404: Kind.NOT_FOUND,
-    405: Kind.CONFLICT,  # resource locked: another connection's exclusive consumer
-    406: Kind.CONFLICT,  # precondition failed: declared before with other options
+    403: ErrorKind.PERMISSION_DENIED,  # access refused
+    404: ErrorKind.NOT_FOUND,
+    405: ErrorKind.CONFLICT,  # resource locked: another connection's exclusive consumer
+    406: ErrorKind.CONFLICT,  # precondition failed: declared before with other options
 }
 
 
@@ -128,7 +128,7 @@ def priority(value: Any) -> int:
         number = -1
     if isinstance(value, bool) or not 0 <= number <= 255:
         raise QueueError(
-            Kind.INVALID, f"priority must be high, normal, low or 0-255, not {value!r}"
+            ErrorKind.INVALID, f"priority must be high, normal, low or 0-255, not {value!r}"
         )
     return number
 
@@ -198,7 +198,7 @@ def expiration(value: Any) -> str:
     text = str(value)
     if isinstance(value, bool) or not text.isdigit():
         raise QueueError(
-            Kind.INVALID, f"expiration must be a number of milliseconds, not {value!r}"
+            ErrorKind.INVALID, f"expiration must be a number of milliseconds, not {value!r}"
         )
     return text
 
@@ -467,7 +467,7 @@ class AmqpSubscription(Subscription):
                 await self.driver.on_link(f"cannot consume from queue {name}", self.attach)
             except Exception as exc:
                 if isinstance(exc, QueueError):
-                    self._missing = self._missing or exc.kind is Kind.NOT_FOUND
+                    self._missing = self._missing or exc.kind is ErrorKind.NOT_FOUND
                     error = exc.message
                 else:  # a bug, or something no one foresaw: the loop must go on
                     _log.exception("restoring a consumer failed", extra=where)
@@ -578,8 +578,8 @@ class AmqpSubscription(Subscription):
 
 
 def broker_error(exc: ChannelClosed, what: str) -> QueueError:
-    kind = REPLY_KINDS.get(exc.code, Kind.INTERNAL)
-    return QueueError(kind, f"{what}: {exc.text}", retryable=kind is Kind.INTERNAL)
+    kind = REPLY_KINDS.get(exc.code, ErrorKind.INTERNAL)
+    return QueueError(kind, f"{what}: {exc.text}", retryable=kind is ErrorKind.INTERNAL)
 
 
 def channel_limit_error(exc: ChannelLimit, needed: int, what: str = "") -> QueueError:
@@ -591,7 +591,7 @@ def channel_limit_error(exc: ChannelLimit, needed: int, what: str = "") -> Queue
             f"the broker allows {exc.limit} channels per connection, luaq needs {needed}: "
             "raise channel_max"
         )
-    return QueueError(Kind.UNAVAILABLE, f"{what}: {reason}" if what else reason)
+    return QueueError(ErrorKind.UNAVAILABLE, f"{what}: {reason}" if what else reason)
 
 
 class Link:
@@ -616,7 +616,7 @@ class Link:
         except Exception as exc:  # whatever it is, a message, not a traceback
             _log.debug("connecting failed", exc_info=True)
             raise QueueError(
-                Kind.UNAVAILABLE,
+                ErrorKind.UNAVAILABLE,
                 f"cannot connect to {self.driver.url}: {self._reason(exc)}",
                 retryable=not isinstance(exc, ChannelLimit),
             ) from exc
@@ -706,7 +706,7 @@ class Link:
                     await self._up.wait()
             except TimeoutError as exc:
                 raise QueueError(
-                    Kind.UNAVAILABLE,
+                    ErrorKind.UNAVAILABLE,
                     f"no connection to {self.driver.url} for {timeout:g}s",
                     retryable=True,
                 ) from exc
@@ -821,10 +821,10 @@ class AmqpDriver(Driver):
             except ChannelClosed as exc:
                 raise broker_error(exc, what) from exc
             except (TypeError, ValueError) as exc:  # a name or argument AMQP cannot carry
-                raise QueueError(Kind.INVALID, f"{what}: {exc}") from exc
+                raise QueueError(ErrorKind.INVALID, f"{what}: {exc}") from exc
             except TimeoutError as exc:
                 raise QueueError(
-                    Kind.TIMEOUT,
+                    ErrorKind.TIMEOUT,
                     f"{what}: no answer from the broker within {self.entry.connection_timeout:g}s",
                     retryable=True,
                 ) from exc
@@ -833,7 +833,9 @@ class AmqpDriver(Driver):
             except OSError as exc:  # the connection went: the recovery is on it
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise QueueError(Kind.UNAVAILABLE, f"{what}: {exc}", retryable=True) from exc
+                    raise QueueError(
+                        ErrorKind.UNAVAILABLE, f"{what}: {exc}", retryable=True
+                    ) from exc
                 # A connection the broker closed in the same read as its last reply fails the
                 # next call at once, before it is gone: wait until it is, so that the next try
                 # waits for the link's recovery instead of spinning on it, the loop frozen.
@@ -1045,7 +1047,7 @@ class AmqpDriver(Driver):
         name = queue.external_name
         if name not in self._declared:
             raise QueueError(
-                Kind.NOT_FOUND, f"queue {name} is not declared on driver {self.entry.id}"
+                ErrorKind.NOT_FOUND, f"queue {name} is not declared on driver {self.entry.id}"
             )
         properties = properties_for(
             headers, content_type, message_id, queue.driver_options.amqp.durable
@@ -1058,13 +1060,13 @@ class AmqpDriver(Driver):
             confirmation = await self._send(name, route or name, body, properties, message_id)
             if confirmation == Confirm.RETURNED:
                 raise QueueError(
-                    Kind.NOT_FOUND,
+                    ErrorKind.NOT_FOUND,
                     f"queue {route or name} does not exist on the broker (message returned, "
                     "also after declaring the queue again)",
                 )
         if confirmation != Confirm.ACK:
             raise QueueError(
-                Kind.INTERNAL,
+                ErrorKind.INTERNAL,
                 f"the broker did not accept the message for {name}",
                 retryable=True,
             )
@@ -1100,11 +1102,11 @@ class AmqpDriver(Driver):
             sent = True
             return await confirmation
         except (TypeError, ValueError) as exc:  # headers AMQP cannot carry, or too big
-            raise QueueError(Kind.INVALID, f"cannot publish to {name}: {exc}") from exc
+            raise QueueError(ErrorKind.INVALID, f"cannot publish to {name}: {exc}") from exc
         except TimeoutError as exc:
             if connection is None:
                 raise QueueError(
-                    Kind.UNAVAILABLE,
+                    ErrorKind.UNAVAILABLE,
                     f"no connection to {self.url} within {timeout:g}s: nothing was published "
                     f"to {name}",
                     retryable=True,
@@ -1115,7 +1117,7 @@ class AmqpDriver(Driver):
                 if blocking:
                     why = f"the broker is blocking publishers ({blocking})"
                 raise QueueError(
-                    Kind.UNAVAILABLE,
+                    ErrorKind.UNAVAILABLE,
                     f"{why}: nothing was published to {name} within {timeout:g}s",
                     retryable=True,
                 ) from exc
@@ -1123,20 +1125,20 @@ class AmqpDriver(Driver):
                 # The broker blocks a connection once it reads a publish from it: the first
                 # of a connection, and any sent before the block reached us, are in its hands.
                 raise MaybePublished(
-                    Kind.UNAVAILABLE,
+                    ErrorKind.UNAVAILABLE,
                     f"the broker is blocking publishers ({blocking}) and did not confirm "
                     f"message {message_id} to {name} within {timeout:g}s: it was sent before "
                     "the broker blocked, so it may have been published",
                     retryable=True,
                 ) from exc
             raise MaybePublished(
-                Kind.TIMEOUT,
+                ErrorKind.TIMEOUT,
                 f"no confirmation from the broker within {timeout:g}s for message {message_id} "
                 f"to {name}: it may have been published",
                 retryable=True,
             ) from exc
         except (ChannelClosed, OSError) as exc:
-            kind = Kind.INTERNAL if isinstance(exc, ChannelClosed) else Kind.UNAVAILABLE
+            kind = ErrorKind.INTERNAL if isinstance(exc, ChannelClosed) else ErrorKind.UNAVAILABLE
             if sent:
                 raise MaybePublished(
                     kind,
@@ -1161,7 +1163,8 @@ class AmqpDriver(Driver):
         delay = self._delay_queues.get(route)
         if delay is None:  # forgotten meanwhile (found deleted): the next retry declares it
             raise QueueError(
-                Kind.NOT_FOUND, f"queue {route} does not exist on the broker (message returned)"
+                ErrorKind.NOT_FOUND,
+                f"queue {route} does not exist on the broker (message returned)",
             )
         target, milliseconds = delay
 

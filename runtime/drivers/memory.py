@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
-from ..errors import Kind, QueueError
+from ..errors import ErrorKind, QueueError
 from . import Delivery, Driver, MessageIds, OnDelivery, QueueInfo, Settlement, Subscription
 
 
@@ -57,7 +57,7 @@ class _Queue:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise QueueError(
-                    Kind.INTERNAL,
+                    ErrorKind.INTERNAL,
                     f"queue {self.name} is full ({self.max_length} messages) "
                     f"and stayed full for {patience:g}s",
                     retryable=True,
@@ -179,7 +179,7 @@ class MemoryDriver(Driver):
         found = self._queues.get(queue.external_name)
         if found is None:
             raise QueueError(
-                Kind.NOT_FOUND,
+                ErrorKind.NOT_FOUND,
                 f"queue {queue.external_name} is not declared on driver {self.entry.id}",
             )
         return found

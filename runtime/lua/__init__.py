@@ -31,7 +31,7 @@ import lupa.lua54 as lupa
 
 from ..codecs import CODECS, INT64
 from ..drivers import Delivery
-from ..errors import Kind, QueueError
+from ..errors import ErrorKind, QueueError
 from ..metrics import UserMetrics
 from ..settings import Settings
 
@@ -73,7 +73,7 @@ class Outcome:
 ACKED = Outcome(Verdict.ACK)
 NACKED = Outcome(Verdict.NACK)
 NO_MEMORY = "not enough memory: the Lua state is at its --lua-max-memory limit"
-OUT_OF_MEMORY = Outcome(Verdict.FAIL, Kind.UNKNOWN, NO_MEMORY)
+OUT_OF_MEMORY = Outcome(Verdict.FAIL, ErrorKind.UNKNOWN, NO_MEMORY)
 
 
 class Host(Protocol):
@@ -114,7 +114,7 @@ class LuaLoadError(Exception):
 
 class ConversionError(QueueError):
     def __init__(self, message: str) -> None:
-        super().__init__(Kind.INVALID, message)
+        super().__init__(ErrorKind.INVALID, message)
 
 
 class _Reader:
@@ -477,13 +477,13 @@ class LuaRuntime:
                 self._abandon(invocation)
                 return OUT_OF_MEMORY
             except ConversionError as exc:  # (the payload: the handler did not start)
-                return Outcome(Verdict.POISON, Kind.INVALID, f"the message's {exc.message}")
+                return Outcome(Verdict.POISON, ErrorKind.INVALID, f"the message's {exc.message}")
             except Exception as exc:
                 # lupa failing to convert a result, a bug in luaq: this invocation fails, the
                 # worker does not.
                 self._abandon(invocation)
                 _log.exception("invocation failed in the bridge", extra={"consumer": consumer})
-                return Outcome(Verdict.FAIL, Kind.INTERNAL, f"internal error: {exc}")
+                return Outcome(Verdict.FAIL, ErrorKind.INTERNAL, f"internal error: {exc}")
             if result == _ACK:
                 return ACKED
             if result == _NACK:
