@@ -19,9 +19,14 @@ are counted, a loss is a bug).
              publishers), then back to 0.4
   kill       SIGKILL to the worker, then `luaq run --until-idle` finishes the job
 
-Prints one JSON object on stdout, progress on stderr. Exits 1 when a scenario lost a message
-or failed; its directory (entries, luaq's stdout and stderr, the node's logs) is kept and named
-in the JSON (`kept`).
+Prints one JSON object on stdout, progress on stderr. Per scenario: `published`, `processed`
+(handler runs, as the summaries count them: a killed worker prints none), `outputs` (messages
+in `out`), `distinct` n among them, `duplicates` (outputs - distinct), `lost` (n never in
+`out`: must be 0), `seconds_to_drain` (from starting `luaq run` to the last output),
+`seconds_after_fault` (from the fault's end to the last output), `fault_seconds`,
+`outputs_at_fault`, and `workers`: each luaq process's exit code, summary table and what it
+logged of its connections. Exits 1 when a scenario lost a message or failed; its directory
+(entries, luaq's stdout and stderr, the node's logs) is kept and named in the JSON (`kept`).
 """
 
 from __future__ import annotations
@@ -673,6 +678,15 @@ def version(*command: str) -> str:
     return "unknown"
 
 
+def commit() -> str:
+    """HEAD, and whether luaq's runtime in the work tree differs from it (`-dirty`)."""
+    head = version("git", "rev-parse", "--short", "HEAD")
+    changed = subprocess.run(
+        ["git", "diff", "--quiet", "HEAD", "--", "runtime"], cwd=ROOT, check=False
+    ).returncode
+    return f"{head}-dirty" if changed else head
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     if unknown := [name for name in names if name not in FAULTS]:
@@ -699,7 +713,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "luaq": version(*luaq_command(), "--version"),
-            "commit": version("git", "rev-parse", "--short", "HEAD"),
+            "commit": commit(),
             "rabbitmq": version("dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"),
             "load_average": [round(x, 2) for x in os.getloadavg()],
         },
