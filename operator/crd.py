@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from .resource import (
+    CRD_VERSION,
     GROUP,
     KIND,
     PLURAL,
-    VERSION,
     QueueConsumerSpec,
     QueueConsumerStatus,
     camel,
@@ -166,7 +166,7 @@ def _crd() -> dict[str, Any]:
             "scope": "Namespaced",
             "versions": [
                 {
-                    "name": VERSION,
+                    "name": CRD_VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {

@@ -26,7 +26,7 @@ from .kube import Kube
 from .leader import LeaderElection, LeadershipLost
 from .metrics import Metrics
 from .reconcile import ConsumerState, Reconciler
-from .resource import GROUP, PLURAL, VERSION
+from .resource import CRD_VERSION, GROUP, PLURAL
 from .settings import OperatorSettings
 from .watching import Watches
 
@@ -220,7 +220,7 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         await operator.stop()
 
-    @kopf.daemon(GROUP, VERSION, PLURAL, registry=handlers, cancellation_timeout=30.0)
+    @kopf.daemon(GROUP, CRD_VERSION, PLURAL, registry=handlers, cancellation_timeout=30.0)
     async def consumer(
         body: kopf.Body, namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
@@ -228,7 +228,7 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
         await operator.run_consumer((namespace, name), body, stopped)
 
     # Async, so they run on the event loop: the daemons' triggers are asyncio Events.
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=handlers)
+    @kopf.on.event(GROUP, CRD_VERSION, PLURAL, registry=handlers)
     async def changed(namespace: str | None, name: str, **_: Any) -> None:
         operator.wake((namespace or "", name))
 

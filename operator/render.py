@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from luaq.runtime.entries import VERSION
+from luaq.runtime.entries import ENTRIES_FORMAT
 from luaq.runtime.settings import Settings as RuntimeSettings
 
 from .resource import API_VERSION, KIND, QueueConsumerSpec, SecretKeyRef, camel
@@ -227,7 +227,7 @@ def entries_document(name: str, spec: QueueConsumerSpec) -> dict[str, Any]:
     else:
         consumer.update(handler)
     return {
-        "version": VERSION,
+        "version": ENTRIES_FORMAT,
         "namespace": spec.id_namespace,
         "entries": [driver, *queues, *functions, *policies, consumer],
     }

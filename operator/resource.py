@@ -37,10 +37,10 @@ from luaq.runtime.entries import (
 from pydantic import ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 GROUP = "luaq.dev"
-VERSION = "v1alpha1"
+CRD_VERSION = "v1alpha1"  # the QueueConsumer API version this operator serves
 KIND = "QueueConsumer"
 PLURAL = "queueconsumers"
-API_VERSION = f"{GROUP}/{VERSION}"
+API_VERSION = f"{GROUP}/{CRD_VERSION}"
 
 
 def _like(model: type[_Model], name: str, **changes: Any) -> Any:

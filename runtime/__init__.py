@@ -2,4 +2,4 @@
 
 from importlib.metadata import version
 
-VERSION = version("luaq")
+__version__ = version("luaq")

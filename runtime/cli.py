@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import uvloop
 
-from . import VERSION, dlq, entries, logs
+from . import __version__, dlq, entries, logs
 from .check import check
 from .codecs import CODECS
 from .entries import Config
@@ -42,7 +42,7 @@ def _env(name: str, default: Any) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="luaq", description="Run queue consumers written in Lua.")
-    parser.add_argument("--version", action="version", version=f"luaq {VERSION}")
+    parser.add_argument("--version", action="version", version=f"luaq {__version__}")
     parser.add_argument(
         "--log-level",
         default=_env("log_level", "info"),

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-VERSION = "1.0"
+ENTRIES_FORMAT = "1.0"  # the `version` an entries file states
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 # Bounds on the strings and lists an entry holds, far beyond any real use: they cap what one
@@ -564,9 +564,11 @@ def _parse_file(path: Path, problems: list[str]) -> tuple[str, list[Any]] | None
     for key in sorted(set(document) - {"version", "namespace", "entries"}):
         problems.append(f"{path}: {key}: unknown field")
         ok = False
-    version = document.get("version", VERSION)
-    if str(version) != VERSION:
-        problems.append(f'{path}: version: unsupported version {version!r}, expected "{VERSION}"')
+    version = document.get("version", ENTRIES_FORMAT)
+    if str(version) != ENTRIES_FORMAT:
+        problems.append(
+            f'{path}: version: unsupported version {version!r}, expected "{ENTRIES_FORMAT}"'
+        )
         ok = False
     namespace = document.get("namespace")
     if not isinstance(namespace, str) or not NAME_RE.match(namespace):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from . import VERSION
+from . import __version__
 from .codecs import CODECS
 from .consumer import Consumer, DeadLetterSink, LogBudget, Pace
 from .drivers import Delivery, Driver
@@ -260,7 +260,7 @@ class Worker:
         info = Family(
             "luaq_build_info", "gauge", "The luaq version running", ("version",), merge="max"
         )
-        info.add((VERSION,), 1)
+        info.add((__version__,), 1)
         families = [
             received, settled, duration, errors, in_flight, concurrency, sizes, denials,
             published, failures, publish_duration, connected, reconnects, backlog, ready, info,

@@ -1228,7 +1228,7 @@ def test_the_chart_says_where_it_comes_from_for_artifact_hub() -> None:
     assert described["version"] == definition["spec"]["versions"][0]["name"]
     assert described["name"] == definition["metadata"]["name"]
     (sample,) = yaml.safe_load(annotations["artifacthub.io/crdsExamples"])
-    assert sample["apiVersion"] == f"{crd.GROUP}/{crd.VERSION}"
+    assert sample["apiVersion"] == f"{crd.GROUP}/{crd.CRD_VERSION}"
     parse_spec(sample["spec"], crd.spec_schema())  # a QueueConsumer the CRD takes
     assert annotations["artifacthub.io/operator"] == "true"
 
