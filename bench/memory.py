@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 from luaq.runtime import entries
-from luaq.runtime.consumer import Consumer, Invoke
+from luaq.runtime.consumer import Consumer
 from luaq.runtime.drivers import Delivery
-from luaq.runtime.lua import ACKED, Outcome
+from luaq.runtime.lua import ACKED, Invoke, Outcome
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from scraped import scraped

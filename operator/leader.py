@@ -45,7 +45,8 @@ class LeadershipLost(Exception):
     """The Lease was lost while a pass ran: the pass was cancelled."""
 
 
-def _time() -> str:
+def _micro_time() -> str:
+    """Now as a Kubernetes MicroTime, which a Lease's times are."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -119,7 +120,7 @@ class LeaderElection:
         return True
 
     def _spec(self, previous: dict[str, Any]) -> dict[str, Any]:
-        now = _time()
+        now = _micro_time()
         transitions = int(previous.get("leaseTransitions") or 0)
         ours = previous.get("holderIdentity") == self.identity
         return {
@@ -204,7 +205,7 @@ class LeaderElection:
         lease = self.kube.get(LEASES, namespace, name)
         if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
             return
-        now = _time()
+        now = _micro_time()
         lease["spec"].update(
             holderIdentity="", leaseDurationSeconds=1, acquireTime=now, renewTime=now
         )

@@ -101,7 +101,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _time(value: datetime) -> str:
+def _timestamp(value: datetime) -> str:
+    """A Kubernetes Time (seconds), for conditions and lastScaleTime."""
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -173,13 +174,15 @@ def _condition(
 ) -> dict[str, Any]:
     status = "True" if true else "False"
     before = previous.get(kind, {})
-    changed = before.get("status") != status
+    since = before.get("lastTransitionTime")
+    if before.get("status") != status:
+        since = _timestamp(_now())
     return {
         "type": kind,
         "status": status,
         "reason": reason,
         "message": message,
-        "lastTransitionTime": before.get("lastTransitionTime") if not changed else _time(_now()),
+        "lastTransitionTime": since,
         "observedGeneration": generation,
     }
 
@@ -238,7 +241,7 @@ def status_for(
         "desiredReplicas": wanted,
         "selector": render.selector(meta["name"]),
         "backlog": state.backlog,
-        "lastScaleTime": _time(state.last_scale) if state.last_scale else None,
+        "lastScaleTime": _timestamp(state.last_scale) if state.last_scale else None,
         "conditions": conditions,
     }
 

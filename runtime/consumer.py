@@ -24,11 +24,9 @@ from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, QueueError
-from .lua import Outcome, Verdict
+from .lua import Invoke, Outcome, SettleEarly, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 
-SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
-Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]
 DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
 REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
 # Attempts counted without `max_attempts`: a count another publisher set beyond it is taken as

@@ -794,7 +794,7 @@ class AmqpDriver(Driver):
 
     async def _restore(self, connection: Connection) -> None:
         """On a new consuming connection (not yet linked): the queues, then the consumers."""
-        channel = await self._admin_on(connection)
+        channel = await self._admin_channel(connection)
         for queue in self._declared.values():
             await self._declare_on(channel, queue)
         for name, (queue, milliseconds) in self._delay_queues.items():
@@ -841,7 +841,7 @@ class AmqpDriver(Driver):
                 # waits for the link's recovery instead of spinning on it, the loop frozen.
                 await asyncio.wait([connection.closed], timeout=remaining)
 
-    async def _on_admin(self, what: str, operation: Callable[[Channel], Awaitable[T]]) -> T:
+    async def _with_admin(self, what: str, operation: Callable[[Channel], Awaitable[T]]) -> T:
         """`operation` on the channel for declarations, which a failed declaration closes (a
         passive one for a queue that is gone, say): a call queued behind that one is made
         again on a new channel."""
@@ -849,13 +849,13 @@ class AmqpDriver(Driver):
         async def on(connection: Connection) -> T:
             while True:
                 try:
-                    return await operation(await self._admin_on(connection))
+                    return await operation(await self._admin_channel(connection))
                 except ChannelGone:
                     continue
 
         return await self.on_link(what, on)
 
-    async def _admin_on(self, connection: Connection) -> Channel:
+    async def _admin_channel(self, connection: Connection) -> Channel:
         """A channel for declarations; a failed (passive) declare closes it, so reopen."""
         async with self._channel_lock:
             admin = self._admin
@@ -926,7 +926,7 @@ class AmqpDriver(Driver):
         async def declare(channel: Channel) -> None:
             await self._declare_on(channel, queue)
 
-        await self._on_admin(f"cannot declare queue {queue.external_name}", declare)
+        await self._with_admin(f"cannot declare queue {queue.external_name}", declare)
         self._declared[queue.external_name] = queue
 
     async def publish(
@@ -987,11 +987,11 @@ class AmqpDriver(Driver):
                 if exc.code != 406 or "inequivalent" in exc.text:
                     raise broker_error(exc, f"cannot declare delay queue {quorum}") from exc
                 self._at_most_once(queue, f"the broker refused a quorum delay queue: {exc.text}")
-            channel = await self._admin_on(channel.connection)
+            channel = await self._admin_channel(channel.connection)
             await self._declare_delay_queue(channel, classic, queue, milliseconds)
             return classic
 
-        name = await self._on_admin(f"cannot declare delay queue {quorum}", declare)
+        name = await self._with_admin(f"cannot declare delay queue {quorum}", declare)
         self._delay_queues[name] = (queue, milliseconds)
         self._delay_routes[key] = name
         self._absent.pop(name, None)
@@ -1171,7 +1171,7 @@ class AmqpDriver(Driver):
         async def declare(channel: Channel) -> None:
             await self._declare_delay_queue(channel, route, target, milliseconds)
 
-        await self._on_admin(f"cannot declare delay queue {route}", declare)
+        await self._with_admin(f"cannot declare delay queue {route}", declare)
         self._absent.pop(route, None)
 
     def retries_with(self, queue: QueueEntry, retry: Retry) -> None:
@@ -1218,12 +1218,12 @@ class AmqpDriver(Driver):
                         raise
                     absent[delay] = now + ABSENT_RECHECK
                     self._delay_queues.pop(delay, None)  # declared again at its next use
-                    channel = await self._admin_on(channel.connection)
+                    channel = await self._admin_channel(channel.connection)
                 else:
                     absent.pop(delay, None)
             return QueueInfo(messages, consumers)
 
-        return await self._on_admin(f"no information on queue {name}", count)
+        return await self._with_admin(f"no information on queue {name}", count)
 
     async def consume(
         self, queue: QueueEntry, consumer: ConsumerEntry, on_delivery: OnDelivery

@@ -97,8 +97,8 @@ class Host(Protocol):
         long time keeps the event loop from running, and the drivers' heartbeats with it."""
 
 
-SettleEarly = Callable[["Delivery", bool], Awaitable[None]]
-Invoke = Callable[[Any, "Delivery", SettleEarly], Awaitable[Outcome]]
+SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
+Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]  # an invocation, for a consumer
 _ACK, _NACK, _CALL = 0, 1, 3  # step results, as bridge.lua defines them
 
 
