@@ -24,6 +24,7 @@ from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
 from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, QueueError
+from .logs import LogBudget
 from .lua import Invoke, Outcome, SettleEarly, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 
@@ -105,30 +106,6 @@ class Pace:
             self._marker = asyncio.get_running_loop().call_later(self.slice / 2, self._mark)
         else:
             self._marker = None
-
-
-class LogBudget:
-    """At most `burst` lines per `interval` seconds for one kind of line; what is held back is
-    counted and reported with the next line that goes out."""
-
-    def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
-        self.burst = burst
-        self.interval = interval
-        self._window = -interval
-        self._spent = 0
-        self._suppressed = 0
-
-    def take(self) -> int | None:
-        """None: hold this line back. Otherwise: how many were held back before it."""
-        now = time.monotonic()
-        if now - self._window >= self.interval:
-            self._window, self._spent = now, 0
-        if self._spent >= self.burst:
-            self._suppressed += 1
-            return None
-        self._spent += 1
-        suppressed, self._suppressed = self._suppressed, 0
-        return suppressed
 
 
 class Consumer:

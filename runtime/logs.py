@@ -4,6 +4,7 @@ carry the same fields: time, level, logger, message, and whatever the call site 
 A line is at most MAX_LINE bytes whatever a handler logs or fails with: past that, long strings
 are cut to MAX_FIELD characters (saying how much was left out), and what still does not fit
 is cut as a whole (a JSON line keeps its head and puts the rest in a cut `truncated` field).
+And a line that may repeat without end (a message failing forever) goes out within a LogBudget.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -126,3 +128,27 @@ def configure(level: str, format: Format = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class LogBudget:
+    """At most `burst` lines per `interval` seconds for one kind of line; what is held back is
+    counted and reported with the next line that goes out."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._window = -interval
+        self._spent = 0
+        self._suppressed = 0
+
+    def take(self) -> int | None:
+        """None: hold this line back. Otherwise: how many were held back before it."""
+        now = time.monotonic()
+        if now - self._window >= self.interval:
+            self._window, self._spent = now, 0
+        if self._spent >= self.burst:
+            self._suppressed += 1
+            return None
+        self._spent += 1
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed

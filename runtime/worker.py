@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 from . import __version__
 from .codecs import CODECS
-from .consumer import Consumer, DeadLetterSink, LogBudget, Pace
+from .consumer import Consumer, DeadLetterSink, Pace
 from .drivers import Delivery, Driver
 from .drivers.amqp import AmqpDriver, priority
 from .drivers.memory import MemoryDriver
 from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
 from .errors import ConfigError, ErrorKind, QueueError
+from .logs import LogBudget
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
 from .metrics import DURATION_BUCKETS, STALE_AFTER, Family, Histogram, Snapshots
 from .security import ACTIONS, Denied, access_for

@@ -38,10 +38,10 @@ from broker import (
 )
 from conftest import AppFactory, eventually
 from luaq.runtime import entries
-from luaq.runtime.consumer import LogBudget
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.errors import ErrorKind, QueueError
+from luaq.runtime.logs import LogBudget
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from processes import Process, Spawner, summary, wait_until, write_app, write_jsonl
