@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import CODECS, codec_for
-from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Subscription
+from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Settlement, Subscription
 from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, QueueError
 from .logs import LogBudget
@@ -41,12 +41,11 @@ class ConsumerStats:
     received: int = 0  # deliveries taken from the driver
     processed: int = 0  # handler invocations that finished, whatever their outcome
     failed: int = 0  # invocations that ended in an error
-    acked: int = 0
-    retried: int = 0  # given back for another attempt after a backoff: `false`, errors
-    requeued: int = 0  # given back at once: not started, or cut short, at shutdown
-    dead_lettered: int = 0  # moved to the queue's dead-letter queue
-    rejected: int = 0  # dropped: out of attempts, or undecodable, with no dead-letter queue
-    stale: int = 0  # from a channel that closed before they were settled: redelivered there
+    # Deliveries by how they were settled: retried after a backoff (`false`, errors), requeued
+    # at once (not started, or cut short, at shutdown), rejected (out of attempts or
+    # undecodable, with no dead-letter queue), stale (their channel closed before they were
+    # settled: redelivered there).
+    settled: dict[Settlement, int] = field(default_factory=lambda: dict.fromkeys(Settlement, 0))
     unsettled: int = 0  # left unsettled by an error in luaq: redelivered once their channel closes
     first_at: float | None = None
     last_at: float | None = None
@@ -54,6 +53,35 @@ class ConsumerStats:
     denials: dict[str, int] = field(default_factory=dict)  # refused publishes, by action
     durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     sizes: Histogram = field(default_factory=lambda: Histogram(SIZE_BUCKETS))
+
+    def count(self, settlement: Settlement, reached: bool = True) -> None:
+        """One delivery settled so; stale when the settlement did not reach the broker."""
+        self.settled[settlement if reached else Settlement.STALE] += 1
+
+    # the settlements by the names of the summary's columns (cli.SUMMARY)
+    @property
+    def acked(self) -> int:
+        return self.settled[Settlement.ACK]
+
+    @property
+    def retried(self) -> int:
+        return self.settled[Settlement.RETRY]
+
+    @property
+    def requeued(self) -> int:
+        return self.settled[Settlement.REQUEUE]
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.settled[Settlement.DEAD_LETTER]
+
+    @property
+    def rejected(self) -> int:
+        return self.settled[Settlement.REJECT]
+
+    @property
+    def stale(self) -> int:
+        return self.settled[Settlement.STALE]
 
     @property
     def denied(self) -> int:
@@ -225,7 +253,7 @@ class Consumer:
                 # Cut short at shutdown: the subscription gives the message back unless the
                 # handler settled it early.
                 if delivery.settled is None:
-                    self.stats.requeued += 1
+                    self.stats.count(Settlement.REQUEUE)
                 raise
             except Exception:
                 # A bug in luaq itself, not in the handler: keep the message and the worker.
@@ -246,7 +274,8 @@ class Consumer:
     async def _handle(self, delivery: Delivery) -> None:
         stats = self.stats
         if not delivery.live:
-            stats.stale += 1  # its channel closed while it waited here: the broker has it back
+            # its channel closed while it waited here: the broker has it back
+            stats.count(Settlement.STALE)
             return
         if stats.first_at is None:
             stats.first_at = time.monotonic()
@@ -326,27 +355,21 @@ class Consumer:
 
     async def _ack(self, delivery: Delivery) -> None:
         await delivery.ack()
-        if delivery.reached:
-            self.stats.acked += 1
-        else:
-            self.stats.stale += 1
+        self.stats.count(Settlement.ACK, delivery.reached)
 
     async def _retry(self, delivery: Delivery, delay: float) -> None:
         if delivery.settled is not None:
             return
         if not delivery.live:
-            self.stats.stale += 1
+            self.stats.count(Settlement.STALE)
             return
         if await delivery.retry(delay):
-            if delivery.reached:
-                self.stats.retried += 1
-            else:
-                self.stats.stale += 1
+            self.stats.count(Settlement.RETRY, delivery.reached)
             return
         # The driver could not send it round (a republish failed): keep it here and give it
         # back when its delay is over. Giving it back now would spin, and dropping it would
         # lose it.
-        self.stats.retried += 1
+        self.stats.count(Settlement.RETRY)
         self._held += 1
         self._holding[delivery] = asyncio.create_task(self._hold(delivery, delay))
 
@@ -391,17 +414,11 @@ class Consumer:
                 await self._retry(delivery, delay)
                 return
             await delivery.ack()
-            if delivery.reached:
-                self.stats.dead_lettered += 1
-            else:
-                self.stats.stale += 1
+            self.stats.count(Settlement.DEAD_LETTER, delivery.reached)
             _log.warning(f"{what}, dead-lettered", extra=extra)
         elif self.queue.dead_letter is not None:
             await delivery.nack(requeue=False)
-            if delivery.reached:
-                self.stats.rejected += 1
-            else:
-                self.stats.stale += 1
+            self.stats.count(Settlement.REJECT, delivery.reached)
             _log.warning(f"{what}, rejected", extra=extra)
         else:
             if delivery.attempts == 1 or self._log_budget.take() is not None:
@@ -424,10 +441,7 @@ class Consumer:
             delivery = self._buffer.popleft()
             self._held -= 1
             await delivery.nack()
-            if delivery.reached:
-                self.stats.requeued += 1
-            else:
-                self.stats.stale += 1
+            self.stats.count(Settlement.REQUEUE, delivery.reached)
         for task in list(self._holding.values()):
             task.cancel()  # held back for a retry: given back now
         if not self._idle.is_set():

@@ -208,12 +208,8 @@ class Worker:
         for consumer in self.consumers:
             stats, key = consumer.stats, (consumer.entry.id, consumer.queue.id)
             received.add(key, stats.received)
-            for outcome, count in (
-                ("ack", stats.acked), ("retry", stats.retried), ("requeue", stats.requeued),
-                ("dead_letter", stats.dead_lettered), ("reject", stats.rejected),
-                ("stale", stats.stale),
-            ):  # fmt: skip
-                settled.add((*key, outcome), count)
+            for outcome, count in stats.settled.items():
+                settled.add((*key, outcome.value), count)
             duration.histogram(key, stats.durations)
             sizes.histogram(key, stats.sizes)
             # every kind and action from the start: rate() misses a series' first sample

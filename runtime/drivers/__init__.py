@@ -27,12 +27,19 @@ class QueueInfo:
 
 
 class Settlement(StrEnum):
-    """How a delivery was settled; metrics and summaries count by these."""
+    """How a delivery was settled; metrics and summaries count by these, in this order.
+
+    A driver settles with ACK, RETRY, REQUEUE or REJECT; DEAD_LETTER and STALE are what the
+    consumer counts besides: an ack once the message's copy is in its dead-letter queue, and a
+    settlement that did not reach the broker (its channel had closed: the broker delivers the
+    message again)."""
 
     ACK = "ack"
     RETRY = "retry"  # given back for another attempt, after a delay
     REQUEUE = "requeue"  # given back at once (shutdown)
+    DEAD_LETTER = "dead_letter"  # moved to the queue's dead-letter queue
     REJECT = "reject"  # dropped (a broker may dead-letter it by its own policy)
+    STALE = "stale"  # the broker could not be told
 
 
 class MessageIds:
