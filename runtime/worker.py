@@ -18,10 +18,11 @@ from . import __version__
 from .codecs import CODECS
 from .consumer import Consumer, DeadLetterSink, Pace
 from .drivers import Delivery, Driver
-from .drivers.amqp import AmqpDriver, priority
+from .drivers.amqp import AmqpDriver
 from .drivers.memory import MemoryDriver
 from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
 from .errors import ConfigError, ErrorKind, QueueError
+from .headers import priority
 from .logs import LogBudget
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
 from .metrics import DURATION_BUCKETS, STALE_AFTER, Family, Histogram, Snapshots

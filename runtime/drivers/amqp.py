@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..entries import DEFAULT_RETRY, AmqpDriverEntry, ConsumerEntry, QueueEntry, Retry
 from ..errors import ErrorKind, MaybePublished, QueueError
+from ..headers import priority
 from . import (
     CLOSE_TIMEOUT,
     Delivery,
@@ -65,7 +66,6 @@ PROPERTIES = {
     "expiration": "expiration",
     "priority": "priority",
 }
-PRIORITY_NAMES = {"low": 1, "normal": 5, "high": 9}
 ATTEMPTS = "x-luaq-attempts"  # attempts a retried message has had, carried in its headers
 DELIVERY_COUNT = "x-delivery-count"  # a quorum queue's count of earlier deliveries
 # The properties a retry or a dead letter passes on as they came (`headers` aside)
@@ -117,20 +117,6 @@ def queue_arguments(queue: QueueEntry, driver: AmqpDriverEntry) -> dict[str, Any
     if options.type == "quorum":
         arguments["x-queue-type"] = "quorum"
     return arguments
-
-
-def priority(value: Any) -> int:
-    if isinstance(value, str) and value.lower() in PRIORITY_NAMES:
-        return PRIORITY_NAMES[value.lower()]
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = -1
-    if isinstance(value, bool) or not 0 <= number <= 255:
-        raise QueueError(
-            ErrorKind.INVALID, f"priority must be high, normal, low or 0-255, not {value!r}"
-        )
-    return number
 
 
 class AmqpHeaders(dict[str, Any]):
