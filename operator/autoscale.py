@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from luaq.runtime.drivers.amqp import AmqpDriver
+from luaq.runtime.drivers import Driver, create
 from luaq.runtime.entries import AmqpDriverEntry, QueueEntry
 
 from .resource import Autoscaling
@@ -41,11 +41,11 @@ class BacklogReader:
         self.entry = driver
         self.queue = queue
         self.checksum = checksum
-        self._driver: AmqpDriver | None = None
+        self._driver: Driver | None = None
 
     async def backlog(self) -> int:
         if self._driver is None:
-            driver = AmqpDriver(self.entry)
+            driver = create(self.entry)
             await driver.start()
             try:
                 await driver.declare(self.queue)

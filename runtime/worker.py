@@ -17,10 +17,8 @@ from typing import Any, Literal
 from . import __version__
 from .codecs import CODECS
 from .consumer import Consumer, DeadLetterSink, Pace
-from .drivers import Delivery, Driver
-from .drivers.amqp import AmqpDriver
-from .drivers.memory import MemoryDriver
-from .entries import AmqpDriverEntry, Config, DriverEntry, QueueEntry, resolve_id
+from .drivers import Delivery, create
+from .entries import Config, QueueEntry, resolve_id
 from .errors import ConfigError, ErrorKind, QueueError
 from .headers import priority
 from .logs import LogBudget
@@ -42,12 +40,6 @@ class PublishStats:
     published: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # by error kind
     durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-
-
-def _driver(entry: DriverEntry) -> Driver:
-    if isinstance(entry, AmqpDriverEntry):
-        return AmqpDriver(entry)
-    return MemoryDriver(entry)
 
 
 class Worker:
@@ -72,7 +64,7 @@ class Worker:
                 problems.append(f"{function.file}: {owner}: source: {exc}")
         if problems:
             raise ConfigError(problems)
-        self.drivers = {entry.id: _driver(entry) for entry in config.drivers.values()}
+        self.drivers = {entry.id: create(entry) for entry in config.drivers.values()}
         self.access = {entry.id: access_for(entry, config) for entry in config.consumers.values()}
         pace = Pace()
         self.consumers = [

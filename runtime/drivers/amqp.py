@@ -30,16 +30,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from ..entries import DEFAULT_RETRY, AmqpDriverEntry, ConsumerEntry, QueueEntry, Retry
 from ..errors import ErrorKind, MaybePublished, QueueError
 from ..headers import priority
-from . import (
-    CLOSE_TIMEOUT,
-    Delivery,
-    Driver,
-    MessageIds,
-    OnDelivery,
-    QueueInfo,
-    Settlement,
-    Subscription,
-)
 from .amqp_client import (
     MALFORMED,
     Channel,
@@ -51,6 +41,16 @@ from .amqp_client import (
     Endpoint,
     HeadersTable,
     raw_fields,
+)
+from .base import (
+    CLOSE_TIMEOUT,
+    Delivery,
+    Driver,
+    MessageIds,
+    OnDelivery,
+    QueueInfo,
+    Settlement,
+    Subscription,
 )
 
 _log = logging.getLogger("luaq.amqp")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..entries import ConsumerEntry, MemoryDriverEntry, QueueEntry
 from ..errors import ErrorKind, QueueError
-from . import Delivery, Driver, MessageIds, OnDelivery, QueueInfo, Settlement, Subscription
+from .base import Delivery, Driver, MessageIds, OnDelivery, QueueInfo, Settlement, Subscription
 
 
 class _Message:
