@@ -1,0 +1,382 @@
+"""The Python half of the async Lua bridge (see bridge.lua for the Lua half).
+
+One lupa `lua54` state per process, used only from the event-loop thread. An invocation is a
+Lua coroutine; when it yields a host request, `invoke` awaits the work and resumes it. Only
+plain values cross the boundary: no Python object is ever reachable from handler code.
+
+Values cross through convert.py. lupa creates Lua values from Python outside Lua's protected
+mode, where running out of memory aborts the whole process: such work runs with the memory limit
+lifted, and Lua is entered only with MEMORY_MARGIN bytes to spare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib import resources
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import lupa.lua54 as lupa
+
+from ..codecs import CODECS
+from ..drivers import Delivery
+from ..errors import ErrorKind, QueueError
+from ..metrics import UserMetrics
+from ..settings import Settings
+from .convert import MAX_TEXT, MAX_VALUES, TEXT_COST, VALUE_COST, ConversionError, Converter
+
+MEMORY_MARGIN = 2**20  # bytes of --lua-max-memory kept free for lupa's unprotected allocations
+BUDGET_STEP = 1000  # instructions between two charges to an invocation's budget
+KEEPALIVE_EVERY = 1_000_000  # instructions between two calls to Host.keepalive (a few ms)
+_log = logging.getLogger("luaq.lua")
+_JSON = CODECS["json/plain"]
+_T = TypeVar("_T")
+
+
+class Verdict(IntEnum):
+    """What the handler's outcome asks for; the consumer turns it into a settlement."""
+
+    ACK = 0
+    NACK = 1
+    FAIL = 2
+    POISON = 3  # the message's data cannot be handed to the handler: no attempt can succeed
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    kind: str | None = None
+    error: str | None = None
+
+
+ACKED = Outcome(Verdict.ACK)
+NACKED = Outcome(Verdict.NACK)
+NO_MEMORY = "not enough memory: the Lua state is at its --lua-max-memory limit"
+OUT_OF_MEMORY = Outcome(Verdict.FAIL, ErrorKind.UNKNOWN, NO_MEMORY)
+
+
+class Host(Protocol):
+    """What handlers may ask of the process around them (the worker implements it)."""
+
+    async def publish(
+        self,
+        namespace: str,
+        queue_id: str,
+        data: Any,
+        headers: dict[str, Any],
+        consumer: str | None = None,
+    ) -> str:
+        """`consumer`: whose handler publishes (its actor's policies apply); None for luaq
+        itself (--input, luaq publish)."""
+
+    async def info(self, namespace: str, queue_id: str) -> tuple[int, int]: ...
+
+    def keepalive(self) -> None:
+        """Called every KEEPALIVE_EVERY instructions of Lua: a handler that computes for a
+        long time keeps the event loop from running, and the drivers' heartbeats with it."""
+
+
+SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
+Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]  # an invocation, for a consumer
+_ACK, _NACK, _CALL = 0, 1, 3  # step results, as bridge.lua defines them
+
+
+@dataclass(frozen=True, slots=True)
+class LuaHandler:
+    function_id: str
+    fn: Any
+
+
+class LuaLoadError(Exception):
+    """A function entry whose source does not compile, fails at load, or lacks its method."""
+
+
+def _deny_attributes(obj: object, name: object, *rest: object) -> NoReturn:
+    raise AttributeError("Python objects are not accessible from Lua")
+
+
+class LuaRuntime:
+    """The process's Lua state: loads function entries and runs their invocations."""
+
+    def __init__(self, settings: Settings, host: Host | None = None) -> None:
+        self._lua = lupa.LuaRuntime(
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            max_memory=settings.lua_max_memory,
+            attribute_handlers=(_deny_attributes, _deny_attributes),
+        )
+        self.host = host
+        self.user_metrics = UserMetrics()
+        self._ids = itertools.count(1)
+        self._max_memory = settings.lua_max_memory
+        self._lifted = 2 * self._max_memory + 2**40 if self._max_memory else 0  # (0: no limit)
+        files = resources.files(__package__)
+        bounded = files.joinpath("bounded.lua").read_text("utf-8")
+        source = files.joinpath("bridge.lua").read_text("utf-8")
+        helpers = self._lua.table_from(
+            {
+                "log": self._log,
+                "json_encode": self._json_encode,
+                "json_decode": self._json_decode,
+                "now": time.time,
+                "keepalive": host.keepalive if host is not None else _nothing,
+                "metric": self._metric,
+            }
+        )
+        budget = settings.max_instructions
+        step = min(BUDGET_STEP, budget)
+        keepalive_every = max(KEEPALIVE_EVERY // step, 1)
+        bridge = self._lua.execute(source, helpers, budget, step, keepalive_every, bounded)
+        self._load = bridge.load
+        self._starter = bridge.starter
+        self._resume = bridge.resume
+        self._cancel = bridge.cancel
+        self._table_from = self._lua.table_from
+        self.convert = Converter(self._table_from, bridge.array, bridge.shape)
+
+    def load(
+        self,
+        function_id: str,
+        source: str,
+        method: str,
+        modules: tuple[str, ...],
+        chunkname: str = "",
+    ) -> LuaHandler:
+        """Compile the source in a fresh sandbox and run its top-level chunk once."""
+        namespace = function_id.split(":", 1)[0]
+        chunk = "@" + chunkname if chunkname else "=" + function_id
+        if not self._room(len(source)):
+            raise LuaLoadError(NO_MEMORY)
+        try:
+            fn, problem = self._load(source, chunk, namespace, self._table_from(modules), method)
+        except lupa.LuaError as exc:
+            raise LuaLoadError(str(exc)) from exc
+        if fn is None:
+            raise LuaLoadError(str(problem))
+        return LuaHandler(function_id, fn)
+
+    def _unlimited(self, convert: Callable[..., _T], *args: Any) -> _T:
+        """Runs a conversion to Lua with the memory limit lifted (see the module's docstring):
+        callers then check with _room that Lua may be entered."""
+        self._lua.set_max_memory(self._lifted)
+        try:
+            return convert(*args)
+        finally:
+            self._lua.set_max_memory(self._max_memory)
+
+    def _abandon(self, invocation: int) -> None:
+        """Stops an invocation that will not be resumed, running its to-be-closed variables.
+        With MEMORY_MARGIN more memory: a full Lua state is often why, and closing the
+        coroutine is what gives its memory back (its __close handlers get no more than that)."""
+        lua, limit = self._lua, self._max_memory
+        if not limit:
+            self._cancel(invocation)
+            return
+        lua.set_max_memory(max(limit, lua.get_memory_used()) + MEMORY_MARGIN)
+        try:
+            self._cancel(invocation)
+        finally:
+            lua.set_max_memory(limit)
+
+    def _room(self, size: int = 0, collect: bool = True) -> bool:
+        """Whether Lua has MEMORY_MARGIN bytes, plus `size` for a string pushed as an argument or
+        result, free for lupa's unprotected allocations (`collect`: after a full collection if
+        needed; not while a Python helper called from Lua runs)."""
+        if not self._max_memory:
+            return True
+        lua, limit = self._lua, self._max_memory - MEMORY_MARGIN - size
+        if lua.get_memory_used() <= limit:
+            return True
+        if collect:
+            lua.gccollect()
+        return bool(lua.get_memory_used() <= limit)
+
+    # -- helpers called synchronously from Lua -------------------------------------------------
+
+    def _log(
+        self,
+        level: str,
+        message: str,
+        fields: Any,
+        namespace: str,
+        consumer: str | None,
+        message_id: str | None,
+        allowance: int,
+    ) -> int:
+        """Logs for a handler; returns the instructions to charge it."""
+        extra: dict[str, Any] = {"namespace": namespace}
+        if consumer is not None:
+            extra["consumer"] = consumer
+        if message_id is not None:
+            extra["message_id"] = message_id
+        reader = self.convert.reader(allowance)
+        if fields is not None:
+            try:
+                extra["fields"] = reader.read(fields)
+            except QueueError as exc:
+                extra["fields_error"] = exc.message
+        _log.log(_LEVELS[level], message, extra=extra)
+        return reader.cost
+
+    def _json_encode(
+        self, value: Any, allowance: int
+    ) -> tuple[bool, bytes | None, str | None, int]:
+        reader = self.convert.reader(allowance)
+        try:
+            text = _JSON.encode(reader.read(value))
+        except QueueError as exc:
+            return False, None, f"json.encode: {exc.message}", reader.cost
+        if not self._room(len(text), collect=False):
+            return False, None, None, reader.cost
+        return True, text, None, reader.cost
+
+    def _metric(
+        self, kind: str, name: str, labels: Any, value: float, allowance: int
+    ) -> tuple[bool, None, str | None, int]:
+        """Records a handler's own metric; returns the instructions to charge it."""
+        reader = self.convert.reader(allowance)
+        try:
+            self.user_metrics.record(
+                kind, name, None if labels is None else reader.read(labels), value
+            )
+        except QueueError as exc:
+            return False, None, exc.message, reader.cost
+        return True, None, None, reader.cost
+
+    def _json_decode(self, text: str, allowance: int) -> tuple[bool, Any, str | None, int]:
+        # the text bounds what decoding makes and costs: every value but the first follows a
+        # comma or opens an array or object
+        values = text.count(",") + text.count("[") + text.count("{") + 1
+        cost = values * VALUE_COST + len(text) // TEXT_COST
+        if cost > allowance:
+            return False, None, "json.decode: over the instruction budget", cost
+        if values > MAX_VALUES or len(text) > MAX_TEXT:
+            return False, None, f"json.decode: over {MAX_VALUES} values or {MAX_TEXT} bytes", cost
+        try:
+            value = self._unlimited(self.convert.to_lua, _JSON.decode(text.encode()))
+        except (ValueError, RecursionError, ConversionError) as exc:
+            return False, None, f"json.decode: {exc}", cost
+        if not self._room(collect=False):
+            return False, None, None, cost
+        return True, value, None, cost
+
+    # -- invocations -------------------------------------------------------------------------
+
+    def invoker(self, handler: LuaHandler, consumer: str) -> Invoke:
+        """The coroutine function a consumer calls per delivery to run `handler` to the end."""
+        start = self._starter(handler.fn, consumer)
+        ids = self._ids
+        to_lua = self.convert.to_lua
+        headers_to_lua = self.convert.headers_to_lua
+        set_max_memory, limit, lifted = self._lua.set_max_memory, self._max_memory, self._lifted
+        memory_used, room = self._lua.get_memory_used, self._room
+        roomy = limit - MEMORY_MARGIN if limit else sys.maxsize  # (a fast first check)
+
+        async def invoke(payload: Any, delivery: Delivery, settle: SettleEarly) -> Outcome:
+            invocation = next(ids)
+            headers = delivery.headers
+            try:
+                # the arguments are made with the memory limit lifted (see the module docstring)
+                set_max_memory(lifted)
+                try:
+                    lua_payload = to_lua(payload)
+                    lua_headers = headers_to_lua(headers) if headers else None
+                finally:
+                    set_max_memory(limit)
+                size = len(payload) if type(payload) in _STRINGS else 0  # (pushed as is)
+                if memory_used() > roomy - size and not room(size):
+                    return OUT_OF_MEMORY
+                result = start(invocation, lua_payload, delivery.id, lua_headers)
+                if result == _ACK:
+                    return ACKED
+                if type(result) is tuple and result[0] == _CALL:
+                    result = await self._serve(invocation, delivery, settle, consumer, result)
+            except asyncio.CancelledError:
+                self._abandon(invocation)
+                raise
+            except lupa.LuaMemoryError:
+                # the bridge's own code, after the handler's, found the state full
+                self._abandon(invocation)
+                return OUT_OF_MEMORY
+            except ConversionError as exc:  # (the payload: the handler did not start)
+                return Outcome(Verdict.POISON, ErrorKind.INVALID, f"the message's {exc.message}")
+            except Exception as exc:
+                # lupa failing to convert a result, a bug in luaq: this invocation fails, the
+                # worker does not.
+                self._abandon(invocation)
+                _log.exception("invocation failed in the bridge", extra={"consumer": consumer})
+                return Outcome(Verdict.FAIL, ErrorKind.INTERNAL, f"internal error: {exc}")
+            if result == _ACK:
+                return ACKED
+            if result == _NACK:
+                return NACKED
+            return Outcome(Verdict.FAIL, result[1], result[2])
+
+        return invoke
+
+    async def _serve(
+        self, invocation: int, delivery: Delivery, settle: SettleEarly, consumer: str, result: Any
+    ) -> Any:
+        """Answer host requests until the invocation finishes."""
+        while type(result) is tuple and result[0] == _CALL:
+            try:
+                answer = await self._answer(result[1], result[2:], delivery, settle, consumer)
+            except QueueError as exc:
+                answer = (None, str(exc.kind), exc.message, exc.retryable)
+            # only a failure's answer has strings (to make in Lua), and short ones: the margin
+            if answer[0] is None and not self._room():
+                self._abandon(invocation)
+                return (Verdict.FAIL, OUT_OF_MEMORY.kind, OUT_OF_MEMORY.error)
+            result = self._resume(invocation, *answer)
+        return result
+
+    async def _answer(
+        self,
+        op: str,
+        args: tuple[Any, ...],
+        delivery: Delivery,
+        settle: SettleEarly,
+        consumer: str,
+    ) -> tuple[Any, ...]:
+        assert self.host is not None, "no host: this runtime only checks sources"
+        if op == "publish":
+            namespace, queue_id, data, headers, allowance = args
+            reader = self.convert.reader(allowance)
+            try:
+                await self.host.publish(
+                    namespace,
+                    queue_id,
+                    reader.read(data),
+                    {} if headers is None else reader.read(headers),
+                    consumer,
+                )
+            except QueueError as exc:
+                return (None, reader.cost, str(exc.kind), exc.message, exc.retryable)
+            return (True, reader.cost)
+        if op == "settle":
+            await settle(delivery, args[0] == "ack")
+            return (True,)
+        if op == "info":
+            return await self.host.info(*args)
+        await asyncio.sleep(args[0])  # "sleep"
+        return (True,)
+
+
+def _nothing() -> None:
+    return None
+
+
+_STRINGS = (str, bytes)
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
