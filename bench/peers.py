@@ -80,7 +80,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from faststream.rabbit import Channel as RabbitChannel
 from faststream.rabbit import RabbitBroker, RabbitQueue
 from luaq.runtime import entries
-from luaq.runtime.drivers.amqp_client import Channel, Confirm, Connection, Endpoint
+from luaq.runtime.drivers.amqp.client import Channel, Confirm, Connection, Endpoint
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from rabbitmq import BODY, delete, entries_file, fill

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from broker import AMQP_URL
-from luaq.runtime.drivers.amqp_client import Confirm, Connection, Endpoint
+from luaq.runtime.drivers.amqp.client import Confirm, Connection, Endpoint
 
 BATCH = 500  # publishes awaiting their confirms at once
 

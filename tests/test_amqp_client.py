@@ -1,4 +1,4 @@
-"""luaq's own AMQP client (runtime/drivers/amqp_client.py).
+"""luaq's own AMQP client (runtime/drivers/amqp/client.py).
 
 The hand-packed frames are checked against pamqp, an independent codec: what the client writes
 is read back with pamqp, and what pamqp writes (as a broker would) is fed to the client, split
@@ -34,8 +34,8 @@ from conftest import eventually
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from luaq.runtime.drivers import Delivery
-from luaq.runtime.drivers.amqp import AmqpDriver, AmqpSubscription
-from luaq.runtime.drivers.amqp_client import (
+from luaq.runtime.drivers.amqp import AmqpDriver
+from luaq.runtime.drivers.amqp.client import (
     HEARTBEAT_FRAME,
     WRITE_BATCH,
     Channel,
@@ -48,6 +48,7 @@ from luaq.runtime.drivers.amqp_client import (
     encode_properties,
     encode_table,
 )
+from luaq.runtime.drivers.amqp.subscription import AmqpSubscription
 from luaq.runtime.errors import ErrorKind, QueueError
 from pamqp import commands as spec
 from pamqp.body import ContentBody

@@ -556,7 +556,7 @@ def test_shutdown_keeps_its_timeout_while_the_broker_blocks(
 def drop(driver: AmqpDriver) -> None:
     """Both connections of the driver are lost, now: every call in flight fails, and a call
     made before the driver's recovery has had a turn meets a closed connection."""
-    for link in (driver._consuming, driver._publishing):
+    for link in (driver.consuming, driver.publishing):
         connection = link.connection
         assert connection is not None
         assert connection._transport is not None
