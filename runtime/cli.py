@@ -426,17 +426,18 @@ async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
     report = functools.partial(print, file=sys.stderr)
     try:
         queue = worker.queue(worker.config.namespace, args.queue_id)
-        dlq.require_durable(worker, queue)
+        dlq.require_durable(worker.config, queue)
         await worker.connect()
-        total = await dlq.depth(worker, queue)
+        driver = worker.drivers[queue.driver]
+        total = await dlq.depth(driver, queue)
         if args.action == "list":
-            outcome = await dlq.show(worker, queue, total, sys.stdout, report)
+            outcome = await dlq.show(driver, queue, total, sys.stdout, report)
             report(f"listed {outcome.done} of {total} message(s) in {queue.id}")
         elif args.action == "replay":
-            outcome = await dlq.replay(worker, queue, total, report)
+            outcome = await dlq.replay(worker.drivers, worker.config.queues, queue, total, report)
             print(_replayed(outcome, queue.id))
         elif _confirmed(args.yes, f"delete {total} message(s) of {queue.id}"):
-            outcome = await dlq.purge(worker, queue, total, report)
+            outcome = await dlq.purge(driver, queue, total, report)
             print(f"purged {outcome.done} of {total} message(s)")
         else:
             report("nothing deleted")

@@ -16,9 +16,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Settlement, Subscription
@@ -28,7 +27,9 @@ from .logs import LogBudget
 from .lua import Invoke, Outcome, SettleEarly, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
 
-DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
+if TYPE_CHECKING:
+    from .dlq import DeadLetterSink
+
 REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
 # Attempts counted without `max_attempts`: a count another publisher set beyond it is taken as
 # this (it still fits the 64-bit header that carries it, plus one per attempt for ages).

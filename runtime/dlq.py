@@ -1,4 +1,6 @@
-"""`luaq dlq`: look into a dead-letter queue, move its messages back, or empty it.
+"""Dead letters: the sink a consumer moves a message to when it gives up on it (the message as
+it came, with DEAD_LETTER_HEADERS saying why), and `luaq dlq`: look into a dead-letter queue,
+move its messages back, or empty it.
 
 Works through the driver interface, so on any driver whose queues outlive a process (the
 memory driver's do not). A run takes the messages that were in the queue when it started (its
@@ -20,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from .drivers import Delivery, Subscription
-from .entries import ConsumerEntry, QueueEntry
+from .drivers import Delivery, Driver, Subscription
+from .entries import Config, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, MaybePublished, QueueError
-from .worker import Worker
 
 WINDOW = 500  # messages a replay or purge holds at once: its consumer's prefetch
 WAIT = 10.0  # seconds without a message, while more are due, before a run gives up on them
@@ -39,8 +41,42 @@ DEAD_LETTER_HEADERS = (
     "x_last_error",
     "x_failed_at",
 )
+MAX_ERROR_TEXT = 2000  # characters of a handler's error kept in a dead letter's x_last_error
+DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
 
 Report = Callable[[str], None]
+
+
+def sink(
+    source: QueueEntry, queues: Mapping[str, QueueEntry], drivers: Mapping[str, Driver]
+) -> DeadLetterSink | None:
+    """Where the consumers of `source` move a message they give up on: its dead-letter queue,
+    if it has one."""
+    if source.dead_letter is None or source.dead_letter.queue is None:
+        return None
+    target = queues[source.dead_letter.queue]
+    driver = drivers[target.driver]
+
+    async def dead_letter(delivery: Delivery, reason: str, error: str) -> None:
+        # the message as it came (never with an expiration), and why it is here
+        headers = {
+            "x_dead_letter_reason": reason,
+            "x_original_queue": source.id,
+            "x_attempts": delivery.attempts,
+            "x_last_error": _shortened(error),
+            "x_failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        await driver.forward(target, delivery, headers)
+
+    return dead_letter
+
+
+def _shortened(text: str) -> str:
+    """At most MAX_ERROR_TEXT characters: an error text goes into a header, and the headers of a
+    message must fit in one AMQP frame."""
+    if len(text) <= MAX_ERROR_TEXT:
+        return text
+    return f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} more characters)"
 
 
 @dataclass
@@ -72,13 +108,13 @@ class Progress:
             self.report(f"... {self.what} {done} of {self.total} message(s) so far")
 
 
-async def depth(worker: Worker, queue: QueueEntry) -> int:
+async def depth(driver: Driver, queue: QueueEntry) -> int:
     """Messages in the queue now: how many a run takes."""
-    return (await worker.drivers[queue.driver].info(queue)).message_count
+    return (await driver.info(queue)).message_count
 
 
 async def _subscribe(
-    worker: Worker, queue: QueueEntry, prefetch: int, on_delivery: Callable[[Delivery], None]
+    driver: Driver, queue: QueueEntry, prefetch: int, on_delivery: Callable[[Delivery], None]
 ) -> Subscription:
     reader = ConsumerEntry.model_construct(
         id="luaq:dlq",
@@ -87,7 +123,7 @@ async def _subscribe(
         queue=queue.id,
         prefetch=prefetch,  # 0: no limit
     )
-    return await worker.drivers[queue.driver].consume(queue, reader, on_delivery)
+    return await driver.consume(queue, reader, on_delivery)
 
 
 def describe(delivery: Delivery) -> dict[str, Any]:
@@ -110,7 +146,7 @@ def _short(taken: int, total: int, queue: QueueEntry, wait: float) -> str:
 
 
 async def show(
-    worker: Worker,
+    driver: Driver,
     queue: QueueEntry,
     total: int,
     out: TextIO,
@@ -142,7 +178,7 @@ async def show(
         arrived.set()
 
     progress = Progress("listed", total, report)
-    subscription = await _subscribe(worker, queue, 0, on_delivery)
+    subscription = await _subscribe(driver, queue, 0, on_delivery)
     try:
         while outcome.done < total and not lost():
             arrived.clear()
@@ -178,7 +214,8 @@ class _Window:
 
 
 async def replay(
-    worker: Worker,
+    drivers: Mapping[str, Driver],
+    queues: Mapping[str, QueueEntry],
     queue: QueueEntry,
     total: int,
     report: Report,
@@ -208,7 +245,7 @@ async def replay(
 
     async def move(delivery: Delivery, target: QueueEntry, headers: dict[str, Any]) -> None:
         kept = target is queue
-        driver = worker.drivers[target.driver]
+        driver = drivers[target.driver]
         try:
             if kept:  # exactly as it is
                 await driver.forward(target, delivery, {})
@@ -237,7 +274,7 @@ async def replay(
             report(f"{delivery.id}: copied, but the connection was lost before it was removed")
             stop(f"the connection to the broker was lost: {delivery.id} is in {queue.id} too")
 
-    subscription = await _subscribe(worker, queue, window, deliveries.put)
+    subscription = await _subscribe(drivers[queue.driver], queue, window, deliveries.put)
     try:
         taken = 0
         while taken < total and outcome.stopped is None:
@@ -256,7 +293,7 @@ async def replay(
                 break
             taken += 1
             original = delivery.headers.get("x_original_queue")
-            target = worker.config.queues.get(str(original))
+            target = queues.get(str(original))
             if target is None:
                 report(
                     f"{delivery.id}: original queue {original!r} is not declared here; kept "
@@ -281,7 +318,7 @@ async def replay(
 
 
 async def purge(
-    worker: Worker,
+    driver: Driver,
     queue: QueueEntry,
     total: int,
     report: Report,
@@ -294,7 +331,7 @@ async def purge(
         return outcome
     deliveries = _Window()
     progress = Progress("purged", total, report)
-    subscription = await _subscribe(worker, queue, window, deliveries.put)
+    subscription = await _subscribe(driver, queue, window, deliveries.put)
     try:
         while outcome.done < total:
             try:
@@ -314,8 +351,8 @@ async def purge(
     return outcome
 
 
-def require_durable(worker: Worker, queue: QueueEntry) -> None:
-    if worker.config.drivers[queue.driver].kind == "queue.driver.memory":
+def require_durable(config: Config, queue: QueueEntry) -> None:
+    if config.drivers[queue.driver].kind == "queue.driver.memory":
         raise QueueError(
             ErrorKind.INVALID,
             f"{queue.id} is on an in-memory driver: its messages live only inside a running "

@@ -11,13 +11,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
-from . import __version__
+from . import __version__, dlq
 from .codecs import CODECS
-from .consumer import Consumer, DeadLetterSink, Pace
-from .drivers import Delivery, create
+from .consumer import Consumer, Pace
+from .drivers import create
 from .entries import Config, QueueEntry, resolve_id
 from .errors import ConfigError, ErrorKind, QueueError
 from .headers import priority
@@ -28,7 +27,6 @@ from .security import ACTIONS, Denied, access_for
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
-MAX_ERROR_TEXT = 2000  # characters of a handler's error kept in a dead letter's x_last_error
 PULSE = 1.0  # seconds between two signs of life of the event loop
 BACKLOG_EVERY = 5.0  # seconds between two samples of the queues' depth
 
@@ -73,7 +71,7 @@ class Worker:
                 config.queues[entry.queue],
                 self.drivers[config.queues[entry.queue].driver],
                 self.lua.invoker(self.handlers[entry.function_id], entry.id),
-                self._dead_letter_sink(config.queues[entry.queue]),
+                dlq.sink(config.queues[entry.queue], config.queues, self.drivers),
                 config.drivers[config.queues[entry.queue].driver].max_message_size,
                 pace,
             )
@@ -287,25 +285,6 @@ class Worker:
             except QueueError:
                 self.backlog.pop(queue_id, None)  # unknown now: better no sample than an old one
 
-    def _dead_letter_sink(self, source: QueueEntry) -> DeadLetterSink | None:
-        if source.dead_letter is None or source.dead_letter.queue is None:
-            return None
-        target = self.config.queues[source.dead_letter.queue]
-        driver = self.drivers[target.driver]
-
-        async def sink(delivery: Delivery, reason: str, error: str) -> None:
-            # the message as it came (never with an expiration), and why it is here
-            headers = {
-                "x_dead_letter_reason": reason,
-                "x_original_queue": source.id,
-                "x_attempts": delivery.attempts,
-                "x_last_error": _shortened(error),
-                "x_failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            }
-            await driver.forward(target, delivery, headers)
-
-        return sink
-
     async def idle(self) -> bool:
         """True when no consumed queue has messages (ready or waiting for a retry) and no
         consumer holds a delivery. A broker that cannot tell is not idle."""
@@ -406,11 +385,3 @@ class Worker:
         queue = self.queue(namespace, queue_id)
         info = await self.drivers[queue.driver].info(queue)
         return info.message_count, info.consumer_count
-
-
-def _shortened(text: str) -> str:
-    """At most MAX_ERROR_TEXT characters: an error text goes into a header, and the headers of a
-    message must fit in one AMQP frame."""
-    if len(text) <= MAX_ERROR_TEXT:
-        return text
-    return f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} more characters)"
