@@ -71,7 +71,7 @@ def python_invoke(worker: Worker, scenario: str) -> Invoke:
         return noop
 
     async def publish(payload: Any, delivery: Delivery, *_: Any) -> Outcome:
-        await worker.publish("app", "out", payload, {})
+        await worker.host.publish("app", "out", payload, {})
         return ACKED
 
     return publish
@@ -96,7 +96,7 @@ async def _measure(worker: Worker, scenario: str, language: str, messages: int) 
     await worker.start()
     payload = {"to": "ada@example.com", "template": "welcome", "user_id": 456}
     for _ in range(messages):
-        await worker.publish("app", "in", payload, {})
+        await worker.host.publish("app", "in", payload, {})
     worker.consumers = consumers
     started = time.perf_counter()
     await consumers[0].start()

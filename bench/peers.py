@@ -771,7 +771,7 @@ async def luaq_latency(bench: Bench, queues: Queues, publish: Publish) -> dict[s
     async with luaq_worker(bench, queues, LATENCY_LUA, ("queue", "time")) as worker:
         stats = worker.consumers[0].stats
         load = await under_load("luaq latency", bench, publish, lambda: stats.acked)
-        await worker.publish("bench", "in", "report", {})
+        await worker.host.publish("bench", "in", "report", {})
         samples: list[float] = []
         connection = await aio_pika.connect(bench.url)
         try:

@@ -282,7 +282,7 @@ async def _publish(worker: Worker, messages: list[InputMessage], show_ids: bool)
     try:
         await worker.connect()
         for message in messages:
-            message_id = await worker.publish("", message.queue, message.data, message.headers)
+            message_id = await worker.host.publish("", message.queue, message.data, message.headers)
             if show_ids:
                 print(message_id)
     except QueueError as exc:
@@ -311,7 +311,7 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
     try:
         await worker.start()
         for message in inputs:
-            await worker.publish("", message.queue, message.data, message.headers)
+            await worker.host.publish("", message.queue, message.data, message.headers)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if until_idle:
             waiters.append(asyncio.create_task(worker.wait_idle()))
@@ -425,7 +425,7 @@ async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
     refusal, a copy not confirmed, messages that never came), saying what it did."""
     report = functools.partial(print, file=sys.stderr)
     try:
-        queue = worker.queue(worker.config.namespace, args.queue_id)
+        queue = worker.host.queue(worker.config.namespace, args.queue_id)
         dlq.require_durable(worker.config, queue)
         await worker.connect()
         driver = worker.drivers[queue.driver]

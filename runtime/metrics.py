@@ -76,6 +76,15 @@ class Histogram:
 
 
 @dataclass
+class PublishStats:
+    """Publishes to one queue by handlers and the command line (not retries, dead letters)."""
+
+    published: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by error kind
+    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+
+
+@dataclass
 class Family:
     """One metric and its series. A series' value is a number; for a histogram, its bucket
     counts and sum; for a gauge merged by `latest`, its value and when it was set."""

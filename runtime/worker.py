@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import __version__, dlq
-from .codecs import CODECS
 from .consumer import Consumer, Pace
 from .drivers import create
-from .entries import Config, QueueEntry, resolve_id
+from .entries import Config
 from .errors import ConfigError, ErrorKind, QueueError
-from .headers import priority
+from .host import Host
 from .logs import LogBudget
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
-from .metrics import DURATION_BUCKETS, STALE_AFTER, Family, Histogram, Snapshots
-from .security import ACTIONS, Denied, access_for
+from .metrics import STALE_AFTER, Family, PublishStats, Snapshots
+from .security import ACTIONS, access_for
 from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
@@ -31,21 +29,12 @@ PULSE = 1.0  # seconds between two signs of life of the event loop
 BACKLOG_EVERY = 5.0  # seconds between two samples of the queues' depth
 
 
-@dataclass
-class PublishStats:
-    """Publishes to one queue by handlers and the command line (not retries, dead letters)."""
-
-    published: int = 0
-    failures: dict[str, int] = field(default_factory=dict)  # by error kind
-    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-
-
 class Worker:
     def __init__(self, config: Config, settings: Settings) -> None:
         """Load every Lua function; raise ConfigError with all problems if anything is wrong."""
         self.config = config
         self.settings = settings
-        self.lua = LuaRuntime(settings, host=self)
+        self.lua = LuaRuntime(settings)
         problems = list(config.problems)
         self.handlers: dict[str, LuaHandler] = {}
         for function in config.functions.values():
@@ -77,9 +66,17 @@ class Worker:
             )
             for entry in config.consumers.values()
         ]
-        self.consumers_by_id = {consumer.entry.id: consumer for consumer in self.consumers}
         self._idle_log = LogBudget(burst=1, interval=10.0)
         self.publishes = {queue_id: PublishStats() for queue_id in config.queues}
+        self.host = Host(
+            config,
+            self.drivers,
+            self.access,
+            self.publishes,
+            {consumer.entry.id: consumer.stats.denials for consumer in self.consumers},
+            self._alive,
+        )
+        self.lua.serve(self.host)
         # depth of the queues consumed and of their dead-letter queues, sampled when asked to
         self.backlog: dict[str, int] = {}
         self.sample_backlog = False
@@ -136,10 +133,8 @@ class Worker:
         if self.snapshots is not None:
             self.snapshots.write(self.families(), self.unready())
 
-    def keepalive(self) -> None:
+    def _alive(self) -> None:
         self.beat = time.monotonic()
-        for driver in self.drivers.values():
-            driver.keepalive()
 
     # -- health and metrics ----------------------------------------------------------------------
 
@@ -320,68 +315,3 @@ class Worker:
             else:
                 since = None
             await asyncio.sleep(poll)
-
-    # -- host calls from Lua ---------------------------------------------------------------------
-
-    def queue(self, namespace: str, queue_id: str) -> QueueEntry:
-        full_id = resolve_id(queue_id, namespace)
-        queue = self.config.queues.get(full_id)
-        if queue is None:
-            raise QueueError(ErrorKind.NOT_FOUND, f"queue {full_id} is not declared")
-        return queue
-
-    async def publish(
-        self,
-        namespace: str,
-        queue_id: str,
-        data: Any,
-        headers: dict[str, Any],
-        consumer: str | None = None,
-    ) -> str:
-        """Publish through the queue's codec and driver; returns the message id. A handler's
-        publish is checked against its consumer's policies first."""
-        queue = self.queue(namespace, queue_id)
-        stats = self.publishes[queue.id]
-        try:
-            if consumer is not None:
-                self._check_publish(consumer, queue, headers)
-            if "priority" in headers:
-                priority(headers["priority"])  # the same rule on every driver
-            codec = CODECS[queue.codec]
-            body = codec.encode(data)
-            limit = self.config.drivers[queue.driver].max_message_size
-            if len(body) > limit:
-                raise QueueError(
-                    ErrorKind.INVALID,
-                    f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
-                    f"of driver {queue.driver}",
-                )
-            started = time.monotonic()
-            message_id = await self.drivers[queue.driver].publish(
-                queue, body, headers, codec.content_type
-            )
-        except QueueError as exc:
-            stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
-            raise
-        except Exception as exc:
-            stats.failures[ErrorKind.INTERNAL] = stats.failures.get(ErrorKind.INTERNAL, 0) + 1
-            raise QueueError(
-                ErrorKind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
-            ) from exc
-        stats.durations.observe(time.monotonic() - started)
-        stats.published += 1
-        return message_id
-
-    def _check_publish(self, consumer: str, queue: QueueEntry, headers: dict[str, Any]) -> None:
-        try:
-            self.access[consumer].check_publish(queue.id, headers)
-        except Denied as exc:
-            denials = self.consumers_by_id[consumer].stats.denials
-            denials[exc.action] = denials.get(exc.action, 0) + 1
-            _log.warning("publish denied", extra={"consumer": consumer, "error": exc.message})
-            raise
-
-    async def info(self, namespace: str, queue_id: str) -> tuple[int, int]:
-        queue = self.queue(namespace, queue_id)
-        info = await self.drivers[queue.driver].info(queue)
-        return info.message_count, info.consumer_count

@@ -43,17 +43,17 @@ class App:
         return self.worker.consumers[0]
 
     async def publish(self, queue: str, data: Any, headers: dict[str, Any] | None = None) -> None:
-        await self.worker.publish("app", queue, data, headers or {})
+        await self.worker.host.publish("app", queue, data, headers or {})
 
     async def info(self, queue: str) -> tuple[int, int]:
-        return await self.worker.info("app", queue)
+        return await self.worker.host.info("app", queue)
 
     async def idle(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self.worker.wait_idle(), timeout)
 
     async def drain(self, queue: str) -> list[Received]:
         """Take every ready message out of a queue that no consumer reads (the test's sink)."""
-        entry = self.worker.queue("app", queue)
+        entry = self.worker.host.queue("app", queue)
         driver = self.worker.drivers[entry.driver]
         got: list[Delivery] = []
         consumer = entries.ConsumerEntry.model_construct(prefetch=10_000)

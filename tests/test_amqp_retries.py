@@ -308,7 +308,7 @@ async def test_a_dead_letter_never_expires(
     config = app(tmp_path, url, ALWAYS_FAILS,
                  {"dead_letter": {"queue": "dlq", "max_attempts": 1}})  # fmt: skip
     worker = await started(workers, config)
-    await worker.publish("app", "jobs", {"n": 1}, {"expiration": "6000"})
+    await worker.host.publish("app", "jobs", {"n": 1}, {"expiration": "6000"})
 
     await eventually(lambda: worker.consumers[0].stats.dead_lettered == 1, timeout=10)
     [dead] = await get_raw(url, "dlq")
@@ -341,7 +341,7 @@ async def test_a_retry_waits_for_room_in_a_full_queue(
         config = app(tmp_path, node.url, SUCCEEDS_SECOND_TIME,
                      {"queue_name": "jobs", "retry": {"delay": "300ms"}})  # fmt: skip
         first = await started(workers, config)
-        await first.publish("app", "jobs", {"n": 1}, {})
+        await first.host.publish("app", "jobs", {"n": 1}, {})
         await eventually(lambda: first.consumers[0].stats.retried == 1, timeout=10)
         await first.stop(1.0)
         workers.remove(first)
@@ -374,7 +374,7 @@ async def test_info_and_idle_count_delay_queues_an_earlier_process_left(
     url = f"{AMQP_URL}{quote(vhost, safe='')}"
     config = app(tmp_path, url, SUCCEEDS_SECOND_TIME, {"retry": {"delay": "8s"}})
     earlier = await started(workers, config)
-    await earlier.publish("app", "jobs", {"n": 1}, {})
+    await earlier.host.publish("app", "jobs", {"n": 1}, {})
     await eventually(lambda: earlier.consumers[0].stats.retried == 1, timeout=10)
     await earlier.stop(1.0)
     workers.remove(earlier)
@@ -389,5 +389,5 @@ async def test_info_and_idle_count_delay_queues_an_earlier_process_left(
         await channel.default_exchange.publish(message, routing_key=f"{name}.retry.16000ms")
 
     later = await started(workers, config)
-    assert await later.info("app", "jobs") == (2, 1)
+    assert await later.host.info("app", "jobs") == (2, 1)
     assert not await later.idle()

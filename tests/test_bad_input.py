@@ -68,7 +68,7 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
 
 async def outputs(worker: Worker) -> list[Any]:
     await asyncio.wait_for(worker.wait_idle(), 20)
-    queue = worker.queue("app", "out")
+    queue = worker.host.queue("app", "out")
     got: list[Any] = []
     driver = worker.drivers[queue.driver]
     reader = entries.ConsumerEntry.model_construct(
@@ -80,7 +80,7 @@ async def outputs(worker: Worker) -> list[Any]:
 
 
 async def raw(worker: Worker, body: bytes, content_type: str = "application/json") -> None:
-    queue = worker.queue("app", "in")
+    queue = worker.host.queue("app", "in")
     await worker.drivers[queue.driver].publish(queue, body, {}, content_type)
 
 
@@ -88,14 +88,14 @@ async def test_each_bad_input_is_contained(
     worker: Worker, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    await worker.publish("app", "in", {"mode": "big"}, {})
+    await worker.host.publish("app", "in", {"mode": "big"}, {})
     await raw(worker, b'"' + b"x" * (10 * 2**20) + b'"')  # delivered over the size limit
     await raw(worker, b"[" * 10_000 + b"]" * 10_000)  # JSON nested 10,000 deep
     await raw(worker, b'{"to": "\xff\xfe"}')  # not UTF-8
     await raw(worker, b"\x00\x01", "application/x-unknown")  # a content type no codec reads
     for mode in ("header-keys", "deep-decode", "return-function"):
-        await worker.publish("app", "in", {"mode": mode}, {})
-    await worker.publish("app", "in", "after all that", {})
+        await worker.host.publish("app", "in", {"mode": mode}, {})
+    await worker.host.publish("app", "in", "after all that", {})
 
     out = await outputs(worker)
 
@@ -114,15 +114,15 @@ async def test_each_bad_input_is_contained(
     assert (stats.processed, stats.failed, stats.acked) == (5, 0, 5)
     rejected = [r.getMessage() for r in caplog.records if r.name == "luaq.consumer"]
     assert rejected.count("message body cannot be decoded, rejected") == 4
-    assert (await worker.info("app", "in"))[0] == 0
+    assert (await worker.host.info("app", "in"))[0] == 0
 
 
 async def test_an_error_value_that_cannot_be_shown_still_fails_cleanly(worker: Worker) -> None:
     """`return nil, err` where tostring(err) itself raises: a failure, redelivered, and the
     worker goes on with other messages."""
-    await worker.publish("app", "in", {"mode": "return-evil-error"}, {})
+    await worker.host.publish("app", "in", {"mode": "return-evil-error"}, {})
     stats = worker.consumers[0].stats
     await eventually(lambda: stats.failed >= 3)
-    await worker.publish("app", "in", "still alive", {})
+    await worker.host.publish("app", "in", "still alive", {})
     await eventually(lambda: stats.acked >= 1)
     assert stats.errors == {"UNKNOWN": stats.failed}

@@ -48,7 +48,7 @@ async def test_thousand_concurrent_handlers_each_see_their_own_message(apps: App
         prefetch=N,
         max_length=2 * N,
     )
-    queue_entry = app.worker.queue("app", "in")
+    queue_entry = app.worker.host.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
     codec = CODECS[queue_entry.codec]
     ids: dict[int, str] = {}

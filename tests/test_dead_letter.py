@@ -102,7 +102,7 @@ async def make_worker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 
 async def take(worker: Worker, queue_id: str, count: int) -> list[Delivery]:
     """Consume `count` messages from a queue no consumer reads (the test's sink)."""
-    queue = worker.queue("app", queue_id)
+    queue = worker.host.queue("app", queue_id)
     got: list[Delivery] = []
     consumer = entries.ConsumerEntry.model_validate(
         {"id": "app:sink", "kind": "queue.consumer", "file": Path("x.yaml")}
@@ -119,8 +119,10 @@ async def take(worker: Worker, queue_id: str, count: int) -> list[Delivery]:
 
 async def test_exhausted_message_moves_to_the_dead_letter_queue(make_worker: Any) -> None:
     worker = await make_worker({"queue": "app:dlq", "max_attempts": 3})
-    await worker.publish("app", "jobs", {"n": 7}, {"correlation_id": "req-7", "tenant": "acme"})
-    await worker.publish("app", "jobs", {"ok": True}, {})
+    await worker.host.publish(
+        "app", "jobs", {"n": 7}, {"correlation_id": "req-7", "tenant": "acme"}
+    )
+    await worker.host.publish("app", "jobs", {"ok": True}, {})
     stats = worker.consumers[0].stats
 
     await eventually(lambda: stats.dead_lettered == 1, timeout=10)
@@ -136,12 +138,12 @@ async def test_exhausted_message_moves_to_the_dead_letter_queue(make_worker: Any
     assert headers["x_last_error"] == "cannot handle 7"
     assert headers["x_failed_at"].endswith("+00:00")
     assert (stats.failed, stats.acked, stats.dead_lettered) == (3, 1, 1)
-    assert (await worker.info("app", "jobs"))[0] == 0
+    assert (await worker.host.info("app", "jobs"))[0] == 0
 
 
 async def test_dead_lettered_message_keeps_its_id(make_worker: Any) -> None:
     worker = await make_worker({"queue": "app:dlq", "max_attempts": 2})
-    message_id = await worker.publish("app", "jobs", {"n": 1}, {})
+    message_id = await worker.host.publish("app", "jobs", {"n": 1}, {})
 
     [dead] = await take(worker, "dlq", 1)
 
@@ -150,7 +152,7 @@ async def test_dead_lettered_message_keeps_its_id(make_worker: Any) -> None:
 
 async def test_poison_goes_to_the_dead_letter_queue_at_once(make_worker: Any) -> None:
     worker = await make_worker({"queue": "app:dlq", "max_attempts": 5})
-    queue = worker.queue("app", "jobs")
+    queue = worker.host.queue("app", "jobs")
     await worker.drivers[queue.driver].publish(queue, b"{not json", {}, "application/json")
 
     [dead] = await take(worker, "dlq", 1)
@@ -166,16 +168,16 @@ async def test_without_a_dead_letter_queue_exhausted_messages_are_rejected(
     make_worker: Any,
 ) -> None:
     worker = await make_worker({"max_attempts": 2})
-    await worker.publish("app", "jobs", {"n": 3}, {})
+    await worker.host.publish("app", "jobs", {"n": 3}, {})
     stats = worker.consumers[0].stats
 
     await eventually(lambda: stats.rejected == 1, timeout=10)
-    await worker.publish("app", "jobs", {"ok": True}, {})
+    await worker.host.publish("app", "jobs", {"ok": True}, {})
     await eventually(lambda: stats.acked == 1, timeout=10)
 
     assert stats.failed == 2
-    assert (await worker.info("app", "jobs"))[0] == 0
-    assert (await worker.info("app", "dlq"))[0] == 0
+    assert (await worker.host.info("app", "jobs"))[0] == 0
+    assert (await worker.host.info("app", "dlq"))[0] == 0
 
 
 def test_dead_letter_queue_must_be_another_declared_queue(
@@ -214,11 +216,11 @@ async def test_return_false_is_never_dead_lettered(tmp_path: Path) -> None:
     worker = Worker(entries.load([path]), Settings())
     await worker.start()
     try:
-        await worker.publish("app", "jobs", {"n": 1}, {})
+        await worker.host.publish("app", "jobs", {"n": 1}, {})
         await asyncio.wait_for(worker.wait_idle(), 10)
         stats = worker.consumers[0].stats
         assert (stats.retried, stats.acked, stats.dead_lettered) == (3, 1, 0)
-        assert (await worker.info("app", "dlq"))[0] == 0
+        assert (await worker.host.info("app", "dlq"))[0] == 0
     finally:
         await worker.stop(1.0)
 
@@ -230,8 +232,8 @@ async def test_retry_waits_between_attempts_without_blocking_the_consumer(
     worker = await make_worker(
         {"max_attempts": 5}, retry={"delay": "300ms", "multiplier": 2}, handler=FLAKY
     )
-    await worker.publish("app", "jobs", {"n": 1}, {})
-    await worker.publish("app", "jobs", {"n": 2}, {})
+    await worker.host.publish("app", "jobs", {"n": 1}, {})
+    await worker.host.publish("app", "jobs", {"n": 2}, {})
     stats = worker.consumers[0].stats
 
     await eventually(lambda: stats.acked == 2, timeout=15)

@@ -27,7 +27,7 @@ def driver_of(app: App) -> Driver:
 
 
 def entry_of(app: App, name: str) -> QueueEntry:
-    return app.worker.queue("app", name)
+    return app.worker.host.queue("app", name)
 
 
 def consumer(prefetch: int) -> ConsumerEntry:

@@ -78,14 +78,14 @@ async def test_a_deleted_dead_letter_queue_is_declared_again_and_takes_the_dead_
     running = await worker(ALWAYS_FAILS)
     stats = running.consumers[0].stats
     url = vhost_url(vhost)
-    await running.publish("app", "jobs", {"n": 1}, {})
+    await running.host.publish("app", "jobs", {"n": 1}, {})
     await eventually(lambda: stats.dead_lettered == 1, timeout=10)
     assert stats.failed == 2
     delay_queues = [name for name in queue_totals(vhost) if name.startswith("jobs.")]
     assert delay_queues  # the retry went through one
 
     await delete(vhost, "dlq", *delay_queues)
-    await running.publish("app", "jobs", {"n": 2}, {})
+    await running.host.publish("app", "jobs", {"n": 2}, {})
 
     await eventually(lambda: stats.dead_lettered == 2, timeout=10)
     assert await ready(url, "dlq") == 1
@@ -100,11 +100,11 @@ async def test_a_deleted_output_queue_is_declared_again_and_takes_the_publish(
     running = await worker(PUBLISHES)
     stats = running.consumers[0].stats
     url = vhost_url(vhost)
-    await running.publish("app", "jobs", {"n": 1}, {})
+    await running.host.publish("app", "jobs", {"n": 1}, {})
     await eventually(lambda: stats.acked == 1, timeout=10)
 
     await delete(vhost, "out")
-    await running.publish("app", "jobs", {"n": 2}, {})
+    await running.host.publish("app", "jobs", {"n": 2}, {})
 
     await eventually(lambda: stats.acked == 2, timeout=10)
     assert stats.failed == 0, stats.errors

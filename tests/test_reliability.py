@@ -621,7 +621,7 @@ async def test_idleness_is_not_mistaken_while_the_connection_drops(
     worker = worker_app(tmp_path, vhost_url(vhost), "function handle(p) end")
     await worker.connect()
     try:
-        await worker.publish("app", "jobs", {"n": 1}, {})
+        await worker.host.publish("app", "jobs", {"n": 1}, {})
         drop(worker.drivers["app:broker"])  # type: ignore[arg-type]
         assert await asyncio.wait_for(worker.idle(), 15) is False
     finally:
@@ -635,7 +635,7 @@ async def test_a_drop_during_start_up_is_ridden_out(tmp_path: Path, vhost: str) 
         drop(worker.drivers["app:broker"])  # type: ignore[arg-type]
         for consumer in worker.consumers:  # what Worker.start does once connected
             await asyncio.wait_for(consumer.start(), 15)
-        await worker.publish("app", "jobs", {"n": 1}, {})
+        await worker.host.publish("app", "jobs", {"n": 1}, {})
         await eventually(lambda: worker.consumers[0].stats.acked == 1, 10)
     finally:
         await worker.stop(1.0)
@@ -661,13 +661,13 @@ async def test_a_drop_while_dead_lettering_is_retried_not_a_crash(
 
     await fill(vhost_url(vhost), "jobs", 1)
     await worker.connect()
-    trigger = worker.queue("app", "trigger")
+    trigger = worker.host.queue("app", "trigger")
     await worker.drivers["app:local"].consume(trigger, consumer_entry(trigger), drop_once)
     try:
         for consumer in worker.consumers:
             await consumer.start()
         await eventually(lambda: worker.consumers[0].stats.dead_lettered >= 1, 15)
-        assert (await worker.info("app", "dlq"))[0] >= 1
+        assert (await worker.host.info("app", "dlq"))[0] >= 1
         assert "handling failed" not in caplog.text  # luaq's own-bug path: never taken
     finally:
         await worker.stop(1.0)
@@ -810,7 +810,7 @@ async def test_poison_without_dead_letter_is_kept_in_memory(
     apps: AppFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = await apps.start("function handle(p) end", in_queue={"retry": None})
-    queue = app.worker.queue("app", "in")
+    queue = app.worker.host.queue("app", "in")
     await app.worker.drivers["app:broker"].publish(queue, b"{not json", {}, "application/json")
     await eventually(lambda: "message body cannot be decoded, retried in 1s" in caplog.text)
     assert await app.info("in") == (1, 1), "waiting for its next attempt, still counted"

@@ -228,7 +228,7 @@ async def test_poison_body_rejected_once_never_redelivered(apps: AppFactory, bod
         """,
         in_queue={"dead_letter": {"max_attempts": 3}},
     )
-    queue_entry = app.worker.queue("app", "in")
+    queue_entry = app.worker.host.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
     await driver.publish(queue_entry, b'{"n": 1}', {}, "application/json")
     await driver.publish(queue_entry, body, {}, "application/json")
@@ -252,7 +252,7 @@ async def test_poison_body_rejected_once_never_redelivered(apps: AppFactory, bod
 async def test_json_bodies_are_read_in_every_encoding_json_allows(apps: AppFactory) -> None:
     """UTF-8 with or without a byte order mark, UTF-16 and UTF-32, as another client may send."""
     app = await apps.start('function handle(p) assert(queue.publish("out", p)) end')
-    queue_entry = app.worker.queue("app", "in")
+    queue_entry = app.worker.host.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
     text = '{"n": "\u00e9"}'
     for body in (text.encode(), b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16"),
@@ -281,7 +281,7 @@ async def test_msgpack_bodies_lua_has_no_value_for_are_poison(apps: AppFactory, 
         'function handle(p) assert(queue.publish("out", {seen = p})) end',
         in_queue={"dead_letter": {"max_attempts": 3}},
     )
-    queue_entry = app.worker.queue("app", "in")
+    queue_entry = app.worker.host.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
     for body in (msgpack.packb({"n": 1}), msgpack.packb(data), msgpack.packb({"n": 2})):
         await driver.publish(queue_entry, body, {}, "application/msgpack")
@@ -307,7 +307,7 @@ async def test_numbers_lua_cannot_hold_exactly_arrive_as_floats(apps: AppFactory
         end
         """
     )
-    queue_entry = app.worker.queue("app", "in")
+    queue_entry = app.worker.host.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
     big = {"big": 2**64 + 8}
     await driver.publish(queue_entry, b'{"a": 18446744073709551615, "b": -9223372036854775809, '
@@ -344,7 +344,7 @@ async def test_a_body_nested_deeper_than_lua_data_may_be_is_poison(
         'function handle(p) assert(queue.publish("out", {n = p.n})) end',
         in_queue={"dead_letter": {"max_attempts": 2}},
     )
-    queue_entry = app.worker.queue("app", "in")
+    queue_entry = app.worker.host.queue("app", "in")
     driver = app.worker.drivers["app:broker"]
     deep: Any = {"n": 0}
     for _ in range(600):

@@ -104,7 +104,7 @@ def _deny_attributes(obj: object, name: object, *rest: object) -> NoReturn:
 class LuaRuntime:
     """The process's Lua state: loads function entries and runs their invocations."""
 
-    def __init__(self, settings: Settings, host: Host | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._lua = lupa.LuaRuntime(
             register_eval=False,
             register_builtins=False,
@@ -112,7 +112,7 @@ class LuaRuntime:
             max_memory=settings.lua_max_memory,
             attribute_handlers=(_deny_attributes, _deny_attributes),
         )
-        self.host = host
+        self.host: Host | None = None  # until `serve`
         self.user_metrics = UserMetrics()
         self._ids = itertools.count(1)
         self._max_memory = settings.lua_max_memory
@@ -120,13 +120,13 @@ class LuaRuntime:
         files = resources.files(__package__)
         bounded = files.joinpath("bounded.lua").read_text("utf-8")
         source = files.joinpath("bridge.lua").read_text("utf-8")
-        helpers = self._lua.table_from(
+        self._helpers = helpers = self._lua.table_from(
             {
                 "log": self._log,
                 "json_encode": self._json_encode,
                 "json_decode": self._json_decode,
                 "now": time.time,
-                "keepalive": host.keepalive if host is not None else _nothing,
+                "keepalive": _nothing,
                 "metric": self._metric,
             }
         )
@@ -140,6 +140,12 @@ class LuaRuntime:
         self._cancel = bridge.cancel
         self._table_from = self._lua.table_from
         self.convert = Converter(self._table_from, bridge.array, bridge.shape)
+
+    def serve(self, host: Host) -> None:
+        """Answer the handlers' requests with `host` from now on. A runtime that only loads
+        sources (`luaq check`'s) has none."""
+        self.host = host
+        self._helpers["keepalive"] = host.keepalive
 
     def load(
         self,

@@ -1,0 +1,115 @@
+"""The handlers' host: what `queue.publish` and `queue.info` from Lua (and luaq's own
+publishes: --input, `luaq publish`) do in a worker process.
+
+A publish is resolved against the declared queues, checked against the publishing consumer's
+policies and the header rules of every driver, encoded by the queue's codec, held to its
+driver's max_message_size and sent through the driver; the host counts it (PublishStats).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .codecs import CODECS
+from .entries import Config, QueueEntry, resolve_id
+from .errors import ErrorKind, QueueError
+from .headers import priority
+from .security import Access, Denied
+
+if TYPE_CHECKING:
+    from .drivers import Driver
+    from .metrics import PublishStats
+
+_log = logging.getLogger("luaq.worker")  # a worker process's lines, wherever written
+
+
+class Host:
+    """The lua.Host of a worker process. `denials` counts refused publishes by consumer and
+    action; `alive` is told of every keepalive (a long handler's sign of life)."""
+
+    def __init__(
+        self,
+        config: Config,
+        drivers: Mapping[str, Driver],
+        access: Mapping[str, Access],
+        publishes: Mapping[str, PublishStats],
+        denials: Mapping[str, dict[str, int]],
+        alive: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.drivers = drivers
+        self.access = access
+        self.publishes = publishes
+        self._denials = denials
+        self._alive = alive
+
+    def keepalive(self) -> None:
+        self._alive()
+        for driver in self.drivers.values():
+            driver.keepalive()
+
+    def queue(self, namespace: str, queue_id: str) -> QueueEntry:
+        full_id = resolve_id(queue_id, namespace)
+        queue = self.config.queues.get(full_id)
+        if queue is None:
+            raise QueueError(ErrorKind.NOT_FOUND, f"queue {full_id} is not declared")
+        return queue
+
+    async def publish(
+        self,
+        namespace: str,
+        queue_id: str,
+        data: Any,
+        headers: dict[str, Any],
+        consumer: str | None = None,
+    ) -> str:
+        """Publish through the queue's codec and driver; returns the message id. A handler's
+        publish is checked against its consumer's policies first."""
+        queue = self.queue(namespace, queue_id)
+        stats = self.publishes[queue.id]
+        try:
+            if consumer is not None:
+                self._check_publish(consumer, queue, headers)
+            if "priority" in headers:
+                priority(headers["priority"])  # the same rule on every driver
+            codec = CODECS[queue.codec]
+            body = codec.encode(data)
+            limit = self.config.drivers[queue.driver].max_message_size
+            if len(body) > limit:
+                raise QueueError(
+                    ErrorKind.INVALID,
+                    f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
+                    f"of driver {queue.driver}",
+                )
+            started = time.monotonic()
+            message_id = await self.drivers[queue.driver].publish(
+                queue, body, headers, codec.content_type
+            )
+        except QueueError as exc:
+            stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
+            raise
+        except Exception as exc:
+            stats.failures[ErrorKind.INTERNAL] = stats.failures.get(ErrorKind.INTERNAL, 0) + 1
+            raise QueueError(
+                ErrorKind.INTERNAL, f"publish to {queue.id} failed: {exc}", retryable=True
+            ) from exc
+        stats.durations.observe(time.monotonic() - started)
+        stats.published += 1
+        return message_id
+
+    def _check_publish(self, consumer: str, queue: QueueEntry, headers: dict[str, Any]) -> None:
+        try:
+            self.access[consumer].check_publish(queue.id, headers)
+        except Denied as exc:
+            denials = self._denials[consumer]
+            denials[exc.action] = denials.get(exc.action, 0) + 1
+            _log.warning("publish denied", extra={"consumer": consumer, "error": exc.message})
+            raise
+
+    async def info(self, namespace: str, queue_id: str) -> tuple[int, int]:
+        queue = self.queue(namespace, queue_id)
+        info = await self.drivers[queue.driver].info(queue)
+        return info.message_count, info.consumer_count
