@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import platform
 import statistics
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.consumer import Consumer
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.lua import ACKED, Invoke, Outcome
@@ -79,8 +79,10 @@ def python_invoke(worker: Worker, scenario: str) -> Invoke:
 
 async def measure(path: Path, scenario: str, language: str, messages: int) -> float:
     """`language`: lua, python, or lua_metrics (lua, metrics served and scraped)."""
-    worker = Worker(entries.load([path]), Settings())
-    with scraped(worker) if language == "lua_metrics" else contextlib.nullcontext():
+    loaded = load(entries.load([path]), Settings())
+    if language != "lua_metrics":
+        return await _measure(build(loaded), scenario, language, messages)
+    with scraped(loaded) as worker:
         return await _measure(worker, scenario, language, messages)
 
 

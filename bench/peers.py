@@ -80,6 +80,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from faststream.rabbit import Channel as RabbitChannel
 from faststream.rabbit import RabbitBroker, RabbitQueue
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.drivers.amqp.client import Channel, Confirm, Connection, Endpoint
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
@@ -209,7 +210,7 @@ async def luaq_worker(
     with tempfile.TemporaryDirectory(dir=bench.workdir) as tmp:
         ids = {"in": queues.inbox, "out": queues.outbox}
         path = entries_file(Path(tmp), bench.url, lua, ids, bench.options, modules)
-        worker = Worker(entries.load([path]), Settings())
+        worker = build(load(entries.load([path]), Settings()))
         await worker.start()
         try:
             yield worker

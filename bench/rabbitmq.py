@@ -33,8 +33,8 @@ import aio_pika
 import aiormq
 import yaml
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.settings import Settings
-from luaq.runtime.worker import Worker
 from scraped import scraped
 
 BODY = json.dumps({"to": "ada@example.com", "template": "welcome", "user_id": 456}).encode()
@@ -106,8 +106,8 @@ async def luaq(url: str, lua: str, args: Any, metrics: bool = False) -> float:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = entries_file(Path(tmp), url, lua, queues, args)
-            worker = Worker(entries.load([path]), Settings())
-            with scraped(worker) if metrics else contextlib.nullcontext():
+            loaded = load(entries.load([path]), Settings())
+            with scraped(loaded) if metrics else contextlib.nullcontext(build(loaded)) as worker:
                 started = time.perf_counter()
                 await worker.start()
                 stats = worker.consumers[0].stats

@@ -8,6 +8,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 
+from luaq.runtime.assembly import Loaded, build
 from luaq.runtime.metrics import Server, Source
 from luaq.runtime.worker import Worker
 
@@ -15,10 +16,11 @@ INTERVAL = 0.5
 
 
 @contextlib.contextmanager
-def scraped(worker: Worker) -> Iterator[None]:
-    server = Server("127.0.0.1", 0, Source(worker.families, worker.unhealthy, worker.unready))
-    server.start()
-    worker.sample_backlog = True
+def scraped(loaded: Loaded) -> Iterator[Worker]:
+    """The worker for what was loaded, as `luaq run --metrics-port` builds it, scraped."""
+    server = Server("127.0.0.1", 0)
+    worker = build(loaded, sample_backlog=True, metrics_address=server.address)
+    server.start(Source(worker.families, worker.unhealthy, worker.unready))
     done = threading.Event()
 
     def scrape() -> None:
@@ -29,7 +31,7 @@ def scraped(worker: Worker) -> Iterator[None]:
     scraper = threading.Thread(target=scrape, daemon=True)
     scraper.start()
     try:
-        yield
+        yield worker
     finally:
         done.set()
         scraper.join()

@@ -95,12 +95,12 @@ def _load_lua(
     send: Connection,
 ) -> None:
     """In the child: cap the address space, load every function as a worker would."""
-    from .worker import Worker  # the Lua runtime, only in the child
+    from .assembly import load  # the Lua runtime, only in the child
 
     grown = _address_space() + settings.lua_max_memory + CHECK_MARGIN
     resource.setrlimit(resource.RLIMIT_AS, (grown, grown))
     try:
-        Worker(entries.load(paths, environ), settings)
+        load(entries.load(paths, environ), settings)
         problems: list[str] = []
     except ConfigError as exc:
         problems = exc.problems

@@ -16,14 +16,14 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import uvloop
 
-from . import __version__, dlq, entries, logs
+from . import __version__, assembly, dlq, entries, logs
 from .check import check
 from .codecs import CODECS
 from .entries import Config
@@ -353,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("check", "manifests"):  # the Lua loads in a child, bounded
             config = check(paths, settings)
         else:  # what runs: the Lua loads here
-            worker = Worker(entries.load(paths), settings)
-            config = worker.config
+            loaded = assembly.load(entries.load(paths), settings)
+            config = loaded.config
         inputs = read_input(args.input, config) if getattr(args, "input", None) else []
         if args.command == "publish":
             publish = _publish_args(args, config)
@@ -380,19 +380,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "publish":
-            return uvloop.run(_publish(worker, [publish], show_ids=True))
+            return uvloop.run(_publish(assembly.build(loaded), [publish], show_ids=True))
         if args.command == "dlq":
-            return uvloop.run(_dlq(worker, args))
+            return uvloop.run(_dlq(assembly.build(loaded), args))
         if args.processes > 1:
-            return _run_processes(worker, inputs, args)
+            return _run_processes(loaded, inputs, args, settings.shutdown_timeout)
         server = None
         if args.metrics_port is not None:
-            server = _server(args, Source(worker.families, worker.unhealthy, worker.unready))
+            server = _server(args)
             if server is None:
                 return EXIT_FAILURE
-            worker.sample_backlog = True
-            worker.metrics_address = server.address
-            server.start()
+        worker = assembly.build(
+            loaded,
+            sample_backlog=server is not None,
+            metrics_address=server.address if server is not None else None,
+        )
+        if server is not None:
+            server.start(Source(worker.families, worker.unhealthy, worker.unready))
         try:
             return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
         finally:
@@ -401,10 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _server(args: argparse.Namespace, source: Source) -> Server | None:
+def _server(args: argparse.Namespace) -> Server | None:
     """The metrics server, its port bound; None when the port cannot be had (said on stderr)."""
     try:
-        return Server(args.metrics_address, args.metrics_port, source)
+        return Server(args.metrics_address, args.metrics_port)
     except OSError as exc:
         print(f"luaq: --metrics-port {args.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
         return None
@@ -482,8 +486,10 @@ def _confirmed(yes: bool, what: str) -> bool:
     return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
 
 
-def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Namespace) -> int:
-    memory = [d.id for d in worker.config.drivers.values() if d.kind == "queue.driver.memory"]
+def _run_processes(
+    loaded: assembly.Loaded, inputs: list[InputMessage], args: argparse.Namespace, grace: float
+) -> int:
+    memory = [d.id for d in loaded.config.drivers.values() if d.kind == "queue.driver.memory"]
     if memory:
         print(
             f"--processes: driver {memory[0]} is in-memory and cannot be shared between "
@@ -491,28 +497,42 @@ def _run_processes(worker: Worker, inputs: list[InputMessage], args: argparse.Na
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
-        return code
-    grace = worker.settings.shutdown_timeout
+    if args.metrics_port is None:
+        worker = assembly.build(loaded)
+        if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
+            return code
+        return Supervisor(
+            args.processes, _child(worker, args, grace), grace, until_idle=args.until_idle
+        ).run()
+    # Each process writes its metrics into a directory; the supervisor serves them on one port.
+    with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
+        server = _server(args)
+        if server is None:  # bound before forking: a busy port stops everything at once
+            return EXIT_FAILURE
+        snapshots = Snapshots(Path(directory))
+        worker = assembly.build(
+            loaded, sample_backlog=True, snapshots=snapshots, metrics_address=server.address
+        )
+        if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
+            server.stop()
+            return code
+        supervisor = Supervisor(
+            args.processes,
+            _child(worker, args, grace),
+            grace,
+            until_idle=args.until_idle,
+            snapshots=snapshots,
+        )
+        return supervisor.run(server)
+
+
+def _child(worker: Worker, args: argparse.Namespace, grace: float) -> Callable[[], int]:
+    """What each worker process runs (after publishing --input, the supervisor's alone)."""
 
     def child() -> int:
         return uvloop.run(_run(worker, [], args.until_idle, grace))
 
-    if args.metrics_port is None:
-        return Supervisor(args.processes, child, grace, until_idle=args.until_idle).run()
-    # Each process writes its metrics into a directory; the supervisor serves them on one port.
-    with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
-        snapshots = Snapshots(Path(directory))
-        supervisor = Supervisor(
-            args.processes, child, grace, until_idle=args.until_idle, snapshots=snapshots
-        )
-        server = _server(args, supervisor.source())
-        if server is None:  # bound before forking: a busy port stops everything at once
-            return EXIT_FAILURE
-        worker.snapshots = snapshots
-        worker.sample_backlog = True
-        worker.metrics_address = server.address
-        return supervisor.run(server)
+    return child
 
 
 if __name__ == "__main__":

@@ -373,12 +373,14 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class Server:
     """/metrics, /healthz and /readyz on a thread of their own: a handler that keeps the event
-    loop busy must not make probes time out (liveness reads the loop's last sign of life)."""
+    loop busy must not make probes time out (liveness reads the loop's last sign of life).
 
-    def __init__(self, address: str, port: int, source: Source) -> None:
-        self.source = source
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(source))
+    The port is bound first, so that a busy one stops everything before it starts and what is
+    served can say where (`address`); `start` then serves a Source."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.source: Source  # from `start` on
+        self._registry = CollectorRegistry(auto_describe=False)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -394,7 +396,7 @@ class Server:
             def _answer(self, path: str) -> tuple[int, bytes, str]:
                 if path == "/metrics":
                     encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                    return 200, encoder(registry), content_type
+                    return 200, encoder(server._registry), content_type
                 if path in ("/healthz", "/readyz"):
                     healthz = path == "/healthz"
                     source = server.source
@@ -415,12 +417,14 @@ class Server:
                 return None  # scrapes every few seconds would drown the worker's own logs
 
         self._http = _HTTPServer((address, port), Handler)  # binds now: errors early
-        self._http.lock = source.lock
         self.address = f"{address}:{self._http.server_address[1]}"
         self._thread: threading.Thread | None = None
 
-    def start(self, poll_interval: float = 0.5) -> None:
-        """Serve from a thread; `stop` may take up to `poll_interval` seconds."""
+    def start(self, source: Source, poll_interval: float = 0.5) -> None:
+        """Serve `source` from a thread; `stop` may take up to `poll_interval` seconds."""
+        self.source = source
+        self._registry.register(_Collector(source))
+        self._http.lock = source.lock
         self._thread = threading.Thread(
             target=self._http.serve_forever, args=(poll_interval,), daemon=True
         )

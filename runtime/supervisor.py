@@ -146,7 +146,7 @@ class Supervisor:
             for slot in self.slots:
                 self._start(slot)
             if server is not None:
-                server.start(poll_interval=0.1)  # stopping it is part of the shutdown's time
+                server.start(self.source(), poll_interval=0.1)  # its stop is in the shutdown's time
             while any(slot.pid for slot in self.slots) or self._pending():
                 self._wait(self._timeout())
                 self.pod.beat = time.monotonic()

@@ -1,8 +1,6 @@
-"""A worker process: the validated entries turned into running drivers, handlers and consumers.
-
-The worker is also the handlers' host: `queue.publish` and `queue.info` from Lua arrive here,
-are resolved against the declared queues and go to the queue's driver through its codec. And it
-says how it is doing: whether it is live and ready, and its metrics (see metrics.py).
+"""A worker process, as assembly.build puts it together: drivers, consumers and the handlers'
+host (host.py), started and stopped. And it says how it is doing: whether it is live and ready,
+and its metrics (see metrics.py).
 """
 
 from __future__ import annotations
@@ -10,19 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from . import __version__, dlq
 from .consumer import Consumer, Pace
 from .drivers import create
 from .entries import Config
-from .errors import ConfigError, ErrorKind, QueueError
+from .errors import ErrorKind, QueueError
 from .host import Host
 from .logs import LogBudget
-from .lua import LuaHandler, LuaLoadError, LuaRuntime
+from .lua import LuaHandler, LuaRuntime
 from .metrics import STALE_AFTER, Family, PublishStats, Snapshots
 from .security import ACTIONS, access_for
-from .settings import Settings
 
 _log = logging.getLogger("luaq.worker")
 PULSE = 1.0  # seconds between two signs of life of the event loop
@@ -30,27 +28,18 @@ BACKLOG_EVERY = 5.0  # seconds between two samples of the queues' depth
 
 
 class Worker:
-    def __init__(self, config: Config, settings: Settings) -> None:
-        """Load every Lua function; raise ConfigError with all problems if anything is wrong."""
+    def __init__(
+        self,
+        config: Config,
+        lua: LuaRuntime,
+        handlers: Mapping[str, LuaHandler],
+        *,
+        sample_backlog: bool,
+        snapshots: Snapshots | None,
+        metrics_address: str | None,
+    ) -> None:
         self.config = config
-        self.settings = settings
-        self.lua = LuaRuntime(settings)
-        problems = list(config.problems)
-        self.handlers: dict[str, LuaHandler] = {}
-        for function in config.functions.values():
-            try:
-                self.handlers[function.id] = self.lua.load(
-                    function.id,
-                    function.source_text,
-                    function.method,
-                    function.modules,
-                    function.source_name,
-                )
-            except LuaLoadError as exc:
-                owner = function.id.removesuffix("#handler")
-                problems.append(f"{function.file}: {owner}: source: {exc}")
-        if problems:
-            raise ConfigError(problems)
+        self.lua = lua
         self.drivers = {entry.id: create(entry) for entry in config.drivers.values()}
         self.access = {entry.id: access_for(entry, config) for entry in config.consumers.values()}
         pace = Pace()
@@ -59,7 +48,7 @@ class Worker:
                 entry,
                 config.queues[entry.queue],
                 self.drivers[config.queues[entry.queue].driver],
-                self.lua.invoker(self.handlers[entry.function_id], entry.id),
+                lua.invoker(handlers[entry.function_id], entry.id),
                 dlq.sink(config.queues[entry.queue], config.queues, self.drivers),
                 config.drivers[config.queues[entry.queue].driver].max_message_size,
                 pace,
@@ -79,9 +68,9 @@ class Worker:
         self.lua.serve(self.host)
         # depth of the queues consumed and of their dead-letter queues, sampled when asked to
         self.backlog: dict[str, int] = {}
-        self.sample_backlog = False
-        self.metrics_address: str | None = None  # where the metrics are served, if they are
-        self.snapshots: Snapshots | None = None  # a pod's worker process reports through these
+        self.sample_backlog = sample_backlog
+        self.metrics_address = metrics_address  # where the metrics are served, if they are
+        self.snapshots = snapshots  # a pod's worker process reports through these
         self.state: Literal["starting", "running", "stopping"] = "starting"
         self.beat = time.monotonic()  # the event loop's last sign of life
         self._pulse: asyncio.Task[None] | None = None
@@ -127,11 +116,11 @@ class Worker:
         self.state = "stopping"
         await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
         await asyncio.gather(*(driver.close() for driver in self.drivers.values()))
-        if self._pulse is not None:
+        if self._pulse is not None:  # (not when it only published: it never started)
             self._pulse.cancel()
             await asyncio.gather(self._pulse, return_exceptions=True)
-        if self.snapshots is not None:
-            self.snapshots.write(self.families(), self.unready())
+            if self.snapshots is not None:
+                self.snapshots.write(self.families(), self.unready())
 
     def _alive(self) -> None:
         self.beat = time.monotonic()

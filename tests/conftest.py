@@ -15,6 +15,7 @@ import pytest
 import yaml
 from broker import rabbitmqctl
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.settings import Settings
@@ -122,7 +123,7 @@ class AppFactory:
 
     async def start(self, lua: str, settings: Settings | None = None, **consumer: Any) -> App:
         path = self.write(lua, **consumer)
-        worker = Worker(entries.load([path]), settings or Settings(shutdown_timeout=5.0))
+        worker = build(load(entries.load([path]), settings or Settings(shutdown_timeout=5.0)))
         await worker.start()
         app = App(worker, path)
         self.apps.append(app)

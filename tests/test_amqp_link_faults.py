@@ -25,6 +25,7 @@ import pytest
 from broker import AMQP_URL
 from conftest import eventually
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from pamqp import base
@@ -222,7 +223,7 @@ def worker_on(
             ),
         ],
     )
-    return Worker(entries.load([app]), Settings(shutdown_timeout=2.0)), queue
+    return build(load(entries.load([app]), Settings(shutdown_timeout=2.0))), queue
 
 
 @pytest.fixture

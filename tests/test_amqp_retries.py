@@ -28,6 +28,7 @@ import pytest
 from broker import AMQP_URL
 from conftest import eventually
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.entries import Retry
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
@@ -64,7 +65,7 @@ async def workers() -> AsyncIterator[list[Worker]]:
 
 
 async def started(running: list[Worker], config: entries.Config) -> Worker:
-    worker = Worker(config, Settings(shutdown_timeout=2.0))
+    worker = build(load(config, Settings(shutdown_timeout=2.0)))
     await worker.start()
     running.append(worker)
     return worker
@@ -255,7 +256,7 @@ async def test_retries_and_dead_letters_keep_properties_and_header_types(
                      'function handle(p) error("no") end',
                      {"queue_name": "jobs", "retry": {"delay": "20s"},
                       "dead_letter": {"queue": "dlq", "max_attempts": 5}})  # fmt: skip
-        worker = Worker(config, Settings(shutdown_timeout=2.0))
+        worker = build(load(config, Settings(shutdown_timeout=2.0)))
         await worker.start()
         try:
             # a readable message fails, and waits 20 s in its delay queue: read it there

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import eventually
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 
@@ -60,7 +61,7 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
     }  # fmt: skip
     path = tmp_path / "app.yaml"
     path.write_text(yaml.safe_dump(document))
-    running = Worker(entries.load([path]), Settings(shutdown_timeout=2.0))
+    running = build(load(entries.load([path]), Settings(shutdown_timeout=2.0)))
     await running.start()
     yield running
     await running.stop(1.0)

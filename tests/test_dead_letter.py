@@ -20,6 +20,7 @@ import yaml
 from broker import AMQP_URL
 from conftest import eventually
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.cli import main
 from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery
@@ -87,9 +88,11 @@ async def make_worker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         url += quote(request.getfixturevalue("vhost"), safe="")
 
     async def make(dead_letter: dict[str, Any], **options: Any) -> Worker:
-        worker = Worker(
-            entries.load([app_file(tmp_path, request.param, dead_letter, url=url, **options)]),
-            Settings(shutdown_timeout=2.0),
+        worker = build(
+            load(
+                entries.load([app_file(tmp_path, request.param, dead_letter, url=url, **options)]),
+                Settings(shutdown_timeout=2.0),
+            )
         )
         await worker.start()
         workers.append(worker)
@@ -213,7 +216,7 @@ async def test_return_false_is_never_dead_lettered(tmp_path: Path) -> None:
     }  # fmt: skip
     path = tmp_path / "app.yaml"
     path.write_text(yaml.safe_dump(document))
-    worker = Worker(entries.load([path]), Settings())
+    worker = build(load(entries.load([path]), Settings()))
     await worker.start()
     try:
         await worker.host.publish("app", "jobs", {"n": 1}, {})

@@ -265,8 +265,8 @@ def test_liveness_reads_the_event_loops_last_sign_of_life() -> None:
     """The server answers from its own thread, so a worker whose loop is stuck still answers
     the probe: with 503, once the loop has been silent for too long."""
     reason: list[str | None] = [None]
-    server = Server("127.0.0.1", 0, Source(list, lambda: reason[0], lambda: None))
-    server.start()
+    server = Server("127.0.0.1", 0)
+    server.start(Source(list, lambda: reason[0], lambda: None))
     port = int(server.address.rsplit(":", 1)[1])
     try:
         assert get(port, "/healthz")[0::2] == (200, "ok\n")

@@ -17,6 +17,7 @@ from broker import queue_totals
 from conftest import eventually
 from dead_letters import ready, vhost_url
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 
@@ -49,7 +50,7 @@ async def worker(tmp_path: Path, vhost: str) -> AsyncIterator[Any]:
         }  # fmt: skip
         path = tmp_path / "app.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
-        running = Worker(entries.load([path]), Settings(shutdown_timeout=2.0))
+        running = build(load(entries.load([path]), Settings(shutdown_timeout=2.0)))
         await running.start()
         started.append(running)
         return running

@@ -38,6 +38,7 @@ from broker import (
 )
 from conftest import AppFactory, eventually
 from luaq.runtime import entries
+from luaq.runtime.assembly import build, load
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.errors import ErrorKind, QueueError
@@ -610,7 +611,7 @@ def worker_app(tmp_path: Path, url: str, source: str, **jobs: Any) -> Worker:
         {"name": "trigger", "driver": "local"},
         extra=[{"name": "local", "kind": "queue.driver.memory"}],
     )  # fmt: skip
-    return Worker(entries.load([path]), Settings(shutdown_timeout=2.0))
+    return build(load(entries.load([path]), Settings(shutdown_timeout=2.0)))
 
 
 async def test_idleness_is_not_mistaken_while_the_connection_drops(
@@ -768,7 +769,7 @@ async def test_until_idle_believes_empty_queues_only_once_they_stay_empty(
     the end: `wait_idle` returns once the queues have stayed empty for the driver's
     `idle_after` (a fake `idle` plays the broker's counts; the AMQP driver's value)."""
     app, _ = jobs_app(tmp_path, "memory", "function handle(p) end", request)
-    worker = Worker(entries.load([app]), Settings())
+    worker = build(load(entries.load([app]), Settings()))
     worker.consumers[0].driver.idle_after = AmqpDriver.idle_after
     loop = asyncio.get_running_loop()
     counts = iter([0, 1, 1])  # empty, then the message in transit shows up again

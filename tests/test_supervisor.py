@@ -308,8 +308,8 @@ def test_a_bad_snapshot_never_breaks_a_scrape_and_dead_counters_stay(tmp_path: P
     assert families["luaq_g"].series == {(): 6}
     assert families["luaq_worker_ready"].series == {(): 0}
     assert source.unready() == "starting (2 of 3 processes up)"
-    server = Server("127.0.0.1", 0, source)
-    server.start()
+    server = Server("127.0.0.1", 0)
+    server.start(source)
     try:
         status, _, body = get(int(server.address.rsplit(":", 1)[1]), "/metrics")
     finally:

@@ -1,0 +1,70 @@
+"""The composition root: the only module that knows every part of a worker process.
+
+`load` loads every Lua function of validated entries into one Lua state, without building
+anything that runs: it is what `luaq check` does (in a child process, check.py) and what the
+operator's check does through it. `build` turns what was loaded into a Worker: drivers, access
+policies, consumers, the handlers' host and the process's telemetry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .entries import Config
+from .errors import ConfigError
+from .lua import LuaHandler, LuaLoadError, LuaRuntime
+from .metrics import Snapshots
+from .settings import Settings
+from .worker import Worker
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Validated entries, and their Lua functions loaded in the process's Lua state."""
+
+    config: Config
+    lua: LuaRuntime
+    handlers: dict[str, LuaHandler]  # by function id
+
+
+def load(config: Config, settings: Settings) -> Loaded:
+    """Load every Lua function of `config` (entries.load's); ConfigError with every problem,
+    the entries' own among them."""
+    lua = LuaRuntime(settings)
+    problems = list(config.problems)
+    handlers: dict[str, LuaHandler] = {}
+    for function in config.functions.values():
+        try:
+            handlers[function.id] = lua.load(
+                function.id,
+                function.source_text,
+                function.method,
+                function.modules,
+                function.source_name,
+            )
+        except LuaLoadError as exc:
+            owner = function.id.removesuffix("#handler")
+            problems.append(f"{function.file}: {owner}: source: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return Loaded(config, lua, handlers)
+
+
+def build(
+    loaded: Loaded,
+    *,
+    sample_backlog: bool = False,
+    snapshots: Snapshots | None = None,
+    metrics_address: str | None = None,
+) -> Worker:
+    """The worker process for what was loaded. With metrics served: `sample_backlog` (the queues'
+    depth, now and then), `snapshots` (a pod's worker process reports through them) and
+    `metrics_address` (where they are served, for the start-up line)."""
+    return Worker(
+        loaded.config,
+        loaded.lua,
+        loaded.handlers,
+        sample_backlog=sample_backlog,
+        snapshots=snapshots,
+        metrics_address=metrics_address,
+    )
