@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from luaq.runtime.assembly import Loaded, build
-from luaq.runtime.metrics import Server, Source
+from luaq.runtime.metrics import Server
 from luaq.runtime.worker import Worker
 
 INTERVAL = 0.5
@@ -20,7 +20,7 @@ def scraped(loaded: Loaded) -> Iterator[Worker]:
     """The worker for what was loaded, as `luaq run --metrics-port` builds it, scraped."""
     server = Server("127.0.0.1", 0)
     worker = build(loaded, sample_backlog=True, metrics_address=server.address)
-    server.start(Source(worker.families, worker.unhealthy, worker.unready))
+    server.start(worker.telemetry.source())
     done = threading.Event()
 
     def scrape() -> None:

@@ -28,7 +28,7 @@ from .check import check
 from .codecs import CODECS
 from .entries import Config
 from .errors import ConfigError, QueueError
-from .metrics import Server, Snapshots, Source
+from .metrics import Server, Snapshots
 from .settings import Settings
 from .supervisor import Supervisor
 from .worker import Worker
@@ -302,7 +302,7 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
     stop = asyncio.Event()
 
     def stopping() -> None:
-        worker.state = "stopping"  # not ready from now on, while handlers finish
+        worker.lifecycle.state = "stopping"  # not ready from now on, while handlers finish
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_address=server.address if server is not None else None,
         )
         if server is not None:
-            server.start(Source(worker.families, worker.unhealthy, worker.unready))
+            server.start(worker.telemetry.source())
         try:
             return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
         finally:

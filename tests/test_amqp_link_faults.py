@@ -304,7 +304,7 @@ async def test_a_close_right_after_a_reply_at_start_up_is_ridden_out(
     assert ticker.worst < 0.5, f"the event loop froze for {ticker.worst:.1f}s"
     assert started == [None], str(started[0])
     assert worker.drivers["app:broker"].reconnects == 1
-    assert worker.unready() is None
+    assert worker.telemetry.unready() is None
 
     rig = Rig(worker, direct, queue)
     await rig.publish(5)
@@ -344,11 +344,11 @@ async def test_an_oversized_frame_is_a_frame_error_and_the_link_recovers(
     await eventually(lambda: bool(closes()), timeout=2)
     assert closes()[0].reply_code == 501, closes()
     assert "FRAME_ERROR" in closes()[0].reply_text
-    await eventually(lambda: worker.unready() == "reconnecting app:broker", timeout=2)
+    await eventually(lambda: worker.telemetry.unready() == "reconnecting app:broker", timeout=2)
     await rig.publish(5)
     tap.admitting.set()
     await eventually(lambda: rig.handled == 7, timeout=10)
-    await eventually(lambda: worker.unready() is None, timeout=10)
+    await eventually(lambda: worker.telemetry.unready() is None, timeout=10)
 
 
 async def test_a_trickle_that_never_completes_a_frame_is_a_dead_connection(
@@ -367,12 +367,12 @@ async def test_a_trickle_that_never_completes_a_frame_is_a_dead_connection(
     began = loop.time()
     consuming.trickle(_header.pack(1, 1, 4096) + bytes(200), interval=0.05)
 
-    await eventually(lambda: worker.unready() == "reconnecting app:broker", timeout=5)
+    await eventually(lambda: worker.telemetry.unready() == "reconnecting app:broker", timeout=5)
     assert loop.time() - began < 3.0, "more than about two heartbeat intervals"
     await rig.publish(5)
     tap.admitting.set()
     await eventually(lambda: rig.handled == 7, timeout=10)
-    await eventually(lambda: worker.unready() is None, timeout=10)
+    await eventually(lambda: worker.telemetry.unready() is None, timeout=10)
 
 
 # -- 13. a broker allowing fewer channels than luaq opens ---------------------------------------
@@ -441,9 +441,9 @@ async def test_too_few_channels_at_a_reconnect_is_retried_until_the_broker_allow
     await eventually(lambda: len(failures()) >= 4, timeout=10)
     assert [r.levelno for r in failures()][:4] == [logging.WARNING] + 3 * [logging.DEBUG]
     assert {r.error for r in failures()} == {CHANNEL_LIMIT}  # type: ignore[attr-defined]
-    assert worker.unready() == "reconnecting app:broker"
+    assert worker.telemetry.unready() == "reconnecting app:broker"
 
     await rig.publish(5)
     tap.target = shared
     await eventually(lambda: rig.handled == 7, timeout=10)
-    await eventually(lambda: worker.unready() is None, timeout=10)
+    await eventually(lambda: worker.telemetry.unready() is None, timeout=10)

@@ -381,10 +381,10 @@ async def test_user_metrics_are_validated_and_bounded(
         "metric x: label big is 257 characters, over 256",
         "metric x: 11 labels, over 10",
     ]
-    assert "luaq_user_x" not in {f.name for f in app.worker.families()}
+    assert "luaq_user_x" not in {f.name for f in app.worker.telemetry.families()}
     refused = [r for r in caplog.records if r.getMessage() == "user metric refused"]
     assert len(refused) == 1, "said once"
-    families = {f.name: f for f in app.worker.families()}
+    families = {f.name: f for f in app.worker.telemetry.families()}
     assert len(families["luaq_user_by_user"].series) == 100
 
 
