@@ -89,7 +89,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- a RabbitMQ node of the script's own (as tests/rabbit_node.py starts one) ----------------
+# --- a RabbitMQ node of the script's own (as tests/support/rabbit_node.py starts one) ---
 
 
 @dataclass

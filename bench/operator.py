@@ -26,7 +26,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from kube_emulator import BUILTINS, KubernetesEmulator, kubeconfig  # noqa: E402
 from luaq.operator import crd  # noqa: E402

@@ -1,7 +1,7 @@
 """The luaq Grafana dashboard as code: `make dashboards` writes charts/luaq/dashboards/luaq.json.
 
 Built with Grafana's own foundation SDK, so the JSON follows the schema of the Grafana version
-the SDK is pinned to (pyproject.toml). Edit this file, never the JSON: tests/test_dashboard.py
+the SDK is pinned to (pyproject.toml). Edit this file, never the JSON: tests/chart/test_dashboard.py
 fails when the committed JSON is not what this file builds, and evaluates every query below on
 a real Prometheus scraping a real worker.
 

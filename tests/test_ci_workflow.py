@@ -17,8 +17,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 import yaml
-from kube_fixtures import k8s_tool
-from test_operator_crd import K8S_VERSION
+from kube_fixtures import K8S_VERSION, k8s_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"

@@ -22,11 +22,9 @@ from pathlib import Path
 import pytest
 from broker import AMQP_URL, queue_depth
 from conftest import eventually
-from kube_fixtures import Cluster, apply, namespace
+from kube_fixtures import Cluster, apply, namespace, pod
 from luaq.operator import render
-from processes import free_port, summaries
-from test_operator_cli import answers
-from test_operator_e2e import pod
+from processes import answers, free_port, summaries
 
 IMAGE_USER = 65532  # the Dockerfile's USER
 BIN = Path(sys.executable).parent

@@ -24,7 +24,7 @@ README = ROOT / "README.md"
 # Commands run elsewhere, by their first words; everything else in a ```sh block runs here.
 ELSEWHERE = {
     "make test": "the suite itself",
-    "helm": "needs a cluster; tests/test_chart.py renders and lints the chart",
+    "helm": "needs a cluster; tests/chart/test_chart.py renders and lints the chart",
     "kubectl get configmap luaq-dashboard": "the chart's object (helm install)",
     "kubectl delete crd": "the emulator serves no CRD API; the CRD is checked in test_operator_crd",
 }

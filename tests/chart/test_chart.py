@@ -33,16 +33,23 @@ import yaml
 from cloudcoil.models.prometheus_operator import v1 as monitoring
 from conftest import eventually
 from kube_emulator import Kind
-from kube_fixtures import TEST_SETTINGS, Cluster, apply, example, k8s_tool, kubectl, running
+from kube_fixtures import (
+    K8S_VERSION,
+    TEST_SETTINGS,
+    Cluster,
+    apply,
+    example,
+    k8s_tool,
+    kubectl,
+    running,
+)
 from luaq.operator import crd, rbac, render
 from luaq.operator.main import _parser, settings_from
 from luaq.operator.resource import QUANTITY, parse_spec
 from luaq.operator.settings import DEFAULT_IMAGE, OperatorSettings, Policy
-from processes import free_port
-from test_operator_cli import answers
-from test_operator_crd import K8S_VERSION
+from processes import answers, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "luaq"
 README = (ROOT / "README.md").read_text()
 RELEASE, NAMESPACE = "luaq", "luaq-system"

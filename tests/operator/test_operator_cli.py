@@ -8,29 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 from conftest import eventually
-from kube_fixtures import Cluster, apply, namespace
-from processes import free_port
-from test_operator_crd import K8S_VERSION
+from kube_fixtures import K8S_VERSION, Cluster, apply, namespace
+from processes import answers, free_port
 
 OPERATOR = Path(sys.executable).with_name("luaq-operator")
-
-
-async def answers(url: str) -> bool:
-    def get() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    return await asyncio.to_thread(get)
 
 
 async def test_the_console_script_runs_the_operator_on_its_namespace(

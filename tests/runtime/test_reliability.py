@@ -371,7 +371,7 @@ def test_the_longest_queue_name_luaq_check_allows_works_with_its_delay_queue(
     tmp_path: Path, vhost: str, spawn: Spawner
 ) -> None:
     """255 bytes is AMQP's limit for a queue name; luaq's delay queues add to it, which
-    `luaq check` allows for (tests/test_entries.py): the longest name it accepts retries."""
+    `luaq check` allows for (tests/runtime/test_entries.py): the longest name it accepts retries."""
     url = vhost_url(vhost)
     longest = "q" * entries.AMQP_QUEUE_NAME_BYTES
     app = amqp_app(

@@ -21,7 +21,7 @@ from broker import AMQP_URL
 from processes import Spawner, wait_until, write_app
 from prometheus import Prometheus, QueryError, answers, binary, free_port, running_prometheus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "dashboards" / "luaq_dashboard.py"
 DASHBOARD = ROOT / "charts" / "luaq" / "dashboards" / "luaq.json"
 RULES = ROOT / "charts" / "luaq" / "rules" / "luaq.rules.yaml"

@@ -1,5 +1,5 @@
-"""Leader election through network faults: a TCP proxy (tests/tcp_proxy.py) between the leader
-replica (in this process) and the API server, while a follower (`luaq-operator`, its own
+"""Leader election through network faults: a TCP proxy (tests/support/tcp_proxy.py) between the
+leader replica (in this process) and the API server, while a follower (`luaq-operator`, its own
 process) talks to it directly.
 
 Whatever the leader's network does, two replicas never act at once (their

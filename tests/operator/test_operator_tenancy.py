@@ -27,7 +27,7 @@ from luaq.operator.kube import (
     ApiResource,
 )
 from luaq.operator.settings import Policy
-from processes import free_port
+from processes import answers, free_port
 from test_operator import (
     NAME,
     condition,
@@ -40,7 +40,7 @@ from test_operator import (
     settled,
     versions,
 )
-from test_operator_cli import OPERATOR, answers
+from test_operator_cli import OPERATOR
 from test_operator_crd import changed
 
 EMAIL = next(doc for doc in example("email-worker.yaml") if doc["kind"] == "QueueConsumer")

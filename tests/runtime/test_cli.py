@@ -28,7 +28,7 @@ from processes import (
     write_jsonl,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "email"
 SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
 

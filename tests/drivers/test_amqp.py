@@ -40,7 +40,7 @@ from processes import (
     write_jsonl,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "email"
 
 REJECTED_LOG = "message body cannot be decoded, rejected"
