@@ -1,4 +1,5 @@
-"""Nothing lost under faults, in figures (issue 22): the review's fault scenarios on RabbitMQ.
+"""Nothing lost under faults, in figures: a restart, a partition, an alarm, a killed worker on
+RabbitMQ.
 
     python bench/faults.py [--messages 20000] [--scenarios baseline,restart,partition,alarm,kill]
 

@@ -1,8 +1,8 @@
 """The consumer pool: the loop that takes deliveries, runs handlers and settles messages.
 
 The driver pushes up to `prefetch` deliveries into a buffer; `concurrency` worker tasks take
-them one at a time and run the handler. Each outcome maps to one settlement (DESIGN.md's
-table), the first settlement wins, and nothing the handler does can stop the worker task.
+them one at a time and run the handler. Each outcome maps to one settlement (docs/design.md,
+"Settlement"), the first settlement wins, and nothing the handler does can stop the worker task.
 
 A message given back is never offered again at once: it waits out a backoff (the consumer's
 `retry`, its queue's, or DEFAULT_RETRY), so a message that fails every time costs a few

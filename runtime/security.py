@@ -121,7 +121,8 @@ class Access:
         return Decision(True, f"allowed by policy {allowed_by}")
 
     def check_publish(self, queue_id: str, headers: Mapping[str, Any]) -> None:
-        """The spec's two checks, in order; the queue check is not consulted after a denial."""
+        """The two checks of a publish (ACTIONS), in order; the queue check is not consulted after a
+        denial."""
         if self.open:  # (on every publish: spared the checks' cost)
             return
         actor = self.actor["id"]

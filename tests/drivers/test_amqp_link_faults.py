@@ -1,4 +1,4 @@
-"""The AMQP link under faults of the wire and of the broker's settings (issue 22, items 11-13).
+"""The AMQP link under faults of the wire and of the broker's settings.
 
 A small frame-aware proxy (FrameTap) sits between an in-process worker and the real RabbitMQ:
 it reads the broker's frames one by one, so a test can corrupt one, append one to a reply, or

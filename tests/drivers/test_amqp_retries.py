@@ -1,5 +1,5 @@
-"""The way a retried or dead-lettered message goes on RabbitMQ (issue 22 items 2, 3, 4, 8, 9):
-"at-least-once means a message leaves the broker's hands only once its next home confirmed it".
+"""The way a retried or dead-lettered message goes on RabbitMQ: at-least-once, a message leaves
+the broker's hands only once its next home confirmed it (docs/design.md, "Delivery guarantees").
 
 A dead letter never expires; a retry waits in a quorum delay queue whose dead-lettering back
 is at-least-once, so a full queue delays it rather than drops it; a backoff never overflows and

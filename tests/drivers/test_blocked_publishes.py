@@ -1,5 +1,5 @@
-"""A broker that blocks publishers (a memory alarm) on a RabbitMQ node of this module's own
-(issue 22, item 6): an error after a message was sent says it may have been published, and
+"""A broker that blocks publishers (a memory alarm) on a RabbitMQ node of this module's own: an
+error after a message was sent says it may have been published, and
 `luaq dlq replay` stops at the first such failure, says what it did, exits 1, and removes no
 dead letter whose copy the broker has not confirmed. The shared node is never alarmed."""
 

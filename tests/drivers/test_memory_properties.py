@@ -1,4 +1,4 @@
-"""Property (issue 4): for any sequence of publish, ack, nack, consumer crash and restart on the
+"""Property: for any sequence of publish, ack, nack, consumer crash and restart on the
 memory driver, no message is lost and none is delivered again after its ack."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Queues deleted on the broker behind a running worker's back (issue 22, item 7): a publish the
+"""Queues deleted on the broker behind a running worker's back: a publish the
 broker returns as unroutable declares the queue again and goes once more, so a dead letter, a
 handler's publish or a retry lands, and nothing goes round for ever. On the test broker, in a
 vhost of each test's own."""

@@ -204,7 +204,7 @@ def run_by(documents: list[dict[str, Any]], directory: Path) -> dict[str, str]:
 def test_consumers_and_files_that_share_a_name_get_their_own_objects(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """Issue 21: `mail:worker` on mail/handler.lua and `billing:worker` on billing/handler.lua
+    """Once, `mail:worker` on mail/handler.lua and `billing:worker` on billing/handler.lua
     were both QueueConsumer `worker` and ConfigMap `handler-lua`: once applied, mail-worker ran
     the billing code."""
     mail = project(tmp_path / "mail" / "app.yaml", "mail", {"worker": "handler.lua"})

@@ -1,6 +1,6 @@
-"""A consumer kept consuming when the broker ends it but not its connection (issue 22, items 1
-and 5): a consume channel the broker closes (consumer_timeout), and a consumer cancelled with
-its queue while the queue cannot be declared again at once. Each on a RabbitMQ node of its own
+"""A consumer kept consuming when the broker ends it but not its connection: a consume channel
+the broker closes (consumer_timeout), and a consumer cancelled with its queue while the queue
+cannot be declared again at once. Each on a RabbitMQ node of its own
 (rabbit_node), reconfigured as the fault needs; luaq runs as a child process, its readiness read
 from /readyz."""
 

@@ -1,4 +1,4 @@
-"""Bad input (issue 4): none of it crashes or wedges a worker; each gets a clear outcome and
+"""Bad input: none of it crashes or wedges a worker; each gets a clear outcome and
 the next good message is still processed."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Dead letters (issue 4): attempts counted across redeliveries, then the dead-letter queue.
+"""Dead letters: attempts counted across redeliveries, then the dead-letter queue.
 
 Parametrized over the memory driver and a real RabbitMQ: on AMQP a broker requeue only says
 "redelivered", so the count must survive the driver's retry-by-republish.

@@ -376,7 +376,7 @@ def test_consumer_short_form(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_modules_list_is_accepted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
 ) -> None:
-    """DESIGN.md writes `modules: [queue, logger, json]`: a YAML list must be accepted."""
+    """`modules: [queue, logger, json]`, as docs/lua-api.md writes it: a YAML list is accepted."""
     source = 'local time = require("time")\nfunction handle(p) time.sleep(0) end\n'
     modules = ["queue", "logger", "json", "time"]
     if where == "function":

@@ -1,4 +1,4 @@
-"""Nothing lost under faults (issue 4): 20,000 messages through a worker that publishes one
+"""Nothing lost under faults: 20,000 messages through a worker that publishes one
 message per input, while the broker drops every connection, then restarts its application.
 
 Every input must reach the sink at least once (at-least-once: duplicates are counted and

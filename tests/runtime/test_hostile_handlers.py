@@ -1,4 +1,4 @@
-"""Hostile handlers (issue 9): a handler can never reach another's invocation, and no handler can
+"""Hostile handlers: a handler can never reach another's invocation, and no handler can
 stop the worker.
 
 Every case runs a real `luaq run` process with two consumers on the memory driver: `attacker`

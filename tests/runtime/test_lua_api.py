@@ -1,4 +1,4 @@
-"""The Lua API of spec/lua-queue-module.md (and issue 2's "Lua API"), exercised through Lua code.
+"""The Lua API (docs/lua-api.md), exercised through Lua code.
 
 Handlers publish what they observe to `out` and the tests assert on what arrives there; nothing
 is mocked: real entries files, the real Lua runtime and the real memory driver.
@@ -268,7 +268,7 @@ async def test_bare_queue_name_resolves_in_namespace(apps: AppFactory) -> None:
     assert [m.data for m in await app.drain("other")] == ["qualified other"]
 
 
-# -- the spec's error table -----------------------------------------------------------------------
+# -- the publish errors table ----------------------------------------------------------------------
 
 
 async def test_publish_errors(apps: AppFactory) -> None:

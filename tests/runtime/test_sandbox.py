@@ -1,4 +1,5 @@
-"""Sandbox escapes and runaway handlers (issue 2 "Sandbox"; DESIGN.md "The async Lua bridge").
+"""Sandbox escapes and runaway handlers (docs/lua-api.md "The sandbox"; docs/design.md "The async
+Lua bridge").
 
 Each attempt must fail inside the handler and leave the worker healthy: the next message is
 still processed. Everything goes through Lua code run by the real worker.

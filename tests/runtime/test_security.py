@@ -1,4 +1,4 @@
-"""Security policies: issue 4's "Permissions" and the spec's Permissions and Errors sections.
+"""Security policies: docs/lua-api.md's "Permissions", and PERMISSION_DENIED from queue.publish.
 
 Three layers, all with real components: a table of allow/deny decisions made by `Access` over
 policies validated exactly as the entries loader validates them; Lua handlers publishing through
@@ -38,7 +38,7 @@ HEADERS: dict[str, Any] = {
     "role": "sender",
 }
 
-GENERAL = ("queue.publish", None)  # the spec's general check: no resource
+GENERAL = ("queue.publish", None)  # the general check: no resource
 TO_OUT = ("queue.publish.queue", "app:out")  # the queue-specific check for queue app:out
 
 

@@ -1,4 +1,5 @@
-"""Every row of DESIGN.md's settlement table, observed through the memory driver and the stats.
+"""Every row of the settlement table (docs/design.md, "Settlement"), observed through the memory
+driver and the stats.
 
 Handlers record each invocation by publishing to `out` (message id and how many times this
 handler has seen that id), so redelivery shows up as several records with the same id.
