@@ -1137,11 +1137,19 @@ def meta_label(kind: str, label: str) -> str:
     return f"__meta_kubernetes_{kind}_label_{re.sub('[^a-zA-Z0-9_]', '_', label)}"
 
 
+def copied(source: str, target: str) -> Manifest:
+    """The relabeling that sets `target` to a target's `source` label, when it has one."""
+    return {"sourceLabels": [source], "regex": "(.+)", "targetLabel": target, "action": "replace"}
+
+
 @pytest.mark.parametrize("case", ["custom", "podmonitor", "platform"])
-def test_the_monitors_keep_the_targets_labels_and_name_each_workers_job(case: str) -> None:
+def test_the_monitors_keep_the_targets_labels_and_name_each_workers_queueconsumer(
+    case: str,
+) -> None:
     """honorLabels: the operator's per-QueueConsumer `namespace` stays `namespace` (not
-    exported_namespace); a worker's job is its QueueConsumer's name, taken from the label the
-    operator puts on its pods and Service, not one job for every consumer."""
+    exported_namespace); a worker's job and its `queueconsumer` label are its QueueConsumer's
+    name, taken from the label the operator puts on its pods and Service: not one job for
+    every consumer, and the dashboard and alerts tell QueueConsumers apart."""
     docs = manifests(case)
     kind = "PodMonitor" if case != "custom" else "ServiceMonitor"
     monitors = {doc["metadata"]["name"]: doc for doc in find(docs, kind)}
@@ -1153,13 +1161,30 @@ def test_the_monitors_keep_the_targets_labels_and_name_each_workers_job(case: st
     labels = (deployment["spec"]["template"]["metadata"] if kind == "PodMonitor" else service[
         "metadata"])["labels"]  # fmt: skip
     (workers,) = endpoints(monitors[f"{RELEASE}-workers"])
-    first, *rest = workers["relabelings"]
     source = meta_label("pod" if kind == "PodMonitor" else "service", render.OWNER_LABEL)
-    assert first == {"sourceLabels": [source], "regex": "(.+)", "targetLabel": "job",
-                     "action": "replace"}  # fmt: skip
+    own = VALUES[case]["metrics"].get("relabelings", [])
+    assert workers["relabelings"] == [copied(source, "job"), copied(source, "queueconsumer"), *own]
     assert labels[render.OWNER_LABEL] == "email-worker"
     (operator,) = endpoints(monitors[RELEASE])
-    assert operator.get("relabelings", []) == rest == VALUES[case]["metrics"].get("relabelings", [])
+    assert operator.get("relabelings", []) == own
+
+
+@pytest.mark.parametrize("release", ["current", "helm3"])
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
+def test_a_job_label_leaves_the_workers_queueconsumer_label(kind: str, release: str) -> None:
+    """metrics.jobLabel takes the job over, not the `queueconsumer` label the dashboard and
+    the alerts group by."""
+    values = {"metrics": {"monitor": kind, "jobLabel": "team"}}
+    docs = rendered(values, release=release)
+    monitors = {doc["metadata"]["name"]: doc for doc in find(docs, kind)}
+    assert set(monitors) == {RELEASE, f"{RELEASE}-workers"}
+    for monitor in monitors.values():
+        validate(monitor)
+        assert monitor["spec"]["jobLabel"] == "team"
+    assert "relabelings" not in endpoints(monitors[RELEASE])[0]
+    (workers,) = endpoints(monitors[f"{RELEASE}-workers"])
+    source = meta_label("pod" if kind == "PodMonitor" else "service", render.OWNER_LABEL)
+    assert workers["relabelings"] == [copied(source, "queueconsumer")]
 
 
 def test_the_monitors_take_timeouts_job_labels_and_metric_relabelings() -> None:
@@ -1169,11 +1194,6 @@ def test_the_monitors_take_timeouts_job_labels_and_metric_relabelings() -> None:
         assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("1m", "45s")
         assert endpoint["metricRelabelings"] == PLATFORM["metrics"]["metricRelabelings"]
         assert "jobLabel" not in monitor["spec"]
-    labelled = rendered({"metrics": {"monitor": "ServiceMonitor", "jobLabel": "team"}})
-    for monitor in find(labelled, "ServiceMonitor"):
-        validate(monitor)
-        assert monitor["spec"]["jobLabel"] == "team"
-        assert "relabelings" not in endpoints(monitor)[0]  # the job is the label's
     for monitor in find(manifests("custom"), "ServiceMonitor"):
         assert "scrapeTimeout" not in endpoints(monitor)[0]
 

@@ -144,8 +144,9 @@ A Prometheus duration (1m30s, 500ms, 2h) in milliseconds, to compare two of them
 
 {{/*
 What the monitors of metrics.monitor share, for one endpoint: the interval, a scrape timeout,
-the targets' own labels kept, and the relabelings. `job` (a target's meta label) names each
-worker's job after its QueueConsumer, unless metrics.jobLabel names a label for it.
+the targets' own labels kept, and the relabelings. `queueconsumer` (a worker target's meta
+label holding its QueueConsumer's name) becomes the `queueconsumer` label, always, and the
+job, unless metrics.jobLabel names a label for it.
 */}}
 {{- define "luaq.endpoint" -}}
 {{- $metrics := .root.Values.metrics }}
@@ -160,8 +161,11 @@ scrapeTimeout: {{ . }}
 # `namespace` is a QueueConsumer's, not exported_namespace
 honorLabels: true
 {{- $relabelings := list }}
-{{- if and .job (not $metrics.jobLabel) }}
-{{- $relabelings = append $relabelings (dict "sourceLabels" (list .job) "regex" "(.+)" "targetLabel" "job" "action" "replace") }}
+{{- with .queueconsumer }}
+{{- if not $metrics.jobLabel }}
+{{- $relabelings = append $relabelings (dict "sourceLabels" (list .) "regex" "(.+)" "targetLabel" "job" "action" "replace") }}
+{{- end }}
+{{- $relabelings = append $relabelings (dict "sourceLabels" (list .) "regex" "(.+)" "targetLabel" "queueconsumer" "action" "replace") }}
 {{- end }}
 {{- $relabelings = concat $relabelings ($metrics.relabelings | default list) }}
 {{- with $relabelings }}
