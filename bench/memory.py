@@ -87,19 +87,19 @@ async def measure(path: Path, scenario: str, language: str, messages: int) -> fl
 
 
 async def _measure(worker: Worker, scenario: str, language: str, messages: int) -> float:
+    pool = worker.consumers  # the worker's pool, empty while the queue fills
     if language == "python":
-        consumer = worker.consumers[0]
-        worker.consumers = [
-            Consumer(
-                consumer.entry, consumer.queue, consumer.driver, python_invoke(worker, scenario)
-            )
-        ]
-    consumers, worker.consumers = worker.consumers, []
+        consumer = pool[0]
+        pool[0] = Consumer(
+            consumer.entry, consumer.queue, consumer.driver, python_invoke(worker, scenario)
+        )
+    consumers = pool[:]
+    pool.clear()
     await worker.start()
     payload = {"to": "ada@example.com", "template": "welcome", "user_id": 456}
     for _ in range(messages):
         await worker.host.publish("app", "in", payload, {})
-    worker.consumers = consumers
+    pool[:] = consumers
     started = time.perf_counter()
     await consumers[0].start()
     await worker.wait_idle(poll=0.002)

@@ -2,19 +2,26 @@
 
 `load` loads every Lua function of validated entries into one Lua state, without building
 anything that runs: it is what `luaq check` does (in a child process, check.py) and what the
-operator's check does through it. `build` turns what was loaded into a Worker: drivers, access
-policies, consumers, the handlers' host and the process's telemetry.
+operator's check does through it. `build` turns what was loaded into a Worker: it builds the
+drivers, the access policies, the dead-letter sinks, the consumers, the handlers' host and the
+process's telemetry, and hands the Worker its parts in start order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import dlq
+from .consumer import Consumer, Pace, Pool
+from .drivers import Drivers
 from .entries import Config
 from .errors import ConfigError
+from .host import Host
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
-from .metrics import Snapshots
+from .metrics import PublishStats, Snapshots
+from .security import access_for
 from .settings import Settings
+from .telemetry import Lifecycle, Telemetry
 from .worker import Worker
 
 
@@ -60,11 +67,50 @@ def build(
     """The worker process for what was loaded. With metrics served: `sample_backlog` (the queues'
     depth, now and then), `snapshots` (a pod's worker process reports through them) and
     `metrics_address` (where they are served, for the start-up line)."""
-    return Worker(
-        loaded.config,
-        loaded.lua,
-        loaded.handlers,
+    config, lua = loaded.config, loaded.lua
+    drivers = Drivers(config)
+    pace = Pace()  # one for every consumer of the process
+    consumers = []
+    for entry in config.consumers.values():
+        queue = config.queues[entry.queue]
+        consumers.append(
+            Consumer(
+                entry,
+                queue,
+                drivers[queue.driver],
+                lua.invoker(loaded.handlers[entry.function_id], entry.id),
+                dlq.sink(queue, config.queues, drivers),
+                config.drivers[queue.driver].max_message_size,
+                pace,
+            )
+        )
+    pool = Pool(consumers)
+    lifecycle = Lifecycle()
+    telemetry = Telemetry(
+        config,
+        drivers,
+        consumers,
+        {queue_id: PublishStats() for queue_id in config.queues},
+        lua.user_metrics,
+        lifecycle,
         sample_backlog=sample_backlog,
         snapshots=snapshots,
-        metrics_address=metrics_address,
+        address=metrics_address,
+    )
+    host = Host(
+        config,
+        drivers,
+        {entry.id: access_for(entry, config) for entry in config.consumers.values()},
+        telemetry.publishes,
+        {consumer.entry.id: consumer.stats.denials for consumer in consumers},
+        telemetry.alive,
+    )
+    lua.serve(host)
+    return Worker(
+        config,
+        [telemetry, drivers, pool],
+        drivers=drivers,
+        pool=pool,
+        host=host,
+        telemetry=telemetry,
     )

@@ -35,6 +35,7 @@ REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by me
 # this (it still fits the 64-bit header that carries it, plus one per attempt for ages).
 MAX_COUNTED_ATTEMPTS = 2**31
 _log = logging.getLogger("luaq.consumer")
+_worker_log = logging.getLogger("luaq.worker")  # the pool's lines are the worker process's
 
 
 @dataclass
@@ -463,3 +464,36 @@ class Consumer:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self._subscription.close()
         self._held = 0
+
+
+class Pool:
+    """The consumers of a worker process, one of its parts: started one after the other,
+    stopped together (each within the grace period)."""
+
+    def __init__(self, consumers: list[Consumer]) -> None:
+        self.consumers = consumers
+        self._idle_log = LogBudget(burst=1, interval=10.0)
+
+    async def start(self) -> None:
+        for consumer in self.consumers:
+            await consumer.start()
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
+
+    async def idle(self) -> bool:
+        """True when no consumed queue has messages (ready or waiting for a retry) and no
+        consumer holds a delivery. A broker that cannot tell is not idle."""
+        if any(consumer.held for consumer in self.consumers):
+            return False
+        for consumer in self.consumers:
+            try:
+                if (await consumer.driver.info(consumer.queue)).message_count:
+                    return False
+            except QueueError as exc:
+                if self._idle_log.take() is not None:
+                    _worker_log.warning(
+                        "cannot tell if the queues are empty", extra={"error": exc.message}
+                    )
+                return False
+        return not any(consumer.held for consumer in self.consumers)

@@ -1,100 +1,71 @@
-"""A worker process, as assembly.build puts it together: drivers, consumers and the handlers'
-host (host.py), started and stopped. And it says how it is doing: whether it is live and ready,
-and its metrics (see metrics.py).
+"""A worker process: the parts assembly.build puts together, started in order and stopped in
+reverse, as controller-runtime's Manager runs its Runnables. The Worker wires nothing and owns
+no domain logic: it starts, stops and tells when the work is done; its parts do the rest.
+
+The parts, in start order: the telemetry (liveness, readiness and metrics: first up, last down,
+so a probe is answered from the start to the end), the drivers (connected, every queue declared)
+and the consumers' pool. The handlers' host is no part: it runs nothing of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from . import dlq
-from .consumer import Consumer, Pace
-from .drivers import create
+from .consumer import Pool
+from .drivers import Drivers
 from .entries import Config
-from .errors import QueueError
 from .host import Host
-from .logs import LogBudget
-from .lua import LuaHandler, LuaRuntime
-from .metrics import PublishStats, Snapshots
-from .security import access_for
-from .telemetry import Lifecycle, Telemetry
+from .telemetry import Telemetry
 
 _log = logging.getLogger("luaq.worker")
-PULSE = 1.0  # seconds between two signs of life of the event loop
-BACKLOG_EVERY = 5.0  # seconds between two samples of the queues' depth
+
+
+class Part(Protocol):
+    """What a worker starts and stops."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None:
+        """Within `grace` seconds (each part says how), whatever the broker does."""
 
 
 class Worker:
     def __init__(
         self,
         config: Config,
-        lua: LuaRuntime,
-        handlers: Mapping[str, LuaHandler],
+        parts: Sequence[Part],
         *,
-        sample_backlog: bool,
-        snapshots: Snapshots | None,
-        metrics_address: str | None,
+        drivers: Drivers,
+        pool: Pool,
+        host: Host,
+        telemetry: Telemetry,
     ) -> None:
+        """`parts` in start order; the others are the same parts by name, for what the worker
+        says of itself and what its users reach (publishing through the host, say)."""
         self.config = config
-        self.lua = lua
-        self.drivers = {entry.id: create(entry) for entry in config.drivers.values()}
-        self.access = {entry.id: access_for(entry, config) for entry in config.consumers.values()}
-        pace = Pace()
-        self.consumers = [
-            Consumer(
-                entry,
-                config.queues[entry.queue],
-                self.drivers[config.queues[entry.queue].driver],
-                lua.invoker(handlers[entry.function_id], entry.id),
-                dlq.sink(config.queues[entry.queue], config.queues, self.drivers),
-                config.drivers[config.queues[entry.queue].driver].max_message_size,
-                pace,
-            )
-            for entry in config.consumers.values()
-        ]
-        self._idle_log = LogBudget(burst=1, interval=10.0)
-        self.lifecycle = Lifecycle()
-        self.telemetry = Telemetry(
-            config,
-            self.drivers,
-            self.consumers,
-            {queue_id: PublishStats() for queue_id in config.queues},
-            lua.user_metrics,
-            self.lifecycle,
-            sample_backlog=sample_backlog,
-            snapshots=snapshots,
-            address=metrics_address,
-        )
-        self.host = Host(
-            config,
-            self.drivers,
-            self.access,
-            self.telemetry.publishes,
-            {consumer.entry.id: consumer.stats.denials for consumer in self.consumers},
-            self.telemetry.alive,
-        )
-        self.lua.serve(self.host)
+        self.parts = tuple(parts)
+        self.drivers = drivers
+        self.pool = pool
+        self.consumers = pool.consumers
+        self.host = host
+        self.telemetry = telemetry
+        self.lifecycle = telemetry.lifecycle
 
     async def connect(self) -> None:
         """Start the drivers and declare every queue, without consuming."""
-        for driver in self.drivers.values():
-            await driver.start()
-        for queue in self.config.queues.values():
-            await self.drivers[queue.driver].declare(queue)
+        await self.drivers.start()
 
     async def start(self) -> None:
-        await self.telemetry.start()
-        await self.connect()
-        for consumer in self.consumers:
-            await consumer.start()
+        for part in self.parts:
+            await part.start()
         self.lifecycle.state = "running"
         _log.info("worker started", extra=self.describe())
         if not self.config.policies:
             _log.warning("no security.policy entries: every publish is allowed")
-        elif unguarded := [id_ for id_, access in self.access.items() if access.open]:
+        elif unguarded := [id_ for id_, access in self.host.access.items() if access.open]:
             _log.warning(
                 "consumers without policies: their publishes are allowed",
                 extra={"consumers": unguarded},
@@ -114,29 +85,15 @@ class Worker:
         }
 
     async def stop(self, grace: float) -> None:
-        """Graceful shutdown: consumers drain in parallel within `grace` seconds, then drivers
-        close (each bounded, whatever the broker does)."""
+        """Graceful shutdown: not ready from now on; the parts stop in reverse order, the
+        consumers draining within `grace` seconds."""
         self.lifecycle.state = "stopping"
-        await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
-        await asyncio.gather(*(driver.close() for driver in self.drivers.values()))
-        await self.telemetry.stop(grace)
+        for part in reversed(self.parts):
+            await part.stop(grace)
 
     async def idle(self) -> bool:
-        """True when no consumed queue has messages (ready or waiting for a retry) and no
-        consumer holds a delivery. A broker that cannot tell is not idle."""
-        if any(consumer.held for consumer in self.consumers):
-            return False
-        for consumer in self.consumers:
-            try:
-                if (await consumer.driver.info(consumer.queue)).message_count:
-                    return False
-            except QueueError as exc:
-                if self._idle_log.take() is not None:
-                    _log.warning(
-                        "cannot tell if the queues are empty", extra={"error": exc.message}
-                    )
-                return False
-        return not any(consumer.held for consumer in self.consumers)
+        """True when the pool has nothing left to do (see Pool.idle)."""
+        return await self.pool.idle()
 
     async def wait_idle(self, poll: float = 0.01) -> None:
         """Until `idle()` holds, and keeps holding with nothing received for the drivers'

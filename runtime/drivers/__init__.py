@@ -1,15 +1,16 @@
 """The drivers: the interface the runtime codes against (base), and one driver per entry kind.
 
-`create` is the one place that knows which class runs a driver entry: the worker and the
-operator's backlog reader both build drivers through it.
+`create` is the one place that knows which class runs a driver entry: a worker's drivers
+(Drivers) and the operator's backlog reader both build drivers through it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from ..entries import DriverEntry
+from ..entries import Config, DriverEntry
 from .amqp import AmqpDriver
 from .base import (
     CLOSE_TIMEOUT,
@@ -28,6 +29,7 @@ __all__ = [
     "DRIVERS",
     "Delivery",
     "Driver",
+    "Drivers",
     "MessageIds",
     "OnDelivery",
     "QueueInfo",
@@ -46,3 +48,22 @@ DRIVERS: dict[str, Callable[[Any], Driver]] = {
 def create(entry: DriverEntry) -> Driver:
     """The driver of a (validated) driver entry, not yet started."""
     return DRIVERS[entry.kind](entry)
+
+
+class Drivers(dict[str, Driver]):
+    """The drivers of a worker process by id, one of its parts: started one after the other,
+    then every queue is declared; stopped together, each close bounded by CLOSE_TIMEOUT
+    whatever the broker does (the grace period is the consumers')."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__((entry.id, create(entry)) for entry in config.drivers.values())
+        self.config = config
+
+    async def start(self) -> None:
+        for driver in self.values():
+            await driver.start()
+        for queue in self.config.queues.values():
+            await self[queue.driver].declare(queue)
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.gather(*(driver.close() for driver in self.values()))
