@@ -5,10 +5,14 @@ the SDK is pinned to (pyproject.toml). Edit this file, never the JSON: tests/cha
 fails when the committed JSON is not what this file builds, and evaluates every query below on
 a real Prometheus scraping a real worker.
 
-Every selector filters on the `namespace`, `consumer` and `queue` variables with regex matchers
-whose "All" value is `.*`, which also matches a series without that label: the same dashboard
-works where the Prometheus Operator adds `namespace` and on a plain Prometheus scraping a laptop.
-The metrics are those of `luaq run --metrics-port` (the README's metrics table).
+Every selector filters on the `namespace`, `queueconsumer`, `consumer` and `queue` variables
+with regex matchers whose "All" value is `.*`, which also matches a series without that label:
+the same dashboard works where the Prometheus Operator adds `namespace` (and the chart's
+monitors `queueconsumer`) and on a plain Prometheus scraping a laptop. Every graph draws a line
+per namespace and QueueConsumer, since the same QueueConsumer name may run in two namespaces and
+the entries of two QueueConsumers share ids (every one's driver is `app:broker`); the numbers of
+the overview add them up. The metrics are those of `luaq run --metrics-port` (the README's
+metrics table).
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ UID = "luaq"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 # label matchers of each scope: what a series of that family can be filtered on
-NAMESPACE = ('namespace=~"$namespace"',)
-QUEUE = (*NAMESPACE, 'queue=~"$queue"')
+WORKER = ('namespace=~"$namespace"', 'queueconsumer=~"$queueconsumer"')
+QUEUE = (*WORKER, 'queue=~"$queue"')
 CONSUMER = (*QUEUE, 'consumer=~"$consumer"')
-DENIALS = (*NAMESPACE, 'consumer=~"$consumer"')
+DENIALS = (*WORKER, 'consumer=~"$consumer"')
+
+# what tells one QueueConsumer's workers from another's
+OWNER = ("namespace", "queueconsumer")
 
 # colours of the settlement outcomes (luaq_messages_settled_total{outcome})
 OUTCOME_COLORS = {
@@ -55,6 +62,16 @@ OUTCOME_COLORS = {
     "reject": "dark-red",
     "stale": "purple",
 }
+
+
+def per(*labels: str) -> str:
+    """A grouping that keeps the QueueConsumers apart."""
+    return ", ".join((*OWNER, *labels))
+
+
+def line(legend: str) -> str:
+    """A line's name: its namespace and QueueConsumer first."""
+    return "{{namespace}}/{{queueconsumer}} " + legend
 
 
 def series(metric: str, scope: tuple[str, ...], *matchers: str) -> str:
@@ -78,11 +95,13 @@ def error_ratio(by: str = "") -> str:
 
 
 # A queue a consumer reads has a luaq_consumer_concurrency series; a dead-letter queue has only
-# its backlog. Every replica reports the same broker queue, hence `max`.
-CONSUMED = f"group by (queue) ({series('luaq_consumer_concurrency', QUEUE)})"
-BACKLOG = f"max by (queue) ({series('luaq_queue_backlog', QUEUE)})"
-CONSUMED_BACKLOG = f"{BACKLOG}\nand on (queue)\n{CONSUMED}"
-DEAD_LETTER_BACKLOG = f"{BACKLOG}\nunless on (queue)\n{CONSUMED}"
+# its backlog. Every replica of a QueueConsumer reports the same broker queue, hence `max`; two
+# QueueConsumers' queues are two, even of one name.
+QUEUES = per("queue")
+CONSUMED = f"group by ({QUEUES}) ({series('luaq_consumer_concurrency', QUEUE)})"
+BACKLOG = f"max by ({QUEUES}) ({series('luaq_queue_backlog', QUEUE)})"
+CONSUMED_BACKLOG = f"{BACKLOG}\nand on ({QUEUES})\n{CONSUMED}"
+DEAD_LETTER_BACKLOG = f"{BACKLOG}\nunless on ({QUEUES})\n{CONSUMED}"
 
 
 def query(expr: str, legend: str) -> prometheus.Dataquery:
@@ -232,14 +251,14 @@ def overview() -> list[stat.Panel]:
             "its --processes). A worker is ready when every driver is connected and every "
             "consumer attached.",
             units.Short,
-            query(f"sum({series('luaq_worker_ready', NAMESPACE)})", "ready"),
-            query(f"count({series('luaq_build_info', NAMESPACE)})", "running"),
+            query(f"sum({series('luaq_worker_ready', WORKER)})", "ready"),
+            query(f"count({series('luaq_build_info', WORKER)})", "running"),
         ),
         single(
             "Brokers",
             "Whether every driver of every selected worker is connected to its broker.",
             units.NoUnit,
-            query(f"min({series('luaq_driver_connected', NAMESPACE)})", "connected"),
+            query(f"min({series('luaq_driver_connected', WORKER)})", "connected"),
             steps=((None, "red"), (1, "green")),
         ).mappings(
             [
@@ -262,11 +281,14 @@ def throughput_and_errors() -> list[timeseries.Panel]:
         "dead-letter queue), reject (dropped), stale (received on a connection lost before "
         "the settlement: the broker delivers them again).",
         units.MessagesPerSecond,
-        query(f"sum by (outcome) ({rate('luaq_messages_settled_total', CONSUMER)})", "{{outcome}}"),
+        query(
+            f"sum by ({per('outcome')}) ({rate('luaq_messages_settled_total', CONSUMER)})",
+            line("{{outcome}}"),
+        ),
     ).stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
     for outcome, color in OUTCOME_COLORS.items():
-        settled.override_by_name(
-            outcome, [DynamicConfigValue("color", {"mode": "fixed", "fixedColor": color})]
+        settled.override_by_regexp(
+            f".* {outcome}$", [DynamicConfigValue("color", {"mode": "fixed", "fixedColor": color})]
         )
     return [
         settled,
@@ -275,8 +297,8 @@ def throughput_and_errors() -> list[timeseries.Panel]:
             "Deliveries each consumer took from its queue per second (redeliveries included).",
             units.MessagesPerSecond,
             query(
-                f"sum by (consumer) ({rate('luaq_messages_received_total', CONSUMER)})",
-                "{{consumer}}",
+                f"sum by ({per('consumer')}) ({rate('luaq_messages_received_total', CONSUMER)})",
+                line("{{consumer}}"),
             ),
         ),
         graph(
@@ -284,7 +306,7 @@ def throughput_and_errors() -> list[timeseries.Panel]:
             "Share of each consumer's handler invocations that failed. The dashed line is the "
             "LuaqErrorRatioHigh alert's threshold (5% for 10 minutes).",
             units.PercentUnit,
-            query(error_ratio("consumer"), "{{consumer}}"),
+            query(error_ratio(per("consumer")), line("{{consumer}}")),
         )
         .thresholds(thresholds((None, "transparent"), (0.05, "red")))
         .thresholds_style(
@@ -298,8 +320,9 @@ def throughput_and_errors() -> list[timeseries.Panel]:
             "UNKNOWN for a plain error string or a raised error, TIMEOUT, INVALID, ...).",
             "errors/s",
             query(
-                f"sum by (consumer, kind) ({rate('luaq_handler_errors_total', CONSUMER)})",
-                "{{consumer}} {{kind}}",
+                f"sum by ({per('consumer', 'kind')}) "
+                f"({rate('luaq_handler_errors_total', CONSUMER)})",
+                line("{{consumer}} {{kind}}"),
             ),
         ),
     ]
@@ -314,9 +337,13 @@ def latency_and_concurrency() -> list[timeseries.Panel]:
             "within p99. Interpolated within histogram buckets (1 ms to 60 s). The "
             "LuaqHandlerLatencyHigh alert fires when p95 stays above 5 s.",
             units.Seconds,
-            query(quantile(0.5, duration, CONSUMER, "consumer"), "{{consumer}} p50"),
-            query(quantile(0.95, duration, CONSUMER, "consumer"), "{{consumer}} p95"),
-            query(quantile(0.99, duration, CONSUMER, "consumer"), "{{consumer}} p99"),
+            *(
+                query(
+                    quantile(q, duration, CONSUMER, per("consumer")),
+                    line("{{consumer}} " + name),
+                )
+                for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
+            ),
             width=8,
         ),
         graph(
@@ -326,12 +353,12 @@ def latency_and_concurrency() -> list[timeseries.Panel]:
             "a slot.",
             units.Short,
             query(
-                f"sum by (consumer) ({series('luaq_handlers_in_flight', CONSUMER)})",
-                "{{consumer}} in flight",
+                f"sum by ({per('consumer')}) ({series('luaq_handlers_in_flight', CONSUMER)})",
+                line("{{consumer}} in flight"),
             ),
             query(
-                f"sum by (consumer) ({series('luaq_consumer_concurrency', CONSUMER)})",
-                "{{consumer}} concurrency",
+                f"sum by ({per('consumer')}) ({series('luaq_consumer_concurrency', CONSUMER)})",
+                line("{{consumer}} concurrency"),
             ),
             width=8,
         ).override_by_regexp(
@@ -345,12 +372,12 @@ def latency_and_concurrency() -> list[timeseries.Panel]:
             "Message size, by consumer",
             "Body sizes of the messages received: half are at most p50, 95% at most p95.",
             units.BytesIEC,
-            query(
-                quantile(0.5, "luaq_message_size_bytes", CONSUMER, "consumer"), "{{consumer}} p50"
-            ),
-            query(
-                quantile(0.95, "luaq_message_size_bytes", CONSUMER, "consumer"),
-                "{{consumer}} p95",
+            *(
+                query(
+                    quantile(q, "luaq_message_size_bytes", CONSUMER, per("consumer")),
+                    line("{{consumer}} " + name),
+                )
+                for q, name in ((0.5, "p50"), (0.95, "p95"))
             ),
             width=8,
         ),
@@ -365,15 +392,15 @@ def queues_and_replicas() -> list[timeseries.Panel]:
             "a retry backoff), sampled from the broker every few seconds. A backlog that keeps "
             "growing means the consumers do not keep up (LuaqBacklogGrowing).",
             units.Short,
-            query(CONSUMED_BACKLOG, "{{queue}}"),
+            query(CONSUMED_BACKLOG, line("{{queue}}")),
         ),
         graph(
-            "Replicas, by job",
-            "Workers Prometheus scrapes (running) and those ready, per scrape job: on "
-            "Kubernetes, one job per metrics Service, so per QueueConsumer.",
+            "Replicas, by QueueConsumer",
+            "Workers Prometheus scrapes (running: one per pod, whatever its --processes) and "
+            "those ready, per namespace and QueueConsumer.",
             units.Short,
-            query(f"count by (job) ({series('luaq_build_info', NAMESPACE)})", "{{job}} running"),
-            query(f"sum by (job) ({series('luaq_worker_ready', NAMESPACE)})", "{{job}} ready"),
+            query(f"count by ({per()}) ({series('luaq_build_info', WORKER)})", line("running")),
+            query(f"sum by ({per()}) ({series('luaq_worker_ready', WORKER)})", line("ready")),
         ).decimals(0),
     ]
 
@@ -386,10 +413,10 @@ def dead_letters() -> list[timeseries.Panel]:
             "or their body could not be decoded.",
             units.MessagesPerSecond,
             query(
-                "sum by (consumer) ("
+                f"sum by ({per('consumer')}) ("
                 + rate("luaq_messages_settled_total", CONSUMER, 'outcome="dead_letter"')
                 + ")",
-                "{{consumer}}",
+                line("{{consumer}}"),
             ),
         ),
         graph(
@@ -398,7 +425,7 @@ def dead_letters() -> list[timeseries.Panel]:
             "QUEUE` shows their reasons and last errors, `luaq dlq replay QUEUE` sends them "
             "back, `luaq dlq purge QUEUE` drops them.",
             units.Short,
-            query(DEAD_LETTER_BACKLOG, "{{queue}}"),
+            query(DEAD_LETTER_BACKLOG, line("{{queue}}")),
         ).decimals(0),
     ]
 
@@ -410,7 +437,10 @@ def publishing() -> list[timeseries.Panel]:
             "Publishes the broker confirmed, per second, by the queue they went to: from "
             "handlers and `--input` (retries and dead letters are not counted here).",
             units.MessagesPerSecond,
-            query(f"sum by (queue) ({rate('luaq_messages_published_total', QUEUE)})", "{{queue}}"),
+            query(
+                f"sum by ({QUEUES}) ({rate('luaq_messages_published_total', QUEUE)})",
+                line("{{queue}}"),
+            ),
         ),
         graph(
             "Publish failures, by target queue and kind",
@@ -419,8 +449,8 @@ def publishing() -> list[timeseries.Panel]:
             "PERMISSION_DENIED (refused by a security policy: see Permission denials), ...",
             "failures/s",
             query(
-                f"sum by (queue, kind) ({rate('luaq_publish_failures_total', QUEUE)})",
-                "{{queue}} {{kind}}",
+                f"sum by ({per('queue', 'kind')}) ({rate('luaq_publish_failures_total', QUEUE)})",
+                line("{{queue}} {{kind}}"),
             ),
         ),
         graph(
@@ -428,8 +458,13 @@ def publishing() -> list[timeseries.Panel]:
             "How long a publish takes until the broker confirms it: 95% within p95, 99% "
             "within p99.",
             units.Seconds,
-            query(quantile(0.95, "luaq_publish_duration_seconds", QUEUE, "queue"), "{{queue}} p95"),
-            query(quantile(0.99, "luaq_publish_duration_seconds", QUEUE, "queue"), "{{queue}} p99"),
+            *(
+                query(
+                    quantile(q, "luaq_publish_duration_seconds", QUEUE, QUEUES),
+                    line("{{queue}} " + name),
+                )
+                for q, name in ((0.95, "p95"), (0.99, "p99"))
+            ),
         ),
         graph(
             "Permission denials, by consumer and action",
@@ -439,8 +474,9 @@ def publishing() -> list[timeseries.Panel]:
             "queue.publish.queue (that queue).",
             "denials/s",
             query(
-                f"sum by (consumer, action) ({rate('luaq_permission_denials_total', DENIALS)})",
-                "{{consumer}} {{action}}",
+                f"sum by ({per('consumer', 'action')}) "
+                f"({rate('luaq_permission_denials_total', DENIALS)})",
+                line("{{consumer}} {{action}}"),
             ),
         ),
     ]
@@ -469,7 +505,12 @@ def broker_connections() -> list[timeseries.Panel | statetimeline.Panel]:
                 )
             ]
         ),
-        (query(f"min by (driver) ({series('luaq_driver_connected', NAMESPACE)})", "{{driver}}"),),
+        (
+            query(
+                f"min by ({per('driver')}) ({series('luaq_driver_connected', WORKER)})",
+                line("{{driver}}"),
+            ),
+        ),
     )
     reconnects = graph(
         "Reconnects, by driver",
@@ -478,9 +519,9 @@ def broker_connections() -> list[timeseries.Panel | statetimeline.Panel]:
         "worker's logs say why.",
         units.Short,
         query(
-            "sum by (driver) (increase("
-            f"{series('luaq_driver_reconnects_total', NAMESPACE)}[$__rate_interval]))",
-            "{{driver}}",
+            f"sum by ({per('driver')}) (increase("
+            f"{series('luaq_driver_reconnects_total', WORKER)}[$__rate_interval]))",
+            line("{{driver}}"),
         ),
     )
     return [state, reconnects]
@@ -517,9 +558,19 @@ def build() -> dashboards.Dashboard:
         )
         .with_variable(
             variable(
+                "queueconsumer",
+                "QueueConsumer",
+                'label_values(luaq_build_info{namespace=~"$namespace"}, queueconsumer)',
+                "QueueConsumers of the workers (the label the chart's monitors add). Empty on a "
+                "Prometheus that adds no queueconsumer label; All then shows everything.",
+            )
+        )
+        .with_variable(
+            variable(
                 "consumer",
                 "Consumer",
-                'label_values(luaq_consumer_concurrency{namespace=~"$namespace"}, consumer)',
+                "label_values(luaq_consumer_concurrency{"
+                'namespace=~"$namespace", queueconsumer=~"$queueconsumer"}, consumer)',
                 "Consumer entries (namespace:name of the entries file).",
             )
         )
@@ -528,7 +579,7 @@ def build() -> dashboards.Dashboard:
                 "queue",
                 "Queue",
                 'label_values({__name__=~"luaq_queue_backlog|luaq_messages_published_total", '
-                'namespace=~"$namespace"}, queue)',
+                'namespace=~"$namespace", queueconsumer=~"$queueconsumer"}, queue)',
                 "Queue entries: those consumers read, their dead-letter queues and the queues "
                 "handlers publish to.",
             )

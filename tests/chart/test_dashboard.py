@@ -5,19 +5,20 @@ RabbitMQ."""
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import importlib.util
 import json
 import re
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from broker import AMQP_URL
+from dead_letters import put_dead_letters, vhost_url
 from processes import Spawner, wait_until, write_app
 from prometheus import Prometheus, QueryError, answers, binary, free_port, running_prometheus
 
@@ -29,7 +30,7 @@ RULE_TESTS = RULES.with_name("luaq.rules.test.yaml")
 
 # what Grafana puts in place of $__rate_interval and the like: wide enough to span the whole test
 WINDOW = "5m"
-ALL = ".*"  # the "All" value of the namespace, consumer and queue variables
+ALL = ".*"  # the "All" value of the variables but the data source
 
 
 def dashboard() -> dict[str, Any]:
@@ -49,6 +50,11 @@ def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
 
 def variables(board: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {variable["name"]: variable for variable in board["templating"]["list"]}
+
+
+def all_of(board: dict[str, Any]) -> dict[str, str]:
+    """Every variable at "All", as the dashboard opens."""
+    return {name: ALL for name in variables(board) if name != "datasource"}
 
 
 def expand(text: str, values: dict[str, str]) -> str:
@@ -103,17 +109,18 @@ def test_every_panel_says_what_it_shows_and_in_which_unit() -> None:
             selectors = re.findall(r"\b(luaq_\w+)(\{[^}]*\})?", target["expr"])
             assert selectors, title
             for metric, matchers in selectors:
-                assert 'namespace=~"$namespace"' in matchers, f"{title}: {metric} {matchers}"
+                for scope in ('namespace=~"$namespace"', 'queueconsumer=~"$queueconsumer"'):
+                    assert scope in matchers, f"{title}: {metric} {matchers}"
 
 
 def test_the_variables_select_a_prometheus_and_default_to_everything() -> None:
     found = variables(dashboard())
-    assert list(found) == ["datasource", "namespace", "consumer", "queue"]
+    assert list(found) == ["datasource", "namespace", "queueconsumer", "consumer", "queue"]
     assert (found["datasource"]["type"], found["datasource"]["query"]) == (
         "datasource",
         "prometheus",
     )
-    for name in ("namespace", "consumer", "queue"):
+    for name in ("namespace", "queueconsumer", "consumer", "queue"):
         variable = found[name]
         assert variable["type"] == "query", name
         assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
@@ -184,17 +191,24 @@ SEEN = {
     "published": 'luaq_messages_published_total{queue="app:out"} > 0',
     "the dead letter in its queue": 'luaq_queue_backlog{queue="app:dlq"} > 0',
 }
+JOBS = ({"n": 1}, {"n": 2, "fail": True})  # what brings all of SEEN about
 
 
-def worker_entries(vhost: str) -> list[dict[str, Any]]:
+def worker_entries(vhost: str, prefix: str = "") -> list[dict[str, Any]]:
+    """`prefix` starts the names of its queues on the broker: workers of two namespaces share
+    the vhost, but no queue. The holder takes one message and keeps it: the rest wait."""
+    queues = {
+        "jobs": {
+            "retry": {"delay": "10ms", "max_delay": "10ms"},
+            "dead_letter": {"queue": "dlq", "max_attempts": 2},
+        },
+        **{name: {} for name in ("dlq", "out", "secret", "held")},
+    }
     return [
         {"name": "broker", "kind": "queue.driver.amqp", "url": AMQP_URL, "vhost": vhost,
          "max_message_size": 4096},
-        {"name": "jobs", "kind": "queue.queue", "driver": "broker",
-         "retry": {"delay": "10ms", "max_delay": "10ms"},
-         "dead_letter": {"queue": "dlq", "max_attempts": 2}},
-        *({"name": name, "kind": "queue.queue", "driver": "broker"}
-          for name in ("dlq", "out", "secret")),
+        *({"name": name, "kind": "queue.queue", "driver": "broker", "queue_name": prefix + name}
+          | options for name, options in queues.items()),
         {"name": "may_publish", "kind": "security.policy",
          "policy": {"actions": "queue.publish", "effect": "allow"}},
         {"name": "may_publish_out", "kind": "security.policy",
@@ -202,25 +216,22 @@ def worker_entries(vhost: str) -> list[dict[str, Any]]:
         {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
          "source": HANDLER, "concurrency": 2,
          "security": {"policies": ["may_publish", "may_publish_out"]}},
+        {"id": "holder", "kind": "queue.consumer", "queue": "held", "method": "hold",
+         "source": "function hold() time.sleep(3600) end", "modules": ["time"],
+         "concurrency": 1, "prefetch": 1},
     ]  # fmt: skip
 
 
-@dataclass
-class MetricsWorker:
-    app: Path
-    address: str
-    spawn: Spawner
-
-    def publish(self, job: dict[str, Any]) -> None:
-        process = self.spawn("publish", "--entries", self.app, "app:jobs", json.dumps(job))
-        assert process.wait(30) == 0, process.stderr
-
-
 @pytest.fixture
-def worker(tmp_path: Path, vhost: str) -> Iterator[MetricsWorker]:
-    """`luaq run --metrics-port` on a vhost of its own, ready; stopped before the vhost goes."""
-    spawn = Spawner(tmp_path)
-    app = write_app(tmp_path / "app.yaml", worker_entries(vhost))
+def spawn(tmp_path: Path, vhost: str) -> Iterator[Spawner]:
+    """What it starts is stopped before the vhost goes."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
+
+
+def started(spawn: Spawner, app: Path) -> str:
+    """`luaq run --metrics-port` of `app`, ready: the address of its metrics."""
     address = f"127.0.0.1:{free_port()}"
     host, port = address.split(":")
     process = spawn("run", app, "--metrics-port", port, "--metrics-address", host)
@@ -229,11 +240,13 @@ def worker(tmp_path: Path, vhost: str) -> Iterator[MetricsWorker]:
         assert process.popen.poll() is None, f"the worker exited:\n{process.stderr}"
         return answers(f"http://{address}/readyz")
 
-    try:
-        wait_until(ready, 30, "the worker ready")
-        yield MetricsWorker(app, address, spawn)
-    finally:
-        spawn.stop_all()
+    wait_until(ready, 30, "the worker ready")
+    return address
+
+
+def publish(spawn: Spawner, app: Path, job: dict[str, Any]) -> None:
+    process = spawn("publish", "--entries", app, "app:jobs", json.dumps(job))
+    assert process.wait(30) == 0, process.stderr
 
 
 def label_values(prometheus: Prometheus, query: str, values: dict[str, str]) -> list[str]:
@@ -246,25 +259,30 @@ def label_values(prometheus: Prometheus, query: str, values: dict[str, str]) -> 
 
 
 def test_every_panel_and_alert_works_on_a_real_prometheus(
-    tmp_path: Path, worker: MetricsWorker
+    tmp_path: Path, vhost: str, spawn: Spawner
 ) -> None:
-    target = {"targets": [worker.address]}
+    app = write_app(tmp_path / "app.yaml", worker_entries(vhost))
+    target = {"targets": [started(spawn, app)]}
     scrape_configs = [
         {"job_name": "luaq", "static_configs": [target]},  # a plain Prometheus: no namespace
         {"job_name": "luaq-k8s", "static_configs": [target | {"labels": {"namespace": NAMESPACE}}]},
     ]
     with running_prometheus(tmp_path / "prometheus", scrape_configs, [RULES]) as prometheus:
         wait_until(lambda: prometheus.holds("count(luaq_build_info) == 2"), 20, "a first scrape")
-        for job in ({"n": 1}, {"n": 2, "fail": True}):
-            worker.publish(job)
+        for job in JOBS:
+            publish(spawn, app, job)
         for what, expr in SEEN.items():
             wait_until(lambda expr=expr: prometheus.holds(expr), 30, f"{what} in Prometheus")
 
         board = dashboard()
-        everything = {"namespace": ALL, "consumer": ALL, "queue": ALL}
+        everything = all_of(board)
         found = variables(board)
         assert label_values(prometheus, found["namespace"]["query"], everything) == [NAMESPACE]
-        assert label_values(prometheus, found["consumer"]["query"], everything) == ["app:worker"]
+        assert label_values(prometheus, found["queueconsumer"]["query"], everything) == []
+        assert label_values(prometheus, found["consumer"]["query"], everything) == [
+            "app:holder",
+            "app:worker",
+        ]
         assert {"app:jobs", "app:dlq", "app:out"} <= set(
             label_values(prometheus, found["queue"]["query"], everything)
         )
@@ -338,3 +356,111 @@ def active_alerts(
         for alert in alerts
         if alert["labels"]["alertname"] == name and alert["labels"].get(label) == value
     }
+
+
+# -- one QueueConsumer name in two namespaces -------------------------------------------------
+
+QUEUECONSUMER = "email-worker"
+# its pods in each namespace, two replicas in b, each a target labelled as the chart's monitors
+# label it: Kubernetes SD's namespace, the pod, and the QueueConsumer's name (also the job)
+PODS = {
+    "a": ["email-worker-5d8c7-x2k1q"],
+    "b": ["email-worker-7f9b4-q4r7m", "email-worker-7f9b4-z8m3p"],
+}
+HELD = {"a": 100, "b": 50}  # messages waiting in each namespace's `held` queue
+# what panels draw, by title and legend, once SEEN: the totals add the namespaces up
+DRAWN = {
+    "Backlog": {"waiting": 150},
+    "Backlog, by queue": {"a/email-worker app:held": 100, "b/email-worker app:held": 50},
+    "Dead letters waiting": {"dead letters": 2},
+    "Dead letters waiting, by queue": {"a/email-worker app:dlq": 1, "b/email-worker app:dlq": 1},
+    "Replicas": {"ready": 3, "running": 3},
+    "Replicas, by QueueConsumer": {
+        "a/email-worker running": 1, "a/email-worker ready": 1,
+        "b/email-worker running": 2, "b/email-worker ready": 2,
+    },
+}  # fmt: skip
+
+
+def legend(target: dict[str, Any], series: dict[str, Any]) -> str:
+    """The series' name as Grafana draws it: the target's legend with the series' labels."""
+    labels = series["metric"]
+    return re.sub(
+        r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), target["legendFormat"]
+    )
+
+
+def drawn(prometheus: Prometheus, panel: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
+    """What each of the panel's lines (or values) shows now, by legend; fails on two lines of
+    the same name, which Grafana would draw as one."""
+    lines: dict[str, Any] = {}
+    for target in panel["targets"]:
+        for series in evaluate(prometheus, expand(target["expr"], values), panel["title"]):
+            name = legend(target, series)
+            assert name not in lines, f"{panel['title']}: two lines named {name!r}"
+            lines[name] = series
+    return lines
+
+
+def test_one_queueconsumer_name_in_two_namespaces_is_drawn_apart(
+    tmp_path: Path, vhost: str, spawn: Spawner
+) -> None:
+    """Every graph draws a line per namespace and QueueConsumer, the replicas of one added up;
+    the totals add the namespaces up (backlog 150, not the 100 of the larger)."""
+    apps = {ns: write_app(tmp_path / f"{ns}.yaml", worker_entries(vhost, f"{ns}.")) for ns in PODS}
+    targets = [
+        {"targets": [started(spawn, apps[ns])],
+         "labels": {"namespace": ns, "pod": pod, "queueconsumer": QUEUECONSUMER}}
+        for ns, pods in PODS.items() for pod in pods
+    ]  # fmt: skip
+    scrape_configs = [{"job_name": QUEUECONSUMER, "static_configs": targets}]
+    with running_prometheus(tmp_path / "prometheus", scrape_configs, [RULES]) as prometheus:
+        wait_until(lambda: prometheus.holds("count(luaq_build_info) == 3"), 20, "a first scrape")
+        for ns, pods in PODS.items():
+            # each replica's holder takes one, the rest wait
+            asyncio.run(put_dead_letters(vhost_url(vhost), f"{ns}.held", HELD[ns] + len(pods)))
+            for job in JOBS:
+                publish(spawn, apps[ns], job)
+        for what, expr in SEEN.items():
+            wait_until(
+                lambda expr=expr: prometheus.holds(f"count(count by (namespace) ({expr})) == 2"),
+                30,
+                f"{what} in both namespaces",
+            )
+
+        board = dashboard()
+        everything = all_of(board)
+        found = variables(board)
+        assert label_values(prometheus, found["namespace"]["query"], everything) == list(PODS)
+        assert label_values(prometheus, found["queueconsumer"]["query"], everything) == [
+            QUEUECONSUMER
+        ]
+        for panel in panels(board):
+            title, lines = panel["title"], drawn(prometheus, panel, everything)
+            if panel["type"] == "stat":  # the total of the namespaces: DRAWN checks a few
+                continue
+            assert {line["metric"].get("namespace") for line in lines.values()} == set(PODS), title
+            assert {line["metric"].get("queueconsumer") for line in lines.values()} == {
+                QUEUECONSUMER
+            }, title
+        for title, expected in DRAWN.items():
+            (panel,) = [panel for panel in panels(board) if panel["title"] == title]
+            wait_until_drawn(prometheus, panel, everything, expected)
+
+
+def wait_until_drawn(
+    prometheus: Prometheus,
+    panel: dict[str, Any],
+    values: dict[str, str],
+    expected: dict[str, float],
+) -> None:
+    """Until the panel draws the `expected` lines (among others), with these values."""
+
+    def shown() -> dict[str, float]:
+        lines = drawn(prometheus, panel, values)
+        return {name: float(line["value"][1]) for name, line in lines.items()}
+
+    try:
+        wait_until(lambda: expected.items() <= shown().items(), 30)
+    except AssertionError:
+        raise AssertionError(f"{panel['title']} draws {shown()}, not {expected}") from None
