@@ -447,6 +447,16 @@ def test_one_queueconsumer_name_in_two_namespaces_is_drawn_apart(
             (panel,) = [panel for panel in panels(board) if panel["title"] == title]
             wait_until_drawn(prometheus, panel, everything, expected)
 
+        wait_until(lambda: rules_evaluated(prometheus), 20, "every rule evaluated")
+        named = {("LuaqDeadLetterQueueNotEmpty", ns, QUEUECONSUMER) for ns in PODS}
+        named |= {("LuaqErrorRatioHigh", ns, QUEUECONSUMER) for ns in PODS}
+        try:
+            wait_until(lambda: named <= alerts_by_queueconsumer(prometheus), 20)
+        except AssertionError:
+            raise AssertionError(
+                f"alerts pending or firing: {alerts_by_queueconsumer(prometheus)}"
+            ) from None
+
 
 def wait_until_drawn(
     prometheus: Prometheus,
@@ -464,3 +474,11 @@ def wait_until_drawn(
         wait_until(lambda: expected.items() <= shown().items(), 30)
     except AssertionError:
         raise AssertionError(f"{panel['title']} draws {shown()}, not {expected}") from None
+
+
+def alerts_by_queueconsumer(prometheus: Prometheus) -> set[tuple[str, str, str]]:
+    """The alerts pending or firing, as (name, namespace, queueconsumer)."""
+    return {
+        (labels["alertname"], labels.get("namespace", ""), labels.get("queueconsumer", ""))
+        for labels in (alert["labels"] for alert in prometheus.get("/api/v1/alerts")["alerts"])
+    }
