@@ -30,12 +30,9 @@ from .resource import CRD_VERSION, GROUP, PLURAL
 from .settings import OperatorSettings
 from .watching import Watches
 
-_log = logging.getLogger("luaq.operator")
-
 Key = tuple[str, str]
 MANAGED = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
 PART_OF = {"app.kubernetes.io/part-of": "luaq"}
-BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 T = TypeVar("T")
 
 
@@ -147,33 +144,20 @@ class Operator:
         reconciler = Reconciler(
             self.kube, self.settings, self.metrics, self.schema, _post_event, self.call, self.checks
         )
-        failures = 0
         try:
             while not stopped:
                 trigger.clear()
-                delay: float | None = None
+                delay: float | None = None  # a follower waits for a change or a new term
                 if self.leading:
                     if term != self.epoch:  # a new term: what was cached may be stale by now
                         await state.close()
-                        state, term = ConsumerState(), self.epoch
+                        state, term = ConsumerState(failures=state.failures), self.epoch
                     try:
-                        outcome = await self.as_leader(reconciler.reconcile(body, state))
-                        failures = 0
+                        result = await self.as_leader(reconciler.reconcile(body, state))
                     except LeadershipLost:
                         continue  # cancelled: wait for the next term
-                    except Exception as exc:
-                        outcome = "error"
-                        delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
-                        failures += 1
-                        _log.warning("reconcile %s/%s failed: %s", *key, exc, exc_info=True)
-                    self.metrics.reconciles.labels(outcome).inc()
-                    if delay is None:
-                        autoscaled = (body.get("spec") or {}).get("autoscaling") is not None
-                        delay = (
-                            self.settings.autoscale_seconds
-                            if autoscaled
-                            else self.settings.resync_seconds
-                        )
+                    self.metrics.reconciles.labels(result.outcome).inc()
+                    delay = result.requeue_after
                 # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow the cancellation
                 # that stops this daemon, and kopf then waits for it in vain.
                 with contextlib.suppress(TimeoutError):

@@ -42,6 +42,7 @@ from .settings import OperatorSettings
 _log = logging.getLogger("luaq.operator")
 
 SPEC_HASH = "luaq.dev/spec-hash"
+BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # after one failed pass, two, ...
 PostEvent = Callable[[Mapping[str, Any], str, str, str], None]
 Call = Callable[..., Awaitable[Any]]  # runs a blocking function off the event loop
 RESOURCES = {"ConfigMap": CONFIG_MAPS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
@@ -90,11 +91,29 @@ class ConsumerState:
     # Of each owned object, a fingerprint of what the API server stored after this operator
     # last wrote or saw it in the desired state: anything else is a change by hand.
     stored: dict[str, str] = field(default_factory=dict)
+    failures: int = 0  # passes failed in a row, which the next one's backoff follows
 
     async def close(self) -> None:
         if self.reader is not None:
             await self.reader.close()
             self.reader = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a pass came to: its outcome (ok, invalid, error), which the metrics and the status
+    record, and the seconds until the next pass, unless a change wakes it first."""
+
+    outcome: str
+    requeue_after: float
+
+
+def requeue_after(failures: int, autoscaled: bool, settings: OperatorSettings) -> float:
+    """The wait before the next pass: after `failures` failed passes in a row, a backoff; else
+    the autoscaler's period, when it reads a backlog each pass; else the resync period."""
+    if failures:
+        return BACKOFF[min(failures, len(BACKOFF)) - 1]
+    return settings.autoscale_seconds if autoscaled else settings.resync_seconds
 
 
 def _now() -> datetime:
@@ -273,7 +292,22 @@ class Reconciler:
         self._call = call
         self._checks = checks  # shared by every QueueConsumer: how many checks run at once
 
-    async def reconcile(self, resource: Mapping[str, Any], state: ConsumerState) -> str:
+    async def reconcile(self, resource: Mapping[str, Any], state: ConsumerState) -> Result:
+        """One pass, and when the next is due; an API or broker failure is an error outcome."""
+        try:
+            outcome = await self._pass(resource, state)
+            state.failures = 0
+        except Exception as exc:
+            outcome = "error"
+            state.failures += 1
+            meta = resource["metadata"]
+            _log.warning(
+                "reconcile %s/%s failed: %s", meta["namespace"], meta["name"], exc, exc_info=True
+            )
+        autoscaled = (resource.get("spec") or {}).get("autoscaling") is not None
+        return Result(outcome, requeue_after(state.failures, autoscaled, self.settings))
+
+    async def _pass(self, resource: Mapping[str, Any], state: ConsumerState) -> str:
         """One pass; returns the outcome (ok, invalid), raises on API or broker failures."""
         body = copy.deepcopy(dict(resource))  # kopf's view changes while the pass awaits
         meta = body["metadata"]
