@@ -18,7 +18,7 @@ from .entries import Config
 from .errors import ConfigError
 from .host import Host
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
-from .metrics import PublishStats, Snapshots
+from .metrics import Snapshots
 from .security import access_for
 from .settings import Settings
 from .telemetry import Lifecycle, Telemetry
@@ -86,26 +86,25 @@ def build(
         )
     pool = Pool(consumers)
     lifecycle = Lifecycle()
-    telemetry = Telemetry(
-        config,
-        drivers,
-        consumers,
-        {queue_id: PublishStats() for queue_id in config.queues},
-        lua.user_metrics,
-        lifecycle,
-        sample_backlog=sample_backlog,
-        snapshots=snapshots,
-        address=metrics_address,
-    )
     host = Host(
         config,
         drivers,
         {entry.id: access_for(entry, config) for entry in config.consumers.values()},
-        telemetry.publishes,
         {consumer.entry.id: consumer.stats.denials for consumer in consumers},
-        telemetry.alive,
+        lifecycle.alive,
     )
     lua.serve(host)
+    telemetry = Telemetry(
+        config,
+        drivers,
+        lifecycle,
+        lua.user_metrics,
+        reports=(pool.families, host.families),
+        checks=(pool.unready,),
+        sample_backlog=sample_backlog,
+        snapshots=snapshots,
+        address=metrics_address,
+    )
     return Worker(
         config,
         [telemetry, drivers, pool],

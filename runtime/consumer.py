@@ -25,7 +25,7 @@ from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, QueueError
 from .logs import LogBudget
 from .lua import Invoke, Outcome, SettleEarly, Verdict
-from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Histogram
+from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Family, Histogram
 
 if TYPE_CHECKING:
     from .dlq import DeadLetterSink
@@ -468,7 +468,8 @@ class Consumer:
 
 class Pool:
     """The consumers of a worker process, one of its parts: started one after the other,
-    stopped together (each within the grace period)."""
+    stopped together (each within the grace period); they report their metric families, and
+    are not ready while one is not attached."""
 
     def __init__(self, consumers: list[Consumer]) -> None:
         self.consumers = consumers
@@ -497,3 +498,53 @@ class Pool:
                     )
                 return False
         return not any(consumer.held for consumer in self.consumers)
+
+    def unready(self) -> str | None:
+        for consumer in self.consumers:
+            if not consumer.attached:
+                return f"consumer {consumer.entry.id} not attached"
+        return None
+
+    def families(self) -> list[Family]:
+        """The consumers' metrics now (README's table). Read from the metrics server's thread:
+        only copies of what the event loop changes are iterated."""
+        by_consumer = ("consumer", "queue")
+        received = Family(
+            "luaq_messages_received", "counter", "Deliveries taken from the driver", by_consumer
+        )
+        settled = Family(
+            "luaq_messages_settled", "counter",
+            "Messages settled, by outcome: ack, retry (after a backoff), requeue (at once, at "
+            "shutdown), dead_letter, reject, stale (the broker could not be told: it delivers "
+            "the message again)",
+            (*by_consumer, "outcome"),
+        )  # fmt: skip
+        duration = Family(
+            "luaq_handler_duration_seconds", "histogram", "Handler invocations", by_consumer
+        )
+        errors = Family(
+            "luaq_handler_errors", "counter", "Failed handler invocations, by error kind",
+            (*by_consumer, "kind"),
+        )  # fmt: skip
+        in_flight = Family(
+            "luaq_handlers_in_flight", "gauge", "Handler invocations running", by_consumer
+        )
+        concurrency = Family(
+            "luaq_consumer_concurrency", "gauge", "Handler invocations allowed at once", by_consumer
+        )
+        sizes = Family(
+            "luaq_message_size_bytes", "histogram", "Sizes of message bodies received", by_consumer
+        )
+        for consumer in self.consumers:
+            stats, key = consumer.stats, (consumer.entry.id, consumer.queue.id)
+            received.add(key, stats.received)
+            for outcome, count in stats.settled.items():
+                settled.add((*key, outcome.value), count)
+            duration.histogram(key, stats.durations)
+            sizes.histogram(key, stats.sizes)
+            # every kind from the start: rate() misses a series' first sample
+            for kind in ErrorKind:
+                errors.add((*key, kind.value), stats.errors.get(kind, 0))
+            in_flight.add(key, consumer.busy)
+            concurrency.add(key, consumer.entry.concurrency)
+        return [received, settled, duration, errors, in_flight, concurrency, sizes]

@@ -3,7 +3,8 @@ publishes: --input, `luaq publish`) do in a worker process.
 
 A publish is resolved against the declared queues, checked against the publishing consumer's
 policies and the header rules of every driver, encoded by the queue's codec, held to its
-driver's max_message_size and sent through the driver; the host counts it (PublishStats).
+driver's max_message_size and sent through the driver; the host counts it (PublishStats), and
+the publishes policies refused, and reports both as metric families.
 """
 
 from __future__ import annotations
@@ -11,19 +12,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .codecs import CODECS
 from .entries import Config, QueueEntry, resolve_id
 from .errors import ErrorKind, QueueError
 from .headers import priority
-from .security import Access, Denied
+from .metrics import DURATION_BUCKETS, Family, Histogram
+from .security import ACTIONS, Access, Denied
 
 if TYPE_CHECKING:
     from .drivers import Driver
-    from .metrics import PublishStats
 
 _log = logging.getLogger("luaq.worker")  # a worker process's lines, wherever written
+
+
+@dataclass
+class PublishStats:
+    """Publishes to one queue by handlers and the command line (not retries, dead letters)."""
+
+    published: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by error kind
+    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
 
 
 class Host:
@@ -35,14 +46,13 @@ class Host:
         config: Config,
         drivers: Mapping[str, Driver],
         access: Mapping[str, Access],
-        publishes: Mapping[str, PublishStats],
         denials: Mapping[str, dict[str, int]],
         alive: Callable[[], None],
     ) -> None:
         self.config = config
         self.drivers = drivers
         self.access = access
-        self.publishes = publishes
+        self.publishes = {queue_id: PublishStats() for queue_id in config.queues}
         self._denials = denials
         self._alive = alive
 
@@ -113,3 +123,31 @@ class Host:
         queue = self.queue(namespace, queue_id)
         info = await self.drivers[queue.driver].info(queue)
         return info.message_count, info.consumer_count
+
+    def families(self) -> list[Family]:
+        """The refused publishes and the publishes now (README's table). Read from the metrics
+        server's thread: only copies of what the event loop changes are iterated."""
+        denials = Family(
+            "luaq_permission_denials", "counter", "Publishes refused by a security policy",
+            ("consumer", "action"),
+        )  # fmt: skip
+        for consumer, counts in self._denials.items():
+            # every action and kind from the start: rate() misses a series' first sample
+            for action in ACTIONS:
+                denials.add((consumer, action), counts.get(action, 0))
+        by_queue = ("queue", "driver")
+        published = Family("luaq_messages_published", "counter", "Messages published", by_queue)
+        failures = Family(
+            "luaq_publish_failures", "counter", "Publishes that failed, by error kind",
+            (*by_queue, "kind"),
+        )  # fmt: skip
+        duration = Family(
+            "luaq_publish_duration_seconds", "histogram", "Publishes, confirm included", by_queue
+        )
+        for queue_id, publishes in self.publishes.items():
+            key = (queue_id, self.config.queues[queue_id].driver)
+            published.add(key, publishes.published)
+            duration.histogram(key, publishes.durations)
+            for kind in ErrorKind:
+                failures.add((*key, kind.value), publishes.failures.get(kind, 0))
+        return [denials, published, failures, duration]

@@ -1,6 +1,6 @@
 """Prometheus metrics, liveness and readiness, for one worker process or a pod of them.
 
-The hot path never touches prometheus_client: the consumer and the worker bump plain integers
+The hot path never touches prometheus_client: the consumers and the host bump plain integers
 and `Histogram`s (a bisect and two additions), and a scrape turns their state into metric
 families. That keeps the cost of metrics at well under a microsecond per message.
 
@@ -73,15 +73,6 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
-
-
-@dataclass
-class PublishStats:
-    """Publishes to one queue by handlers and the command line (not retries, dead letters)."""
-
-    published: int = 0
-    failures: dict[str, int] = field(default_factory=dict)  # by error kind
-    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
 
 
 @dataclass
