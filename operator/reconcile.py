@@ -18,22 +18,20 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from luaq.runtime.check import check
-from luaq.runtime.entries import AmqpDriverEntry, Config, resolve_id
+from luaq.runtime.entries import Config
 from luaq.runtime.errors import ConfigError
 
 from . import policy, render
-from .autoscale import BacklogReader, decide
+from .autoscale import Scaling
 from .kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES, Kube
 from .metrics import Metrics
 from .resource import InvalidSpec, QueueConsumerSpec, parse_spec
@@ -78,11 +76,7 @@ class Inputs:
 class ConsumerState:
     """What the operator remembers of one QueueConsumer between passes."""
 
-    reader: BacklogReader | None = None
-    backlog: int | None = None
-    backlog_read: float = float("-inf")
-    desired: int | None = None
-    last_scale: datetime | None = None
+    scaling: Scaling = field(default_factory=Scaling)
     # The Warning Events posted and still standing, by topic: one Event per change.
     warnings: dict[str, tuple[str, str]] = field(default_factory=dict)
     status: dict[str, Any] | None = None  # what this operator wrote last (it is the only writer)
@@ -94,9 +88,7 @@ class ConsumerState:
     failures: int = 0  # passes failed in a row, which the next one's backoff follows
 
     async def close(self) -> None:
-        if self.reader is not None:
-            await self.reader.close()
-            self.reader = None
+        await self.scaling.close()
 
 
 @dataclass(frozen=True)
@@ -259,8 +251,8 @@ def status_for(
         "readyReplicas": ready,
         "desiredReplicas": wanted,
         "selector": render.selector(meta["name"]),
-        "backlog": state.backlog,
-        "lastScaleTime": _timestamp(state.last_scale) if state.last_scale else None,
+        "backlog": state.scaling.backlog,
+        "lastScaleTime": _timestamp(state.scaling.last_scale) if state.scaling.last_scale else None,
         "conditions": conditions,
     }
 
@@ -424,57 +416,19 @@ class Reconciler:
                 ) from None
 
     async def _replicas(self, inputs: Inputs, state: ConsumerState, config: Config) -> int:
-        spec, body = inputs.spec, inputs.body
-        scaling = spec.autoscaling
-        if scaling is None:
-            await state.close()
-            state.backlog = state.last_scale = state.desired = None
+        """The spec's replicas or the autoscaler's; an Event tells what it changed, a Warning
+        why it cannot read the backlog."""
+        body = inputs.body
+        decision = await state.scaling.replicas(
+            inputs.spec, body.get("status") or {}, config, self.settings.autoscale_seconds, _now()
+        )
+        if state.scaling.unavailable is None:
             state.warnings.pop("backlog", None)
-            return spec.replicas
-        status = body.get("status") or {}
-        if state.desired is None:  # a restarted operator goes on from what it reported
-            state.desired = status.get("desiredReplicas", scaling.min_replicas)
-            last = status.get("lastScaleTime")
-            state.last_scale = datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
-        driver = config.drivers[resolve_id(render.BROKER_ID, spec.id_namespace)]
-        assert isinstance(driver, AmqpDriverEntry)
-        due = time.monotonic() - state.backlog_read >= self.settings.autoscale_seconds
-        reader_key = digest({"driver": driver.model_dump(mode="json"), "queue": spec.queue})
-        if state.reader is None or state.reader.checksum != reader_key:
-            await state.close()
-            state.reader = BacklogReader(driver, config.queues[spec.queue], reader_key)
-            due = True
-        current = min(max(int(state.desired or 0), scaling.min_replicas), scaling.max_replicas)
-        if due:
-            state.backlog_read = time.monotonic()
-            try:
-                state.backlog = await state.reader.backlog()
-            except Exception as exc:
-                # the tenant names the broker: say where, never what the network said (an Event
-                # that tells an open port from a closed one is a port scanner)
-                where = urlsplit(driver.url)
-                message = (
-                    f"cannot read the backlog of {spec.queue} from the broker at "
-                    f"{where.hostname}:{where.port or 5672}"
-                )
-                self._warn(body, state, "backlog", "BacklogUnavailable", message)
-                _log.warning("%s: %s", message, exc)
-                await state.close()
-                return current
-            state.warnings.pop("backlog", None)
-            since = (_now() - state.last_scale).total_seconds() if state.last_scale else None
-            target = decide(state.backlog, scaling, current, since)
-            if target != current:
-                state.last_scale = _now()
-                self.post_event(
-                    body,
-                    "Normal",
-                    "Scaled",
-                    f"{current} -> {target} replicas (backlog {state.backlog})",
-                )
-            current = target
-        state.desired = current
-        return current
+        else:
+            self._warn(body, state, "backlog", "BacklogUnavailable", state.scaling.unavailable)
+        if decision.change is not None:
+            self.post_event(body, "Normal", "Scaled", decision.change)
+        return decision.replicas
 
     # -- apply ------------------------------------------------------------------------------
 
