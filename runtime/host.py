@@ -2,8 +2,8 @@
 publishes: --input, `luaq publish`) do in a worker process.
 
 A publish is resolved against the declared queues, checked against the publishing consumer's
-policies and the header rules of every driver, encoded by the queue's codec, held to its
-driver's max_message_size and sent through the driver; the host counts it (PublishStats), and
+policies, encoded (Drivers.encode: the header rules of every driver, the queue's codec, the
+driver's max_message_size) and sent through the driver; the host counts it (PublishStats), and
 the publishes policies refused, and reports both as metric families.
 """
 
@@ -15,15 +15,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .codecs import CODECS
 from .entries import Config, QueueEntry, resolve_id
 from .errors import ErrorKind, QueueError
-from .headers import priority
 from .metrics import DURATION_BUCKETS, Family, Histogram
 from .security import ACTIONS, Access, Denied
 
 if TYPE_CHECKING:
-    from .drivers import Driver
+    from .drivers import Drivers
 
 _log = logging.getLogger("luaq.worker")  # a worker process's lines, wherever written
 
@@ -44,7 +42,7 @@ class Host:
     def __init__(
         self,
         config: Config,
-        drivers: Mapping[str, Driver],
+        drivers: Drivers,
         access: Mapping[str, Access],
         denials: Mapping[str, dict[str, int]],
         alive: Callable[[], None],
@@ -83,20 +81,10 @@ class Host:
         try:
             if consumer is not None:
                 self._check_publish(consumer, queue, headers)
-            if "priority" in headers:
-                priority(headers["priority"])  # the same rule on every driver
-            codec = CODECS[queue.codec]
-            body = codec.encode(data)
-            limit = self.config.drivers[queue.driver].max_message_size
-            if len(body) > limit:
-                raise QueueError(
-                    ErrorKind.INVALID,
-                    f"message of {len(body)} bytes is over the max_message_size of {limit} bytes "
-                    f"of driver {queue.driver}",
-                )
+            body, content_type = self.drivers.encode(queue, data, headers)
             started = time.monotonic()
             message_id = await self.drivers[queue.driver].publish(
-                queue, body, headers, codec.content_type
+                queue, body, headers, content_type
             )
         except QueueError as exc:
             stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
