@@ -142,7 +142,7 @@ class Operator:
         self.metrics.consumers.set(len(self.triggers))
         state, term = ConsumerState(), self.epoch
         reconciler = Reconciler(
-            self.kube, self.settings, self.metrics, self.schema, _post_event, self.call, self.checks
+            self.kube, self.settings, self.schema, _post_event, self.call, self.checks
         )
         try:
             while not stopped:
@@ -156,7 +156,7 @@ class Operator:
                         result = await self.as_leader(reconciler.reconcile(body, state))
                     except LeadershipLost:
                         continue  # cancelled: wait for the next term
-                    self.metrics.reconciles.labels(result.outcome).inc()
+                    self.metrics.record(*key, result.outcome, state.status)
                     delay = result.requeue_after
                 # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow the cancellation
                 # that stops this daemon, and kopf then waits for it in vain.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -42,6 +44,16 @@ class Metrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def record(
+        self, namespace: str, name: str, outcome: str, status: Mapping[str, Any] | None
+    ) -> None:
+        """A pass over a QueueConsumer: its outcome, and the replicas of the status the operator
+        last wrote (None before it wrote one)."""
+        self.reconciles.labels(outcome).inc()
+        if status is not None:
+            self.desired.labels(namespace, name).set(status["desiredReplicas"])
+            self.ready.labels(namespace, name).set(status["readyReplicas"])
 
     def forget(self, namespace: str, name: str) -> None:
         for gauge in (self.desired, self.ready):

@@ -33,7 +33,6 @@ from luaq.runtime.errors import ConfigError
 from . import policy, render
 from .autoscale import Scaling
 from .kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES, Kube
-from .metrics import Metrics
 from .resource import InvalidSpec, QueueConsumerSpec, parse_spec
 from .settings import OperatorSettings
 
@@ -270,7 +269,6 @@ class Reconciler:
         self,
         kube: Kube,
         settings: OperatorSettings,
-        metrics: Metrics,
         schema: Mapping[str, Any],
         post_event: PostEvent,
         call: Call,
@@ -278,7 +276,6 @@ class Reconciler:
     ) -> None:
         self.kube = kube
         self.settings = settings
-        self.metrics = metrics
         self.schema = schema
         self.post_event = post_event
         self._call = call
@@ -522,8 +519,6 @@ class Reconciler:
             self._warn(body, state, "degraded", degraded["reason"], degraded["message"])
         else:
             state.warnings.pop("degraded", None)
-        self.metrics.desired.labels(meta["namespace"], meta["name"]).set(status["desiredReplicas"])
-        self.metrics.ready.labels(meta["namespace"], meta["name"]).set(status["readyReplicas"])
         if any(current.get(key) != value for key, value in status.items()):
             await self._call(
                 self.kube.patch,
