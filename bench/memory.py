@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from luaq.runtime import entries
 from luaq.runtime.assembly import build, load
+from luaq.runtime.codecs import decoder
 from luaq.runtime.consumer import Consumer
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.lua import ACKED, Invoke, Outcome
@@ -91,7 +92,11 @@ async def _measure(worker: Worker, scenario: str, language: str, messages: int) 
     if language == "python":
         consumer = pool[0]
         pool[0] = Consumer(
-            consumer.entry, consumer.queue, consumer.driver, python_invoke(worker, scenario)
+            consumer.entry,
+            consumer.queue,
+            consumer.driver,
+            python_invoke(worker, scenario),
+            decoder(consumer.queue.codec),
         )
     consumers = pool[:]
     pool.clear()

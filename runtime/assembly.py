@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import dlq
+from .codecs import decoder
 from .consumer import Consumer, Pace, Pool
 from .drivers import Drivers
 from .entries import Config
@@ -79,6 +80,7 @@ def build(
                 queue,
                 drivers[queue.driver],
                 lua.invoker(loaded.handlers[entry.function_id], entry.id),
+                decoder(queue.codec),
                 dlq.sink(queue, config.queues, drivers),
                 config.drivers[queue.driver].max_message_size,
                 pace,

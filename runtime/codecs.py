@@ -4,6 +4,7 @@ type on receipt, so a consumer decodes whatever a publisher chose."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
 import msgpack
@@ -146,3 +147,14 @@ def codec_for(content_type: str, default: Codec) -> Codec:
     if codec is None:
         raise ValueError(f"unknown content type {content_type!r}")
     return codec
+
+
+def decoder(name: str) -> Callable[[bytes, str], Any]:
+    """How the consumers of a queue whose codec is `name` read a body: by the content type it
+    came with (codec_for), that codec when it came with none."""
+    default = CODECS[name]
+
+    def decode(body: bytes, content_type: str) -> Any:
+        return codec_for(content_type, default).decode(body)
+
+    return decode

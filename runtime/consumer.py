@@ -16,10 +16,10 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .codecs import CODECS, codec_for
 from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Settlement, Subscription
 from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, QueueError
@@ -27,15 +27,14 @@ from .logs import LogBudget
 from .lua import Invoke, Outcome, SettleEarly, Verdict
 from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Family, Histogram
 
-if TYPE_CHECKING:
-    from .dlq import DeadLetterSink
-
 REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
 # Attempts counted without `max_attempts`: a count another publisher set beyond it is taken as
 # this (it still fits the 64-bit header that carries it, plus one per attempt for ages).
 MAX_COUNTED_ATTEMPTS = 2**31
 _log = logging.getLogger("luaq.consumer")
 _worker_log = logging.getLogger("luaq.worker")  # the pool's lines are the worker process's
+# Where a consumer moves a message it gives up on (dlq.sink makes it): delivery, reason, last error
+DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]
 
 
 @dataclass
@@ -145,10 +144,12 @@ class Consumer:
         queue: QueueEntry,
         driver: Driver,
         invoke: Invoke,
+        decode: Callable[[bytes, str], Any],
         dead_letter: DeadLetterSink | None = None,
         max_message_size: int | None = None,
         pace: Pace | None = None,
     ) -> None:
+        """`decode` reads a body by its content type (codecs.decoder, for the queue's codec)."""
         self.entry = entry
         self._max_size = max_message_size
         self._backoff = entry.retry or queue.retry or DEFAULT_RETRY
@@ -157,7 +158,7 @@ class Consumer:
         self._attempts_limit = self._max_attempts or MAX_COUNTED_ATTEMPTS
         self._dead_letter_sink = dead_letter
         self.queue = queue
-        self._codec = CODECS[queue.codec]  # for a body that comes without a content type
+        self._decode_body = decode
         self.driver = driver
         self.stats = ConsumerStats()
         self._invoke = invoke
@@ -327,7 +328,7 @@ class Consumer:
             raise ValueError(
                 f"body of {len(delivery.body)} bytes is over max_message_size {self._max_size}"
             )
-        return codec_for(delivery.content_type, self._codec).decode(delivery.body)
+        return self._decode_body(delivery.body, delivery.content_type)
 
     def _log_failure(self, delivery: Delivery, outcome: Outcome, then: str) -> None:
         """A message's first failure is always logged; its later ones within a budget, so a

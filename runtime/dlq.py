@@ -22,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .drivers import Delivery, Driver, Subscription
 from .entries import Config, ConsumerEntry, QueueEntry
 from .errors import ErrorKind, MaybePublished, QueueError
+
+if TYPE_CHECKING:
+    from .consumer import DeadLetterSink
 
 WINDOW = 500  # messages a replay or purge holds at once: its consumer's prefetch
 WAIT = 10.0  # seconds without a message, while more are due, before a run gives up on them
@@ -42,7 +45,6 @@ DEAD_LETTER_HEADERS = (
     "x_failed_at",
 )
 MAX_ERROR_TEXT = 2000  # characters of a handler's error kept in a dead letter's x_last_error
-DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]  # delivery, reason, last error
 
 Report = Callable[[str], None]
 
