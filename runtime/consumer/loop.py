@@ -1,4 +1,4 @@
-"""The consumer pool: the loop that takes deliveries, runs handlers and settles messages.
+"""A consumer: the loop that takes deliveries, runs handlers and settles messages.
 
 The driver pushes up to `prefetch` deliveries into a buffer; `concurrency` worker tasks take
 them one at a time and run the handler. Each outcome maps to one settlement (docs/design.md,
@@ -17,83 +17,22 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from .drivers import CLOSE_TIMEOUT, Delivery, Driver, Settlement, Subscription
-from .entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
-from .errors import ErrorKind, QueueError
-from .logs import LogBudget
-from .lua import Invoke, Outcome, SettleEarly, Verdict
-from .metrics import DURATION_BUCKETS, SIZE_BUCKETS, Family, Histogram
+from ..drivers import CLOSE_TIMEOUT, Delivery, Driver, Settlement, Subscription
+from ..entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
+from ..errors import ErrorKind, QueueError
+from ..logs import LogBudget
+from ..lua import Invoke, Outcome, SettleEarly, Verdict
+from .stats import ConsumerStats
 
 REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
 # Attempts counted without `max_attempts`: a count another publisher set beyond it is taken as
 # this (it still fits the 64-bit header that carries it, plus one per attempt for ages).
 MAX_COUNTED_ATTEMPTS = 2**31
 _log = logging.getLogger("luaq.consumer")
-_worker_log = logging.getLogger("luaq.worker")  # the pool's lines are the worker process's
 # Where a consumer moves a message it gives up on (dlq.sink makes it): delivery, reason, last error
 DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]
-
-
-@dataclass
-class ConsumerStats:
-    received: int = 0  # deliveries taken from the driver
-    processed: int = 0  # handler invocations that finished, whatever their outcome
-    failed: int = 0  # invocations that ended in an error
-    # Deliveries by how they were settled: retried after a backoff (`false`, errors), requeued
-    # at once (not started, or cut short, at shutdown), rejected (out of attempts or
-    # undecodable, with no dead-letter queue), stale (their channel closed before they were
-    # settled: redelivered there).
-    settled: dict[Settlement, int] = field(default_factory=lambda: dict.fromkeys(Settlement, 0))
-    unsettled: int = 0  # left unsettled by an error in luaq: redelivered once their channel closes
-    first_at: float | None = None
-    last_at: float | None = None
-    errors: dict[str, int] = field(default_factory=dict)  # failed invocations by error kind
-    denials: dict[str, int] = field(default_factory=dict)  # refused publishes, by action
-    durations: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-    sizes: Histogram = field(default_factory=lambda: Histogram(SIZE_BUCKETS))
-
-    def count(self, settlement: Settlement, reached: bool = True) -> None:
-        """One delivery settled so; stale when the settlement did not reach the broker."""
-        self.settled[settlement if reached else Settlement.STALE] += 1
-
-    # the settlements by the names of the summary's columns (cli.SUMMARY)
-    @property
-    def acked(self) -> int:
-        return self.settled[Settlement.ACK]
-
-    @property
-    def retried(self) -> int:
-        return self.settled[Settlement.RETRY]
-
-    @property
-    def requeued(self) -> int:
-        return self.settled[Settlement.REQUEUE]
-
-    @property
-    def dead_lettered(self) -> int:
-        return self.settled[Settlement.DEAD_LETTER]
-
-    @property
-    def rejected(self) -> int:
-        return self.settled[Settlement.REJECT]
-
-    @property
-    def stale(self) -> int:
-        return self.settled[Settlement.STALE]
-
-    @property
-    def denied(self) -> int:
-        return sum(self.denials.values())
-
-    @property
-    def rate(self) -> float:
-        """Messages per second while the consumer was busy."""
-        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
-            return 0.0
-        return self.processed / (self.last_at - self.first_at)
 
 
 class Pace:
@@ -465,87 +404,3 @@ class Consumer:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self._subscription.close()
         self._held = 0
-
-
-class Pool:
-    """The consumers of a worker process, one of its parts: started one after the other,
-    stopped together (each within the grace period); they report their metric families, and
-    are not ready while one is not attached."""
-
-    def __init__(self, consumers: list[Consumer]) -> None:
-        self.consumers = consumers
-        self._idle_log = LogBudget(burst=1, interval=10.0)
-
-    async def start(self) -> None:
-        for consumer in self.consumers:
-            await consumer.start()
-
-    async def stop(self, grace: float) -> None:
-        await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
-
-    async def idle(self) -> bool:
-        """True when no consumed queue has messages (ready or waiting for a retry) and no
-        consumer holds a delivery. A broker that cannot tell is not idle."""
-        if any(consumer.held for consumer in self.consumers):
-            return False
-        for consumer in self.consumers:
-            try:
-                if (await consumer.driver.info(consumer.queue)).message_count:
-                    return False
-            except QueueError as exc:
-                if self._idle_log.take() is not None:
-                    _worker_log.warning(
-                        "cannot tell if the queues are empty", extra={"error": exc.message}
-                    )
-                return False
-        return not any(consumer.held for consumer in self.consumers)
-
-    def unready(self) -> str | None:
-        for consumer in self.consumers:
-            if not consumer.attached:
-                return f"consumer {consumer.entry.id} not attached"
-        return None
-
-    def families(self) -> list[Family]:
-        """The consumers' metrics now (README's table). Read from the metrics server's thread:
-        only copies of what the event loop changes are iterated."""
-        by_consumer = ("consumer", "queue")
-        received = Family(
-            "luaq_messages_received", "counter", "Deliveries taken from the driver", by_consumer
-        )
-        settled = Family(
-            "luaq_messages_settled", "counter",
-            "Messages settled, by outcome: ack, retry (after a backoff), requeue (at once, at "
-            "shutdown), dead_letter, reject, stale (the broker could not be told: it delivers "
-            "the message again)",
-            (*by_consumer, "outcome"),
-        )  # fmt: skip
-        duration = Family(
-            "luaq_handler_duration_seconds", "histogram", "Handler invocations", by_consumer
-        )
-        errors = Family(
-            "luaq_handler_errors", "counter", "Failed handler invocations, by error kind",
-            (*by_consumer, "kind"),
-        )  # fmt: skip
-        in_flight = Family(
-            "luaq_handlers_in_flight", "gauge", "Handler invocations running", by_consumer
-        )
-        concurrency = Family(
-            "luaq_consumer_concurrency", "gauge", "Handler invocations allowed at once", by_consumer
-        )
-        sizes = Family(
-            "luaq_message_size_bytes", "histogram", "Sizes of message bodies received", by_consumer
-        )
-        for consumer in self.consumers:
-            stats, key = consumer.stats, (consumer.entry.id, consumer.queue.id)
-            received.add(key, stats.received)
-            for outcome, count in stats.settled.items():
-                settled.add((*key, outcome.value), count)
-            duration.histogram(key, stats.durations)
-            sizes.histogram(key, stats.sizes)
-            # every kind from the start: rate() misses a series' first sample
-            for kind in ErrorKind:
-                errors.add((*key, kind.value), stats.errors.get(kind, 0))
-            in_flight.add(key, consumer.busy)
-            concurrency.add(key, consumer.entry.concurrency)
-        return [received, settled, duration, errors, in_flight, concurrency, sizes]
