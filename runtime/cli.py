@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -27,13 +26,11 @@ from . import __version__, assembly, dlq, entries, logs
 from .check import check
 from .codecs import CODECS
 from .entries import Config
-from .errors import ConfigError, QueueError
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, QueueError, failed
 from .metrics import Server, Snapshots
 from .settings import Settings
 from .supervisor import Supervisor
 from .worker import Worker
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _env(name: str, default: Any) -> Any:
@@ -286,15 +283,10 @@ async def _publish(worker: Worker, messages: list[InputMessage], show_ids: bool)
             if show_ids:
                 print(message_id)
     except QueueError as exc:
-        return _failed(exc)
+        return failed(exc)
     finally:
         await worker.stop(0)
     return EXIT_OK
-
-
-def _failed(exc: QueueError) -> int:
-    print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
-    return EXIT_FAILURE
 
 
 async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, grace: float) -> int:
@@ -321,7 +313,7 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
         for task in done:
             task.result()  # a failure to tell idleness is not idleness
     except QueueError as exc:
-        return _failed(exc)
+        return failed(exc)
     finally:
         if progress is not None:
             progress.cancel()
@@ -382,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "publish":
             return uvloop.run(_publish(assembly.build(loaded), [publish], show_ids=True))
         if args.command == "dlq":
-            return uvloop.run(_dlq(assembly.build(loaded), args))
+            return uvloop.run(
+                dlq.command(assembly.build(loaded), args.action, args.queue_id, args.yes)
+            )
         if args.processes > 1:
             return _run_processes(loaded, inputs, args, settings.shutdown_timeout)
         server = None
@@ -422,68 +416,6 @@ def _manifests(config: Config, args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     sys.stdout.write(result.yaml())
     return EXIT_OK
-
-
-async def _dlq(worker: Worker, args: argparse.Namespace) -> int:
-    """Exits 1 when a run ends before it went through the messages it found (the first broker
-    refusal, a copy not confirmed, messages that never came), saying what it did."""
-    report = functools.partial(print, file=sys.stderr)
-    try:
-        queue = worker.host.queue(worker.config.namespace, args.queue_id)
-        dlq.require_durable(worker.config, queue)
-        await worker.connect()
-        driver = worker.drivers[queue.driver]
-        total = await dlq.depth(driver, queue)
-        if args.action == "list":
-            outcome = await dlq.show(driver, queue, total, sys.stdout, report)
-            report(f"listed {outcome.done} of {total} message(s) in {queue.id}")
-        elif args.action == "replay":
-            outcome = await dlq.replay(worker.drivers, worker.config.queues, queue, total, report)
-            print(_replayed(outcome, queue.id))
-        elif _confirmed(args.yes, f"delete {total} message(s) of {queue.id}"):
-            outcome = await dlq.purge(driver, queue, total, report)
-            print(f"purged {outcome.done} of {total} message(s)")
-        else:
-            report("nothing deleted")
-            return EXIT_OK
-    except QueueError as exc:
-        return _failed(exc)
-    finally:
-        await worker.stop(0)
-    if outcome.stopped is not None:
-        report(f"luaq: stopped: {outcome.stopped}")
-        return EXIT_FAILURE
-    return EXIT_OK
-
-
-def _replayed(outcome: dlq.Outcome, queue_id: str) -> str:
-    """`replayed 3 of 10 message(s)`, and what became of the others."""
-    parts = [f"replayed {outcome.done} of {outcome.total} message(s)"]
-    if outcome.kept:
-        parts.append(f"{outcome.kept} kept: their queue is not declared here")
-    if outcome.uncertain:
-        parts.append(
-            f"{len(outcome.uncertain)} may have been replayed, and stay in {queue_id} as well: "
-            + " ".join(outcome.uncertain)
-        )
-    if outcome.twice:
-        parts.append(
-            f"{len(outcome.twice)} kept may be in {queue_id} twice: " + " ".join(outcome.twice)
-        )
-    if outcome.stopped is not None:
-        left = outcome.total - outcome.done - outcome.kept
-        left -= len(outcome.uncertain) + len(outcome.twice)
-        parts.append(f"stopped at the first failure: {left} not replayed, still in {queue_id}")
-    return "; ".join(parts)
-
-
-def _confirmed(yes: bool, what: str) -> bool:
-    if yes:
-        return True
-    if not sys.stdin.isatty():
-        print(f"refusing to {what} without --yes (no terminal to ask on)", file=sys.stderr)
-        return False
-    return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
 
 
 def _run_processes(

@@ -20,7 +20,9 @@ Whatever is not acked is given back when the subscription closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,10 +31,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .drivers import Delivery, Driver, Subscription
 from .entries import Config, ConsumerEntry, QueueEntry
-from .errors import ErrorKind, MaybePublished, QueueError
+from .errors import EXIT_FAILURE, EXIT_OK, ErrorKind, MaybePublished, QueueError, failed
 
 if TYPE_CHECKING:
     from .consumer import DeadLetterSink
+    from .worker import Worker
 
 WINDOW = 500  # messages a replay or purge holds at once: its consumer's prefetch
 WAIT = 10.0  # seconds without a message, while more are due, before a run gives up on them
@@ -360,3 +363,66 @@ def require_durable(config: Config, queue: QueueEntry) -> None:
             f"{queue.id} is on an in-memory driver: its messages live only inside a running "
             "worker, there is nothing to inspect from here",
         )
+
+
+async def command(worker: Worker, action: str, queue_id: str, yes: bool) -> int:
+    """`luaq dlq ACTION QUEUE_ID` on the worker's drivers: 1 when the run ends before it went
+    through the messages it found (the first broker refusal, a copy not confirmed, messages
+    that never came), saying what it did."""
+    report = functools.partial(print, file=sys.stderr)
+    try:
+        queue = worker.host.queue(worker.config.namespace, queue_id)
+        require_durable(worker.config, queue)
+        await worker.connect()
+        driver = worker.drivers[queue.driver]
+        total = await depth(driver, queue)
+        if action == "list":
+            outcome = await show(driver, queue, total, sys.stdout, report)
+            report(f"listed {outcome.done} of {total} message(s) in {queue.id}")
+        elif action == "replay":
+            outcome = await replay(worker.drivers, worker.config.queues, queue, total, report)
+            print(_replayed(outcome, queue.id))
+        elif _confirmed(yes, f"delete {total} message(s) of {queue.id}"):
+            outcome = await purge(driver, queue, total, report)
+            print(f"purged {outcome.done} of {total} message(s)")
+        else:
+            report("nothing deleted")
+            return EXIT_OK
+    except QueueError as exc:
+        return failed(exc)
+    finally:
+        await worker.stop(0)
+    if outcome.stopped is not None:
+        report(f"luaq: stopped: {outcome.stopped}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _replayed(outcome: Outcome, queue_id: str) -> str:
+    """`replayed 3 of 10 message(s)`, and what became of the others."""
+    parts = [f"replayed {outcome.done} of {outcome.total} message(s)"]
+    if outcome.kept:
+        parts.append(f"{outcome.kept} kept: their queue is not declared here")
+    if outcome.uncertain:
+        parts.append(
+            f"{len(outcome.uncertain)} may have been replayed, and stay in {queue_id} as well: "
+            + " ".join(outcome.uncertain)
+        )
+    if outcome.twice:
+        parts.append(
+            f"{len(outcome.twice)} kept may be in {queue_id} twice: " + " ".join(outcome.twice)
+        )
+    if outcome.stopped is not None:
+        left = outcome.total - outcome.done - outcome.kept
+        left -= len(outcome.uncertain) + len(outcome.twice)
+        parts.append(f"stopped at the first failure: {left} not replayed, still in {queue_id}")
+    return "; ".join(parts)
+
+
+def _confirmed(yes: bool, what: str) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"refusing to {what} without --yes (no terminal to ask on)", file=sys.stderr)
+        return False
+    return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")

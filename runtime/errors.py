@@ -1,12 +1,17 @@
 """The error model shared by drivers, the Lua bridge and the CLI.
 
 Lua handlers see these as `errors` objects (`err:kind()`, `err:retryable()`); Python code raises
-`QueueError` so a driver failure keeps its kind on the way back into Lua.
+`QueueError` so a driver failure keeps its kind on the way back into Lua. A command of `luaq`
+ends with EXIT_OK, EXIT_FAILURE (a failure at run time, said by `failed`) or EXIT_CONFIG (a
+configuration that cannot run: nothing was started).
 """
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 class ErrorKind(StrEnum):
@@ -33,6 +38,12 @@ class QueueError(Exception):
         self.kind = kind
         self.message = message
         self.retryable = retryable
+
+
+def failed(exc: QueueError) -> int:
+    """Say on stderr what stopped a command; its exit code."""
+    print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 class MaybePublished(QueueError):
