@@ -9,22 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import uvloop
 
-from . import __version__, assembly, dlq, entries, logs
+from . import __version__, assembly, dlq, entries, inputs, logs
 from .check import check
-from .codecs import CODECS
 from .entries import Config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, QueueError, failed
 from .metrics import Server, Snapshots
@@ -166,83 +163,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _publish_args(args: argparse.Namespace, config: Config) -> InputMessage:
-    problems = []
-    queue_id = entries.resolve_id(args.queue_id, config.namespace)
-    if queue_id not in config.queues:
-        problems.append(f"QUEUE_ID: {queue_id} is not a declared queue.queue entry")
-    data = _json_or_text(args.data)
-    if data in (None, ""):
-        problems.append("DATA: message data is empty")
-    headers: dict[str, Any] = {}
-    for header in args.header:
-        key, sep, value = header.partition("=")
-        if not sep or not key:
-            problems.append(f"-H {header}: expected KEY=VALUE")
-            continue
-        parsed = _json_or_text(value)
-        headers[key] = parsed if isinstance(parsed, str | int | float | bool) else value
-    if problems:
-        raise ConfigError(problems)
-    return InputMessage(queue_id, data, headers)
-
-
-@dataclass(frozen=True)
-class InputMessage:
-    queue: str
-    data: Any
-    headers: dict[str, Any]
-
-
-def read_input(path: Path, config: Config) -> list[InputMessage]:
-    """Parse and check every line up front, so a bad line stops the run before it starts."""
-    messages: list[InputMessage] = []
-    problems: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            problems.append(f"{where}: not valid JSON: {exc}")
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("queue"), str):
-            problems.append(f'{where}: expected {{"queue": ID, "data": ..., "headers": {{...}}}}')
-            continue
-        queue = entries.resolve_id(item["queue"], config.namespace)
-        headers = item.get("headers") or {}
-        if queue not in config.queues:
-            problems.append(f"{where}: queue: {queue} is not declared")
-        elif item.get("data") in (None, ""):
-            problems.append(f"{where}: data: message data is empty")
-        elif not isinstance(headers, dict):
-            problems.append(f"{where}: headers: must be an object")
-        elif unknown := sorted(set(item) - {"queue", "data", "headers"}):
-            problems.append(f"{where}: {', '.join(unknown)}: unknown field")
-        else:
-            try:
-                CODECS[config.queues[queue].codec].encode(item["data"])
-            except QueueError as exc:
-                problems.append(f"{where}: data: {exc.message}")
-                continue
-            messages.append(InputMessage(queue, item["data"], headers))
-    if problems:
-        raise ConfigError(problems)
-    return messages
-
-
 SUMMARY = (
     "processed", "acked", "failed", "retried", "requeued", "dead_lettered", "rejected", "stale",
 )  # fmt: skip
@@ -273,23 +193,9 @@ async def _progress(worker: Worker, out: TextIO) -> None:
         out.flush()
 
 
-async def _publish(worker: Worker, messages: list[InputMessage], show_ids: bool) -> int:
-    """Publish without consuming: `luaq publish`, and --input before worker processes fork
-    (each would publish it again)."""
-    try:
-        await worker.connect()
-        for message in messages:
-            message_id = await worker.host.publish("", message.queue, message.data, message.headers)
-            if show_ids:
-                print(message_id)
-    except QueueError as exc:
-        return failed(exc)
-    finally:
-        await worker.stop(0)
-    return EXIT_OK
-
-
-async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, grace: float) -> int:
+async def _run(
+    worker: Worker, messages: Sequence[inputs.InputMessage], until_idle: bool, grace: float
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -302,7 +208,7 @@ async def _run(worker: Worker, inputs: list[InputMessage], until_idle: bool, gra
     progress = asyncio.create_task(_progress(worker, sys.stderr)) if sys.stderr.isatty() else None
     try:
         await worker.start()
-        for message in inputs:
+        for message in messages:
             await worker.host.publish("", message.queue, message.data, message.headers)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if until_idle:
@@ -347,9 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # what runs: the Lua loads here
             loaded = assembly.load(entries.load(paths), settings)
             config = loaded.config
-        inputs = read_input(args.input, config) if getattr(args, "input", None) else []
+        messages = inputs.read(args.input, config) if getattr(args, "input", None) else []
         if args.command == "publish":
-            publish = _publish_args(args, config)
+            publish = inputs.message(config, args.queue_id, args.data, args.header)
         if args.command == "manifests":
             return _manifests(config, args)
     except ConfigError as exc:
@@ -372,13 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "publish":
-            return uvloop.run(_publish(assembly.build(loaded), [publish], show_ids=True))
+            return uvloop.run(inputs.publish(assembly.build(loaded), [publish], show_ids=True))
         if args.command == "dlq":
             return uvloop.run(
                 dlq.command(assembly.build(loaded), args.action, args.queue_id, args.yes)
             )
         if args.processes > 1:
-            return _run_processes(loaded, inputs, args, settings.shutdown_timeout)
+            return _run_processes(loaded, messages, args, settings.shutdown_timeout)
         server = None
         if args.metrics_port is not None:
             server = _server(args)
@@ -392,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.start(worker.telemetry.source())
         try:
-            return uvloop.run(_run(worker, inputs, args.until_idle, settings.shutdown_timeout))
+            return uvloop.run(_run(worker, messages, args.until_idle, settings.shutdown_timeout))
         finally:
             if server is not None:
                 server.stop()
@@ -419,7 +325,10 @@ def _manifests(config: Config, args: argparse.Namespace) -> int:
 
 
 def _run_processes(
-    loaded: assembly.Loaded, inputs: list[InputMessage], args: argparse.Namespace, grace: float
+    loaded: assembly.Loaded,
+    messages: Sequence[inputs.InputMessage],
+    args: argparse.Namespace,
+    grace: float,
 ) -> int:
     memory = [d.id for d in loaded.config.drivers.values() if d.kind == "queue.driver.memory"]
     if memory:
@@ -431,7 +340,7 @@ def _run_processes(
         return EXIT_CONFIG
     if args.metrics_port is None:
         worker = assembly.build(loaded)
-        if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
+        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
             return code
         return Supervisor(
             args.processes, _child(worker, args, grace), grace, until_idle=args.until_idle
@@ -445,7 +354,7 @@ def _run_processes(
         worker = assembly.build(
             loaded, sample_backlog=True, snapshots=snapshots, metrics_address=server.address
         )
-        if inputs and (code := uvloop.run(_publish(worker, inputs, show_ids=False))):
+        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
             server.stop()
             return code
         supervisor = Supervisor(
