@@ -9,19 +9,27 @@ process's telemetry, and hands the Worker its parts in start order.
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import dlq
+import uvloop
+
+from . import dlq, inputs, process
 from .codecs import decoder
 from .consumer import Consumer, Pace, Pool
 from .drivers import Drivers
 from .entries import Config
-from .errors import ConfigError
+from .errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError
 from .host import Host
+from .inputs import InputMessage
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
-from .metrics import Snapshots
+from .metrics import Server, Snapshots
 from .security import access_for
 from .settings import Settings
+from .supervisor import Supervisor
 from .telemetry import Lifecycle, Telemetry
 from .worker import Worker
 
@@ -115,3 +123,103 @@ def build(
         host=host,
         telemetry=telemetry,
     )
+
+
+def run(
+    loaded: Loaded,
+    messages: Sequence[InputMessage],
+    *,
+    processes: int,
+    until_idle: bool,
+    grace: float,
+    metrics: tuple[str, int] | None,
+    summary: Sequence[str],
+) -> int:
+    """`luaq run`: one worker process (process.py), or `processes` of them under a supervisor;
+    `messages` (--input) published first, once; `metrics`: the address and port they are served
+    on; `summary`: the columns of each process's summary. Its exit code."""
+    if processes > 1:
+        return _run_processes(loaded, messages, processes, until_idle, grace, metrics, summary)
+    server = None
+    if metrics is not None:
+        server = _server(*metrics)
+        if server is None:
+            return EXIT_FAILURE
+    worker = build(
+        loaded,
+        sample_backlog=server is not None,
+        metrics_address=server.address if server is not None else None,
+    )
+    if server is not None:
+        server.start(worker.telemetry.source())
+    try:
+        return process.run(worker, messages, until_idle=until_idle, grace=grace, summary=summary)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_processes(
+    loaded: Loaded,
+    messages: Sequence[InputMessage],
+    processes: int,
+    until_idle: bool,
+    grace: float,
+    metrics: tuple[str, int] | None,
+    summary: Sequence[str],
+) -> int:
+    memory = [d.id for d in loaded.config.drivers.values() if d.kind == "queue.driver.memory"]
+    if memory:
+        print(
+            f"--processes: driver {memory[0]} is in-memory and cannot be shared between "
+            "processes; use a broker driver or --processes 1",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if metrics is None:
+        worker = build(loaded)
+        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
+            return code
+        return Supervisor(
+            processes, _child(worker, until_idle, grace, summary), grace, until_idle=until_idle
+        ).run()
+    # Each process writes its metrics into a directory; the supervisor serves them on one port.
+    with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
+        server = _server(*metrics)
+        if server is None:  # bound before forking: a busy port stops everything at once
+            return EXIT_FAILURE
+        snapshots = Snapshots(Path(directory))
+        worker = build(
+            loaded, sample_backlog=True, snapshots=snapshots, metrics_address=server.address
+        )
+        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
+            server.stop()
+            return code
+        supervisor = Supervisor(
+            processes,
+            _child(worker, until_idle, grace, summary),
+            grace,
+            until_idle=until_idle,
+            snapshots=snapshots,
+        )
+        return supervisor.run(server)
+
+
+def _child(
+    worker: Worker, until_idle: bool, grace: float, summary: Sequence[str]
+) -> Callable[[], int]:
+    """What each worker process runs (after publishing --input, the supervisor's alone)."""
+
+    def child() -> int:
+        return process.run(worker, [], until_idle=until_idle, grace=grace, summary=summary)
+
+    return child
+
+
+def _server(address: str, port: int) -> Server | None:
+    """The metrics server, its port bound; None when the port cannot be had (said on stderr)."""
+    try:
+        return Server(address, port)
+    except OSError as exc:
+        print(f"luaq: --metrics-port {port}: {exc.strerror or exc}", file=sys.stderr)
+        return None

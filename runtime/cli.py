@@ -7,27 +7,20 @@ Every flag can also come from the environment as LUAQ_<FLAG> (the operator's way
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import signal
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import uvloop
 
 from . import __version__, assembly, dlq, entries, inputs, logs
 from .check import check
 from .entries import Config
-from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, QueueError, failed
-from .metrics import Server, Snapshots
+from .errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from .settings import Settings
-from .supervisor import Supervisor
-from .worker import Worker
 
 
 def _env(name: str, default: Any) -> Any:
@@ -163,77 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The columns of each worker process's summary, by ConsumerStats' names: part of the command's
+# output, which scripts read.
 SUMMARY = (
     "processed", "acked", "failed", "retried", "requeued", "dead_lettered", "rejected", "stale",
 )  # fmt: skip
-
-
-def _summary(worker: Worker, out: TextIO) -> None:
-    """One row per consumer: invocations, then what became of the messages (see ConsumerStats:
-    `stale` ones came on a connection that was lost, and the broker delivers them again)."""
-    width = max([len("consumer"), *(len(c.entry.id) for c in worker.consumers)])
-    lines = [f"{'consumer':<{width}}  " + "  ".join(f"{c:>7}" for c in SUMMARY) + "    msg/s"]
-    for consumer in worker.consumers:
-        stats = consumer.stats
-        values = "  ".join(f"{getattr(stats, c):>{max(len(c), 7)}}" for c in SUMMARY)
-        lines.append(f"{consumer.entry.id:<{width}}  {values}  {stats.rate:>7.1f}")
-    # one write: with --processes, the tables of the processes must not interleave (stdout may
-    # be unbuffered: PYTHONUNBUFFERED is common in containers)
-    out.write("".join(f"{line}\n" for line in lines))
-    out.flush()
-
-
-async def _progress(worker: Worker, out: TextIO) -> None:
-    started = time.monotonic()
-    while True:
-        await asyncio.sleep(1.0)
-        done = sum(c.stats.processed for c in worker.consumers)
-        elapsed = time.monotonic() - started
-        out.write(f"\r{done} processed in {elapsed:.0f}s ({done / elapsed:.0f} msg/s)  ")
-        out.flush()
-
-
-async def _run(
-    worker: Worker, messages: Sequence[inputs.InputMessage], until_idle: bool, grace: float
-) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def stopping() -> None:
-        worker.lifecycle.state = "stopping"  # not ready from now on, while handlers finish
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping)
-    progress = asyncio.create_task(_progress(worker, sys.stderr)) if sys.stderr.isatty() else None
-    try:
-        await worker.start()
-        for message in messages:
-            await worker.host.publish("", message.queue, message.data, message.headers)
-        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
-        if until_idle:
-            waiters.append(asyncio.create_task(worker.wait_idle()))
-        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        for task in done:
-            task.result()  # a failure to tell idleness is not idleness
-    except QueueError as exc:
-        return failed(exc)
-    finally:
-        if progress is not None:
-            progress.cancel()
-            sys.stderr.write("\n")
-        await worker.stop(grace)
-    _summary(worker, sys.stdout)
-    if until_idle and (left := sum(c.stats.unsettled for c in worker.consumers)):
-        print(
-            f"luaq: {left} message(s) left unsettled by an error in luaq (logged above): the "
-            "queues look empty, but the broker delivers these again",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,35 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return uvloop.run(
                 dlq.command(assembly.build(loaded), args.action, args.queue_id, args.yes)
             )
-        if args.processes > 1:
-            return _run_processes(loaded, messages, args, settings.shutdown_timeout)
-        server = None
-        if args.metrics_port is not None:
-            server = _server(args)
-            if server is None:
-                return EXIT_FAILURE
-        worker = assembly.build(
+        metrics = None if args.metrics_port is None else (args.metrics_address, args.metrics_port)
+        return assembly.run(
             loaded,
-            sample_backlog=server is not None,
-            metrics_address=server.address if server is not None else None,
+            messages,
+            processes=args.processes,
+            until_idle=args.until_idle,
+            grace=settings.shutdown_timeout,
+            metrics=metrics,
+            summary=SUMMARY,
         )
-        if server is not None:
-            server.start(worker.telemetry.source())
-        try:
-            return uvloop.run(_run(worker, messages, args.until_idle, settings.shutdown_timeout))
-        finally:
-            if server is not None:
-                server.stop()
     return EXIT_OK
-
-
-def _server(args: argparse.Namespace) -> Server | None:
-    """The metrics server, its port bound; None when the port cannot be had (said on stderr)."""
-    try:
-        return Server(args.metrics_address, args.metrics_port)
-    except OSError as exc:
-        print(f"luaq: --metrics-port {args.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
-        return None
 
 
 def _manifests(config: Config, args: argparse.Namespace) -> int:
@@ -322,58 +231,6 @@ def _manifests(config: Config, args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     sys.stdout.write(result.yaml())
     return EXIT_OK
-
-
-def _run_processes(
-    loaded: assembly.Loaded,
-    messages: Sequence[inputs.InputMessage],
-    args: argparse.Namespace,
-    grace: float,
-) -> int:
-    memory = [d.id for d in loaded.config.drivers.values() if d.kind == "queue.driver.memory"]
-    if memory:
-        print(
-            f"--processes: driver {memory[0]} is in-memory and cannot be shared between "
-            "processes; use a broker driver or --processes 1",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    if args.metrics_port is None:
-        worker = assembly.build(loaded)
-        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
-            return code
-        return Supervisor(
-            args.processes, _child(worker, args, grace), grace, until_idle=args.until_idle
-        ).run()
-    # Each process writes its metrics into a directory; the supervisor serves them on one port.
-    with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
-        server = _server(args)
-        if server is None:  # bound before forking: a busy port stops everything at once
-            return EXIT_FAILURE
-        snapshots = Snapshots(Path(directory))
-        worker = assembly.build(
-            loaded, sample_backlog=True, snapshots=snapshots, metrics_address=server.address
-        )
-        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
-            server.stop()
-            return code
-        supervisor = Supervisor(
-            args.processes,
-            _child(worker, args, grace),
-            grace,
-            until_idle=args.until_idle,
-            snapshots=snapshots,
-        )
-        return supervisor.run(server)
-
-
-def _child(worker: Worker, args: argparse.Namespace, grace: float) -> Callable[[], int]:
-    """What each worker process runs (after publishing --input, the supervisor's alone)."""
-
-    def child() -> int:
-        return uvloop.run(_run(worker, [], args.until_idle, grace))
-
-    return child
 
 
 if __name__ == "__main__":
