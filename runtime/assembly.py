@@ -1,14 +1,17 @@
-"""The composition root: the only module that knows every part of a worker process.
+"""The composition root: the only module that knows every part of a worker process, and of each
+command of `luaq` (the CLI parses the arguments and runs what a `prepare_*` returns).
 
 `load` loads every Lua function of validated entries into one Lua state, without building
 anything that runs: it is what `luaq check` does (in a child process, check.py) and what the
 operator's check does through it. `build` turns what was loaded into a Worker: it builds the
 drivers, the access policies, the dead-letter sinks, the consumers, the handlers' host and the
-process's telemetry, and hands the Worker its parts in start order.
+process's telemetry, and hands the Worker its parts in start order. `prepare_*` load and check
+what a command needs (a ConfigError before anything starts) and return what runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -17,12 +20,12 @@ from pathlib import Path
 
 import uvloop
 
-from . import dlq, inputs, process
+from . import check, dlq, entries, inputs, process
 from .codecs import decoder
 from .consumer import Consumer, Pace, Pool
 from .drivers import Drivers
 from .entries import Config
-from .errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 from .host import Host
 from .inputs import InputMessage
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
@@ -125,7 +128,82 @@ def build(
     )
 
 
-def run(
+Command = Callable[[], int]  # what a command runs once what it needs is loaded: its exit code
+
+
+def prepare_check(paths: Sequence[Path], settings: Settings) -> Command:
+    """`luaq check`: the entries checked, their Lua loaded in a child process (check.py)."""
+    config = check.check(paths, settings)
+
+    def report() -> int:
+        print(check.report(config))
+        return EXIT_OK
+
+    return report
+
+
+def prepare_manifests(
+    paths: Sequence[Path], settings: Settings, namespace: str | None, broker_secret: str
+) -> Command:
+    """`luaq manifests`: the checked project as the operator's resources."""
+    from luaq.operator.manifests import manifests  # pydantic models only, no cluster client
+
+    result = manifests(check.check(paths, settings), namespace, broker_secret)
+
+    def write() -> int:
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        sys.stdout.write(result.yaml())
+        return EXIT_OK
+
+    return write
+
+
+def prepare_publish(
+    paths: Sequence[Path], settings: Settings, queue_id: str, data: str, headers: Sequence[str]
+) -> Command:
+    """`luaq publish`: one message (inputs.message) through the queue's driver."""
+    loaded = load(entries.load(paths), settings)
+    message = inputs.message(loaded.config, queue_id, data, headers)
+    return lambda: uvloop.run(inputs.publish(build(loaded), [message], show_ids=True))
+
+
+def prepare_dlq(
+    paths: Sequence[Path], settings: Settings, action: str, queue_id: str, yes: bool
+) -> Command:
+    """`luaq dlq`: list, replay or purge a dead-letter queue (dlq.command)."""
+    loaded = load(entries.load(paths), settings)
+    return lambda: uvloop.run(dlq.command(build(loaded), action, queue_id, yes))
+
+
+def prepare_run(
+    paths: Sequence[Path],
+    settings: Settings,
+    *,
+    input_file: Path | None,
+    processes: int,
+    until_idle: bool,
+    metrics: tuple[str, int] | None,
+    summary: Sequence[str],
+) -> Command:
+    """`luaq run`: `input_file` (--input) read and checked here, published once started;
+    `metrics`: the address and port the metrics are served on; `summary`: the columns of each
+    process's summary."""
+    loaded = load(entries.load(paths), settings)
+    messages = inputs.read(input_file, loaded.config) if input_file else []
+    return functools.partial(
+        _run,
+        loaded,
+        messages,
+        processes=processes,
+        until_idle=until_idle,
+        grace=settings.shutdown_timeout,
+        metrics=metrics,
+        summary=summary,
+    )
+
+
+def _run(
     loaded: Loaded,
     messages: Sequence[InputMessage],
     *,
@@ -135,9 +213,8 @@ def run(
     metrics: tuple[str, int] | None,
     summary: Sequence[str],
 ) -> int:
-    """`luaq run`: one worker process (process.py), or `processes` of them under a supervisor;
-    `messages` (--input) published first, once; `metrics`: the address and port they are served
-    on; `summary`: the columns of each process's summary. Its exit code."""
+    """One worker process (process.py), or `processes` of them under a supervisor; `messages`
+    published first, once. Its exit code."""
     if processes > 1:
         return _run_processes(loaded, messages, processes, until_idle, grace, metrics, summary)
     server = None

@@ -49,6 +49,23 @@ def check(
     return config
 
 
+def report(config: Config) -> str:
+    """What `luaq check` says of entries that passed: what they declare, and each consumer's
+    queue and function."""
+    lines = [
+        f"ok: {len(config.files)} file(s), {len(config.drivers)} driver(s), "
+        f"{len(config.queues)} queue(s), {len(config.functions)} function(s), "
+        f"{len(config.consumers)} consumer(s)"
+    ]
+    for consumer in config.consumers.values():
+        function = consumer.function_id.removesuffix("#handler")
+        lines.append(
+            f"  {consumer.id}: {consumer.queue} -> {function}"
+            f" (concurrency {consumer.concurrency}, prefetch {consumer.prefetch})"
+        )
+    return "\n".join(lines)
+
+
 def _in_child(
     paths: list[Path | str],
     settings: Settings,

@@ -1,5 +1,6 @@
 """The `luaq` command: check entries files, run their consumers.
 
+This module parses the arguments and hands them to what assembly.py prepares for the command.
 Exit codes: 0 ok, 1 runtime failure, 2 configuration error (nothing was started).
 Every flag can also come from the environment as LUAQ_<FLAG> (the operator's way in).
 """
@@ -14,11 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
-from . import __version__, assembly, dlq, entries, inputs, logs
-from .check import check
-from .entries import Config
+from . import __version__, assembly, logs
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from .settings import Settings
 
@@ -166,71 +163,47 @@ SUMMARY = (
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    settings = Settings()
-    if args.command == "run":
-        settings = Settings(
-            max_instructions=args.max_instructions,
-            lua_max_memory=args.lua_max_memory * 2**20,
-            shutdown_timeout=args.shutdown_timeout,
-        )
-    paths = args.entries if args.command in ("publish", "dlq") else args.paths
     try:
-        if args.command in ("check", "manifests"):  # the Lua loads in a child, bounded
-            config = check(paths, settings)
-        else:  # what runs: the Lua loads here
-            loaded = assembly.load(entries.load(paths), settings)
-            config = loaded.config
-        messages = inputs.read(args.input, config) if getattr(args, "input", None) else []
-        if args.command == "publish":
-            publish = inputs.message(config, args.queue_id, args.data, args.header)
-        if args.command == "manifests":
-            return _manifests(config, args)
+        command = _prepare(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "check":
-        print(
-            f"ok: {len(config.files)} file(s), {len(config.drivers)} driver(s), "
-            f"{len(config.queues)} queue(s), {len(config.functions)} function(s), "
-            f"{len(config.consumers)} consumer(s)"
-        )
-        for consumer in config.consumers.values():
-            function = consumer.function_id.removesuffix("#handler")
-            print(
-                f"  {consumer.id}: {consumer.queue} -> {function}"
-                f" (concurrency {consumer.concurrency}, prefetch {consumer.prefetch})"
-            )
-        return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
-        if args.command == "publish":
-            return uvloop.run(inputs.publish(assembly.build(loaded), [publish], show_ids=True))
-        if args.command == "dlq":
-            return uvloop.run(
-                dlq.command(assembly.build(loaded), args.action, args.queue_id, args.yes)
-            )
-        metrics = None if args.metrics_port is None else (args.metrics_address, args.metrics_port)
-        return assembly.run(
-            loaded,
-            messages,
-            processes=args.processes,
-            until_idle=args.until_idle,
-            grace=settings.shutdown_timeout,
-            metrics=metrics,
-            summary=SUMMARY,
+        return command()
+    return EXIT_OK
+
+
+def _prepare(args: argparse.Namespace) -> assembly.Command:
+    """The command `args` ask for, with what it needs loaded and checked (check and manifests
+    load the Lua in a child, bounded; the others load it here, to run it)."""
+    if args.command == "check":
+        return assembly.prepare_check(args.paths, Settings())
+    if args.command == "manifests":
+        return assembly.prepare_manifests(
+            args.paths, Settings(), args.namespace, args.broker_secret
         )
-    return EXIT_OK
-
-
-def _manifests(config: Config, args: argparse.Namespace) -> int:
-    from luaq.operator.manifests import manifests  # pydantic models only, no cluster client
-
-    result = manifests(config, args.namespace, args.broker_secret)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    sys.stdout.write(result.yaml())
-    return EXIT_OK
+    if args.command == "publish":
+        return assembly.prepare_publish(
+            args.entries, Settings(), args.queue_id, args.data, args.header
+        )
+    if args.command == "dlq":
+        return assembly.prepare_dlq(args.entries, Settings(), args.action, args.queue_id, args.yes)
+    settings = Settings(
+        max_instructions=args.max_instructions,
+        lua_max_memory=args.lua_max_memory * 2**20,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    return assembly.prepare_run(
+        args.paths,
+        settings,
+        input_file=args.input,
+        processes=args.processes,
+        until_idle=args.until_idle,
+        metrics=None if args.metrics_port is None else (args.metrics_address, args.metrics_port),
+        summary=SUMMARY,
+    )
 
 
 if __name__ == "__main__":
