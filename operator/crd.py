@@ -79,6 +79,8 @@ def structural(node: Mapping[str, Any], defs: Mapping[str, Any], where: str = ""
                 result["default"] = int_or_string(outer["default"])
             return result
         raise SchemaError(f"{where or '.'}: cannot express anyOf {types} structurally")
+    if "const" in node:  # a Literal of one value
+        node = {**{k: v for k, v in node.items() if k != "const"}, "enum": [node["const"]]}
     unknown = set(node) - _KEPT - _DROPPED
     if unknown:
         raise SchemaError(f"{where or '.'}: unknown schema keywords {sorted(unknown)}")

@@ -111,6 +111,7 @@ class Operator:
         selector = ",".join(f"{key}={value}" for key, value in MANAGED.items())
         kopf_settings.watching.label_selectors["apps", "deployments"] = selector
         kopf_settings.watching.label_selectors["", "services"] = selector
+        kopf_settings.watching.label_selectors["policy", "poddisruptionbudgets"] = selector
         kopf_settings.watching.label_selectors["", "configmaps"] = ",".join(
             f"{key}={value}" for key, value in PART_OF.items()
         )
@@ -223,6 +224,7 @@ def registry(operator: Operator) -> kopf.OperatorRegistry:
 
     kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=handlers)(owned)
     kopf.on.event("", "v1", "services", labels=MANAGED, registry=handlers)(owned)
+    kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED, registry=handlers)(owned)
 
     @kopf.on.event("", "v1", "configmaps", labels=PART_OF, registry=handlers)
     async def config_map(

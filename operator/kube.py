@@ -50,6 +50,7 @@ CONFIG_MAPS = ApiResource("v1", "configmaps")
 SECRETS = ApiResource("v1", "secrets")
 SERVICES = ApiResource("v1", "services")
 DEPLOYMENTS = ApiResource("apps/v1", "deployments")
+POD_DISRUPTION_BUDGETS = ApiResource("policy/v1", "poddisruptionbudgets")
 LEASES = ApiResource("coordination.k8s.io/v1", "leases")
 QUEUE_CONSUMERS = ApiResource(API_VERSION, PLURAL)
 

@@ -157,8 +157,8 @@ def _parser() -> argparse.ArgumentParser:
         "--secret-env",
         action=argparse.BooleanOptionalAction,
         default=_env("secret_env", "true").lower() in ("1", "true", "yes"),
-        help="whether a QueueConsumer's env may take values from its namespace's Secrets "
-        "(default: yes)",
+        help="whether a QueueConsumer's env and volumes may take values from its namespace's "
+        "Secrets (default: yes)",
     )
     for name, default, what in (
         ("replicas", Policy.max_replicas, "replicas (or autoscaling's maxReplicas)"),

@@ -7,8 +7,9 @@ from typing import Any
 
 from .resource import GROUP, PLURAL
 
-# Deployments and Services are replaced whole (what was added by hand goes); ConfigMaps are
-# immutable, made anew for each configuration and deleted after its rollout.
+# Deployments, Services and PodDisruptionBudgets are replaced whole (what was added by hand
+# goes); ConfigMaps are immutable, made anew for each configuration and deleted after its
+# rollout; a PodDisruptionBudget is deleted when the QueueConsumer keeps one pod or none.
 _OWNED = ["get", "list", "watch", "create", "update"]
 
 # In every watched namespace (a ClusterRole when it watches them all).
@@ -25,6 +26,7 @@ RULES: list[dict[str, Any]] = [
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _OWNED},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": [*_OWNED, "delete"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # broker URL, TLS
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

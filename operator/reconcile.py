@@ -5,9 +5,9 @@ A QueueConsumer that does not validate (the spec with the entries models, the ad
 the Secrets and the Lua source with `luaq check`'s own function), or whose objects the API
 server refuses, is Degraded with the reason and the API's message, and what runs is left as it
 is. A valid one gets its ConfigMap (immutable, named by its content), its Deployment switched to
-that ConfigMap, and its Service; ConfigMaps of earlier configurations go once the rollout is
-done. An owned object changed by hand is restored, fields added to it included; a second pass
-changes nothing.
+that ConfigMap, its Service, and a PodDisruptionBudget while it keeps more than one pod;
+ConfigMaps of earlier configurations go once the rollout is done. An owned object changed
+by hand is restored, fields added to it included; a second pass changes nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from luaq.runtime.errors import ConfigError
 
 from . import policy, render
 from .autoscale import Scaling
-from .kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SERVICES, Kube
+from .kube import (
+    CONFIG_MAPS,
+    DEPLOYMENTS,
+    POD_DISRUPTION_BUDGETS,
+    QUEUE_CONSUMERS,
+    SERVICES,
+    Kube,
+)
 from .resource import InvalidSpec, QueueConsumerSpec, parse_spec
 from .settings import OperatorSettings
 
@@ -42,7 +49,12 @@ SPEC_HASH = "luaq.dev/spec-hash"
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # after one failed pass, two, ...
 PostEvent = Callable[[Mapping[str, Any], str, str, str], None]
 Call = Callable[..., Awaitable[Any]]  # runs a blocking function off the event loop
-RESOURCES = {"ConfigMap": CONFIG_MAPS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
+RESOURCES = {
+    "ConfigMap": CONFIG_MAPS,
+    "Deployment": DEPLOYMENTS,
+    "Service": SERVICES,
+    "PodDisruptionBudget": POD_DISRUPTION_BUDGETS,
+}
 # Service fields the API server allocates: a replacement keeps them as they are.
 _ALLOCATED = ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy")
 
@@ -132,13 +144,18 @@ def contains(actual: Any, desired: Any) -> bool:
 
 
 def _canonical(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Resource quantities as numbers: the API server writes `0.5` back as `500m`."""
+    """Quantities (resources, emptyDir sizes) as numbers: the API server writes `0.5` back as
+    `500m`."""
     manifest = copy.deepcopy(manifest)
-    containers = manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
-    for container in containers:
+    pod = manifest.get("spec", {}).get("template", {}).get("spec", {})
+    for container in pod.get("containers", []):
         for group in (container.get("resources") or {}).values():
             for key, value in group.items():
                 group[key] = f"{parse_quantity(value).normalize():f}"
+    for volume in pod.get("volumes", []):
+        empty_dir = volume.get("emptyDir") or {}
+        if "sizeLimit" in empty_dir:
+            empty_dir["sizeLimit"] = f"{parse_quantity(empty_dir['sizeLimit']).normalize():f}"
     return manifest
 
 
@@ -323,6 +340,8 @@ class Reconciler:
             await self._report(body, state, replicas, running, exc)
             return "invalid"
         deployment = applied["Deployment"]
+        for kind, unwanted in desired.unwanted:
+            await self._remove(body, kind, unwanted, state)
         if _rolled_out(deployment, replicas):
             await self._collect(body, desired.config_map["metadata"]["name"])
         await self._report(body, state, replicas, deployment, None)
@@ -474,6 +493,20 @@ class Reconciler:
             if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
                 raise Invalid("ApplyFailed", f"{what}: {_refusal(exc)}") from None
             raise
+
+    async def _remove(
+        self, body: Mapping[str, Any], kind: str, name: str, state: ConsumerState
+    ) -> None:
+        """An object it owns only at times (a PodDisruptionBudget), when it should not have it;
+        one of the same name that belongs to something else is left alone."""
+        meta = body["metadata"]
+        resource = RESOURCES[kind]
+        found = await self._call(self.kube.get, resource, meta["namespace"], name)
+        owners = ((found or {}).get("metadata") or {}).get("ownerReferences") or []
+        if any(owner.get("uid") == meta["uid"] for owner in owners):
+            await self._call(self.kube.delete, resource, meta["namespace"], name)
+            self.post_event(body, "Normal", "Deleted", f"deleted {kind} {name}")
+        state.stored.pop(f"{kind} {name}", None)
 
     async def _collect(self, body: Mapping[str, Any], current: str) -> None:
         """ConfigMaps of earlier configurations, once no pod mounts them (the rollout is done)."""

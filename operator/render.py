@@ -1,7 +1,8 @@
 """QueueConsumer in, manifests out: pure functions, no cluster access.
 
 A QueueConsumer becomes a ConfigMap holding exactly what `luaq run` reads (the entries file and
-the Lua source), a Deployment running `luaq run` on it, and a Service for the workers' metrics.
+the Lua source), a Deployment running `luaq run` on it, a Service for the workers' metrics, and
+a PodDisruptionBudget while it keeps more than one pod.
 The ConfigMap is immutable and named by its content: a new configuration is a new ConfigMap, and
 the Deployment's switch to it is the rollout, so running pods never see new code early.
 """
@@ -17,16 +18,17 @@ from typing import Any
 import yaml
 from luaq.runtime.entries import ENTRIES_FORMAT
 from luaq.runtime.settings import Settings as RuntimeSettings
+from pydantic import BaseModel
 
-from .resource import API_VERSION, KIND, QueueConsumerSpec, SecretKeyRef, camel
+from .resource import API_VERSION, KIND, NAME_LABEL, TMP_DIR, QueueConsumerSpec, SecretKeyRef
+from .resource import CHECKSUM_ANNOTATION as CHECKSUM_ANNOTATION
+from .resource import CONFIG_DIR as CONFIG_DIR
+from .resource import OWNER_LABEL as OWNER_LABEL
 from .settings import OperatorSettings
 
-CONFIG_DIR = "/etc/luaq"
 ENTRIES_FILE = "entries.yaml"
 SOURCE_FILE = "handler.lua"
 BROKER_ID = "broker"
-CHECKSUM_ANNOTATION = "luaq.dev/config-checksum"
-OWNER_LABEL = "luaq.dev/queueconsumer"
 MANAGED_BY = "luaq-operator"
 URL_ENV = "LUAQ_BROKER_URL"
 TLS_ENV = {"ca": "LUAQ_BROKER_TLS_CA", "cert": "LUAQ_BROKER_TLS_CERT", "key": "LUAQ_BROKER_TLS_KEY"}
@@ -54,19 +56,33 @@ class Names:
     def service(self) -> str:
         return f"{self.consumer}-metrics"
 
+    @property
+    def pod_disruption_budget(self) -> str:
+        return self.consumer
+
 
 @dataclass(frozen=True)
 class Desired:
-    """Everything one QueueConsumer should have, as manifests."""
+    """Everything one QueueConsumer should have, as manifests, and what it should not."""
 
     config_map: dict[str, Any]
     deployment: dict[str, Any]
     service: dict[str, Any]
+    pod_disruption_budget: dict[str, Any] | None
 
     @property
     def manifests(self) -> list[dict[str, Any]]:
         """In the order they are applied: the ConfigMap exists before a pod mounts it."""
-        return [self.config_map, self.deployment, self.service]
+        optional = [self.pod_disruption_budget] if self.pod_disruption_budget else []
+        return [self.config_map, self.deployment, self.service, *optional]
+
+    @property
+    def unwanted(self) -> list[tuple[str, str]]:
+        """(kind, name) of the objects it owns only at times, and should not have now."""
+        if self.pod_disruption_budget is not None:
+            return []
+        name = self.deployment["metadata"]["name"]
+        return [("PodDisruptionBudget", Names(name).pod_disruption_budget)]
 
 
 def desired(
@@ -87,11 +103,12 @@ def desired(
         made,
         deployment(owner, spec, settings, made["metadata"]["name"], pods, replicas),
         service(owner, settings),
+        pod_disruption_budget(owner) if budgeted(spec) else None,
     )
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "luaq-worker", OWNER_LABEL: name}
+    return {NAME_LABEL: "luaq-worker", OWNER_LABEL: name}
 
 
 def selector(name: str) -> str:
@@ -270,7 +287,7 @@ def pod_env(spec: QueueConsumerSpec, settings: OperatorSettings) -> list[dict[st
     ]
     # as the API server stores them: an empty value is no value (the variable is set, empty)
     for variable in spec.env:
-        fields = _api(variable.model_dump(mode="json", exclude_none=True))
+        fields = variable.model_dump(mode="json", by_alias=True, exclude_none=True)
         if fields.get("value") == "":
             del fields["value"]
         env.append(fields)
@@ -320,7 +337,8 @@ def deployment(
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": TMP_DIR},
+            *_dumped(spec.volume_mounts),
         ],
     }
     if spec.resources is not None:
@@ -333,6 +351,7 @@ def deployment(
         "volumes": [
             {"name": "config", "configMap": {"name": config}},
             {"name": "tmp", "emptyDir": {}},
+            *_dumped(spec.volumes),
         ],
     }
     if spec.service_account_name:
@@ -343,11 +362,15 @@ def deployment(
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod["tolerations"] = [
-            _api(toleration.model_dump(mode="json", exclude_none=True))
+            toleration.model_dump(mode="json", by_alias=True, exclude_none=True)
             for toleration in spec.tolerations
         ]
     if spec.affinity:
         pod["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    if spread := topology_spread(name, spec):
+        pod["topologySpreadConstraints"] = spread
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -357,8 +380,8 @@ def deployment(
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {
-                    "labels": labels(name),
-                    "annotations": {CHECKSUM_ANNOTATION: config_checksum},
+                    "labels": {**labels(name), **spec.pod_labels},
+                    "annotations": {**spec.pod_annotations, CHECKSUM_ANNOTATION: config_checksum},
                 },
                 "spec": pod,
             },
@@ -366,9 +389,63 @@ def deployment(
     }
 
 
-def _api(data: dict[str, Any]) -> dict[str, Any]:
-    """Top-level snake_case keys of a dumped model as the API's camelCase."""
-    return {camel(key): value for key, value in data.items()}
+def _dumped(parts: tuple[BaseModel, ...]) -> list[dict[str, Any]]:
+    """Parts of the pods' spec as the API server stores them: a field left at its default
+    (false, empty, unset) is not written, as Go's omitempty leaves it out."""
+    return [part.model_dump(mode="json", by_alias=True, exclude_defaults=True) for part in parts]
+
+
+# Without a word from the spec: spread over zones, then nodes, as far as the scheduler can
+# (ScheduleAnyway), counting only the pods of the current rollout (pod-template-hash).
+_SPREAD_KEYS = ("topology.kubernetes.io/zone", "kubernetes.io/hostname")
+
+
+def topology_spread(name: str, spec: QueueConsumerSpec) -> list[dict[str, Any]]:
+    """The spec's constraints (without a labelSelector, one counts this QueueConsumer's pods),
+    or else a spread by zone and node unless autoscaling keeps it to one pod. It does not
+    follow `replicas`: a scale (kubectl scale, an HPA, KEDA) must not change the pod template,
+    which would roll the pods."""
+    own = {"matchLabels": selector_labels(name)}
+    if spec.topology_spread_constraints is not None:
+        return [
+            {"labelSelector": own, **constraint}
+            for constraint in _dumped(spec.topology_spread_constraints)
+        ]
+    if spec.autoscaling is not None and spec.autoscaling.max_replicas <= 1:
+        return []
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": own,
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+        for key in _SPREAD_KEYS
+    ]
+
+
+def budgeted(spec: QueueConsumerSpec) -> bool:
+    """Whether it keeps more than one pod, which a PodDisruptionBudget then keeps from being
+    evicted all at once (a node drain)."""
+    least = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    return least > 1
+
+
+def pod_disruption_budget(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """One pod evicted at a time; an unhealthy one whenever (AlwaysAllow: workers that cannot
+    reach their broker, all unready, must not block a node drain)."""
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, Names(name).pod_disruption_budget),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
 
 
 def service(owner: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:

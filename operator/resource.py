@@ -12,7 +12,7 @@ import copy
 import json
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from luaq.runtime.entries import (
     MANY,
@@ -34,13 +34,29 @@ from luaq.runtime.entries import (
     TlsOptions,
     _Model,
 )
-from pydantic import ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasGenerator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 GROUP = "luaq.dev"
 CRD_VERSION = "v1alpha1"  # the QueueConsumer API version this operator serves
 KIND = "QueueConsumer"
 PLURAL = "queueconsumers"
 API_VERSION = f"{GROUP}/{CRD_VERSION}"
+
+_CAMEL_RE = re.compile(r"_([a-z0-9])")
+
+
+def camel(name: str) -> str:
+    return _CAMEL_RE.sub(lambda m: m.group(1).upper(), name)
 
 
 def _like(model: type[_Model], name: str, **changes: Any) -> Any:
@@ -54,13 +70,10 @@ def _like(model: type[_Model], name: str, **changes: Any) -> Any:
 # What the API server accepts as a ConfigMap's, Secret's or ServiceAccount's name (a DNS-1123
 # subdomain) and as a key of their data: a name given here can only ever be a name, never a
 # path into another namespace.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
 ObjectName = Annotated[
-    str,
-    StringConstraints(
-        min_length=1,
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
-    ),
+    str, StringConstraints(min_length=1, max_length=253, pattern=f"^{_DNS_SUBDOMAIN}$")
 ]
 DataKey = Annotated[
     str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
@@ -74,7 +87,15 @@ Quantity = (
     Annotated[int, Field(ge=0)]
     | Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY.pattern)]
 )
-LabelValue = Annotated[str, StringConstraints(max_length=63)]
+LabelValue = Annotated[
+    str, StringConstraints(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+]
+# A label's or an annotation's key: a DNS subdomain (at most 253 characters) and '/', optional,
+# then a name of at most 63.
+QUALIFIED_NAME = re.compile(
+    rf"^({_DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+)
+LabelKey = Annotated[str, StringConstraints(max_length=317, pattern=QUALIFIED_NAME.pattern)]
 # An inline Lua source; a bigger one lives in a ConfigMap of its own (`sourceRef`).
 SOURCE_LENGTH = 256 * 1024
 
@@ -188,7 +209,14 @@ class Resources(_Model):
     limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
 
 
-class EnvVar(_Model):
+class _PodModel(_Model):
+    """A part of the pods' spec, passed on to them as it is: dumped `by_alias`, in the API's
+    camelCase (render.py)."""
+
+    model_config = ConfigDict(alias_generator=AliasGenerator(serialization_alias=camel))
+
+
+class EnvVar(_PodModel):
     """An environment variable of the worker container (`valueFrom` as in a pod)."""
 
     name: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
@@ -196,12 +224,261 @@ class EnvVar(_Model):
     value_from: dict[str, Any] | None = Field(None, max_length=4)
 
 
-class Toleration(_Model):
+class Toleration(_PodModel):
     key: str | None = Field(None, max_length=317)  # a label key: prefix/name
     operator: Literal["Exists", "Equal"] | None = None
     value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+
+# The operator's own labels and annotation on the pods: the Deployment's selector, and what
+# the pods read (render.py). A spec's podLabels and podAnnotations may not set them.
+NAME_LABEL = "app.kubernetes.io/name"
+OWNER_LABEL = f"{GROUP}/queueconsumer"
+CHECKSUM_ANNOTATION = f"{GROUP}/config-checksum"
+# The operator's own mounts in the worker container: its files, and the one writable directory
+# (the root filesystem is read-only); a spec's volumeMounts keep out of both.
+CONFIG_DIR = "/etc/luaq"
+TMP_DIR = "/tmp"
+OWN_VOLUMES = ("config", "tmp")
+_OWN_VOLUME = f"{' and '.join(OWN_VOLUMES)} are the worker's own volumes"
+
+
+def _qualified_keys(value: dict[str, str]) -> dict[str, str]:
+    """A structural schema cannot say what a map's keys are (and CEL would cost as much as
+    the largest request): the operator says it."""
+    bad = [
+        key for key in value if not QUALIFIED_NAME.match(key) or len(key.rpartition("/")[0]) > 253
+    ]
+    if bad:
+        raise ValueError(
+            f"not a label or annotation key: {', '.join(map(repr, bad))} (a DNS subdomain "
+            "and '/', optional, then at most 63 letters, digits, '-', '_' or '.')"
+        )
+    return value
+
+
+# The operator's own keys in a map field of the spec, and what is said when a spec sets one.
+_OPERATORS = {
+    "pod_labels": ((NAME_LABEL, OWNER_LABEL), f"may not set {NAME_LABEL} or {OWNER_LABEL}"),
+    "pod_annotations": ((CHECKSUM_ANNOTATION,), f"may not set {CHECKSUM_ANNOTATION}"),
+}
+
+
+def _not_the_operators(field: str) -> dict[str, Any]:
+    """A CEL rule that keeps the operator's keys out of a map: a lookup costs the same
+    whatever the map holds."""
+    keys, message = _OPERATORS[field]
+    rule = " && ".join(f"!('{key}' in self)" for key in keys)
+    return {"x-kubernetes-validations": [{"rule": rule, "message": f"{message}, the operator's"}]}
+
+
+Labels = Annotated[dict[str, LabelValue], AfterValidator(_qualified_keys)]
+Annotations = Annotated[
+    dict[str, Annotated[str, StringConstraints(max_length=32768)]],
+    AfterValidator(_qualified_keys),
+]
+# Paths in normal form (no empty segment, none starting with '..', no trailing '/'): one path,
+# one text, so that a prefix of the text is a parent directory.
+_SEGMENT = r"([^/.][^/]*|\.[^/.][^/]*)"
+RelativePath = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024, pattern=f"^{_SEGMENT}(/{_SEGMENT})*$")
+]
+AbsolutePath = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024, pattern=f"^(/{_SEGMENT})+$")
+]
+FileMode = Annotated[int, Field(ge=0, le=0o777)]
+VolumeName = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=f"^{_DNS_LABEL}$")
+]
+
+
+class LabelSelectorRequirement(_PodModel):
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[LabelValue, ...] = Field((), max_length=64)
+
+
+class LabelSelector(_PodModel):
+    match_labels: Labels = Field(default_factory=dict, max_length=64)
+    match_expressions: tuple[LabelSelectorRequirement, ...] = Field((), max_length=16)
+
+
+class TopologySpreadConstraint(_PodModel):
+    """As in a pod; without a labelSelector, it counts the QueueConsumer's own pods."""
+
+    max_skew: int = Field(ge=1, le=2**31 - 1)
+    topology_key: LabelKey
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"]
+    label_selector: LabelSelector | None = None
+    min_domains: int | None = Field(None, ge=1, le=2**31 - 1)
+    match_label_keys: tuple[LabelKey, ...] = Field((), max_length=16)
+    node_affinity_policy: Literal["Honor", "Ignore"] | None = None
+    node_taints_policy: Literal["Honor", "Ignore"] | None = None
+
+
+class KeyToPath(_PodModel):
+    key: DataKey
+    path: RelativePath
+    mode: FileMode | None = None
+
+
+class ConfigMapProjection(_PodModel):
+    name: ObjectName
+    items: tuple[KeyToPath, ...] = Field((), max_length=64)
+    optional: bool | None = None
+
+
+class SecretProjection(ConfigMapProjection):
+    pass
+
+
+class ConfigMapVolumeSource(ConfigMapProjection):
+    default_mode: FileMode | None = None
+
+
+class SecretVolumeSource(_PodModel):
+    secret_name: ObjectName
+    items: tuple[KeyToPath, ...] = Field((), max_length=64)
+    default_mode: FileMode | None = None
+    optional: bool | None = None
+
+
+class EmptyDirVolumeSource(_PodModel):
+    medium: Literal["Memory"] | None = None
+    size_limit: Quantity | None = None
+
+
+class ServiceAccountTokenProjection(_PodModel):
+    """A token of the pods' service account (the admin's policy allows it or not), for
+    `audience` (default: the API server)."""
+
+    audience: str | None = Field(None, min_length=1, max_length=1024)
+    expiration_seconds: int | None = Field(None, ge=600, le=2**32)
+    path: RelativePath
+
+
+def _exactly_one(what: str, sources: tuple[str, ...]) -> ConfigDict:
+    """A union as Kubernetes writes one: exactly one of its optional fields is set. The CEL
+    rule's cost is a handful of `has`, whatever the sizes."""
+    count = " + ".join(f"(has(self.{camel(source)}) ? 1 : 0)" for source in sources)
+    return ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"{count} == 1",
+                    "message": f"{what} has exactly one of {_listed(sources)}",
+                }
+            ]
+        }
+    )
+
+
+def _listed(sources: tuple[str, ...]) -> str:
+    names = [camel(source) for source in sources]
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
+class _Sourced(_PodModel):
+    """A union (`_exactly_one`): a member of Kubernetes' union left out here (hostPath) is
+    named as not allowed, not as a typo. Kept as an extra field until then: a validator run
+    before the fields would see JSON arrays as lists, which strict tuples refuse."""
+
+    model_config = ConfigDict(extra="allow")
+    _what: ClassVar[str]
+    _sources: ClassVar[tuple[str, ...]]
+
+    @model_validator(mode="after")
+    def _one(self) -> _Sourced:
+        if refused := sorted(self.model_extra or ()):
+            raise ValueError(
+                f"{', '.join(refused)}: not allowed; {self._what} is {_listed(self._sources)}"
+            )
+        if sum(getattr(self, source) is not None for source in self._sources) != 1:
+            raise ValueError(f"{self._what} has exactly one of {_listed(self._sources)}")
+        return self
+
+
+_PROJECTIONS = ("config_map", "secret", "service_account_token")
+_VOLUME_SOURCES = ("config_map", "secret", "empty_dir", "projected")
+
+
+class VolumeProjection(_Sourced):
+    model_config = _exactly_one("a projected source", _PROJECTIONS)
+    _what = "a projected source"
+    _sources = _PROJECTIONS
+
+    config_map: ConfigMapProjection | None = None
+    secret: SecretProjection | None = None
+    service_account_token: ServiceAccountTokenProjection | None = None
+
+
+class ProjectedVolumeSource(_PodModel):
+    sources: tuple[VolumeProjection, ...] = Field(min_length=1, max_length=16)
+    default_mode: FileMode | None = None
+
+
+class Volume(_Sourced):
+    """A volume of the pods: what the restricted Pod Security profile allows that needs no
+    storage of its own (no hostPath, no persistent volume)."""
+
+    model_config = _exactly_one("a volume", _VOLUME_SOURCES)
+    _what = "a volume"
+    _sources = _VOLUME_SOURCES
+
+    name: VolumeName = Field(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": " && ".join(f"self != '{own}'" for own in OWN_VOLUMES),
+                    "message": _OWN_VOLUME,
+                }
+            ]
+        }
+    )
+    config_map: ConfigMapVolumeSource | None = None
+    secret: SecretVolumeSource | None = None
+    empty_dir: EmptyDirVolumeSource | None = None
+    projected: ProjectedVolumeSource | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_own(cls, name: str) -> str:
+        if name in OWN_VOLUMES:
+            raise ValueError(_OWN_VOLUME)
+        return name
+
+
+_OWN_MOUNTS = (CONFIG_DIR, TMP_DIR)
+_SHADOWS = f"a mount may not be at, inside or above {' or '.join(_OWN_MOUNTS)}, the worker's own"
+
+
+class VolumeMount(_PodModel):
+    name: VolumeName
+    mount_path: AbsolutePath = Field(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"!{list(_OWN_MOUNTS)}.exists(p, self == p || "
+                    "self.startsWith(p + '/') || p.startsWith(self + '/'))",
+                    "message": _SHADOWS,
+                }
+            ]
+        }
+    )
+    sub_path: RelativePath | None = None
+    read_only: bool = False
+
+    @field_validator("mount_path")
+    @classmethod
+    def _not_shadowing(cls, path: str) -> str:
+        if any(
+            path == own or path.startswith(own + "/") or own.startswith(path + "/")
+            for own in _OWN_MOUNTS
+        ):
+            raise ValueError(_SHADOWS)
+        return path
 
 
 _ID_NAMESPACE = (
@@ -219,7 +496,12 @@ class QueueConsumerSpec(_Model):
                 {
                     "rule": "has(self.source) != has(self.sourceRef)",
                     "message": "give exactly one of source (inline Lua) or sourceRef",
-                }
+                },
+                {
+                    "rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, "
+                    "has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+                    "message": "each of volumeMounts names one of volumes",
+                },
             ]
         }
     )
@@ -273,19 +555,74 @@ class QueueConsumerSpec(_Model):
     image_pull_secrets: tuple[LocalObjectReference, ...] = Field(
         (), max_length=16, description="Secrets in this namespace to pull the image with"
     )
+    pod_annotations: Annotations = Field(
+        default_factory=dict,
+        max_length=64,
+        json_schema_extra=_not_the_operators("pod_annotations"),
+    )
+    pod_labels: Labels = Field(
+        default_factory=dict,
+        max_length=64,
+        description="besides the operator's; never the two that select the pods",
+        json_schema_extra=_not_the_operators("pod_labels"),
+    )
+    priority_class_name: ObjectName | None = None
+    topology_spread_constraints: tuple[TopologySpreadConstraint, ...] | None = Field(
+        None,
+        max_length=8,
+        description="replace the default spread by zone and node, ScheduleAnyway ([]: none)",
+    )
+    volumes: tuple[Volume, ...] = Field(
+        (),
+        max_length=32,
+        description="configMap, secret, emptyDir or projected",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    volume_mounts: tuple[VolumeMount, ...] = Field(
+        (),
+        max_length=32,
+        description="of the worker container; not at, in or above /etc/luaq or /tmp",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["mountPath"],
+        },
+    )
+
+    @field_validator("pod_labels", "pod_annotations")
+    @classmethod
+    def _no_operator_keys(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        keys, message = _OPERATORS[str(info.field_name)]
+        if any(key in value for key in keys):
+            raise ValueError(f"{message}, the operator's")
+        return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _unique_volumes(cls, volumes: tuple[Volume, ...]) -> tuple[Volume, ...]:
+        names = [volume.name for volume in volumes]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"more than one volume named {', '.join(twice)}")
+        return volumes
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(
+        cls, mounts: tuple[VolumeMount, ...], info: ValidationInfo
+    ) -> tuple[VolumeMount, ...]:
+        """Each of a declared volume, each at a path of its own."""
+        declared = {volume.name for volume in info.data.get("volumes", ())}
+        if unknown := sorted({m.name for m in mounts} - declared):
+            raise ValueError(f"no volume named {', '.join(unknown)}")
+        paths = [mount.mount_path for mount in mounts]
+        if twice := sorted({path for path in paths if paths.count(path) > 1}):
+            raise ValueError(f"more than one mount at {', '.join(twice)}")
+        return mounts
 
     @model_validator(mode="after")
     def _one_source(self) -> QueueConsumerSpec:
         if (self.source is None) == (self.source_ref is None):
             raise ValueError("give exactly one of source (inline Lua) or sourceRef")
         return self
-
-
-_CAMEL_RE = re.compile(r"_([a-z0-9])")
-
-
-def camel(name: str) -> str:
-    return _CAMEL_RE.sub(lambda m: m.group(1).upper(), name)
 
 
 def to_snake(value: Any, schema: Mapping[str, Any]) -> Any:

@@ -17,8 +17,9 @@ class Policy:
     images: tuple[str, ...] = ("*",)
     # Globs the pods' service account must match (the namespace's `default` when none is named).
     service_accounts: tuple[str, ...] = ("*",)
-    # Whether `env` may take values from the namespace's Secrets (`valueFrom.secretKeyRef`); the
-    # broker's own Secrets are always read.
+    # Whether `env` and `volumes` may take values from the namespace's Secrets
+    # (`valueFrom.secretKeyRef`, a `secret` volume or projected source); the broker's own
+    # Secrets are always read.
     secret_env: bool = True
     max_replicas: int = 1000  # also autoscaling's maxReplicas
     max_processes: int = 64
@@ -55,7 +56,8 @@ class OperatorSettings:
     )
     check_timeout: float = 20.0
     check_concurrency: int = 2
-    # What a QueueConsumer may ask for (images, service accounts, Secrets in env, sizes).
+    # What a QueueConsumer may ask for (images, service accounts, Secrets in env and volumes,
+    # sizes).
     policy: Policy = field(default_factory=Policy)
     # Watches: each watch request asks the API server to end it after this long (an integer,
     # as timeoutSeconds must be), and the operator gives up on it this much later, so a stream

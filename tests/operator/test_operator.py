@@ -12,7 +12,14 @@ from conftest import eventually
 from kube_fixtures import Cluster, apply, example, reconciles
 from luaq.operator import rbac, render
 from luaq.operator.handlers import Operator
-from luaq.operator.kube import CONFIG_MAPS, DEPLOYMENTS, QUEUE_CONSUMERS, SECRETS, SERVICES
+from luaq.operator.kube import (
+    CONFIG_MAPS,
+    DEPLOYMENTS,
+    POD_DISRUPTION_BUDGETS,
+    QUEUE_CONSUMERS,
+    SECRETS,
+    SERVICES,
+)
 
 NAME = "email-worker"
 
@@ -330,6 +337,11 @@ async def test_the_operator_uses_exactly_the_permissions_it_declares(
     await cluster.delete(SERVICES, ns, f"{NAME}-metrics")
     await eventually(lambda: cluster.get("services", ns, f"{NAME}-metrics") is not None, 20)
     await eventually(lambda: ("coordination.k8s.io", "leases", "update") in cluster.permissions())
+    budget = {"spec": {"maxUnavailable": 2}}  # replaced, then deleted once it keeps one pod
+    await cluster.patch(POD_DISRUPTION_BUDGETS, ns, NAME, budget)
+    await eventually(lambda: ("policy", "poddisruptionbudgets", "update") in cluster.permissions())
+    await edit(cluster, ns, {"replicas": 1})
+    await eventually(lambda: cluster.get("poddisruptionbudgets", ns, NAME) is None, 20)
     await cluster.delete(QUEUE_CONSUMERS, ns, NAME)
     await eventually(lambda: cluster.get("queueconsumers", ns, NAME) is None, 20)
     declared = {

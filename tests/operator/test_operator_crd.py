@@ -29,10 +29,12 @@ CEL = celpy.Environment()
 
 
 def rules(schema: dict[str, Any], instance: Any, path: str = "") -> Iterator[tuple[str, str, bool]]:
-    """Every CEL rule of the schema that applies to `instance`, evaluated: (path, rule, holds)."""
+    """Every CEL rule of the schema that applies to `instance`, evaluated: (path, the rule and
+    its message, holds)."""
     for rule in schema.get("x-kubernetes-validations", []):
         program = CEL.program(CEL.compile(rule["rule"]))
-        yield path, rule["rule"], bool(program.evaluate({"self": celpy.json_to_cel(instance)}))
+        said = f"{rule['rule']}: {rule.get('message', '')}"
+        yield path, said, bool(program.evaluate({"self": celpy.json_to_cel(instance)}))
     if isinstance(instance, dict):
         for key, value in instance.items():
             if key in schema.get("properties", {}):
@@ -141,8 +143,18 @@ def test_every_string_list_and_map_is_bounded_and_no_cel_rule_is_costly() -> Non
         walk(SCHEMA["properties"][name], name, False)
     assert loose == []
     assert costly == []
-    # CEL only where a schema cannot say it: exactly one of two fields, one field within another
-    assert ruled == ["spec", "spec.autoscaling"]
+    # CEL only where a schema cannot say it: exactly one of some fields, one field within
+    # another, a name or key the operator's, a path under its own
+    assert ruled == [
+        "spec",
+        "spec.autoscaling",
+        "spec.podAnnotations",
+        "spec.podLabels",
+        "spec.volumes.items",
+        "spec.volumes.items.name",
+        "spec.volumes.items.projected.sources.items",
+        "spec.volumeMounts.items.mountPath",
+    ]
 
 
 def test_the_schema_has_the_ranges_defaults_and_enums_of_the_entries_models() -> None:
@@ -249,18 +261,18 @@ def test_camel_case_fields_reach_the_entries_models_and_free_maps_keep_their_key
     assert spec.node_selector == {"kubernetes.io/arch": "amd64"}
 
 
-def rendered(resource: dict[str, Any]) -> list[dict[str, Any]]:
+def rendered(resource: dict[str, Any]) -> render.Desired:
     body = owner(resource)
     spec = parse_spec(body["spec"], SPEC)
     source = spec.source or "-- from a ConfigMap"
-    return render.desired(body, spec, OperatorSettings(), source, {}, 3).manifests
+    return render.desired(body, spec, OperatorSettings(), source, {}, 3)
 
 
 @pytest.mark.parametrize("resource", queue_consumers(), ids=lambda r: r["metadata"]["name"])
 def test_every_rendered_manifest_passes_kubernetes_validate_strict(
     resource: dict[str, Any],
 ) -> None:
-    for manifest in rendered(resource):
+    for manifest in rendered(resource).manifests:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
@@ -272,16 +284,16 @@ def test_pod_settings_reach_the_pods() -> None:
         "nodeSelector": {"kubernetes.io/arch": "amd64"},
         "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
     }
-    _, deployment, _ = rendered(changed(**settings))
+    deployment = rendered(changed(**settings)).deployment
     kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
     pod = deployment["spec"]["template"]["spec"]
     assert {key: pod[key] for key in settings} == settings
-    _, plain, _ = rendered(BASE)
+    plain = rendered(BASE).deployment
     assert not set(settings) & set(plain["spec"]["template"]["spec"])
 
 
 def test_the_pods_follow_the_restricted_pod_security_profile() -> None:
-    _, deployment, _ = rendered(BASE)
+    deployment = rendered(BASE).deployment
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     security = container["securityContext"]
@@ -298,7 +310,8 @@ def test_the_pods_follow_the_restricted_pod_security_profile() -> None:
 def test_the_broker_url_stays_in_its_secret() -> None:
     resource = changed(broker={**BASE["spec"]["broker"], "tls": {
         "enabled": True, "caSecretRef": {"name": "rabbitmq-tls", "key": "ca.crt"}}})  # fmt: skip
-    config_map, deployment, _ = rendered(resource)
+    desired = rendered(resource)
+    config_map, deployment = desired.config_map, desired.deployment
     entries = yaml.safe_load(config_map["data"][render.ENTRIES_FILE])
     driver = entries["entries"][0]
     assert driver["url"] == "${env:LUAQ_BROKER_URL}"
@@ -312,25 +325,25 @@ def test_the_broker_url_stays_in_its_secret() -> None:
 
 
 def test_a_queueconsumer_may_publish_only_to_what_it_declares_unless_its_policies_say() -> None:
-    config_map, _, _ = rendered(BASE)
+    config_map = rendered(BASE).config_map
     entries = yaml.safe_load(config_map["data"][render.ENTRIES_FILE])["entries"]
     policies = {e["id"]: e["policy"] for e in entries if e["kind"] == "security.policy"}
     declared = [q["name"] for q in BASE["spec"]["queues"]]
     assert policies["qc:email-worker.publish-declared"]["resources"] == declared
     rule = {"actions": ["queue.publish.queue"], "resources": ["app:receipts"], "effect": "allow"}
     own = changed(policies=[rule])
-    config_map, _, _ = rendered(own)
+    config_map = rendered(own).config_map
     entries = yaml.safe_load(config_map["data"][render.ENTRIES_FILE])["entries"]
     assert [e["policy"] for e in entries if e["kind"] == "security.policy"] == [rule]
 
 
 def test_a_code_change_changes_the_pods_checksum_and_a_replica_change_does_not() -> None:
-    _, before, _ = rendered(BASE)
-    _, after, _ = rendered(changed(source=BASE["spec"]["source"] + "\n-- v2\n"))
+    before = rendered(BASE).deployment
+    after = rendered(changed(source=BASE["spec"]["source"] + "\n-- v2\n")).deployment
     annotation = render.CHECKSUM_ANNOTATION
     checksum = before["spec"]["template"]["metadata"]["annotations"][annotation]
     assert after["spec"]["template"]["metadata"]["annotations"][annotation] != checksum
-    _, scaled, _ = rendered(changed(replicas=7))
+    scaled = rendered(changed(replicas=7)).deployment
     assert scaled["spec"]["template"]["metadata"]["annotations"][annotation] == checksum
 
 
@@ -339,7 +352,7 @@ def test_a_queueconsumer_may_bear_the_name_of_its_queue(tmp_path: Path) -> None:
     the files pass `luaq check`'s code."""
     resource = copy.deepcopy(BASE)
     resource["metadata"]["name"] = "emails"
-    config_map, _, _ = rendered(resource)
+    config_map = rendered(resource).config_map
     for name, text in config_map["data"].items():
         (tmp_path / name).write_text(text)
     config = check([tmp_path / render.ENTRIES_FILE], Settings(), {"LUAQ_BROKER_URL": AMQP_URL})

@@ -26,7 +26,7 @@ from processes import free_port
 from tcp_proxy import TcpProxy
 
 SETTINGS = replace(TEST_SETTINGS, watch_seconds=1, watch_connect_seconds=1.0)
-STREAMS = 4  # QueueConsumers, and luaq's Deployments, Services and ConfigMaps
+STREAMS = 5  # QueueConsumers, and luaq's Deployments, Services, PodDisruptionBudgets, ConfigMaps
 
 
 def api_address(cluster: Cluster) -> tuple[str, int]:

@@ -876,9 +876,15 @@ def _pod_defaults(pod: Body) -> None:
     pod.setdefault("schedulerName", "default-scheduler")
     pod.setdefault("securityContext", {})
     for volume in pod.get("volumes") or []:
-        for source in ("configMap", "secret"):
+        for source in ("configMap", "secret", "projected"):
             if source in volume:
                 volume[source].setdefault("defaultMode", 0o644)
+        for projection in (volume.get("projected") or {}).get("sources") or []:
+            if "serviceAccountToken" in projection:
+                projection["serviceAccountToken"].setdefault("expirationSeconds", 3600)
+        empty_dir = volume.get("emptyDir") or {}
+        if "sizeLimit" in empty_dir:
+            empty_dir["sizeLimit"] = canonical_quantity(empty_dir["sizeLimit"])
     for container in pod.get("containers") or []:
         image = str(container.get("image", ""))
         latest = ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")
@@ -987,6 +993,9 @@ BUILTINS = (
         "Deployment",
         status=True,
         scale=Scale("spec.replicas", "status.replicas", match_labels="spec.selector.matchLabels"),
+    ),
+    Kind(
+        kmock.resource("policy", "v1", "poddisruptionbudgets"), "PodDisruptionBudget", status=True
     ),
     Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "roles"), "Role"),
     Kind(kmock.resource("rbac.authorization.k8s.io", "v1", "rolebindings"), "RoleBinding"),
