@@ -27,10 +27,10 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -39,6 +39,7 @@ from .kube import LEASES, Kube
 from .settings import OperatorSettings
 
 _log = logging.getLogger("luaq.operator.leader")
+T = TypeVar("T")
 
 
 class LeadershipLost(Exception):
@@ -210,3 +211,64 @@ class LeaderElection:
             holderIdentity="", leaseDurationSeconds=1, acquireTime=now, renewTime=now
         )
         self.kube.replace(LEASES, namespace, name, lease)
+
+
+class Leadership:
+    """The operator's API client, and when it may write with it: while this replica holds the
+    Lease. Losing the Lease cancels the passes in flight (no new write starts); the terms are
+    counted, since what a daemon cached in an earlier one may have been changed by another."""
+
+    def __init__(self, settings: OperatorSettings, on_change: Callable[[bool], None]) -> None:
+        self.settings = settings
+        self.on_change = on_change
+        self.epoch = 0  # leadership terms so far: a daemon's state belongs to one term
+        self._kube: Kube | None = None
+        self._election: LeaderElection | None = None
+        self._passes: set[asyncio.Task[Any]] = set()  # passes in flight
+
+    @property
+    def kube(self) -> Kube:
+        assert self._kube is not None, "the operator has not started"
+        return self._kube
+
+    @property
+    def leading(self) -> bool:
+        return self._election is not None and self._election.is_leader
+
+    async def start(self) -> None:
+        self._kube = await asyncio.to_thread(Kube.connect)
+        self._election = await asyncio.to_thread(
+            LeaderElection, self._kube, self.settings, self._changed
+        )
+        self._election.start()
+
+    async def stop(self) -> None:
+        if self._election is not None:
+            await self._election.stop()  # releases the Lease, whatever happened before
+        if self._kube is not None:
+            self._kube.close()
+
+    def _changed(self, leader: bool) -> None:
+        if leader:
+            self.epoch += 1
+        else:  # stop acting now: the passes in flight start no further write
+            for task in self._passes:
+                task.cancel()
+        self.on_change(leader)
+
+    async def as_leader(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a pass that leadership's loss cancels: raises LeadershipLost then."""
+        if not self.leading:
+            coroutine.close()
+            raise LeadershipLost
+        task = asyncio.ensure_future(coroutine)
+        self._passes.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the daemon itself is stopping
+            raise LeadershipLost from None
+        finally:
+            self._passes.discard(task)

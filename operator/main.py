@@ -230,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import kopf
         from kopf._core.engines.peering import Identity  # kopf.run's type, not exported
 
-        from .handlers import Operator, registry
+        from .handlers import registry
+        from .manager import Operator
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in _OPERATOR_EXTRA:
             raise

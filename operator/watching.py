@@ -19,22 +19,17 @@ from types import SimpleNamespace
 import aiohttp
 import kopf
 
+from . import kube
 from .settings import OperatorSettings
 
 PERIODS = 3  # how many periods without a new watch make a stream stale
-
-
-def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
-    """kopf's watch timeouts from the operator's settings."""
-    kopf_settings.watching.server_timeout = settings.watch_seconds
-    kopf_settings.watching.client_timeout = settings.watch_seconds + settings.watch_connect_seconds
-    kopf_settings.watching.connect_timeout = settings.watch_connect_seconds
 
 
 class Watches:
     """When each watch stream (a resource's path, in a namespace or across all) last started."""
 
     def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
         period = settings.watch_seconds + settings.watch_connect_seconds
         self.stale_after = PERIODS * period
         self.since = time.monotonic()
@@ -66,8 +61,18 @@ class Watches:
             )
         return ages
 
-    async def session(self, info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
-        """The session kopf would build for `info`, traced."""
+    def configure(self, kopf_settings: kopf.OperatorSettings) -> None:
+        """kopf's watch timeouts from the operator's settings."""
+        settings = self.settings
+        kopf_settings.watching.server_timeout = settings.watch_seconds
+        kopf_settings.watching.client_timeout = (
+            settings.watch_seconds + settings.watch_connect_seconds
+        )
+        kopf_settings.watching.connect_timeout = settings.watch_connect_seconds
+
+    async def login(self, kopf_settings: kopf.OperatorSettings) -> kopf.AiohttpSession:
+        """The session kopf would build with the operator's own credentials, traced."""
+        info = await asyncio.to_thread(kube.login, kopf_settings)
         ssl = await asyncio.to_thread(info.as_ssl_context)  # reads certificate files
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ssl=ssl),
