@@ -17,21 +17,16 @@ import copy
 import hashlib
 import json
 import logging
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
-from luaq.runtime.check import check
-from luaq.runtime.entries import Config
-from luaq.runtime.errors import ConfigError
 
-from . import policy, render
-from .autoscale import Scaling
+from . import render
+from .autoscale import Decision, Scaling
 from .kube import (
     CONFIG_MAPS,
     DEPLOYMENTS,
@@ -40,7 +35,7 @@ from .kube import (
     SERVICES,
     Kube,
 )
-from .resource import InvalidSpec, QueueConsumerSpec, parse_spec
+from .policy import Checked, Inputs, Invalid, admitted, check_files
 from .settings import OperatorSettings
 
 _log = logging.getLogger("luaq.operator")
@@ -59,30 +54,6 @@ RESOURCES = {
 _ALLOCATED = ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy")
 
 
-class Invalid(Exception):
-    """The QueueConsumer cannot be applied as it is: `reason` names the kind of problem."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """Everything a pass reads besides what it owns: the resource and what it references."""
-
-    body: dict[str, Any]
-    spec: QueueConsumerSpec
-    source: str
-    environ: dict[str, str]  # the pod's environment, as far as its entries file reads it
-
-    @property
-    def secrets(self) -> dict[str, str]:
-        """The Secret values of the pods' environment."""
-        return {variable: self.environ[variable] for variable in render.secret_refs(self.spec)}
-
-
 @dataclass
 class ConsumerState:
     """What the operator remembers of one QueueConsumer between passes."""
@@ -91,8 +62,7 @@ class ConsumerState:
     # The Warning Events posted and still standing, by topic: one Event per change.
     warnings: dict[str, tuple[str, str]] = field(default_factory=dict)
     status: dict[str, Any] | None = None  # what this operator wrote last (it is the only writer)
-    # The last check: a digest of the files and environment, and its outcome.
-    checked: tuple[str, Config | Invalid] | None = None
+    checked: Checked | None = None  # the last check
     # Of each owned object, a fingerprint of what the API server stored after this operator
     # last wrote or saw it in the desired state: anything else is a change by hand.
     stored: dict[str, str] = field(default_factory=dict)
@@ -320,17 +290,21 @@ class Reconciler:
         namespace, name = meta["namespace"], meta["name"]
         try:
             inputs = await self._inputs(body)
-            config = await self._checked(inputs, state)
+            config = (await self._checked(inputs, state)).config()
         except Invalid as exc:
             running = await self._call(
                 self.kube.get, DEPLOYMENTS, namespace, render.Names(name).deployment
             )
             await self._report(body, state, None, running, exc)
             return "invalid"
-        replicas = await self._replicas(inputs, state, config)
-        desired = render.desired(
-            body, inputs.spec, self.settings, inputs.source, inputs.secrets, replicas
+        decision = await state.scaling.replicas(
+            inputs.spec, body.get("status") or {}, config, self.settings.autoscale_seconds, _now()
         )
+        replicas = self._scaled(body, state, decision)
+        secrets = {
+            variable: inputs.environ[variable] for variable in render.secret_refs(inputs.spec)
+        }
+        desired = render.desired(body, inputs.spec, self.settings, inputs.source, secrets, replicas)
         try:
             applied = {m["kind"]: await self._apply(body, m, state) for m in desired.manifests}
         except Invalid as exc:
@@ -350,94 +324,63 @@ class Reconciler:
     # -- inputs -----------------------------------------------------------------------------
 
     async def _inputs(self, body: dict[str, Any]) -> Inputs:
-        """The spec, validated and within the admin's policy, and what it references in its own
-        namespace: the Lua source and the Secrets of the pod's environment."""
+        """The spec, valid and within the admin's policy, and what it references in its own
+        namespace: the Lua source and the Secrets of the pod's environment (as far as its
+        entries file reads it)."""
         namespace = body["metadata"]["namespace"]
-        try:
-            spec = parse_spec(body.get("spec") or {}, self.schema)
-        except InvalidSpec as exc:
-            raise Invalid("InvalidSpec", str(exc)) from None
-        image = spec.image or self.settings.image
-        if refused := policy.violations(spec, image, self.settings.policy):
-            raise Invalid("NotAllowed", "; ".join(refused))
-        source = await self._source(namespace, spec)
-        environ = await self._environment(namespace, spec)
+        spec = admitted(body.get("spec") or {}, self.schema, self.settings)
+        source = spec.source
+        if source is None:
+            ref = spec.source_ref
+            assert ref is not None  # one of the two, validated
+            source = await self._config_map_text(namespace, ref.config_map_name, ref.key)
+        environ = {env.name: env.value for env in spec.env if env.value is not None}
+        for variable, secret in render.secret_refs(spec).items():
+            environ[variable] = await self._secret_text(namespace, secret.name, secret.key)
         return Inputs(body, spec, source, environ)
 
-    async def _source(self, namespace: str, spec: QueueConsumerSpec) -> str:
-        if spec.source is not None:
-            return spec.source
-        assert spec.source_ref is not None  # one of the two, validated
-        ref = spec.source_ref
-        config_map = await self._call(self.kube.get, CONFIG_MAPS, namespace, ref.config_map_name)
-        text = ((config_map or {}).get("data") or {}).get(ref.key)
+    async def _config_map_text(self, namespace: str, name: str, key: str) -> str:
+        config_map = await self._call(self.kube.get, CONFIG_MAPS, namespace, name)
+        text = ((config_map or {}).get("data") or {}).get(key)
         if text is None:
-            what = "does not exist" if config_map is None else f"has no key {ref.key}"
-            raise Invalid("SourceMissing", f"ConfigMap {ref.config_map_name} {what}")
+            what = "does not exist" if config_map is None else f"has no key {key}"
+            raise Invalid("SourceMissing", f"ConfigMap {name} {what}")
         return str(text)
 
-    async def _environment(self, namespace: str, spec: QueueConsumerSpec) -> dict[str, str]:
-        """The environment the pod will have, as far as the entries file reads it."""
-        environ = {env.name: env.value for env in spec.env if env.value is not None}
-        for variable, ref in render.secret_refs(spec).items():
-            value = await self._call(self.kube.secret_value, namespace, ref.name, ref.key)
-            if value is None:
-                raise Invalid(
-                    "BrokerSecretMissing",
-                    f"Secret {ref.name} with key {ref.key} not found in namespace {namespace}",
-                )
-            try:
-                environ[variable] = value.decode()
-            except UnicodeDecodeError:
-                raise Invalid(
-                    "BrokerSecretInvalid", f"Secret {ref.name} key {ref.key} is not UTF-8 text"
-                ) from None
-        return environ
+    async def _secret_text(self, namespace: str, name: str, key: str) -> str:
+        value: bytes | None = await self._call(self.kube.secret_value, namespace, name, key)
+        if value is None:
+            raise Invalid(
+                "BrokerSecretMissing",
+                f"Secret {name} with key {key} not found in namespace {namespace}",
+            )
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise Invalid(
+                "BrokerSecretInvalid", f"Secret {name} key {key} is not UTF-8 text"
+            ) from None
 
-    async def _checked(self, inputs: Inputs, state: ConsumerState) -> Config:
+    async def _checked(self, inputs: Inputs, state: ConsumerState) -> Checked:
         """`luaq check` on the ConfigMap's files with the pod's environment; the outcome of the
         last pass when nothing it reads has changed since."""
         name = inputs.body["metadata"]["name"]
         data = render.config_data(name, inputs.spec, inputs.source)
         key = digest({"data": data, "environ": inputs.environ})
-        if state.checked is None or state.checked[0] != key:
+        if state.checked is None or state.checked.key != key:
             async with self._checks:
                 try:
-                    outcome: Config | Invalid = await self._call(self._check, data, inputs.environ)
+                    outcome = await self._call(
+                        check_files, data, render.ENTRIES_FILE, inputs.environ, self.settings
+                    )
                 except Invalid as exc:
                     outcome = exc
-            state.checked = (key, outcome)
-        outcome = state.checked[1]
-        if isinstance(outcome, Invalid):
-            raise Invalid(outcome.reason, outcome.message)
-        return outcome
+            state.checked = Checked(key, outcome)
+        return state.checked
 
-    def _check(self, data: Mapping[str, str], environ: Mapping[str, str]) -> Config:
-        with tempfile.TemporaryDirectory(prefix="luaq-check-") as tmp:
-            directory = Path(tmp).resolve()
-            for file_name, text in data.items():
-                (directory / file_name).write_text(text, encoding="utf-8")
-            try:
-                return check(
-                    [directory / render.ENTRIES_FILE],
-                    self.settings.validation,
-                    environ,
-                    self.settings.check_timeout,
-                )
-            except ConfigError as exc:
-                problems = [problem.replace(f"{directory}/", "") for problem in exc.problems]
-                lua = any(": source: " in p or "Lua source" in p for p in problems)
-                raise Invalid(
-                    "InvalidSource" if lua else "InvalidSpec", "; ".join(problems)
-                ) from None
-
-    async def _replicas(self, inputs: Inputs, state: ConsumerState, config: Config) -> int:
-        """The spec's replicas or the autoscaler's; an Event tells what it changed, a Warning
-        why it cannot read the backlog."""
-        body = inputs.body
-        decision = await state.scaling.replicas(
-            inputs.spec, body.get("status") or {}, config, self.settings.autoscale_seconds, _now()
-        )
+    def _scaled(self, body: Mapping[str, Any], state: ConsumerState, decision: Decision) -> int:
+        """The autoscaler's decision told: an Event for a change, a Warning while it cannot
+        read the backlog."""
         if state.scaling.unavailable is None:
             state.warnings.pop("backlog", None)
         else:
