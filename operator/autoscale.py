@@ -87,11 +87,20 @@ class Scaling:
 
     reader: BacklogReader | None = None
     backlog: int | None = None
-    backlog_read: float = float("-inf")
+    backlog_read: float = float("-inf")  # when it was last due (monotonic)
+    read_time: float | None = None  # when the backlog was last read (Unix time), for the metrics
+    read_errors: int = 0  # reads that failed, for the metrics
     desired: int | None = None
     last_scale: datetime | None = None
     # Why the last read of the backlog failed (a Warning Event says it); None once one works.
     unavailable: str | None = None
+
+    @property
+    def last_read(self) -> tuple[int, float] | None:
+        """The backlog last read and when (Unix time); None before a read, or not autoscaled."""
+        if self.backlog is None or self.read_time is None:
+            return None
+        return self.backlog, self.read_time
 
     async def replicas(
         self,
@@ -107,7 +116,7 @@ class Scaling:
         scaling = spec.autoscaling
         if scaling is None:
             await self.close()
-            self.backlog = self.last_scale = self.desired = self.unavailable = None
+            self.backlog = self.read_time = self.last_scale = self.desired = self.unavailable = None
             return Decision(spec.replicas)
         if self.desired is None:  # a restarted operator goes on from what it reported
             self.desired = status.get("desiredReplicas", scaling.min_replicas)
@@ -136,9 +145,10 @@ class Scaling:
                     f"{where.hostname}:{where.port or 5672}"
                 )
                 _log.warning("%s: %s", self.unavailable, exc)
+                self.read_errors += 1
                 await self.close()
                 return Decision(current)
-            self.unavailable = None
+            self.read_time, self.unavailable = time.time(), None
             since = (now - self.last_scale).total_seconds() if self.last_scale else None
             target = decide(self.backlog, scaling, current, since)
             if target != current:

@@ -73,7 +73,13 @@ async def run_consumer(
                         result = await operator.as_leader(reconciler.reconcile(body, state))
                     except LeadershipLost:
                         continue  # cancelled: wait for the next term
-                    operator.metrics.record(*key, result.outcome, state.status)
+                    operator.metrics.record(
+                        *key,
+                        result.outcome,
+                        state.status,
+                        state.scaling.last_read,
+                        result.read_errors,
+                    )
                     delay = result.requeue_after
                 # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow the cancellation
                 # that stops this daemon, and kopf then waits for it in vain.

@@ -62,6 +62,8 @@ class Operator:
         if leader:  # a new term: catch up on everything that happened meanwhile
             for trigger in self.triggers.values():
                 trigger.set()
+        else:
+            self.metrics.follow()
 
     async def start(self) -> None:
         await self.leadership.start()

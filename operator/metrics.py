@@ -1,4 +1,9 @@
-"""The operator's own Prometheus metrics, in a registry of its own (one per operator)."""
+"""The operator's own Prometheus metrics, in a registry of its own (one per operator).
+
+What it says of a QueueConsumer is labelled with its `namespace` and `queueconsumer` (the label
+the workers' metrics carry under the chart's monitors), and only the leader says it: a replica
+that loses the Lease drops those series, so a follower never reports a stale backlog or
+desired replicas beside the leader's."""
 
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+CONSUMER = ["namespace", "queueconsumer"]
+OUTCOMES = ("ok", "invalid", "error")
+
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.reconciles = Counter(
             "luaq_operator_reconciles",
-            "Reconciliations of QueueConsumers by outcome (ok, invalid, error)",
-            ["outcome"],
+            "Reconciliations of QueueConsumers by outcome (ok, invalid, error: an API or broker "
+            "failure, a backlog that could not be read included)",
+            [*CONSUMER, "outcome"],
             registry=self.registry,
         )
         self.consumers = Gauge(
@@ -28,13 +37,31 @@ class Metrics:
         self.desired = Gauge(
             "luaq_operator_desired_replicas",
             "Replicas a QueueConsumer asks for (spec or autoscaler)",
-            ["namespace", "name"],
+            CONSUMER,
             registry=self.registry,
         )
         self.ready = Gauge(
             "luaq_operator_ready_replicas",
             "Ready replicas of a QueueConsumer's Deployment",
-            ["namespace", "name"],
+            CONSUMER,
+            registry=self.registry,
+        )
+        self.backlog = Gauge(
+            "luaq_operator_backlog",
+            "Ready messages in an autoscaled QueueConsumer's queue, as the autoscaler last read",
+            CONSUMER,
+            registry=self.registry,
+        )
+        self.read_errors = Counter(
+            "luaq_operator_backlog_read_errors",
+            "Reads of an autoscaled QueueConsumer's backlog that failed",
+            CONSUMER,
+            registry=self.registry,
+        )
+        self.read_time = Gauge(
+            "luaq_operator_backlog_last_read_timestamp_seconds",
+            "When the autoscaler last read a QueueConsumer's backlog (Unix time)",
+            CONSUMER,
             registry=self.registry,
         )
         self.leader = Gauge(
@@ -42,23 +69,55 @@ class Metrics:
             "1 when this replica holds the leader Lease",
             registry=self.registry,
         )
+        self._by_consumer = (
+            self.desired,
+            self.ready,
+            self.backlog,
+            self.read_time,
+            self.read_errors,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def record(
-        self, namespace: str, name: str, outcome: str, status: Mapping[str, Any] | None
+        self,
+        namespace: str,
+        name: str,
+        outcome: str,
+        status: Mapping[str, Any] | None,
+        backlog: tuple[int, float] | None,
+        read_errors: int,
     ) -> None:
-        """A pass over a QueueConsumer: its outcome, and the replicas of the status the operator
-        last wrote (None before it wrote one)."""
-        self.reconciles.labels(outcome).inc()
+        """A pass over a QueueConsumer: its outcome, the replicas of the status the operator last
+        wrote (None before it wrote one), the backlog last read and when (None: not autoscaled,
+        or never read), and the reads of the backlog that failed in this pass."""
+        self.reconciles.labels(namespace, name, outcome).inc()
+        self.read_errors.labels(namespace, name).inc(read_errors)
         if status is not None:
             self.desired.labels(namespace, name).set(status["desiredReplicas"])
             self.ready.labels(namespace, name).set(status["readyReplicas"])
+        if backlog is None:
+            self._remove((self.backlog, self.read_time), namespace, name)
+        else:
+            self.backlog.labels(namespace, name).set(backlog[0])
+            self.read_time.labels(namespace, name).set(backlog[1])
 
     def forget(self, namespace: str, name: str) -> None:
-        for gauge in (self.desired, self.ready):
+        """A QueueConsumer deleted (or its daemon stopped): its series go."""
+        self._remove(self._by_consumer, namespace, name)
+        for outcome in OUTCOMES:
+            self._remove((self.reconciles,), namespace, name, outcome)
+
+    def follow(self) -> None:
+        """This replica lost the Lease: what it said of QueueConsumers is the leader's to say."""
+        for metric in (self.reconciles, *self._by_consumer):
+            metric.clear()
+
+    @staticmethod
+    def _remove(metrics: tuple[Gauge | Counter, ...], *labels: str) -> None:
+        for metric in metrics:
             with contextlib.suppress(KeyError):  # never reported
-                gauge.remove(namespace, name)
+                metric.remove(*labels)
 
     def serve(self, port: int) -> None:
         self._server, self._thread = start_http_server(port, registry=self.registry)

@@ -75,10 +75,12 @@ class ConsumerState:
 @dataclass(frozen=True)
 class Result:
     """What a pass came to: its outcome (ok, invalid, error), which the metrics and the status
-    record, and the seconds until the next pass, unless a change wakes it first."""
+    record, the seconds until the next pass, unless a change wakes it first, and the reads of
+    the backlog that failed in it."""
 
     outcome: str
     requeue_after: float
+    read_errors: int = 0
 
 
 def requeue_after(failures: int, autoscaled: bool, settings: OperatorSettings) -> float:
@@ -269,10 +271,14 @@ class Reconciler:
         self._checks = checks  # shared by every QueueConsumer: how many checks run at once
 
     async def reconcile(self, resource: Mapping[str, Any], state: ConsumerState) -> Result:
-        """One pass, and when the next is due; an API or broker failure is an error outcome."""
+        """One pass, and when the next is due; an API or broker failure is an error outcome, and
+        so is a pass that applied replicas no current backlog calls for (it could not be read)."""
+        read_errors = state.scaling.read_errors
         try:
             outcome = await self._pass(resource, state)
             state.failures = 0
+            if outcome == "ok" and state.scaling.unavailable is not None:
+                outcome = "error"  # the reader retries when due: no backoff
         except Exception as exc:
             outcome = "error"
             state.failures += 1
@@ -281,7 +287,11 @@ class Reconciler:
                 "reconcile %s/%s failed: %s", meta["namespace"], meta["name"], exc, exc_info=True
             )
         autoscaled = (resource.get("spec") or {}).get("autoscaling") is not None
-        return Result(outcome, requeue_after(state.failures, autoscaled, self.settings))
+        return Result(
+            outcome,
+            requeue_after(state.failures, autoscaled, self.settings),
+            state.scaling.read_errors - read_errors,
+        )
 
     async def _pass(self, resource: Mapping[str, Any], state: ConsumerState) -> str:
         """One pass; returns the outcome (ok, invalid), raises on API or broker failures."""

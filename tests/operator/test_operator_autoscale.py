@@ -3,18 +3,24 @@ backlog, and down to zero after the cooldown."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import time
+import urllib.request
+from dataclasses import replace
 from typing import Any
 
 import aiormq
 from broker import AMQP_URL
 from conftest import eventually
-from kube_fixtures import Cluster, example
+from kube_fixtures import TEST_SETTINGS, Cluster, example, running
 from luaq.operator import autoscale
 from luaq.operator.handlers import Operator
 from luaq.operator.kube import QUEUE_CONSUMERS, SECRETS
 from luaq.operator.resource import Autoscaling
+from processes import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 NAME = "receipt-worker"
 
@@ -28,10 +34,8 @@ def status(cluster: Cluster, ns: str) -> dict[str, Any]:
     return dict((cluster.get("queueconsumers", ns, NAME) or {}).get("status") or {})
 
 
-async def test_replicas_follow_the_backlog_up_and_down_to_zero(
-    cluster: Cluster, operator: Operator, ns: str, vhost: str
-) -> None:
-    url = f"{AMQP_URL}{vhost}"
+async def autoscaled(cluster: Cluster, ns: str, url: str) -> None:
+    """The receipt-worker example, autoscaled from zero on the broker at `url`."""
     secret = {"metadata": {"name": "rabbitmq"}, "stringData": {"url": url}}
     await cluster.create(SECRETS, ns, secret)
     source, qc = example("receipt-worker.yaml")
@@ -44,16 +48,26 @@ async def test_replicas_follow_the_backlog_up_and_down_to_zero(
     await cluster.create(QUEUE_CONSUMERS, ns, qc)
     await eventually(lambda: replicas(cluster, ns) == 0, 20)  # declared, empty: no pods
 
+
+async def publish(channel: aiormq.abc.AbstractChannel, count: int) -> None:
+    """`count` receipts in one transaction: the backlog goes from 0 to `count` at once, so the
+    operator cannot read it half-way (and scale 0 -> 2 -> 3) on a busy machine."""
+    await channel.tx_select()
+    for number in range(count):
+        body = json.dumps({"to": f"user{number}@example.com"}).encode()
+        await channel.basic_publish(body, routing_key="receipts")
+    await channel.tx_commit()
+
+
+async def test_replicas_follow_the_backlog_up_and_down_to_zero(
+    cluster: Cluster, operator: Operator, ns: str, vhost: str
+) -> None:
+    url = f"{AMQP_URL}{vhost}"
+    await autoscaled(cluster, ns, url)
     connection = await aiormq.connect(url)
     try:
         channel = await connection.channel(publisher_confirms=False)  # (for a transaction)
-        # one transaction: the backlog goes from 0 to 25 at once, so the operator cannot read
-        # it half-way (and scale 0 -> 2 -> 3) on a busy machine
-        await channel.tx_select()
-        for number in range(25):
-            body = json.dumps({"to": f"user{number}@example.com"}).encode()
-            await channel.basic_publish(body, routing_key="receipts")
-        await channel.tx_commit()
+        await publish(channel, 25)
         await eventually(lambda: replicas(cluster, ns) == 3, 20)  # ceil(25 / 10)
         await eventually(lambda: status(cluster, ns).get("backlog") == 25, 20)
         assert status(cluster, ns)["desiredReplicas"] == 3
@@ -80,3 +94,77 @@ def test_the_decision_stays_in_bounds_and_waits_out_the_cooldown() -> None:
     to_zero = Autoscaling(max_replicas=2, activation_backlog=3, cooldown_seconds=0)
     assert autoscale.decide(3, to_zero, 2, 0.0) == 0
     assert autoscale.decide(4, to_zero, 0, None) == 1
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(await asyncio.to_thread(get))
+        for sample in family.samples
+    }
+
+
+async def test_the_operator_exports_what_it_read_and_counts_a_failed_read_as_an_error(
+    cluster: Cluster, ns: str, vhost: str
+) -> None:
+    """luaq_operator_backlog, _desired_replicas and _backlog_last_read_timestamp_seconds say
+    what the autoscaler read and wants; a read that fails (the broker's URL now names a closed
+    port) counts in _backlog_read_errors_total and makes the pass an error, not ok; deleting
+    the QueueConsumer removes its series."""
+    port = free_port()
+    consumer = frozenset({"namespace": ns, "queueconsumer": NAME}.items())
+
+    def of(samples: Samples, name: str, **labels: str) -> float | None:
+        return samples.get((f"luaq_operator_{name}", consumer | frozenset(labels.items())))
+
+    async with running(replace(TEST_SETTINGS, metrics_port=port)):
+        url = f"{AMQP_URL}{vhost}"
+        await autoscaled(cluster, ns, url)
+        started = time.time()
+        connection = await aiormq.connect(url)
+        try:
+            await publish(await connection.channel(publisher_confirms=False), 25)
+
+            async def read() -> bool:
+                samples = await scrape(port)
+                return of(samples, "backlog") == 25 and of(samples, "desired_replicas") == 3
+
+            await eventually(read, 20)
+        finally:
+            await connection.close()
+        samples = await scrape(port)
+        last_read = of(samples, "backlog_last_read_timestamp_seconds") or 0
+        assert started <= last_read <= time.time()
+        assert of(samples, "backlog_read_errors_total") == 0
+
+        closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost}"
+        await cluster.patch(SECRETS, ns, "rabbitmq", {"stringData": {"url": closed}})
+
+        async def failing(reads: float) -> bool:
+            return (of(await scrape(port), "backlog_read_errors_total") or 0) >= reads
+
+        await eventually(lambda: failing(1), 20)
+        samples = await scrape(port)
+        ok = of(samples, "reconciles_total", outcome="ok")
+        errors = of(samples, "reconciles_total", outcome="error") or 0
+        assert errors >= 1
+        await eventually(lambda: failing(3), 20)  # each due read fails again
+        samples = await scrape(port)
+        assert of(samples, "reconciles_total", outcome="ok") == ok  # none of them was ok
+        assert (of(samples, "reconciles_total", outcome="error") or 0) >= errors + 2
+        assert of(samples, "backlog") == 25  # the last read stands, and says when it was
+        assert of(samples, "backlog_last_read_timestamp_seconds") == last_read
+
+        await cluster.delete(QUEUE_CONSUMERS, ns, NAME)
+
+        async def gone() -> bool:
+            return not any(labels >= consumer for _, labels in await scrape(port))
+
+        await eventually(gone, 20)

@@ -52,11 +52,12 @@ async def test_only_the_lease_holder_acts_and_the_other_takes_over(
             metrics = await scrape(ports[0])
             assert "luaq_operator_leader 1.0" in metrics
             assert "luaq_operator_queueconsumers 1.0" in metrics
-            assert 'luaq_operator_reconciles_total{outcome="ok"}' in metrics
+            consumer = f'namespace="{ns}",queueconsumer="email-worker"'
             assert (
-                f'luaq_operator_desired_replicas{{name="email-worker",namespace="{ns}"}} 2.0'
-                in metrics
+                f'luaq_operator_reconciles_total{{namespace="{ns}",outcome="ok",'
+                'queueconsumer="email-worker"}' in metrics
             )
+            assert f"luaq_operator_desired_replicas{{{consumer}}} 2.0" in metrics
             assert "luaq_operator_leader 0.0" in await scrape(ports[1])
             assert reporters(cluster, ns) == {"replica-0"}
             await stack.aclose()  # the leader stops and hands the Lease over

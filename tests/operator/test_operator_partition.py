@@ -283,6 +283,12 @@ async def test_a_follower_takes_the_lease_of_a_leader_cut_off_and_the_leader_kee
         proxy.stall()
         await eventually(lambda: not leader.leading, LEASE * 2 / 3 + 0.5)  # its renew deadline
         acted = total_reconciles(leader)  # passes in flight were cancelled, not counted
+        consumer = {"namespace": ns, "queueconsumer": "email-worker"}
+        desired = "luaq_operator_desired_replicas"
+        # what it said of the QueueConsumer is the next leader's to say, not a stale rival's
+        await eventually(
+            lambda: leader.metrics.registry.get_sample_value(desired, consumer) is None
+        )
         # the follower sees the Lease expire a Lease after the last renewal it saw
         await eventually(lambda: leaders.one_at_a_time() and leaders.leads(FOLLOWER), LEASE + 1.5)
         await cluster.patch(QUEUE_CONSUMERS, ns, "email-worker", {"spec": {"replicas": 5}})

@@ -219,8 +219,13 @@ async def running(settings: OperatorSettings, *args: str) -> AsyncIterator[Opera
 
 
 def reconciles(operator: Operator, outcome: str = "ok") -> float:
-    return float(operator.metrics.registry.get_sample_value(
-        "luaq_operator_reconciles_total", {"outcome": outcome}) or 0)  # fmt: skip
+    """Passes with `outcome`, over every QueueConsumer."""
+    (metric,) = operator.metrics.reconciles.collect()
+    return sum(
+        sample.value
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome
+    )
 
 
 @pytest_asyncio.fixture
