@@ -12,7 +12,7 @@ monitors `queueconsumer`) and on a plain Prometheus scraping a laptop. Every gra
 per namespace and QueueConsumer, since the same QueueConsumer name may run in two namespaces and
 the entries of two QueueConsumers share ids (every one's driver is `app:broker`); the numbers of
 the overview add them up. The metrics are those of `luaq run --metrics-port` (the README's
-metrics table).
+metrics table), and in the Operator row those of `luaq-operator --metrics-port`.
 """
 
 from __future__ import annotations
@@ -527,13 +527,77 @@ def broker_connections() -> list[timeseries.Panel | statetimeline.Panel]:
     return [state, reconnects]
 
 
+def operator() -> list[timeseries.Panel | stat.Panel]:
+    """What the operator (`luaq-operator --metrics-port`) read and wants for each QueueConsumer,
+    as its leader says it (a follower drops those series), and whether a replica leads."""
+    backlog = f"max by ({per()}) ({series('luaq_operator_backlog', WORKER)})"
+    wanted = f"max by ({per()}) ({series('luaq_operator_desired_replicas', WORKER)})"
+    read = series("luaq_operator_backlog_last_read_timestamp_seconds", WORKER)
+    leader = single(
+        "Operator replicas leading",
+        "Operator replicas that hold the leader Lease: 1, or none reconciles or autoscales "
+        "(LuaqOperatorNoLeader). The operator's own gauge, whatever the QueueConsumer variables.",
+        units.Short,
+        query("sum(luaq_operator_leader)", "leading"),
+        steps=((None, "red"), (1, "green"), (2, "red")),
+    )
+    return [
+        graph(
+            "Backlog read and replicas wanted, by QueueConsumer",
+            "Ready messages in each autoscaled QueueConsumer's queue as the operator last read "
+            "them, and the replicas it wants. Messages read while it wants 0 replicas wait for "
+            "nobody (LuaqScaledToZeroWithBacklog).",
+            units.Short,
+            query(backlog, line("backlog read")),
+            query(wanted, line("replicas wanted")),
+        ),
+        graph(
+            "Backlog reads failed, by QueueConsumer",
+            "Reads of a QueueConsumer's backlog that failed, counted over each point's rate "
+            "interval: the broker unreachable from the operator or refusing it; its replicas "
+            "stay as they were meanwhile (LuaqBacklogReadFailing).",
+            units.Short,
+            query(
+                f"sum by ({per()}) (increase("
+                f"{series('luaq_operator_backlog_read_errors_total', WORKER)}[$__rate_interval]))",
+                line("failed reads"),
+            ),
+            width=6,
+        ),
+        graph(
+            "Time since the last backlog read, by QueueConsumer",
+            "How old the backlog the operator scales on is: about its --autoscale-seconds while "
+            "reads work, growing while they fail.",
+            units.Seconds,
+            query(f"time() - max by ({per()}) ({read})", line("since the last read")),
+            width=6,
+        ),
+        graph(
+            "Reconciliations, by outcome",
+            "The operator's passes over each QueueConsumer, counted over each point's rate "
+            "interval: ok, invalid (the spec or what it names is refused: the QueueConsumer's "
+            "Degraded condition says why) or error (the API server or the broker failed; "
+            "LuaqOperatorReconcileErrors when no pass succeeds).",
+            units.Short,
+            query(
+                f"sum by ({per('outcome')}) (increase("
+                f"{series('luaq_operator_reconciles_total', WORKER)}[$__rate_interval]))",
+                line("{{outcome}}"),
+            ),
+            width=9,
+        ),
+        leader,
+    ]
+
+
 def build() -> dashboards.Dashboard:
     board = (
         dashboards.Dashboard("luaq")
         .uid(UID)
         .description(
             "Queue consumers run by luaq: throughput, errors, latency, backlog, dead letters, "
-            "publishing and broker connections, from the metrics of `luaq run --metrics-port`."
+            "publishing and broker connections, from the metrics of `luaq run --metrics-port`; "
+            "the operator's backlog reads, replicas wanted and reconciliations."
         )
         .tags(["luaq", "queues"])
         .editable()
@@ -593,6 +657,7 @@ def build() -> dashboards.Dashboard:
         ("Dead letters", dead_letters()),
         ("Publishing and permissions", publishing()),
         ("Broker connections", broker_connections()),
+        ("Operator", operator()),
     ]
     panel_id = 0
     for title, panels in rows:
