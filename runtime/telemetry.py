@@ -4,8 +4,9 @@ The metric catalogue is README's table. Each part of the worker reports the fami
 counts (the consumers' pool: deliveries, settlements, handlers; the host: denials and publishes)
 and why it is not ready; telemetry adds the process's own (the drivers' connections, the queues'
 backlog, readiness, the build) and the handlers' own, and metrics.py serves them. A pulse gives a
-sign of life every second, samples the queues' depth now and then, and writes the snapshot a
-pod's supervisor merges. What it does is set once, by its constructor (assembly.build).
+sign of life every second and writes the snapshot a pod's supervisor merges; a task of its own
+samples the queues' depth now and then. What it does is set once, by its constructor
+(assembly.build).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Telemetry:
         self.address = address
         self.backlog: dict[str, int] = {}
         self._pulse: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     def source(self) -> Source:
         """What a metrics server serves for this process."""
@@ -82,10 +84,15 @@ class Telemetry:
 
     async def start(self) -> None:
         self._pulse = asyncio.create_task(self._keep_pulse(), name="luaq#pulse")
+        if self.sample_backlog:
+            self._sampler = asyncio.create_task(self._keep_sampling(), name="luaq#backlog")
 
     async def stop(self, grace: float) -> None:
         """The pulse stops; the last snapshot is written (not when it never started: a worker
         that only published)."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
         if self._pulse is not None:
             self._pulse.cancel()
             await asyncio.gather(self._pulse, return_exceptions=True)
@@ -144,19 +151,24 @@ class Telemetry:
         return [*parts, *own, *self._user_metrics.families()]
 
     async def _keep_pulse(self) -> None:
-        """A sign of life every second; the queues' depth now and then, and a snapshot for the
-        pod's metrics, when asked for."""
-        sampled = 0.0
+        """A sign of life every second, and a snapshot for the pod's metrics when asked for.
+        Liveness is this beat: it never waits on anything but the clock (a broker away for
+        minutes is for readiness to say, not a reason to restart the process)."""
         while True:
             self.lifecycle.alive()
-            beat = self.lifecycle.beat
-            running = self.lifecycle.state == "running"
-            if running and self.sample_backlog and beat - sampled >= BACKLOG_EVERY:
-                sampled = beat
-                await self._sample_backlog()
             if self.snapshots is not None:
                 self.snapshots.write(self.families(), self.unready())
             await asyncio.sleep(PULSE)
+
+    async def _keep_sampling(self) -> None:
+        """The queues' depth every BACKLOG_EVERY seconds while running, one sample at a time:
+        each waits on the broker at most its driver's connection_timeout."""
+        while True:
+            if self.lifecycle.state != "running":
+                await asyncio.sleep(PULSE)
+                continue
+            await self._sample_backlog()
+            await asyncio.sleep(BACKLOG_EVERY)
 
     async def _sample_backlog(self) -> None:
         queues = {consumer.queue for consumer in self.config.consumers.values()}

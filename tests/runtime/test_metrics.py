@@ -17,16 +17,17 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 from broker import AMQP_URL, rabbitmqctl
-from conftest import AppFactory
+from conftest import AppFactory, eventually
 from luaq.runtime import logs
-from luaq.runtime.metrics import Family, Server, Snapshots, Source, merge
+from luaq.runtime.metrics import STALE_AFTER, Family, Server, Snapshots, Source, merge
 from luaq.runtime.supervisor import Pod
 from processes import Spawner, free_port, wait_until, write_app, write_jsonl
 from prometheus_client.parser import text_string_to_metric_families
+from tcp_proxy import TcpProxy
 from test_faults import fill
 
 HANDLER = """
@@ -259,6 +260,41 @@ def test_readiness_follows_the_connection_and_shutdown(
     wait_until(lambda: get(port, "/readyz")[0::2] == (503, "stopping\n"), 5, "stopping")
     assert get(port, "/healthz")[0] == 200, "draining is alive"
     assert process.wait(30) == 0, process.stderr
+
+
+async def test_a_broker_outage_is_not_a_liveness_failure(
+    tmp_path: Path, spawn: Spawner, vhost: str
+) -> None:
+    """The broker cut off for longer than liveness tolerates silence: sampling the queues'
+    depth waits on the broker meanwhile, the event loop's beat must not. Every probe of
+    /healthz (each 0.5 s, as a kubelet's) says live; /readyz says not ready, then ready."""
+    async with TcpProxy("127.0.0.1", urlsplit(AMQP_URL).port or 5672) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{quote(vhost, safe='')}"
+        app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.amqp", "url": url,
+                                                  "reconnect_delay": "200ms"})  # fmt: skip
+        port = free_port()
+        spawn("run", app, "--metrics-port", str(port))
+
+        async def probe(path: str) -> int:
+            return (await asyncio.to_thread(get, port, path))[0]
+
+        async def ready() -> bool:
+            return await probe("/readyz") == 200
+
+        await eventually(ready, 30)
+        proxy.refuse()
+        proxy.cut()
+        cut_at = asyncio.get_running_loop().time()
+        live, readiness = [], []
+        while asyncio.get_running_loop().time() - cut_at < STALE_AFTER + 5:
+            live.append(await probe("/healthz"))
+            readiness.append(await probe("/readyz"))
+            await asyncio.sleep(0.5)  # the probes' period, not a synchronisation
+        proxy.accept()
+        await eventually(ready, 30)
+        live.append(await probe("/healthz"))
+    assert set(live) == {200}, f"{live.count(503)} of {len(live)} probes said not live"
+    assert readiness[-1] == 503, "not ready while the broker is away"
 
 
 def test_liveness_reads_the_event_loops_last_sign_of_life() -> None:
