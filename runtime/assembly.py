@@ -26,6 +26,7 @@ from .consumer import Consumer, Pace, Pool
 from .drivers import Drivers
 from .entries import Config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
+from .flight import FlightLog
 from .host import Host
 from .inputs import InputMessage
 from .lua import LuaHandler, LuaLoadError, LuaRuntime
@@ -75,10 +76,12 @@ def build(
     sample_backlog: bool = False,
     snapshots: Snapshots | None = None,
     metrics_address: str | None = None,
+    watch: FlightLog | None = None,
 ) -> Worker:
     """The worker process for what was loaded. With metrics served: `sample_backlog` (the queues'
     depth, now and then), `snapshots` (a pod's worker process reports through them) and
-    `metrics_address` (where they are served, for the start-up line)."""
+    `metrics_address` (where they are served, for the start-up line); `watch`: where a
+    supervised worker process reports its handlers' runs to its supervisor."""
     config, lua = loaded.config, loaded.lua
     drivers = Drivers(config)
     pace = Pace()  # one for every consumer of the process
@@ -95,6 +98,7 @@ def build(
                 dlq.sink(queue, config.queues, drivers),
                 config.drivers[queue.driver].max_message_size,
                 pace,
+                watch,
             )
         )
     pool = Pool(consumers)
@@ -106,7 +110,7 @@ def build(
         {consumer.entry.id: consumer.stats.denials for consumer in consumers},
         lifecycle.alive,
     )
-    lua.serve(host)
+    lua.serve(host, watch)
     telemetry = Telemetry(
         config,
         drivers,
@@ -198,6 +202,7 @@ def prepare_run(
         processes=processes,
         until_idle=until_idle,
         grace=settings.shutdown_timeout,
+        hard_timeout=settings.hard_timeout,
         metrics=metrics,
         summary=summary,
     )
@@ -210,85 +215,78 @@ def _run(
     processes: int,
     until_idle: bool,
     grace: float,
+    hard_timeout: float,
     metrics: tuple[str, int] | None,
     summary: Sequence[str],
 ) -> int:
-    """One worker process (process.py), or `processes` of them under a supervisor; `messages`
+    """On broker drivers, `processes` worker processes under a supervisor (one by default: the
+    supervisor is what stops a handler stuck where the process's own limits cannot reach); on
+    an in-memory driver, whose queues live in the process, this process alone. `messages` are
     published first, once. Its exit code."""
-    if processes > 1:
-        return _run_processes(loaded, messages, processes, until_idle, grace, metrics, summary)
-    server = None
-    if metrics is not None:
-        server = _server(*metrics)
-        if server is None:
-            return EXIT_FAILURE
-    worker = build(
-        loaded,
-        sample_backlog=server is not None,
-        metrics_address=server.address if server is not None else None,
-    )
-    if server is not None:
-        server.start(worker.telemetry.source())
-    try:
-        return process.run(worker, messages, until_idle=until_idle, grace=grace, summary=summary)
-    finally:
-        if server is not None:
-            server.stop()
-
-
-def _run_processes(
-    loaded: Loaded,
-    messages: Sequence[InputMessage],
-    processes: int,
-    until_idle: bool,
-    grace: float,
-    metrics: tuple[str, int] | None,
-    summary: Sequence[str],
-) -> int:
     memory = [d.id for d in loaded.config.drivers.values() if d.kind == "queue.driver.memory"]
-    if memory:
+    if memory and processes > 1:
         print(
             f"--processes: driver {memory[0]} is in-memory and cannot be shared between "
             "processes; use a broker driver or --processes 1",
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if metrics is None:
-        worker = build(loaded)
-        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
-            return code
-        return Supervisor(
-            processes, _child(worker, until_idle, grace, summary), grace, until_idle=until_idle
-        ).run()
-    # Each process writes its metrics into a directory; the supervisor serves them on one port.
-    with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
-        server = _server(*metrics)
-        if server is None:  # bound before forking: a busy port stops everything at once
+    server = None
+    if metrics is not None:
+        server = _server(*metrics)  # bound before forking: a busy port stops everything at once
+        if server is None:
             return EXIT_FAILURE
-        snapshots = Snapshots(Path(directory))
-        worker = build(
-            loaded, sample_backlog=True, snapshots=snapshots, metrics_address=server.address
-        )
-        if messages and (code := uvloop.run(inputs.publish(worker, messages, show_ids=False))):
-            server.stop()
+    try:
+        if memory:
+            worker = build(
+                loaded,
+                sample_backlog=server is not None,
+                metrics_address=server.address if server is not None else None,
+            )
+            if server is not None:
+                server.start(worker.telemetry.source())
+            return process.run(
+                worker, messages, until_idle=until_idle, grace=grace, summary=summary
+            )
+        if messages and (
+            code := uvloop.run(inputs.publish(build(loaded), messages, show_ids=False))
+        ):
             return code
-        supervisor = Supervisor(
-            processes,
-            _child(worker, until_idle, grace, summary),
-            grace,
-            until_idle=until_idle,
-            snapshots=snapshots,
-        )
-        return supervisor.run(server)
+        with tempfile.TemporaryDirectory(prefix="luaq-metrics-") as directory:
+            # each process writes its metrics into the directory; the supervisor serves them
+            snapshots = Snapshots(Path(directory)) if server is not None else None
+            make = functools.partial(
+                build,
+                loaded,
+                sample_backlog=server is not None,
+                snapshots=snapshots,
+                metrics_address=server.address if server is not None else None,
+            )
+            supervisor = Supervisor(
+                processes,
+                _child(make, until_idle, grace, summary),
+                grace,
+                hard_timeout=hard_timeout,
+                until_idle=until_idle,
+                snapshots=snapshots,
+            )
+            return supervisor.run(server)
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def _child(
-    worker: Worker, until_idle: bool, grace: float, summary: Sequence[str]
-) -> Callable[[], int]:
-    """What each worker process runs (after publishing --input, the supervisor's alone)."""
+    make: Callable[..., Worker], until_idle: bool, grace: float, summary: Sequence[str]
+) -> Callable[[FlightLog], int]:
+    """What each worker process runs: its worker, built in the process (after the supervisor
+    published --input alone), reporting its handlers' runs into `watch`."""
 
-    def child() -> int:
-        return process.run(worker, [], until_idle=until_idle, grace=grace, summary=summary)
+    def child(watch: FlightLog) -> int:
+        worker = make(watch=watch)
+        return process.run(
+            worker, [], until_idle=until_idle, grace=grace, summary=summary, watch=watch
+        )
 
     return child
 

@@ -24,6 +24,25 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"LUAQ_{name.upper()}", default)
 
 
+def _at_least(least: float, kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of `kind` no smaller than `least`. A limit of 0 or below is
+    no limit nor a meaningful one: refused (exit 2) rather than taken to mean unlimited. A
+    default from the environment (LUAQ_<FLAG>, a string) goes through it too."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not value >= least:  # (NaN too)
+            raise argparse.ArgumentTypeError(f"must be at least {least:g}, got {text}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="luaq", description="Run queue consumers written in Lua.")
     parser.add_argument("--version", action="version", version=f"luaq {__version__}")
@@ -59,23 +78,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--shutdown-timeout",
-        type=float,
-        default=float(_env("shutdown_timeout", Settings.shutdown_timeout)),
+        type=_at_least(0, float),
+        default=str(_env("shutdown_timeout", Settings.shutdown_timeout)),
         metavar="SECONDS",
         help="grace period for running handlers on SIGTERM/SIGINT (default: %(default)s)",
     )
     run.add_argument(
+        "--hard-timeout",
+        type=_at_least(0.001, float),
+        default=str(_env("hard_timeout", Settings.hard_timeout)),
+        metavar="SECONDS",
+        help="on broker drivers, a handler running this long in Lua without returning (a C call "
+        "that never does) has its worker process killed and replaced; a message doing it twice "
+        "is dead-lettered with reason killed (default: %(default)s)",
+    )
+    run.add_argument(
         "--processes",
-        type=int,
-        default=int(_env("processes", 1)),
+        type=_at_least(1, int),
+        default=str(_env("processes", 1)),
         metavar="N",
         help="worker processes, each running every consumer (broker drivers only; "
         "default: %(default)s)",
     )
     run.add_argument(
         "--max-instructions",
-        type=int,
-        default=int(_env("max_instructions", Settings.max_instructions)),
+        type=_at_least(1, int),
+        default=str(_env("max_instructions", Settings.max_instructions)),
         metavar="N",
         help="Lua instructions one invocation may run before it is stopped (default: %(default)s)",
     )
@@ -95,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--lua-max-memory",
-        type=int,
-        default=int(_env("lua_max_memory", Settings.lua_max_memory // 2**20)),
+        type=_at_least(1, int),
+        default=str(_env("lua_max_memory", Settings.lua_max_memory // 2**20)),
         metavar="MIB",
         help="memory limit of the process's Lua state in MiB (default: %(default)s)",
     )
@@ -194,6 +222,7 @@ def _prepare(args: argparse.Namespace) -> assembly.Command:
         max_instructions=args.max_instructions,
         lua_max_memory=args.lua_max_memory * 2**20,
         shutdown_timeout=args.shutdown_timeout,
+        hard_timeout=args.hard_timeout,
     )
     return assembly.prepare_run(
         args.paths,

@@ -19,6 +19,7 @@ import uvloop
 from .errors import EXIT_FAILURE, EXIT_OK, QueueError, failed
 
 if TYPE_CHECKING:
+    from .flight import FlightLog
     from .inputs import InputMessage
     from .worker import Worker
 
@@ -30,10 +31,12 @@ def run(
     until_idle: bool,
     grace: float,
     summary: Sequence[str],
+    watch: FlightLog | None = None,
 ) -> int:
     """Run `worker` (on uvloop) until a signal stops it or, `until_idle`, it is idle; then write
-    its summary in the `summary` columns. Its exit code."""
-    return uvloop.run(_run(worker, messages, until_idle, grace, summary))
+    its summary in the `summary` columns. Its exit code. `watch`: its supervisor's, where its
+    event loop beats."""
+    return uvloop.run(_run(worker, messages, until_idle, grace, summary, watch))
 
 
 async def _run(
@@ -42,8 +45,10 @@ async def _run(
     until_idle: bool,
     grace: float,
     summary: Sequence[str],
+    watch: FlightLog | None,
 ) -> int:
     loop = asyncio.get_running_loop()
+    beating = asyncio.create_task(watch.beating()) if watch is not None else None
     stop = asyncio.Event()
 
     def stopping() -> None:
@@ -72,6 +77,8 @@ async def _run(
             progress.cancel()
             sys.stderr.write("\n")
         await worker.stop(grace)
+        if beating is not None:
+            beating.cancel()
     _summary(worker, summary, sys.stdout)
     if until_idle and (left := sum(c.stats.unsettled for c in worker.consumers)):
         print(

@@ -14,3 +14,6 @@ class Settings:
     lua_max_memory: int = 512 * 1024 * 1024
     # Grace period for in-flight handlers on SIGTERM before their messages are requeued.
     shutdown_timeout: float = 30.0
+    # A handler running this long in Lua without returning (a C call that does not, since the
+    # budget cannot stop it) has its worker process killed and replaced by the supervisor.
+    hard_timeout: float = 60.0

@@ -12,7 +12,14 @@ here) and keeps them running:
 * workers die with the supervisor (PR_SET_PDEATHSIG): a supervisor killed with SIGKILL leaves
   no worker consuming behind it;
 * SIGTERM or SIGINT is passed on to the workers; those still running `grace` + KILL_MARGIN
-  seconds later are killed.
+  seconds later are killed;
+* a worker whose handler has been running in Lua for `hard_timeout` seconds at once (a C call
+  that does not return, or a budget set too high), or whose event loop gave no beat for as long
+  (and the beat's period), is killed and replaced:
+  the in-process limits (instructions, memory) cannot stop what never comes back to them. The
+  message it ran, or ran when it died by a signal, is blamed; a message blamed for POISON_AFTER
+  deaths is poison, and every worker dead-letters it instead of running it (flight.py). Such
+  deaths are explained, so they do not count toward giving up: one bad message cannot end a pod.
 
 With metrics, the supervisor serves the pod's on one port (Pod) from the snapshots the workers
 write (metrics.Snapshots): the worker knows nothing of its supervisor beyond the snapshots it
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
+from .flight import BEAT_EVERY, FlightLog, Flights
 from .metrics import (
     MAX_USER_METRICS,
     MAX_USER_SERIES,
@@ -55,12 +63,14 @@ from .metrics import (
 
 _log = logging.getLogger("luaq.supervisor")
 EXIT_OK, EXIT_FAILURE = 0, 1
-KILL_MARGIN = 0.3  # seconds past the grace period before the workers still running are killed
-REAP_MARGIN = 0.3  # and then for them to be gone, before the supervisor leaves anyway
+KILL_MARGIN = 0.7  # seconds past the grace period before the workers still running are killed
+REAP_MARGIN = 0.25  # and then for them to be gone, before the supervisor leaves anyway (< 1 s)
 TICK = 1.0  # the longest the loop sleeps (it wakes at once on a signal or a worker's end)
 READY = "luaq_worker_ready"
 RETIRED_USER_SERIES = MAX_USER_METRICS * MAX_USER_SERIES  # kept of dead workers' user metrics
 MAX_SAID = 1000  # distinct problems logged once each, then no more
+POISON_AFTER = 2  # deaths a message is blamed for before it is poison
+BLAMES_KEPT = 10_000  # messages blamed once, remembered (the oldest forgotten first)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _CAUGHT = (*_STOP_SIGNALS, signal.SIGCHLD)
 _PR_SET_PDEATHSIG = 1
@@ -92,6 +102,7 @@ class Slot:
     deaths: int = 0  # in a row, each within stable_after of its start
     restart_at: float | None = None
     killed: bool = False  # by the supervisor, at the shutdown's deadline
+    stuck: str | None = None  # why the supervisor killed it (past its hard timeout)
 
     @property
     def name(self) -> int:
@@ -111,17 +122,22 @@ class Supervisor:
     def __init__(
         self,
         processes: int,
-        target: Callable[[], int],
+        target: Callable[[FlightLog], int],
         grace: float,
         *,
+        hard_timeout: float,
         until_idle: bool = False,
         snapshots: Snapshots | None = None,
         policy: RestartPolicy | None = None,
     ) -> None:
-        """`target` runs a worker in a forked process and returns its exit code; `until_idle`:
-        a worker that exits 0 is done (else it is restarted: nothing asked it to stop)."""
+        """`target` runs a worker in a forked process, reporting into the log it is given, and
+        returns its exit code; `until_idle`: a worker that exits 0 is done (else it is
+        restarted: nothing asked it to stop)."""
         self.target = target
         self.grace = grace
+        self.hard_timeout = hard_timeout
+        self.flights = Flights(processes)
+        self._blamed: dict[bytes, int] = {}  # message key: deaths it was blamed for
         self.until_idle = until_idle
         self.policy = policy or RestartPolicy()
         self.pod = Pod(processes, snapshots)
@@ -157,6 +173,7 @@ class Supervisor:
                 for slot in self.slots:
                     self._reap(slot)
                 if self._stop_at is None:
+                    self._kill_stuck()
                     self._restart_due()
                 elif self._overdue():
                     break
@@ -198,6 +215,8 @@ class Supervisor:
         code, how, killed = _ended(status)
         ran = time.monotonic() - slot.started
         slot.pid = 0
+        if slot.stuck is not None:
+            how = f"killed: {slot.stuck}"
         if self._stop_at is not None:
             self.code = max(self.code, code)
         elif code == EXIT_OK and self.until_idle:
@@ -209,13 +228,14 @@ class Supervisor:
             )
             self._stop(signal.SIGTERM, code, "a worker process failed")
         else:
-            how = self._died(slot, pid, how, ran)
+            how = self._died(slot, pid, how, ran, self._blame(slot) if killed else False)
         self.pod.ended(slot.index, pid, how)
 
-    def _died(self, slot: Slot, pid: int, how: str, ran: float) -> str:
-        """Restart the slot's worker after a backoff, unless its workers keep dying; returns
-        what the slot does now, in words."""
-        slot.deaths = 1 if ran >= self.policy.stable_after else slot.deaths + 1
+    def _died(self, slot: Slot, pid: int, how: str, ran: float, blamed: bool = False) -> str:
+        """Restart the slot's worker after a backoff, unless its workers keep dying for no
+        reason known (`blamed`: a message was); returns what the slot does now, in words."""
+        if not blamed:
+            slot.deaths = 1 if ran >= self.policy.stable_after else slot.deaths + 1
         extra = {"slot": slot.name, "pid": pid, "how": how, "ran_s": round(ran, 3)}
         if slot.deaths >= self.policy.max_deaths:
             _log.error(
@@ -224,10 +244,52 @@ class Supervisor:
             )
             self._stop(signal.SIGTERM, EXIT_FAILURE, "gave up")
             return how
-        delay = self.policy.delay_after(slot.deaths)
+        delay = self.policy.delay_after(max(slot.deaths, 1))
         slot.restart_at = time.monotonic() + delay
         _log.warning("worker process died: restarting it", extra={**extra, "restart_in_s": delay})
         return f"restarting in {delay:g}s ({how})"
+
+    def _kill_stuck(self) -> None:
+        """Kill the workers stuck in a handler, or whose loop stopped beating, for
+        hard_timeout seconds."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.pid or slot.stuck is not None:
+                continue
+            beat, since, _ = self.flights.read(slot.index)
+            if since and now - since > self.hard_timeout:
+                slot.stuck = f"a handler ran {now - since:.0f}s without returning"
+            elif now - beat > self.hard_timeout + BEAT_EVERY:  # (a handler may hold it so)
+                slot.stuck = f"its event loop gave no sign of life for {now - beat:.0f}s"
+            else:
+                continue
+            _log.error(
+                "worker process stuck: killing it",
+                extra={"slot": slot.name, "pid": slot.pid, "why": slot.stuck,
+                       "hard_timeout_s": self.hard_timeout},
+            )  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGKILL)
+
+    def _blame(self, slot: Slot) -> bool:
+        """The message a worker killed by a signal was running, if any, takes the blame; on its
+        POISON_AFTER-th death it is poison. Whether a message was blamed."""
+        _, since, key = self.flights.read(slot.index)
+        if not since:
+            return False
+        deaths = self._blamed.pop(key, 0) + 1
+        if deaths >= POISON_AFTER:
+            self.flights.poison(key)
+            _log.error(
+                "a message killed worker processes: it is poison now, and dead-lettered "
+                "(reason killed) or dropped when it comes again",
+                extra={"slot": slot.name, "deaths": deaths, "message_key": key.hex()},
+            )
+            return True
+        self._blamed[key] = deaths
+        if len(self._blamed) > BLAMES_KEPT:
+            del self._blamed[next(iter(self._blamed))]
+        return True
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -274,6 +336,7 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         parent = os.getpid()
+        self.flights.reset(slot.index)
         with self.pod.lock:  # no server thread holds a lock (stderr's, say) across the fork
             sys.stdout.flush()
             sys.stderr.flush()
@@ -286,13 +349,14 @@ class Supervisor:
                 self.pod.down[slot.index] = self._died(slot, 0, f"not forked: {exc}", 0.0)
                 return
             if pid == 0:
-                self._child(parent, mask)
+                self._child(parent, mask, slot)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         slot.pid, slot.started, slot.restart_at, slot.killed = pid, time.monotonic(), None, False
+        slot.stuck = None
         self.pod.started(slot.index, pid)
         _log.info("worker process started", extra={"slot": slot.name, "pid": pid})
 
-    def _child(self, parent: int, mask: set[int | signal.Signals]) -> NoReturn:
+    def _child(self, parent: int, mask: set[int | signal.Signals], slot: Slot) -> NoReturn:
         code = EXIT_FAILURE
         try:
             if _prctl is not None:
@@ -303,7 +367,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if self._server is not None:
                 self._server.close()  # the supervisor serves
-            code = self.target()
+            code = self.target(self.flights.log(slot.index))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         except KeyboardInterrupt:
@@ -473,15 +537,19 @@ class Pod:
     def _why_unready(self, reports: list[tuple[int, float, dict[str, Any] | None]]) -> str | None:
         if self.stopping is not None:
             return "stopping"
+        # which process, when there are several: one pod's only process speaks for the pod
+        alone = self.processes == 1
         if self.down:
             index = min(self.down)
+            if alone and self.down[index] == "starting":
+                return "starting"
             return f"worker process {index + 1} of {self.processes}: {self.down[index]}"
         up = sum(report is not None for _, _, report in reports)
         if up < self.processes:
-            return f"starting ({up} of {self.processes} processes up)"
+            return "starting" if alone else f"starting ({up} of {self.processes} processes up)"
         for pid, _, report in reports:
             if report is not None and report["unready"] is not None:
-                return f"process {pid}: {report['unready']}"
+                return report["unready"] if alone else f"process {pid}: {report['unready']}"
         return None
 
     def _unhealthy(self) -> str | None:

@@ -23,7 +23,7 @@ from ..drivers import CLOSE_TIMEOUT, Delivery, Driver, Settlement, Subscription
 from ..entries import DEFAULT_RETRY, ConsumerEntry, QueueEntry
 from ..errors import ErrorKind, QueueError
 from ..logs import LogBudget
-from ..lua import Invoke, Outcome, SettleEarly, Verdict
+from ..lua import Invoke, Outcome, SettleEarly, Verdict, Watch
 from .stats import ConsumerStats
 
 REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by message id
@@ -31,8 +31,16 @@ REMEMBERED = 10_000  # attempts of messages given back by a plain requeue, by me
 # this (it still fits the 64-bit header that carries it, plus one per attempt for ages).
 MAX_COUNTED_ATTEMPTS = 2**31
 _log = logging.getLogger("luaq.consumer")
+KILLED = "it was running when worker processes were killed or died, more than once"
 # Where a consumer moves a message it gives up on (dlq.sink makes it): delivery, reason, last error
 DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]
+
+
+_GIVING_UP = {  # why a consumer gives up on a message, in words, by reason
+    "poison": "message body cannot be decoded",
+    "killed": "message kills worker processes",
+    "max_attempts": "attempts exhausted",
+}
 
 
 class Pace:
@@ -87,8 +95,11 @@ class Consumer:
         dead_letter: DeadLetterSink | None = None,
         max_message_size: int | None = None,
         pace: Pace | None = None,
+        watch: Watch | None = None,
     ) -> None:
-        """`decode` reads a body by its content type (codecs.decoder, for the queue's codec)."""
+        """`decode` reads a body by its content type (codecs.decoder, for the queue's codec);
+        `watch`: where a supervised worker reports its handlers' runs (flight.FlightLog)."""
+        self._watch = watch
         self.entry = entry
         self._max_size = max_message_size
         self._backoff = entry.retry or queue.retry or DEFAULT_RETRY
@@ -222,6 +233,12 @@ class Consumer:
         if stats.first_at is None:
             stats.first_at = time.monotonic()
         stats.sizes.observe(len(delivery.body))
+        key = None
+        if self._watch is not None:
+            key = self._watch.key(self.queue.id, delivery.body)
+            if self._watch.is_poison(key):
+                await self._give_up(delivery, "killed", KILLED, ErrorKind.INTERNAL)
+                return
         try:
             payload = self._decode(delivery)
         except (ValueError, RecursionError) as exc:
@@ -231,7 +248,7 @@ class Consumer:
         if self.entry.auto_ack:
             await self._ack(delivery)
         started = time.monotonic()
-        outcome = await self._invoke(payload, delivery, self._settle_early_fn)
+        outcome = await self._invoke(payload, delivery, self._settle_early_fn, key)
         if outcome.verdict is Verdict.POISON and delivery.settled is None:
             await self._give_up(delivery, "poison", outcome.error or "")
             return
@@ -334,7 +351,7 @@ class Consumer:
         queue, rejected; without `dead_letter` at all, kept and retried with backoff (nothing
         is dropped unless asked for). If the dead-letter queue refuses the message, it is
         retried too: nothing is lost. The line logged here stands for the last failure."""
-        what = "message body cannot be decoded" if reason == "poison" else "attempts exhausted"
+        what = _GIVING_UP[reason]
         extra = {
             "consumer": self.entry.id,
             "message_id": delivery.id,

@@ -12,6 +12,7 @@ from .runtime import (
     Outcome,
     SettleEarly,
     Verdict,
+    Watch,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "Outcome",
     "SettleEarly",
     "Verdict",
+    "Watch",
 ]
