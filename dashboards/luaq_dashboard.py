@@ -101,6 +101,9 @@ QUEUES = per("queue")
 CONSUMED = f"group by ({QUEUES}) ({series('luaq_consumer_concurrency', QUEUE)})"
 BACKLOG = f"max by ({QUEUES}) ({series('luaq_queue_backlog', QUEUE)})"
 CONSUMED_BACKLOG = f"{BACKLOG}\nand on ({QUEUES})\n{CONSUMED}"
+DELAYED = (
+    f"max by ({QUEUES}) ({series('luaq_queue_delayed', QUEUE)})\nand on ({QUEUES})\n{CONSUMED}"
+)
 DEAD_LETTER_BACKLOG = f"{BACKLOG}\nunless on ({QUEUES})\n{CONSUMED}"
 
 
@@ -232,10 +235,12 @@ def overview() -> list[stat.Panel]:
         ),
         single(
             "Backlog",
-            "Messages waiting in the selected queues that consumers read (ready, plus those "
-            "waiting out a retry backoff), as the broker last reported them.",
+            "Messages ready in the selected queues that consumers read, and beside them those "
+            "waiting out a retry's delay (no consumer can take them yet), as the broker last "
+            "reported them.",
             units.Short,
-            query(f"sum(\n{CONSUMED_BACKLOG}\n)", "waiting"),
+            query(f"sum(\n{CONSUMED_BACKLOG}\n)", "ready"),
+            query(f"sum(\n{DELAYED}\n)", "delayed"),
         ),
         single(
             "Dead letters waiting",
@@ -388,11 +393,13 @@ def queues_and_replicas() -> list[timeseries.Panel]:
     return [
         graph(
             "Backlog, by queue",
-            "Messages waiting in each queue that consumers read (ready, plus those waiting out "
-            "a retry backoff), sampled from the broker every few seconds. A backlog that keeps "
-            "growing means the consumers do not keep up (LuaqBacklogGrowing).",
+            "Messages ready in each queue that consumers read, and those waiting out a retry's "
+            "delay (`<queue> delayed`), sampled from the broker every few seconds. A backlog "
+            "that keeps growing means the consumers do not keep up (LuaqBacklogGrowing); "
+            "delayed ones are not work a consumer could take now.",
             units.Short,
             query(CONSUMED_BACKLOG, line("{{queue}}")),
+            query(DELAYED, line("{{queue}} delayed")),
         ),
         graph(
             "Replicas, by QueueConsumer",

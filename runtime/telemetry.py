@@ -74,7 +74,7 @@ class Telemetry:
         self.sample_backlog = sample_backlog
         self.snapshots = snapshots
         self.address = address
-        self.backlog: dict[str, int] = {}
+        self.backlog: dict[str, tuple[int, int]] = {}  # queue: ready, delayed (the last sample)
         self._pulse: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
 
@@ -134,12 +134,18 @@ class Telemetry:
             connected.add((driver_id,), int(driver.connected))
             reconnects.add((driver_id,), driver.reconnects)
         backlog = Family(
-            "luaq_queue_backlog", "gauge",
-            "Messages in the queue, those waiting for a retry included (sampled every few s)",
+            "luaq_queue_backlog", "gauge", "Messages ready in the queue (sampled every few s)",
             by_queue, merge="max",
         )  # fmt: skip
-        for queue_id, count in dict(self.backlog).items():
-            backlog.add((queue_id, self.config.queues[queue_id].driver), count)
+        delayed = Family(
+            "luaq_queue_delayed", "gauge",
+            "Messages of the queue waiting out a retry's delay (sampled every few s)",
+            by_queue, merge="max",
+        )  # fmt: skip
+        for queue_id, (ready_count, delayed_count) in dict(self.backlog).items():
+            key = (queue_id, self.config.queues[queue_id].driver)
+            backlog.add(key, ready_count)
+            delayed.add(key, delayed_count)
         ready = Family("luaq_worker_ready", "gauge", "1 when ready for work (/readyz)", merge="min")
         ready.add((), int(self.unready() is None))
         info = Family(
@@ -147,7 +153,7 @@ class Telemetry:
         )
         info.add((__version__,), 1)
         parts = [family for report in self._reports for family in report()]
-        own = [connected, reconnects, backlog, ready, info]
+        own = [connected, reconnects, backlog, delayed, ready, info]
         return [*parts, *own, *self._user_metrics.families()]
 
     async def _keep_pulse(self) -> None:
@@ -180,8 +186,10 @@ class Telemetry:
         for queue_id in sorted(queues):
             queue = self.config.queues[queue_id]
             try:
+                info = await self.drivers[queue.driver].info(queue)
                 self.backlog[queue_id] = (
-                    await self.drivers[queue.driver].info(queue)
-                ).message_count
+                    info.message_count - info.delayed_count,
+                    info.delayed_count,
+                )
             except QueueError:
                 self.backlog.pop(queue_id, None)  # unknown now: better no sample than an old one

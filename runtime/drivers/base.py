@@ -25,8 +25,12 @@ CLOSE_TIMEOUT = 0.3
 
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
+    """A queue's ready messages and those waiting out a retry's delay (`delayed_count` of
+    them; both are still the queue's: `--until-idle` waits for them too), and its consumers."""
+
     message_count: int
     consumer_count: int
+    delayed_count: int = 0
 
 
 class Settlement(StrEnum):
@@ -186,7 +190,8 @@ class Driver(ABC):
 
     @abstractmethod
     async def info(self, queue: QueueEntry) -> QueueInfo:
-        """Messages in the queue, those waiting for a retry included, and its consumers."""
+        """Messages in the queue, those waiting for a retry included (and counted apart), and
+        its consumers."""
 
     @abstractmethod
     async def consume(

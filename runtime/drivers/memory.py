@@ -202,7 +202,9 @@ class MemoryDriver(Driver):
 
     async def info(self, queue: QueueEntry) -> QueueInfo:
         target = self._queue(queue)
-        return QueueInfo(len(target.ready) + target.delayed, len(target.subscriptions))
+        return QueueInfo(
+            len(target.ready) + target.delayed, len(target.subscriptions), target.delayed
+        )
 
     async def consume(
         self, queue: QueueEntry, consumer: ConsumerEntry, on_delivery: OnDelivery

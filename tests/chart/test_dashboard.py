@@ -403,8 +403,9 @@ PODS = {
 HELD = {"a": 100, "b": 50}  # messages waiting in each namespace's `held` queue
 # what panels draw, by title and legend, once SEEN: the totals add the namespaces up
 DRAWN = {
-    "Backlog": {"waiting": 150},
-    "Backlog, by queue": {"a/email-worker app:held": 100, "b/email-worker app:held": 50},
+    "Backlog": {"ready": 150, "delayed": 0},
+    "Backlog, by queue": {"a/email-worker app:held": 100, "b/email-worker app:held": 50,
+                          "a/email-worker app:held delayed": 0},
     "Dead letters waiting": {"dead letters": 2},
     "Dead letters waiting, by queue": {"a/email-worker app:dlq": 1, "b/email-worker app:dlq": 1},
     "Replicas": {"ready": 3, "running": 3},

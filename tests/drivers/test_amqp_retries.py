@@ -391,4 +391,6 @@ async def test_info_and_idle_count_delay_queues_an_earlier_process_left(
 
     later = await started(workers, config)
     assert await later.host.info("app", "jobs") == (2, 1)
+    info = await later.drivers["app:broker"].info(config.queues["app:jobs"])
+    assert info.delayed_count == 2, "both wait out a delay: neither is ready"
     assert not await later.idle()

@@ -195,6 +195,27 @@ def test_amqp_exports_the_same_series_as_memory(tmp_path: Path, spawn: Spawner, 
         ), outcome
 
 
+def test_a_message_waiting_for_its_retry_is_delayed_not_backlog(
+    tmp_path: Path, spawn: Spawner
+) -> None:
+    """A retry an hour away is no work a consumer could take now: a stalled consumer is one
+    with ready messages, so the backlog leaves it out and luaq_queue_delayed counts it."""
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.memory"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker", "retry": {"delay": "1h"}},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": 'function handle(p) return nil, "later" end'},
+    ])  # fmt: skip
+    messages = write_jsonl(tmp_path / "in.jsonl", [{"queue": "app:jobs", "data": {}}] * 2)
+    port = free_port()
+    spawn("run", app, "--input", messages, "--metrics-port", str(port))
+    jobs = {"queue": "app:jobs", "driver": "app:broker"}
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready")
+    wait_until(lambda: value(scrape(port), "luaq_queue_delayed", **jobs) == 2, 30,
+               "both messages sampled waiting for their retry")  # fmt: skip
+    assert value(scrape(port), "luaq_queue_backlog", **jobs) == 0
+
+
 def test_openmetrics_when_asked_for(tmp_path: Path, spawn: Spawner) -> None:
     port = free_port()
     app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})

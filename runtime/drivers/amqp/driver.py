@@ -438,16 +438,14 @@ class AmqpDriver(Driver):
 
         async def count(channel: Channel) -> QueueInfo:
             ok = await channel.queue_declare(name, passive=True)
-            messages, consumers = ok.message_count or 0, ok.consumer_count or 0
+            ready, consumers, delayed = ok.message_count or 0, ok.consumer_count or 0, 0
             now = asyncio.get_running_loop().time()
             absent = self._absent
             for delay in places:
                 if absent.get(delay, 0.0) > now:
                     continue
                 try:
-                    messages += (
-                        await channel.queue_declare(delay, passive=True)
-                    ).message_count or 0
+                    delayed += (await channel.queue_declare(delay, passive=True)).message_count or 0
                 except ChannelClosed as exc:  # none, or deleted behind our back: none waits
                     if exc.code != 404 or isinstance(exc, ChannelGone):
                         raise
@@ -456,7 +454,7 @@ class AmqpDriver(Driver):
                     channel = await self._admin_channel(channel.connection)
                 else:
                     absent.pop(delay, None)
-            return QueueInfo(messages, consumers)
+            return QueueInfo(ready + delayed, consumers, delayed)
 
         return await self._with_admin(f"no information on queue {name}", count)
 
