@@ -55,13 +55,14 @@ def load(config: Config, settings: Settings) -> Loaded:
     handlers: dict[str, LuaHandler] = {}
     for function in config.functions.values():
         try:
-            handlers[function.id] = lua.load(
-                function.id,
-                function.source_text,
-                function.method,
-                function.modules,
-                function.source_name,
-            )
+            with lua.user_metrics.acting_for(function.id):
+                handlers[function.id] = lua.load(
+                    function.id,
+                    function.source_text,
+                    function.method,
+                    function.modules,
+                    function.source_name,
+                )
         except LuaLoadError as exc:
             owner = function.id.removesuffix("#handler")
             problems.append(f"{function.file}: {owner}: source: {exc}")
@@ -93,7 +94,9 @@ def build(
                 entry,
                 queue,
                 drivers[queue.driver],
-                lua.invoker(loaded.handlers[entry.function_id], entry.id),
+                lua.user_metrics.scoped(
+                    entry.function_id, lua.invoker(loaded.handlers[entry.function_id], entry.id)
+                ),
                 decoder(queue.codec),
                 dlq.sink(queue, config.queues, drivers),
                 config.drivers[queue.driver].max_message_size,

@@ -22,12 +22,13 @@ import sys
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -40,7 +41,13 @@ from prometheus_client.exposition import choose_encoder
 
 from .errors import ErrorKind, QueueError
 
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# latencies: a handler that does nothing takes some 10-15 µs; one that waits on a remote service,
+# seconds; the first bucket must be below the fastest's median to tell anything about it
+DURATION_BUCKETS = (
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 USER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 USER_PREFIX = "luaq_user_"
@@ -50,14 +57,26 @@ MAX_USER_METRICS = 100
 MAX_USER_NAME = 100  # characters of a metric's or a label's name
 MAX_USER_LABELS = 10  # per metric
 MAX_USER_LABEL_VALUE = 256  # characters
+# and of them all, per worker process: a scrape of them stays under 1 MB and takes milliseconds
+MAX_USER_TOTAL_SERIES = 2000
+MAX_USER_BYTES = 256 * 1024  # of exposition, as _exposed counts it
+# the label every user series carries: the function that recorded it
+USER_SCOPE = "function"
+# the label names Prometheus gives a meaning (a histogram's buckets, a summary's quantiles)
+_RESERVED_LABELS = frozenset(("le", "quantile", USER_SCOPE))
+# the names of a family's samples, beside its own (prometheus_client's registry reserves these)
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": (),
+             "histogram": ("_bucket", "_count", "_sum", "_created")}  # fmt: skip
 STALE_AFTER = 15.0  # seconds without a sign of life from an event loop: not live
 SNAPSHOT_EVERY = 1.0
-_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_NAME_RE = re.compile(r"\A[a-zA-Z_][a-zA-Z0-9_]*\Z")  # (\Z: `$` lets a final newline in)
+_METRIC_RE = re.compile(r"\A[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _log = logging.getLogger("luaq.metrics")
 
 Type = Literal["counter", "gauge", "histogram"]
 Merge = Literal["sum", "min", "max", "latest"]
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class Histogram:
@@ -224,24 +243,58 @@ def _combine(family: Family, a: Any, b: Any) -> Any:
 
 
 class UserMetrics:
-    """Handlers' own metrics (the Lua `metrics` module), bounded: at most MAX_USER_METRICS
-    names and MAX_USER_SERIES label sets per name; past that, the call fails (INVALID) and the
-    worker says so once per metric."""
+    """Handlers' own metrics (the Lua `metrics` module), each series labelled with the function
+    that recorded it (see `acting_for`). A name keeps the type and label names it was first
+    recorded with, by whichever function, and no name may be one of another family's samples
+    (`x_total` beside counter `x`): the exposition always parses. Bounded: MAX_USER_METRICS
+    names, MAX_USER_SERIES label sets each, MAX_USER_TOTAL_SERIES and MAX_USER_BYTES in all;
+    past that, the call fails (INVALID) and the worker says so once per metric."""
 
     def __init__(self) -> None:
         self._families: dict[str, Family] = {}
+        self._owners: dict[str, str] = {}  # the function that recorded each family first
+        self._samples: dict[str, Family] = {}  # every sample name taken, to its family
+        self._series = self._bytes = 0
         self._warned: set[str] = set()
+
+    @contextmanager
+    def acting_for(self, function: str) -> Iterator[None]:
+        """Whatever is recorded within is `function`'s: its module's top level as it loads, or
+        its invocations (`scoped`). A context variable, so that each consumer's task has its
+        own, and the Lua bridge, which calls `record`, needs to know nothing of it."""
+        token = _function.set(function)
+        try:
+            yield
+        finally:
+            _function.reset(token)
+
+    def scoped(
+        self, function: str, invoke: Callable[_P, Awaitable[_T]]
+    ) -> Callable[_P, Awaitable[_T]]:
+        """`invoke`, an invocation of `function`, acting for it."""
+
+        async def scoped_invoke(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            with self.acting_for(function):
+                return await invoke(*args, **kwargs)
+
+        return scoped_invoke
 
     def record(self, kind: str, name: Any, labels: Any, value: Any) -> None:
         if kind not in ("counter", "gauge", "histogram"):
             raise QueueError(ErrorKind.INVALID, f"unknown metric type {kind!r}")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise QueueError(
-                ErrorKind.INVALID, f"metric name {name!r} must be letters, digits and underscores"
+                ErrorKind.INVALID,
+                f"metric name {name!r:.120} must be letters, digits and underscores",
             )
         if len(name) > MAX_USER_NAME:
             raise QueueError(
                 ErrorKind.INVALID, f"metric name {name[:20]}... is over {MAX_USER_NAME} characters"
+            )
+        if kind == "counter" and name.endswith("_total"):
+            raise QueueError(
+                ErrorKind.INVALID,
+                f"metric {name}: a counter's name gets _total added: call it {name[:-6]}",
             )
         if (
             isinstance(value, bool)
@@ -252,34 +305,73 @@ class UserMetrics:
         if kind == "counter" and value < 0:
             raise QueueError(ErrorKind.INVALID, f"metric {name}: a counter only goes up")
         names, values = _labels(name, labels)
+        function = _function.get()
         full = USER_PREFIX + name
         family = self._families.get(full)
         if family is None:
-            if len(self._families) >= MAX_USER_METRICS:
-                raise self._refuse(full, f"there are {MAX_USER_METRICS} user metrics already")
-            merge_as: Merge = "latest" if kind == "gauge" else "sum"
-            family = Family(full, kind, f"{kind} of handlers, metrics.{kind}()", names, merge_as)  # type: ignore[arg-type]
-            if kind == "histogram":
-                family.bounds = USER_BUCKETS
-            self._families[full] = family
+            family = self._new(kind, name, names)  # kept once its first series is
         elif family.type != kind:
-            raise QueueError(ErrorKind.INVALID, f"metric {name} is a {family.type}, not a {kind}")
-        elif family.labels != names:
             raise QueueError(
                 ErrorKind.INVALID,
-                f"metric {name} has labels {list(family.labels)}, not {list(names)}",
+                f"metric {name} is a {family.type} of function {self._owners[full]}, not a {kind}",
             )
+        elif family.labels[1:] != names:
+            raise QueueError(
+                ErrorKind.INVALID,
+                f"metric {name} has labels {list(family.labels[1:])}, not {list(names)}",
+            )
+        key = (function, *values)
         series = family.series
-        if values not in series and len(series) >= MAX_USER_SERIES:
-            raise self._refuse(full, f"it has {MAX_USER_SERIES} label sets already")
+        if key not in series:
+            self._admit(family, key, new=full not in self._families)
+            if full not in self._families:
+                self._families[full] = family
+                self._owners[full] = function
+                self._samples.update((sample, family) for sample in _samples(kind, full))
         if kind == "counter":
-            series[values] = series.get(values, 0) + value
+            series[key] = series.get(key, 0) + value
         elif kind == "gauge":
-            series[values] = (value, time.monotonic())
+            series[key] = (value, time.monotonic())
         else:
-            counts, total = series.get(values) or ([0] * (len(USER_BUCKETS) + 1), 0.0)
+            counts, total = series.get(key) or ([0] * (len(USER_BUCKETS) + 1), 0.0)
             counts[bisect_left(USER_BUCKETS, value)] += 1
-            series[values] = (counts, total + value)
+            series[key] = (counts, total + value)
+
+    def _new(self, kind: str, name: str, names: tuple[str, ...]) -> Family:
+        full = USER_PREFIX + name
+        if len(self._families) >= MAX_USER_METRICS:
+            raise self._refuse(full, f"there are {MAX_USER_METRICS} user metrics already")
+        for sample in _samples(kind, full):
+            other = self._samples.get(sample)
+            if other is not None:
+                raise QueueError(
+                    ErrorKind.INVALID,
+                    f"metric {name}: {sample} is a sample of {other.type} "
+                    f"{other.name.removeprefix(USER_PREFIX)}",
+                )
+        merge_as: Merge = "latest" if kind == "gauge" else "sum"
+        help_ = f"{kind} of handlers, metrics.{kind}()"
+        family = Family(full, kind, help_, (USER_SCOPE, *names), merge_as)  # type: ignore[arg-type]
+        if kind == "histogram":
+            family.bounds = USER_BUCKETS
+        return family
+
+    def _admit(self, family: Family, key: tuple[str, ...], new: bool) -> None:
+        """Counts a new series of `family` (and the family's own lines when `new`) against the
+        caps, or refuses it."""
+        if len(family.series) >= MAX_USER_SERIES:
+            raise self._refuse(family.name, f"it has {MAX_USER_SERIES} label sets already")
+        if self._series >= MAX_USER_TOTAL_SERIES:
+            raise self._refuse(
+                family.name, f"handlers' metrics have {MAX_USER_TOTAL_SERIES} series already"
+            )
+        size = _exposed(family, key) + (2 * len(family.name) + len(family.help) + 64) * new
+        if self._bytes + size > MAX_USER_BYTES:
+            raise self._refuse(
+                family.name, f"handlers' metrics would be over {MAX_USER_BYTES} bytes in a scrape"
+            )
+        self._series += 1
+        self._bytes += size
 
     def _refuse(self, name: str, why: str) -> QueueError:
         if name not in self._warned:
@@ -292,6 +384,28 @@ class UserMetrics:
             Family(f.name, f.type, f.help, f.labels, f.merge, f.bounds, dict(f.series))
             for f in list(self._families.values())
         ]
+
+
+_function: ContextVar[str] = ContextVar("luaq_user_metrics_function", default="")
+
+
+def _samples(kind: str, name: str) -> tuple[str, ...]:
+    """The names a family of `kind` called `name` takes: its own and its samples'."""
+    return (name, *(name + suffix for suffix in _SUFFIXES[kind]))
+
+
+def _exposed(family: Family, key: tuple[str, ...]) -> int:
+    """An upper bound on the bytes one series of `family` takes in a scrape, in either format:
+    a line per sample, each with the name, its suffix, every label, escaped, and a number."""
+    labels = sum(
+        len(name) + len(value.encode()) + value.count("\\") + value.count("\n")
+        + value.count('"') + 4  # name="value",
+        for name, value in zip(family.labels, key, strict=True)
+    )  # fmt: skip
+    line = len(family.name) + 10 + labels + 32  # the suffix, braces; a space, a float, "\n"
+    if family.type == "histogram":
+        return (len(family.bounds) + 1) * (line + 16) + 2 * line  # buckets (le="..."), count, sum
+    return line
 
 
 def _labels(name: str, labels: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -309,6 +423,7 @@ def _labels(name: str, labels: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
             not isinstance(key, str)
             or not _NAME_RE.match(key)
             or key.startswith("__")
+            or key in _RESERVED_LABELS
             or len(key) > MAX_USER_NAME
         ):
             raise QueueError(ErrorKind.INVALID, f"metric {name}: {key!r:.40} is not a label name")

@@ -11,7 +11,9 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +28,10 @@ from luaq.runtime import logs
 from luaq.runtime.metrics import STALE_AFTER, Family, Server, Snapshots, Source, merge
 from luaq.runtime.supervisor import Pod
 from processes import Spawner, free_port, wait_until, write_app, write_jsonl
+from prometheus import binary
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from tcp_proxy import TcpProxy
 from test_faults import fill
@@ -175,10 +181,11 @@ def test_every_outcome_is_counted_on_the_memory_driver(tmp_path: Path, spawn: Sp
     assert value(samples, "luaq_driver_reconnects_total", driver="app:broker") == 0
     assert value(samples, "luaq_queue_backlog", queue="app:jobs", driver="app:broker") == 0
     assert value(samples, "luaq_worker_ready") == 1
-    assert value(samples, "luaq_user_handled_total", parity="even") == 7
-    assert value(samples, "luaq_user_handled_total", parity="odd") == 5
-    assert value(samples, "luaq_user_work_seconds_count") == 12
-    assert 0 <= value(samples, "luaq_user_last_n") <= 8
+    handler = {"function": "app:worker#handler"}
+    assert value(samples, "luaq_user_handled_total", **handler, parity="even") == 7
+    assert value(samples, "luaq_user_handled_total", **handler, parity="odd") == 5
+    assert value(samples, "luaq_user_work_seconds_count", **handler) == 12
+    assert 0 <= value(samples, "luaq_user_last_n", **handler) <= 8
     assert any(name == "luaq_build_info" for name, _ in samples)
 
 
@@ -430,7 +437,7 @@ async def test_user_metrics_are_validated_and_bounded(
         "sets already"  # fmt: skip
     assert report["errors"] == [
         "metric name 'no spaces' must be letters, digits and underscores",
-        "metric by_user is a counter, not a gauge",
+        "metric by_user is a counter of function app:handler, not a gauge",
         "metric by_user has labels ['user'], not ['other']",
         "metric by_user: a counter only goes up",
         "metric x: '1bad' is not a label name",
@@ -471,6 +478,143 @@ def test_log_formats_carry_the_same_fields(tmp_path: Path, spawn: Spawner, form:
         assert '"attempt": 1' in failed
     else:
         assert " INFO    luaq.worker: worker started  consumers=" in started
+TRY = """
+local results = {}
+local function try(ok, err) results[#results + 1] = ok and "ok" or err:message() end
+"""
+
+
+def run_user_metrics(
+    tmp_path: Path, spawn: Spawner, sources: dict[str, str]
+) -> tuple[int, list[list[str]]]:
+    """Runs a consumer per source, each on its own queue (the first's has one message), each
+    logging "tried" with what its calls returned: the metrics port once every one has, and
+    what their calls returned."""
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.memory"},
+        *({"name": f"q_{name}", "kind": "queue.queue", "driver": "broker"} for name in sources),
+        *({"id": name, "kind": "queue.consumer", "queue": f"q_{name}", "method": "handle",
+           "source": TRY + source, "modules": ["queue", "metrics", "logger"]}
+          for name, source in sources.items()),
+    ])  # fmt: skip
+    first = next(iter(sources))
+    messages = write_jsonl(tmp_path / "in.jsonl", [{"queue": f"app:q_{first}", "data": {}}])
+    port = free_port()
+    process = spawn("run", app, "--input", messages, "--metrics-port", str(port))
+
+    def tried() -> list[list[str]]:
+        return [line["fields"]["results"] for line in process.logs() if line["msg"] == "tried"]
+
+    wait_until(lambda: len(tried()) == len(sources), 60, "every consumer tried")
+    return port, tried()
+
+
+def test_user_metrics_are_scoped_by_function_and_never_clash(
+    tmp_path: Path, spawn: Spawner
+) -> None:
+    """Two functions may share a metric; neither can take the other's name with another type,
+    and no name or label can make two families' samples meet or break the exposition."""
+    first = """
+    function handle(p)
+      try(metrics.counter("x", {}))
+      try(metrics.gauge("shared", {}, 1))
+      try(metrics.histogram("h", {}, 0.5))
+      try(metrics.gauge("z_count", {}, 1))
+      try(metrics.gauge("t_total", {}, 1))
+      logger.info("tried", {results = results})
+      assert(queue.publish("q_second", {}))
+    end
+    """
+    second = """
+    function handle(p)
+      try(metrics.gauge("shared", {}, 2))
+      try(metrics.gauge("x", {}, 1))
+      try(metrics.gauge("x_total", {}, 1))
+      try(metrics.gauge("h_count", {}, 1))
+      try(metrics.histogram("z", {}, 1))
+      try(metrics.counter("t", {}))
+      try(metrics.counter("c_total", {}))
+      try(metrics.gauge("bad\\n", {}, 1))
+      try(metrics.gauge("l", {le = "1"}, 1))
+      try(metrics.gauge("l", {quantile = "1"}, 1))
+      try(metrics.gauge("l", {["function"] = "f"}, 1))
+      try(metrics.gauge("l", {["a\\n"] = "v"}, 1))
+      try(metrics.gauge("escaped", {v = "a\\nb\\"c\\\\"}, 1))
+      logger.info("tried", {results = results})
+    end
+    """
+    port, tried = run_user_metrics(tmp_path, spawn, {"first": first, "second": second})
+    assert tried == [
+        ["ok"] * 5,
+        [
+            "ok",
+            "metric x is a counter of function app:first#handler, not a gauge",
+            "metric x_total: luaq_user_x_total is a sample of counter x",
+            "metric h_count: luaq_user_h_count is a sample of histogram h",
+            "metric z: luaq_user_z_count is a sample of gauge z_count",
+            "metric t: luaq_user_t_total is a sample of gauge t_total",
+            "metric c_total: a counter's name gets _total added: call it c",
+            "metric name 'bad\\n' must be letters, digits and underscores",
+            "metric l: 'le' is not a label name",
+            "metric l: 'quantile' is not a label name",
+            "metric l: 'function' is not a label name",
+            "metric l: 'a\\n' is not a label name",
+            "ok",
+        ],
+    ]
+    samples = scrape(port)
+    for function, n in (("app:first#handler", 1), ("app:second#handler", 2)):
+        assert value(samples, "luaq_user_shared", function=function) == n
+    assert value(samples, "luaq_user_escaped", function="app:second#handler",
+                 v='a\nb"c\\') == 1  # fmt: skip
+    check = subprocess.run(
+        [binary("promtool"), "check", "metrics"], input=get(port, "/metrics")[2],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "error while linting" not in check.stderr, check.stderr  # (its lint is not ours)
+    openmetrics = get(port, "/metrics", "application/openmetrics-text")[2]
+    assert any(f.name == "luaq_user_x" for f in openmetrics_families(openmetrics))
+
+
+@pytest.mark.parametrize(
+    ("shape", "refused"),
+    [
+        # histograms with ten labels of 256 characters: over 60 kB of exposition a series
+        ("wide", "handlers' metrics would be over 262144 bytes in a scrape"),
+        ("many", "handlers' metrics have 2000 series already"),
+    ],
+)
+def test_user_metrics_keep_a_scrape_small(
+    tmp_path: Path, spawn: Spawner, shape: str, refused: str
+) -> None:
+    """Within every per-metric cap, one invocation could make each scrape 600 MiB."""
+    labels, length, kind = (10, 256, "histogram") if shape == "wide" else (1, 3, "counter")
+    source = f"""
+    function handle(p)
+      local labels = {{}}
+      for i = 1, {labels} do labels["l" .. i] = string.rep("v", {length}) end
+      for m = 1, 100 do
+        for s = 1, 100 do
+          labels.l1 = string.format("%03d", s) .. string.sub(labels.l1, 4)
+          local ok, err = metrics.{kind}("m" .. m, labels, 1)
+          if not ok then try(ok, err) break end
+        end
+        if #results > 0 then break end
+      end
+      logger.info("tried", {{results = results}})
+    end
+    """
+    port, tried = run_user_metrics(tmp_path, spawn, {"w": source})
+    ((message,),) = tried
+    assert message.endswith(f" not recorded: {refused}"), message
+    started = time.monotonic()
+    status, _, body = get(port, "/metrics")
+    took = time.monotonic() - started
+    assert status == 200
+    assert len(body.encode()) < 1_000_000
+    assert took < 1, took
+
+
         assert '"app:worker": "app:jobs, concurrency 3, prefetch 10"' in started
         assert "metrics=null" in started
         assert " attempt=1 " in failed

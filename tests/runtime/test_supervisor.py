@@ -268,7 +268,7 @@ def test_workers_that_disagree_on_a_metric_do_not_break_metrics(
 
     def both_reported() -> bool:
         samples = scrape(port)  # 200 every time
-        return value(samples, "luaq_user_handled_total") == 2
+        return value(samples, "luaq_user_handled_total", function="app:worker#handler") == 2
 
     wait_until(both_reported, 10, "both workers' snapshots merged")
     for _ in range(3):
