@@ -223,6 +223,32 @@ def test_a_message_waiting_for_its_retry_is_delayed_not_backlog(
     assert value(scrape(port), "luaq_queue_backlog", **jobs) == 0
 
 
+def test_a_no_op_handlers_latency_is_resolved(tmp_path: Path, spawn: Spawner) -> None:
+    """Handler latency buckets resolve a handler that does nothing: its median falls in a
+    bucket below 1 ms, and not the first one (which would say only "faster than that")."""
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.memory"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": "function handle(p) end"},
+    ])  # fmt: skip
+    messages = write_jsonl(tmp_path / "in.jsonl", [{"queue": "app:jobs", "data": {}}] * 500)
+    port = free_port()
+    spawn("run", app, "--input", messages, "--metrics-port", str(port))
+    worker = {"consumer": "app:worker", "queue": "app:jobs"}
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready")
+    wait_until(lambda: value(scrape(port), "luaq_handler_duration_seconds_count", **worker)
+               == 500, 30, "every message handled")  # fmt: skip
+    samples = scrape(port)
+    buckets = sorted(
+        (float(dict(labels)["le"]), count)
+        for (name, labels), count in samples.items()
+        if name == "luaq_handler_duration_seconds_bucket"
+    )
+    median = next(bound for bound, count in buckets if count >= 250)
+    assert buckets[0][0] < median < 0.001, buckets
+
+
 def test_openmetrics_when_asked_for(tmp_path: Path, spawn: Spawner) -> None:
     port = free_port()
     app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})
