@@ -478,32 +478,6 @@ async def test_user_metrics_are_validated_and_bounded(
     assert len(families["luaq_user_by_user"].series) == 100
 
 
-def test_user_gauges_take_the_latest_value_across_processes() -> None:
-    older = Family("luaq_user_g", "gauge", "", (), "latest", series={(): (1.0, 10.0)})
-    newer = Family("luaq_user_g", "gauge", "", (), "latest", series={(): (2.0, 20.0)})
-    counter = Family("luaq_user_c", "counter", "", series={(): 3})
-    merged = {f.name: f for f in merge([[newer, counter], [older, counter]])}
-    assert merged["luaq_user_g"].series[()] == (2.0, 20.0)
-    assert merged["luaq_user_c"].series[()] == 6
-
-
-# -- logs -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("form", ["text", "json"])
-def test_log_formats_carry_the_same_fields(tmp_path: Path, spawn: Spawner, form: str) -> None:
-    app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})
-    messages = write_jsonl(tmp_path / "in.jsonl", INPUTS[6:7])
-    process = spawn("--log-format", form, "run", app, "--input", messages, "--until-idle")
-    assert process.wait(30) == 0, process.stderr
-    started = next(line for line in process.stderr.splitlines() if "worker started" in line)
-    failed = next(line for line in process.stderr.splitlines() if "handler failed" in line)
-    if form == "json":
-        assert started.startswith("{")
-        assert '"consumers": {"app:worker": "app:jobs, concurrency 3, prefetch 10"' in started
-        assert '"attempt": 1' in failed
-    else:
-        assert " INFO    luaq.worker: worker started  consumers=" in started
 TRY = """
 local results = {}
 local function try(ok, err) results[#results + 1] = ok and "ok" or err:message() end
@@ -641,6 +615,32 @@ def test_user_metrics_keep_a_scrape_small(
     assert took < 1, took
 
 
+def test_user_gauges_take_the_latest_value_across_processes() -> None:
+    older = Family("luaq_user_g", "gauge", "", (), "latest", series={(): (1.0, 10.0)})
+    newer = Family("luaq_user_g", "gauge", "", (), "latest", series={(): (2.0, 20.0)})
+    counter = Family("luaq_user_c", "counter", "", series={(): 3})
+    merged = {f.name: f for f in merge([[newer, counter], [older, counter]])}
+    assert merged["luaq_user_g"].series[()] == (2.0, 20.0)
+    assert merged["luaq_user_c"].series[()] == 6
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_log_formats_carry_the_same_fields(tmp_path: Path, spawn: Spawner, form: str) -> None:
+    app = app_entries(tmp_path / "app.yaml", {"kind": "queue.driver.memory"})
+    messages = write_jsonl(tmp_path / "in.jsonl", INPUTS[6:7])
+    process = spawn("--log-format", form, "run", app, "--input", messages, "--until-idle")
+    assert process.wait(30) == 0, process.stderr
+    started = next(line for line in process.stderr.splitlines() if "worker started" in line)
+    failed = next(line for line in process.stderr.splitlines() if "handler failed" in line)
+    if form == "json":
+        assert started.startswith("{")
+        assert '"consumers": {"app:worker": "app:jobs, concurrency 3, prefetch 10"' in started
+        assert '"attempt": 1' in failed
+    else:
+        assert " INFO    luaq.worker: worker started  consumers=" in started
         assert '"app:worker": "app:jobs, concurrency 3, prefetch 10"' in started
         assert "metrics=null" in started
         assert " attempt=1 " in failed
