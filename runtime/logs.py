@@ -1,6 +1,9 @@
 """Log lines on stderr: JSON for a log collector, or text for a person at a terminal. Both
 carry the same fields: time, level, logger, message, and whatever the call site added.
 
+One event is one line, and what a handler logs reaches a terminal as text to read: line breaks
+and terminal controls in it are escaped, in both formats (JSON escapes only some of them).
+
 A line is at most MAX_LINE bytes whatever a handler logs or fails with: past that, long strings
 are cut to MAX_FIELD characters (saying how much was left out), and what still does not fit
 is cut as a whole (a JSON line keeps its head and puts the rest in a cut `truncated` field).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -21,6 +25,11 @@ MAX_FIELD = 4096  # characters of one string in a line that had to be cut
 _HEAD = ("ts", "level", "logger", "msg")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 Format = Literal["json", "text", "auto"]
+# What a terminal acts on or shows as a line break: C0 and C1 controls (ESC, and CSI as one
+# character), DEL, the Unicode line and paragraph separators, and the bidirectional overrides and
+# isolates that reorder what is shown.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -32,7 +41,21 @@ def _time(record: logging.LogRecord) -> str:
 
 
 def _dumps(entry: Any) -> str:
-    return json.dumps(entry, ensure_ascii=False, default=str)
+    return _UNPRINTABLE.sub(_json_escape, json.dumps(entry, ensure_ascii=False, default=str))
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"  # (JSON escapes the C0 controls itself)
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub(_text_escape, text)
+
+
+def _text_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def _fits(line: str) -> bool:
@@ -96,7 +119,8 @@ class TextFormatter(logging.Formatter):
         line = f"{_time(record)[11:23]} {record.levelname:<7} {record.name}: {message}"
         if text:
             line = f"{line}  {text}"
-        if record.exc_info:
+        line = _printable(line)
+        if record.exc_info:  # a traceback's lines are its own, and luaq's
             line = f"{line}\n{self.formatException(record.exc_info)}"
         return line
 

@@ -647,6 +647,42 @@ def test_log_formats_carry_the_same_fields(tmp_path: Path, spawn: Spawner, form:
         assert 'error="not yet"' in failed
 
 
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_handler_cannot_forge_log_lines_or_drive_the_terminal(
+    tmp_path: Path, spawn: Spawner, form: str
+) -> None:
+    """One event is one line, and what a handler logs reaches a terminal as text to read:
+    line breaks and terminal controls (ESC, the 8-bit CSI, DEL, Unicode line separators and
+    bidirectional overrides) are escaped."""
+    app = write_app(tmp_path / "app.yaml", [
+        {"name": "broker", "kind": "queue.driver.memory"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": """
+         function handle(p)
+           logger.info("a\\nb\\r12:00:00.000 ERROR forged\\27[2J", {
+             k = "\\27[31m", sp = "x \\n y", c1 = "\\194\\155", sep = "\\226\\128\\168\\127",
+             bidi = "\\226\\128\\174"})
+         end
+         """},
+    ])  # fmt: skip
+    messages = write_jsonl(tmp_path / "in.jsonl", [{"queue": "app:jobs", "data": {}}])
+    process = spawn("--log-format", form, "run", app, "--input", messages, "--until-idle")
+    assert process.wait(30) == 0, process.stderr
+    assert not any(char in process.stderr for char in "\r\x1b\x7f\x9b\u2028\u202e")
+    lines = process.stderr.split("\n")  # (what a collector splits on; Python splits on more)
+    (line,) = [line for line in lines if "forged" in line]
+    if form == "json":
+        logged = json.loads(line)
+        assert logged["msg"] == "a\nb\r12:00:00.000 ERROR forged\x1b[2J"
+        assert logged["fields"]["sep"] == "\u2028\x7f"
+        return
+    assert " luaq.lua: a\\nb\\r12:00:00.000 ERROR forged\\x1b[2J  " in line
+    escaped = {"k": "\\u001b[31m", "sp": "x \\n y", "c1": "\\u009b", "sep": "\\u2028\\u007f",
+               "bidi": "\\u202e"}  # fmt: skip
+    assert all(f'"{key}": "{value}"' in line for key, value in escaped.items()), line
+
+
 def test_log_lines_go_where_stderr_points_now(monkeypatch: pytest.MonkeyPatch) -> None:
     """Something may swap sys.stderr after luaq set up its logs (a test's capture, as the
     operator's tests do around `luaq manifests`, or an application embedding luaq), and close
