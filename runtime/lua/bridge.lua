@@ -13,7 +13,7 @@
 -- * a coroutine serves one invocation: a handler can only touch the coroutines it created in the
 --   invocation that is running, and runners go back to the pool only when their handler is done.
 
-local host, budget, step_size, keepalive_every, bounded_source = ...
+local host, budget, step_size, keepalive_every, bounded_source, margin = ...
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
@@ -23,6 +23,7 @@ local setmetatable, getmetatable, tostring, pcall = setmetatable, getmetatable, 
 local rawget, rawequal, rawlen, error = rawget, rawequal, rawlen, error
 local math_type, math_floor = math.type, math.floor
 local utf8_len, string_gsub, string_sub = utf8.len, string.gsub, string.sub
+local collectgarbage = collectgarbage
 
 -- bounded.lua, compiled without line information (see there)
 local bound_library = raw_load(string.dump(assert(raw_load(bounded_source, "=bounded")), true),
@@ -115,6 +116,24 @@ end
 
 local explain_for -- explain(value), run in a new coroutine of the invocation `ctx`
 
+-- lupa makes the references Python takes to Lua values (a table handed to a helper or in a host
+-- request, the handler a module defines) outside Lua's protected mode, where an allocation that
+-- fails would cross Python's frames (a deadlock) or abort the process. So Lua hands Python such
+-- a value only with `margin` KiB in use or fewer (MEMORY_MARGIN of the limit to spare, which
+-- Python keeps for what it hands back: runtime.py), after a full collection if need be: full()
+-- says it has not, and room_for(value) fails with "not enough memory" then.
+local function full()
+  if collectgarbage("count") <= margin then return false end
+  collectgarbage()
+  return collectgarbage("count") > margin
+end
+
+local function room_for(value) -- (hot: one call to collectgarbage when there is room)
+  if value ~= nil and collectgarbage("count") > margin and full() then
+    error("not enough memory", 0)
+  end
+end
+
 -- Calls a Python helper. A Python exception must never reach a sandbox (it would arrive as a
 -- userdata with lupa's metatable), so failures come back as (false, nil, message).
 local function call_python(fn, ...)
@@ -180,7 +199,7 @@ local function tick()
   ticks = ticks + 1
   if ticks >= keepalive_every then
     ticks = 0
-    call_python(host.keepalive)
+    pcall(host.keepalive) -- (no Lua value crosses; it raises nothing: runtime.py)
   end
 end
 
@@ -278,6 +297,8 @@ local function queue_module(ns)
     if problem then return nil, new_error("INVALID", problem, false) end
     local ctx = current()
     if ctx == nil or ctx.loading then return answer(unavailable("queue.publish")) end
+    room_for(data)
+    room_for(headers)
     -- Python reads the data within what is left of the budget, and says what that cost
     local ok, cost, kind, message, retryable =
       co_yield(REQ, "publish", ns, queue_id, data, headers, budget - ctx.used)
@@ -344,26 +365,31 @@ local function logger_module(ns)
       local consumer, message_id
       if ctx ~= nil and not ctx.loading then consumer, message_id = ctx.consumer, ctx.id end
       local _, text = explain(message)
-      spend(call_python(host.log, level, text, type(fields) == "table" and fields or nil, ns,
-        consumer, message_id, remaining()) or nil)
+      if type(fields) ~= "table" then fields = nil end
+      room_for(fields)
+      spend(call_python(host.log, level, text, fields, ns, consumer, message_id, remaining())
+        or nil)
     end
   end
   return logger
 end
 
+-- What a helper that returns (ok, value, message, cost) gives its caller.
+local function result(ok, value, message, cost)
+  spend(cost)
+  if ok then return value end
+  -- no message: Python could not hand the result over within --lua-max-memory
+  if message == nil then error("not enough memory", 0) end
+  return nil, new_error("INVALID", message, false)
+end
+
 local function json_module()
   local json = {}
-  local function result(ok, value, message, cost)
-    spend(cost)
-    if ok then return value end
-    -- no message: Python could not hand the result over within --lua-max-memory
-    if message == nil then error("not enough memory", 0) end
-    return nil, new_error("INVALID", message, false)
-  end
   function json.encode(value)
     if type(value) == "string" and not utf8_len(value) then
       return nil, new_error("INVALID", "json.encode: the string " .. NOT_UTF8, false)
     end
+    room_for(value)
     return result(call_python(host.json_encode, value, remaining()))
   end
   function json.decode(text)
@@ -407,10 +433,8 @@ local function metrics_module()
       return nil, new_error("INVALID", "metric " .. printable(name) .. ": labels must be a table",
         false)
     end
-    local ok, _, message, cost = call_python(host.metric, kind, name, labels, value, remaining())
-    spend(cost)
-    if ok then return true end
-    return nil, new_error("INVALID", message, false)
+    room_for(labels)
+    return result(call_python(host.metric, kind, name, labels, value, remaining()))
   end
   function metrics.counter(name, labels, n)
     if n == nil then n = 1 end
@@ -574,6 +598,7 @@ function bridge.load(source, chunkname, ns, modules, method)
     return nil, "method " .. method .. " is not defined (a global function or a field of " ..
       "the table the source returns)"
   end
+  if full() then return nil, "not enough memory" end -- (Python takes a reference to it)
   return handler, nil
 end
 

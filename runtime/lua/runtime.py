@@ -4,16 +4,22 @@ One lupa `lua54` state per process, used only from the event-loop thread. An inv
 Lua coroutine; when it yields a host request, `invoke` awaits the work and resumes it. Only
 plain values cross the boundary: no Python object is ever reachable from handler code.
 
-Values cross through convert.py. lupa creates Lua values from Python outside Lua's protected
-mode, where running out of memory aborts the whole process: such work runs with the memory limit
-lifted, and Lua is entered only with MEMORY_MARGIN bytes to spare.
+Values cross through convert.py. lupa makes Lua values from Python, and references to Lua values
+for it, outside Lua's protected mode, where an allocation that fails aborts the process or
+crosses Python's frames (a deadlock). So MEMORY_MARGIN bytes of --lua-max-memory are kept for
+them: Lua is entered only with that much to spare, Lua hands control to Python only with that
+much to spare (bridge.lua), big conversions to Lua run with the limit lifted, and what Python
+hands back (results, error messages, which are cut to MAX_MESSAGE) fits in the margin or is
+checked to fit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +38,7 @@ from ..settings import Settings
 from .convert import MAX_TEXT, MAX_VALUES, TEXT_COST, VALUE_COST, ConversionError, Converter
 
 MEMORY_MARGIN = 2**20  # bytes of --lua-max-memory kept free for lupa's unprotected allocations
+MAX_MESSAGE = 8192  # characters of an error message handed to Lua (it may quote a handler's text)
 BUDGET_STEP = 1000  # instructions between two charges to an invocation's budget
 KEEPALIVE_EVERY = 1_000_000  # instructions between two calls to Host.keepalive (a few ms)
 _log = logging.getLogger("luaq.lua")
@@ -82,8 +89,23 @@ class Host(Protocol):
         long time keeps the event loop from running, and the drivers' heartbeats with it."""
 
 
+class Watch(Protocol):
+    """What a supervised worker process reports to its supervisor (flight.FlightLog): which
+    message a handler runs in Lua, from when, so that one stuck there can be blamed."""
+
+    def key(self, queue: str, body: bytes) -> bytes: ...
+
+    def is_poison(self, key: bytes) -> bool: ...
+
+    def enter(self, key: bytes) -> None: ...
+
+    def leave(self) -> None: ...
+
+
 SettleEarly = Callable[[Delivery, bool], Awaitable[None]]  # the delivery, ack (or give back)
-Invoke = Callable[[Any, Delivery, SettleEarly], Awaitable[Outcome]]  # an invocation, for a consumer
+# an invocation, for a consumer: the payload, its delivery, how to settle early, and the
+# message's key (Watch.key) in a supervised worker, else None
+Invoke = Callable[[Any, Delivery, SettleEarly, bytes | None], Awaitable[Outcome]]
 _ACK, _NACK, _CALL = 0, 1, 3  # step results, as bridge.lua defines them
 
 
@@ -113,6 +135,7 @@ class LuaRuntime:
             attribute_handlers=(_deny_attributes, _deny_attributes),
         )
         self.host: Host | None = None  # until `serve`
+        self._watch: Watch | None = None
         self.user_metrics = UserMetrics()
         self._ids = itertools.count(1)
         self._max_memory = settings.lua_max_memory
@@ -133,7 +156,11 @@ class LuaRuntime:
         budget = settings.max_instructions
         step = min(BUDGET_STEP, budget)
         keepalive_every = max(KEEPALIVE_EVERY // step, 1)
-        bridge = self._lua.execute(source, helpers, budget, step, keepalive_every, bounded)
+        # Lua's own count of the KiB in use, past which it does not hand Python a table
+        margin = (self._lua.get_max_memory(total=True) - MEMORY_MARGIN) / 1024
+        if not self._max_memory:
+            margin = math.inf
+        bridge = self._lua.execute(source, helpers, budget, step, keepalive_every, bounded, margin)
         self._load = bridge.load
         self._starter = bridge.starter
         self._resume = bridge.resume
@@ -141,11 +168,13 @@ class LuaRuntime:
         self._table_from = self._lua.table_from
         self.convert = Converter(self._table_from, bridge.array, bridge.shape)
 
-    def serve(self, host: Host) -> None:
+    def serve(self, host: Host, watch: Watch | None = None) -> None:
         """Answer the handlers' requests with `host` from now on. A runtime that only loads
-        sources (`luaq check`'s) has none."""
+        sources (`luaq check`'s) has none. `watch`: a supervised worker's, told when a handler
+        runs in Lua and when it is back."""
         self.host = host
-        self._helpers["keepalive"] = host.keepalive
+        self._watch = watch
+        self._helpers["keepalive"] = functools.partial(_keepalive, host)
 
     def load(
         self,
@@ -238,14 +267,14 @@ class LuaRuntime:
         try:
             text = _JSON.encode(reader.read(value))
         except QueueError as exc:
-            return False, None, f"json.encode: {exc.message}", reader.cost
+            return self._failed(f"json.encode: {exc.message}", reader.cost)
         if not self._room(len(text), collect=False):
             return False, None, None, reader.cost
         return True, text, None, reader.cost
 
     def _metric(
         self, kind: str, name: str, labels: Any, value: float, allowance: int
-    ) -> tuple[bool, None, str | None, int]:
+    ) -> tuple[bool, bool | None, str | None, int]:
         """Records a handler's own metric; returns the instructions to charge it."""
         reader = self.convert.reader(allowance)
         try:
@@ -253,8 +282,8 @@ class LuaRuntime:
                 kind, name, None if labels is None else reader.read(labels), value
             )
         except QueueError as exc:
-            return False, None, exc.message, reader.cost
-        return True, None, None, reader.cost
+            return self._failed(exc.message, reader.cost)
+        return True, True, None, reader.cost
 
     def _json_decode(self, text: str, allowance: int) -> tuple[bool, Any, str | None, int]:
         # the text bounds what decoding makes and costs: every value but the first follows a
@@ -262,16 +291,25 @@ class LuaRuntime:
         values = text.count(",") + text.count("[") + text.count("{") + 1
         cost = values * VALUE_COST + len(text) // TEXT_COST
         if cost > allowance:
-            return False, None, "json.decode: over the instruction budget", cost
+            return self._failed("json.decode: over the instruction budget", cost)
         if values > MAX_VALUES or len(text) > MAX_TEXT:
-            return False, None, f"json.decode: over {MAX_VALUES} values or {MAX_TEXT} bytes", cost
+            return self._failed(f"json.decode: over {MAX_VALUES} values or {MAX_TEXT} bytes", cost)
         try:
             value = self._unlimited(self.convert.to_lua, _JSON.decode(text.encode()))
-        except (ValueError, RecursionError, ConversionError) as exc:
-            return False, None, f"json.decode: {exc}", cost
+        except (ValueError, RecursionError, MemoryError, ConversionError) as exc:
+            return self._failed(f"json.decode: {exc}", cost)
         if not self._room(collect=False):
             return False, None, None, cost
         return True, value, None, cost
+
+    def _failed(self, message: str, cost: int) -> tuple[bool, None, str | None, int]:
+        """A helper's failure, with its message cut, if the state has room for that (it may not:
+        only a table handed to Python makes Lua check it has MEMORY_MARGIN to spare). Without a
+        message, the bridge raises "not enough memory"."""
+        message = _cut(message)
+        if not self._room(len(message), collect=False):
+            return False, None, None, cost
+        return False, None, message, cost
 
     # -- invocations -------------------------------------------------------------------------
 
@@ -285,8 +323,11 @@ class LuaRuntime:
         memory_used, room = self._lua.get_memory_used, self._room
         roomy = limit - MEMORY_MARGIN if limit else sys.maxsize  # (a fast first check)
 
-        async def invoke(payload: Any, delivery: Delivery, settle: SettleEarly) -> Outcome:
+        async def invoke(
+            payload: Any, delivery: Delivery, settle: SettleEarly, key: bytes | None
+        ) -> Outcome:
             invocation = next(ids)
+            watch = self._watch if key is not None else None
             headers = delivery.headers
             try:
                 # the arguments are made with the memory limit lifted (see the module docstring)
@@ -299,11 +340,17 @@ class LuaRuntime:
                 size = len(payload) if type(payload) in _STRINGS else 0  # (pushed as is)
                 if memory_used() > roomy - size and not room(size):
                     return OUT_OF_MEMORY
-                result = start(invocation, lua_payload, delivery.id, lua_headers)
+                if watch is not None:
+                    watch.enter(key)  # type: ignore[arg-type]
+                try:
+                    result = start(invocation, lua_payload, delivery.id, lua_headers)
+                finally:
+                    if watch is not None:
+                        watch.leave()
                 if result == _ACK:
                     return ACKED
                 if type(result) is tuple and result[0] == _CALL:
-                    result = await self._serve(invocation, delivery, settle, consumer, result)
+                    result = await self._serve(invocation, delivery, settle, consumer, result, key)
             except asyncio.CancelledError:
                 self._abandon(invocation)
                 raise
@@ -328,19 +375,32 @@ class LuaRuntime:
         return invoke
 
     async def _serve(
-        self, invocation: int, delivery: Delivery, settle: SettleEarly, consumer: str, result: Any
+        self,
+        invocation: int,
+        delivery: Delivery,
+        settle: SettleEarly,
+        consumer: str,
+        result: Any,
+        key: bytes | None,
     ) -> Any:
         """Answer host requests until the invocation finishes."""
+        watch = self._watch if key is not None else None
         while type(result) is tuple and result[0] == _CALL:
             try:
                 answer = await self._answer(result[1], result[2:], delivery, settle, consumer)
             except QueueError as exc:
-                answer = (None, str(exc.kind), exc.message, exc.retryable)
+                answer = (None, str(exc.kind), _cut(exc.message), exc.retryable)
             # only a failure's answer has strings (to make in Lua), and short ones: the margin
             if answer[0] is None and not self._room():
                 self._abandon(invocation)
                 return (Verdict.FAIL, OUT_OF_MEMORY.kind, OUT_OF_MEMORY.error)
-            result = self._resume(invocation, *answer)
+            if watch is not None:
+                watch.enter(key)  # type: ignore[arg-type]
+            try:
+                result = self._resume(invocation, *answer)
+            finally:
+                if watch is not None:
+                    watch.leave()
         return result
 
     async def _answer(
@@ -364,7 +424,7 @@ class LuaRuntime:
                     consumer,
                 )
             except QueueError as exc:
-                return (None, reader.cost, str(exc.kind), exc.message, exc.retryable)
+                return (None, reader.cost, str(exc.kind), _cut(exc.message), exc.retryable)
             return (True, reader.cost)
         if op == "settle":
             await settle(delivery, args[0] == "ack")
@@ -377,6 +437,23 @@ class LuaRuntime:
 
 def _nothing() -> None:
     return None
+
+
+def _keepalive(host: Host) -> None:
+    """Host.keepalive for the bridge, which calls it at any time, the Lua state full to the byte
+    maybe: an exception would have to be made into a Lua value there."""
+    try:
+        host.keepalive()
+    except Exception:
+        _log.exception("keepalive failed")
+
+
+def _cut(message: str) -> str:
+    """An error message for Lua: it may quote a handler's text (a queue id, a metric name) of
+    any size, and must fit in MEMORY_MARGIN."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
 
 
 _STRINGS = (str, bytes)

@@ -445,6 +445,112 @@ def test_json_decode_with_a_full_lua_state_fails_in_the_handler(arena: Any) -> N
     assert decoded["fields"] == {"ok": False, "error": "not enough memory"}
 
 
+@pytest.mark.parametrize(
+    ("call", "kind"), [("queue.info", "NOT_FOUND"), ("metrics.counter", "INVALID")]
+)
+def test_an_error_quoting_a_huge_name_is_cut_not_pushed_whole(
+    arena: Any, call: str, kind: str
+) -> None:
+    """A 16 MiB name in a 32 MiB state: the error quoting it did not fit. queue.info's was pushed
+    outside protected mode (a Lua panic: the process aborted), metrics.counter's across lupa's
+    frames (the process hung on the GIL, deaf to SIGTERM)."""
+    attack = arena(
+        f"""
+        function handle(p)
+          assert(queue.publish("inbox", {{n = 1}}))
+          local name = string.rep("!", 2^20) -- (no metric name)
+          for i = 1, 4 do name = name .. name end
+          local ok, err = {call}(name)
+          logger:info("refused", {{kind = err:kind(), size = #err:message()}})
+        end
+        """,
+        1,
+        "--lua-max-memory",
+        "32",
+    )
+    victim_unharmed(attack)
+    [refused] = attack.logged("refused")
+    assert refused["fields"]["kind"] == kind
+    assert refused["fields"]["size"] < 10_000
+
+
+# a state full to the byte: pieces of 1 MiB, then ever smaller ones, then bare tables (no
+# closure is made once it is full: every function is made beforehand)
+FULL = """
+local hog, size = {}, 0
+local function grow() while true do hog = {hog, string.rep("x", size)} end end
+local function grow_tables() while true do hog = {hog} end end
+local function fill()
+  for _, piece in ipairs({2^20, 2^16, 2^12, 2^8, 2^4}) do
+    size = piece
+    pcall(grow)
+  end
+  pcall(grow_tables)
+end
+"""
+
+NESTED_DATA_CALLS = {
+    "queue.publish": 'queue.publish, "signal", nested',
+    "json.encode": "json.encode, nested",
+    "logger": 'logger.info, logger, "x", nested',
+    "metrics labels": 'metrics.counter, "n", nested',
+}
+
+
+@pytest.mark.parametrize("call", list(NESTED_DATA_CALLS.values()), ids=list(NESTED_DATA_CALLS))
+def test_reading_nested_data_from_a_full_state_fails_in_the_handler(arena: Any, call: str) -> None:
+    """Reading nested data makes a reference per level in Lua's registry, which grows: with the
+    state full, that allocation failed outside protected mode (publish: a Lua panic) or across
+    lupa's frames (the others: a deadlock or a crash)."""
+    attack = arena(
+        FULL
+        + f"""
+        function handle(p)
+          assert(queue.publish("inbox", {{n = 1}}))
+          local nested = {{}}
+          for i = 1, 99 do nested = {{nested}} end
+          fill()
+          local ok, first, second = pcall({call})
+          hog = nil
+          logger:info("called", {{ok = ok, first = tostring(first), second = tostring(second)}})
+        end
+        """,
+        1,
+        "--lua-max-memory",
+        "16",
+    )
+    victim_unharmed(attack)
+    [called] = attack.logged("called")
+    outcome = called["fields"]
+    # it went through (the reserve), or the invocation was told there is no memory
+    assert outcome["ok"] is True or outcome["first"] == "not enough memory", outcome
+
+
+def test_luaq_check_reports_an_error_quoting_a_huge_name(tmp_path: Path) -> None:
+    """The metrics trick at a module's top level hung `luaq check` until its time limit."""
+    module = """
+        local function mib(n, c)
+          local s = string.rep(c, 2^20)
+          while #s < n * 2^20 do s = s .. s end
+          return s
+        end
+        local hog = {mib(256, "x"), mib(128, "y")} -- 384 MiB of the 512
+        local name = mib(64, "!") -- and 64 MiB the error would quote
+        assert(metrics.counter(name))
+        """
+    spawner = Spawner(tmp_path)
+    try:
+        process = spawner("check", hostile_app(tmp_path, module))
+        started = time.monotonic()
+        assert process.wait(timeout=30) == 2
+        elapsed = time.monotonic() - started
+    finally:
+        spawner.stop_all()
+    assert "attacker_fn: source:" in process.stderr, process.stderr
+    assert "metric name" in process.stderr, process.stderr
+    assert elapsed < 15, f"the check took {elapsed:.1f}s"
+
+
 # -- conversions between Lua and Python --------------------------------------------------------
 
 BIG_BUDGET = ("--max-instructions", str(10**10))  # so that the value limit, not the budget, stops
