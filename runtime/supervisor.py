@@ -222,10 +222,11 @@ class Supervisor:
         elif code == EXIT_OK and self.until_idle:
             how = "finished"
         elif code != EXIT_OK and not killed:
-            _log.error(
-                "worker process failed: stopping the others",
-                extra={"slot": slot.name, "pid": pid, "how": how},
-            )
+            if len(self.slots) > 1:  # (alone, its own last words say it all)
+                _log.error(
+                    "worker process failed: stopping the others",
+                    extra={"slot": slot.name, "pid": pid, "how": how},
+                )
             self._stop(signal.SIGTERM, code, "a worker process failed")
         else:
             how = self._died(slot, pid, how, ran, self._blame(slot) if killed else False)
