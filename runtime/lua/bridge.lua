@@ -528,6 +528,63 @@ local function sandbox_xpcall(f, handler, ...)
   return finish(pcall(f, ...))
 end
 
+-- A random generator of a function's own (xoshiro256**, as Lua's math.random), seeded from the
+-- process's generator: one function's math.randomseed cannot make another's numbers known.
+local random_seed = math.random
+
+local function random_generator()
+  local s0, s1, s2, s3
+  local function rotl(x, n) return (x << n) | (x >> (64 - n)) end
+  local function next_integer()
+    local result = rotl(s1 * 5, 7) * 9
+    local t = s1 << 17
+    s2 = s2 ~ s0
+    s3 = s3 ~ s1
+    s1 = s1 ~ s2
+    s0 = s0 ~ s3
+    s2 = s2 ~ t
+    s3 = rotl(s3, 45)
+    return result
+  end
+  local function seed(n1, n2)
+    s0, s1, s2, s3 = n1, 0xff, n2, 0
+    for _ = 1, 16 do next_integer() end
+  end
+  local function integer(x, position, name)
+    return math.tointeger(x) or error(("bad argument #%d to '%s' (number has no integer "
+      .. "representation)"):format(position, name), 3)
+  end
+  local function randomseed(n1, n2)
+    if n1 == nil then
+      n1, n2 = random_seed(0), random_seed(0)
+    else
+      n1, n2 = integer(n1, 1, "randomseed"), n2 == nil and 0 or integer(n2, 2, "randomseed")
+    end
+    seed(n1, n2)
+    return n1, n2
+  end
+  local function random(m, n)
+    local value = next_integer()
+    if m == nil then return (value >> 11) * 0x1p-53 end
+    local low, up
+    if n == nil then
+      low, up = 1, integer(m, 1, "random")
+    else
+      low, up = integer(m, 1, "random"), integer(n, 2, "random")
+    end
+    if low > up then
+      error(("bad argument #%d to 'random' (interval is empty)"):format(n == nil and 1 or 2), 2)
+    end
+    local range = up - low + 1  -- 0 for the whole integer range; negative: over 2^63
+    if range == 0 then return value end
+    if range > 0 then return low + (value >> 1) % range end
+    while not math.ult(value, range) do value = next_integer() end
+    return low + value
+  end
+  seed(random_seed(0), random_seed(0))
+  return random, randomseed
+end
+
 local function sandbox(ns, modules)
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _ENV[name] end
@@ -536,6 +593,7 @@ local function sandbox(ns, modules)
   env.string = copy(bounded_string)
   env.table = copy(bounded_table)
   env.math = copy(math)
+  env.math.random, env.math.randomseed = random_generator()
   env.utf8 = copy(utf8)
   env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
   env.coroutine = sandbox_coroutine()

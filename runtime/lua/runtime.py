@@ -245,7 +245,8 @@ class LuaRuntime:
         message_id: str | None,
         allowance: int,
     ) -> int:
-        """Logs for a handler; returns the instructions to charge it."""
+        """Logs for a handler; returns the instructions to charge it: its fields and its text,
+        which a log collector pays for by the byte as much as the fields."""
         extra: dict[str, Any] = {"namespace": namespace}
         if consumer is not None:
             extra["consumer"] = consumer
@@ -258,7 +259,7 @@ class LuaRuntime:
             except QueueError as exc:
                 extra["fields_error"] = exc.message
         _log.log(_LEVELS[level], message, extra=extra)
-        return reader.cost
+        return reader.cost + len(message) // TEXT_COST
 
     def _json_encode(
         self, value: Any, allowance: int

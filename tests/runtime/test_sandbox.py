@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import AppFactory
+from luaq.runtime.errors import ErrorKind
 from luaq.runtime.settings import Settings
 
 # The handler runs the attempt in a pcall and reports what happened; {"ping": true} checks
@@ -447,3 +448,23 @@ async def test_memory_exhaustion_fails_the_invocation_not_the_worker(
     failures = [r for r in caplog.records if r.getMessage() == "handler failed"]
     assert len(failures) == 1
     assert "memory" in str(getattr(failures[0], "error", ""))
+
+
+async def test_log_text_is_charged_to_the_budget(apps: AppFactory) -> None:
+    """A log line costs its collector by the byte: 5,000 lines of 8 KiB each (40 MiB of log) is
+    well over a budget of a million instructions, though the loop itself is a few thousand."""
+    app, out = await apps.run(
+        """
+        function handle(p)
+          local text = string.rep("x", 8192)
+          for _ = 1, 5000 do logger:info(text) end
+          queue.publish("out", {done = true})
+        end
+        """,
+        ["go"],
+        Settings(max_instructions=1_000_000, shutdown_timeout=5.0),
+        modules=["queue", "logger"],
+        in_queue={"dead_letter": {"max_attempts": 1}},
+    )
+    assert out == []
+    assert app.consumer.stats.errors == {ErrorKind.TIMEOUT: 1}
