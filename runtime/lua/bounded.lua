@@ -4,15 +4,18 @@
 --
 -- * string.rep costs one instruction per piece plus one per 8 bytes; empty pieces cost nothing
 --   (C would loop over them, maybe 10^18 times, to build "").
--- * table.move costs one instruction per element, table.sort n * log2(n). table.insert and
---   table.remove on a table with a __len metamethod (handler code, which may answer a length
---   past any real element, and a different one each time C asks) run in Lua.
+-- * table.move and table.unpack cost one instruction per element, table.sort n * log2(n);
+--   table.concat one per element plus one per 8 bytes it makes, string.format one per 8 bytes it
+--   makes. table.insert, table.remove and table.sort on a table with a __len metamethod (handler
+--   code, which may answer a length past any real element, and a different one each time C asks)
+--   run in Lua; unpack and concat ask it once and hand C the range.
 -- * Pattern matching (find, match, gmatch, gsub) runs in C only when its worst case is linear
 --   and affordable: when every repetition (*, +, -) stands at the pattern's end, there is no
 --   %b, no back-reference and at most 16 '?', the C matcher does at most (subject length + 1) *
 --   (pattern length) * 2^(number of '?') steps, one instruction each, and the search runs in C
 --   if that much is left of the budget. Any other pattern runs on a port of Lua's matcher to
 --   Lua (lstrlib.c, step for step, errors included), so does a search that is not affordable.
+--   gsub's replacement string costs its length per match.
 --
 -- Returns install(spend, remaining, raw_getmetatable) -> string, table: copies of the library
 -- tables with the bounded functions in. spend(n) charges n instructions to the running
@@ -23,7 +26,7 @@
 local byte, char, sub, format = string.byte, string.char, string.sub, string.format
 local c_find, c_gsub = string.find, string.gsub
 local tointeger, ult = math.tointeger, math.ult
-local max, log = math.max, math.log
+local max, min, log = math.max, math.min, math.log
 local next, select, type, tostring, tonumber, error = next, select, type, tostring, tonumber, error
 local rawget, rawlen, pcall = rawget, rawlen, pcall
 local table_unpack, table_pack, table_concat = table.unpack, table.pack, table.concat
@@ -35,6 +38,9 @@ local MAXCCALLS, MAXCAPTURES = 200, 32
 local CAP_UNFINISHED, CAP_POSITION = -1, -2
 local SPECIALS = "[%^%$%*%+%?%.%(%[%%%-]" -- what makes C's find use the matcher
 local WINDOW = 65536 -- steps of one C call of a plain search whose whole is not affordable
+-- Work worth fewer instructions than this is not charged apart: less than the call to spend
+-- would cost, and about what the bounded function's own instructions are counted.
+local SMALL <const>, SMALL_TEXT <const> = 64, 512 -- (bytes of text worth SMALL instructions)
 
 -- Character classes exactly as this process's C library sees them (its locale included): ask
 -- the C matcher once per class and byte.
@@ -59,8 +65,15 @@ local function at(text, i) return byte(text, i) or 0 end
 local PORT = {}
 local function fail(message) error({ [PORT] = message }, 0) end
 
+-- A runtime error of this file's own code (comparing a handler's values in sort) is placed at
+-- "?:-1: " (no line information): C's says nothing of where.
+local NOWHERE = "?:-1: "
+
 local function reraise(err, level) -- level: error()'s, seen from the caller of reraise
   if type(err) == "table" and rawget(err, PORT) ~= nil then error(rawget(err, PORT), level + 1) end
+  if type(err) == "string" and sub(err, 1, #NOWHERE) == NOWHERE then
+    error(sub(err, #NOWHERE + 1), 0)
+  end
   error(err, 0)
 end
 
@@ -435,13 +448,16 @@ local function replacement(out, ms, a, e, repl, kind)
   return true
 end
 
-local function lua_gsub(text, pat, repl, limit, kind)
+-- (`spend` charges a long replacement string's length per match: it is copied and scanned in C)
+local function lua_gsub(text, pat, repl, limit, kind, spend)
   local len, anchor = #text, at(pat, 1) == CARET
   local out, count, changed, src, last_end = {}, 0, false, 1, nil
+  local each = kind == "string" and #repl >= SMALL and #repl or 0
   while count < limit do
     local a, e, ms = lua_search(text, pat, src)
     if not a then break end
     if e ~= last_end then
+      spend(each)
       out[#out + 1] = sub(text, src, a - 1)
       count = count + 1
       changed = replacement(out, ms, a, e, repl, kind) or changed
@@ -459,6 +475,93 @@ local function lua_gsub(text, pat, repl, limit, kind)
   return table_concat(out), count
 end
 
+------------------------------------------------------------------------------------------------
+-- Lua's sort (ltablib.c, 5.4), step for step, errors included, for a table whose length comes
+-- from a __len metamethod: asked once, here. Where C would draw a random pivot after a badly
+-- unbalanced partition, this draws none (~0, as C built without randomness): its every step is
+-- counted by the hook anyway.
+
+local RANLIMIT = 100
+local NO_RANDOM = 0xFFFFFFFF
+
+local function less(a, b) return a < b end
+
+-- (one statement per read and write, in C's order: __index and __newindex are handler code)
+local function sort_port(t, n, lt)
+  local function partition(lo, up, pivot)
+    local i, j = lo, up - 1
+    while true do
+      i = i + 1
+      local a = t[i]
+      while lt(a, pivot) do
+        if i == up - 1 then fail("invalid order function for sorting") end
+        i = i + 1
+        a = t[i]
+      end
+      j = j - 1
+      local b = t[j]
+      while lt(pivot, b) do
+        if j < i then fail("invalid order function for sorting") end
+        j = j - 1
+        b = t[j]
+      end
+      if j < i then
+        t[up - 1] = a
+        t[i] = pivot
+        return i
+      end
+      t[i] = b
+      t[j] = a
+    end
+  end
+  local function auxsort(lo, up, rnd)
+    while lo < up do
+      local a = t[lo]
+      local b = t[up]
+      if lt(b, a) then
+        t[lo] = b
+        t[up] = a
+      end
+      if up - lo == 1 then return end
+      local p
+      if up - lo < RANLIMIT or rnd == 0 then
+        p = (lo + up) // 2
+      else
+        local r4 = (up - lo) // 4
+        p = rnd % (r4 * 2) + (lo + r4)
+      end
+      a = t[p]
+      b = t[lo]
+      if lt(a, b) then
+        t[p] = b
+        t[lo] = a
+      else
+        b = t[up]
+        if lt(b, a) then
+          t[p] = b
+          t[up] = a
+        end
+      end
+      if up - lo == 2 then return end
+      local pivot = t[p]
+      b = t[up - 1]
+      t[p] = b
+      t[up - 1] = pivot
+      p = partition(lo, up, pivot)
+      local smaller
+      if p - lo < up - p then
+        auxsort(lo, p - 1, rnd)
+        smaller, lo = p - lo, p + 1
+      else
+        auxsort(p + 1, up, rnd)
+        smaller, up = up - p, p - 1
+      end
+      if (up - lo) // 128 > smaller then rnd = NO_RANDOM end
+    end
+  end
+  auxsort(1, n, 0)
+end
+
 return function(spend, remaining, raw_getmetatable)
   local bounded_string, bounded_table = {}, {}
   for k, v in next, string do bounded_string[k] = v end
@@ -466,9 +569,10 @@ return function(spend, remaining, raw_getmetatable)
   -- called as fields, so that C's errors name them ("bad argument #1 to 'find'")
   local C = {
     find = string.find, match = string.match, gmatch = string.gmatch, gsub = string.gsub,
-    rep = string.rep, move = table.move, insert = table.insert, remove = table.remove,
-    sort = table.sort,
+    rep = string.rep, format = string.format, move = table.move, insert = table.insert,
+    remove = table.remove, sort = table.sort, unpack = table.unpack, concat = table.concat,
   }
+
 
   function bounded_string.rep(...)
     local s, n, sep = ...
@@ -492,10 +596,68 @@ return function(spend, remaining, raw_getmetatable)
     return mt ~= nil and type(mt) == "table" and rawget(mt, "__len") ~= nil
   end
 
-  local function length(t)
+  local function length(t, level) -- (level: error()'s, seen from length's caller)
     local n = tointeger(#t)
-    if not n then error("object length is not an integer", 3) end
+    if not n then error("object length is not an integer", level + 1) end
     return n
+  end
+
+  -- The first and last index unpack and concat work on, as C takes them: the last defaults to
+  -- the length, a __len metamethod's answer asked for once (C is then handed it). Nil when an
+  -- argument is not what C takes: C raises its error.
+  local function span(t, i, j)
+    local first = i == nil and 1 or tointeger(i)
+    if not first then return nil end
+    if j ~= nil then return first, tointeger(j) end
+    local kind = type(t)
+    if kind == "string" then return first, #t end
+    if kind ~= "table" then return nil end
+    if has_len(t) then return first, length(t, 3) end
+    return first, rawlen(t)
+  end
+
+  -- (these are hot: the common case comes first, with as few instructions as can be)
+  function bounded_table.unpack(...)
+    local t, i, j = ...
+    local first, last
+    if j ~= nil then -- (span's, inline: the common call)
+      first, last = i == nil and 1 or tointeger(i), tointeger(j)
+      if not first then return C.unpack(...) end
+    else
+      first, last = span(t, i, j)
+    end
+    if not last then return C.unpack(...) end
+    -- (past a million values C raises at once: the stack holds no more)
+    local n = last * 1.0 - first + 1
+    if n >= SMALL then spend(min(n, 1e6)) end
+    return C.unpack(t, first, last)
+  end
+
+  -- concat and format are charged for what they made, once they made it: one instruction per
+  -- 8 bytes (an error on the way leaves the work done, as much as the memory limit allows)
+  function bounded_table.concat(...)
+    local t, sep, i, j = ...
+    if i ~= nil or j ~= nil or type(t) ~= "table" or raw_getmetatable(t) ~= nil then
+      local first, last = span(t, i, j)
+      if not last or type(t) ~= "table" then return C.concat(...) end
+      local n = last * 1.0 - first + 1
+      if n >= SMALL then spend(n) end
+      local text = C.concat(t, sep, first, last)
+      if #text >= SMALL_TEXT then spend(#text / 8) end
+      return text
+    end
+    -- a whole table without a metatable: C takes its raw length
+    local n = rawlen(t)
+    if n >= SMALL then spend(n) end
+    local text = C.concat(t, sep)
+    if #text >= SMALL_TEXT then spend(#text / 8) end
+    return text
+  end
+
+  function bounded_string.format(...)
+    local text = C.format(...)
+    if #text >= SMALL_TEXT then spend(#text / 8) end
+    return text
   end
 
   local function position(value, arg, name)
@@ -508,7 +670,7 @@ return function(spend, remaining, raw_getmetatable)
 
   function bounded_table.insert(t, ...)
     if not has_len(t) then return C.insert(t, ...) end
-    local e = length(t) + 1 -- first empty element
+    local e = length(t, 2) + 1 -- first empty element
     local nargs = select("#", ...)
     if nargs == 1 then
       t[e] = ...
@@ -526,7 +688,7 @@ return function(spend, remaining, raw_getmetatable)
 
   function bounded_table.remove(t, ...)
     if not has_len(t) then return C.remove(t, ...) end
-    local size = length(t)
+    local size = length(t, 2)
     local pos = ...
     if pos == nil then pos = size else pos = position(pos, 2, "remove") end
     if pos ~= size and ult(size, pos - 1) then
@@ -541,13 +703,27 @@ return function(spend, remaining, raw_getmetatable)
     return result
   end
 
+  local function type_name(value)
+    local mt = raw_getmetatable(value)
+    local name = type(mt) == "table" and rawget(mt, "__name")
+    return type(name) == "string" and name or type(value)
+  end
+
   function bounded_table.sort(...)
-    local t = ...
-    if type(t) == "table" then
+    local t, comp = ...
+    if type(t) ~= "table" then return C.sort(...) end
+    if not has_len(t) then
       local n = rawlen(t)
       if n > 1 then spend(n * log(n, 2)) end
+      return C.sort(...)
     end
-    return C.sort(...)
+    local n = length(t, 2)
+    if n <= 1 then return end
+    if n >= 0x7FFFFFFF then error("bad argument #1 to 'sort' (array too big)", 2) end
+    if comp ~= nil and type(comp) ~= "function" then
+      error(format("bad argument #2 to 'sort' (function expected, got %s)", type_name(comp)), 2)
+    end
+    return rethrow(pcall(sort_port, t, n, comp or less))
   end
 
   -- A search at or after `init` (a position) for a pattern with specials (C's find takes one
@@ -674,14 +850,23 @@ return function(spend, remaining, raw_getmetatable)
       return C.gsub(...) -- C raises the argument's error
     end
     limit = limit or #text + 1
+    if kind == "number" then repl, kind = tostring(repl), "string" end
     local cost = per_start(pat)
-    local worst = cost and (at(pat, 1) == CARET and 1 or #text + 1) * cost + #text
-    if worst and worst <= remaining() then
-      spend(worst)
-      return C.gsub(...)
+    if cost then
+      local worst = (at(pat, 1) == CARET and 1 or #text + 1) * cost + #text
+      local each = kind == "string" and #repl or 0 -- C copies and scans it at each match
+      if worst + each * max(min(limit, #text + 1), 0) <= remaining() then
+        if each == 0 or c_find(repl, "%", 1, true) then
+          spend(worst + each * max(min(limit, #text + 1), 0))
+          return C.gsub(...)
+        end
+        -- plain text: C raises no error, so charge the matches made (and the scan above)
+        local result, count = C.gsub(...)
+        spend(worst + each * (count + 1))
+        return result, count
+      end
     end
-    if kind == "number" then repl = tostring(repl) end
-    return rethrow(pcall(lua_gsub, text, pat, repl, limit, kind))
+    return rethrow(pcall(lua_gsub, text, pat, repl, limit, kind, spend))
   end
 
   return bounded_string, bounded_table

@@ -239,6 +239,12 @@ local function spend(instructions)
   if ctx and instructions then charge(ctx, math_floor(instructions)) end
 end
 
+-- A handler's text that C scans (utf8.len) and lupa copies for Python: one instruction per 8
+-- bytes, when that is worth a charge
+local function scanned(text)
+  if #text >= 512 then spend(#text / 8) end
+end
+
 -- What sandboxes get of `string` and `table`: the C functions a single call of which could run
 -- unbounded (string.rep of empty strings, table.move over nils, backtracking patterns...) are
 -- replaced by versions that charge their work (bounded.lua). Strings' methods too.
@@ -287,6 +293,8 @@ local function queue_module(ns)
     if data == nil or data == "" then
       return nil, new_error("INVALID", "message data is empty", false)
     end
+    scanned(queue_id)
+    if type(data) == "string" then scanned(data) end
     if not utf8_len(queue_id) then
       return nil, new_error("INVALID", "queue id " .. NOT_UTF8, false)
     end
@@ -310,6 +318,7 @@ local function queue_module(ns)
     if type(queue_id) ~= "string" or queue_id == "" then
       return nil, new_error("INVALID", "queue id is empty", false)
     end
+    scanned(queue_id)
     if not utf8_len(queue_id) then
       return nil, new_error("INVALID", "queue id " .. NOT_UTF8, false)
     end
@@ -386,8 +395,11 @@ end
 local function json_module()
   local json = {}
   function json.encode(value)
-    if type(value) == "string" and not utf8_len(value) then
-      return nil, new_error("INVALID", "json.encode: the string " .. NOT_UTF8, false)
+    if type(value) == "string" then
+      scanned(value)
+      if not utf8_len(value) then
+        return nil, new_error("INVALID", "json.encode: the string " .. NOT_UTF8, false)
+      end
     end
     room_for(value)
     return result(call_python(host.json_encode, value, remaining()))
@@ -396,6 +408,7 @@ local function json_module()
     if type(text) ~= "string" then
       return nil, new_error("INVALID", "json.decode expects a string", false)
     end
+    scanned(text)
     if not utf8_len(text) then
       return nil, new_error("INVALID", "json.decode: the text " .. NOT_UTF8, false)
     end
@@ -425,6 +438,7 @@ local function metrics_module()
     if type(name) ~= "string" then
       return nil, new_error("INVALID", "metric name must be a string", false)
     end
+    scanned(name)
     if type(value) ~= "number" then
       return nil, new_error("INVALID", "metric " .. printable(name) .. ": value must be a number",
         false)
@@ -737,18 +751,21 @@ end
 
 function bridge.array(t) return setmetatable(t, array_mt) end
 
--- How Python should read a table: "array", n for arrays (marked or with keys 1..n), else "map".
+-- How Python should read a table, and how many keys that took a look at (Python charges them):
+-- "marked", its length for one marked as an array (none looked at); "array", n for one with
+-- keys 1..n and no other (2n); "over", n for one of more than `most` keys; else "map", n.
 -- Called from Python, outside any budget: raw access only, no metamethod runs.
-function bridge.shape(t)
-  if rawequal(raw_getmetatable(t), array_mt) then return "array", rawlen(t) end
+function bridge.shape(t, most)
+  if rawequal(raw_getmetatable(t), array_mt) then return "marked", rawlen(t) end
   local n = 0
   for key in next, t do
-    if math_type(key) ~= "integer" or key < 1 then return "map", 0 end
+    if math_type(key) ~= "integer" or key < 1 then return "map", n + 1 end
+    if n == most then return "over", n end
     n = n + 1
   end
   if n == 0 then return "map", 0 end
   for i = 1, n do
-    if rawget(t, i) == nil then return "map", 0 end
+    if rawget(t, i) == nil then return "map", n + i end
   end
   return "array", n
 end

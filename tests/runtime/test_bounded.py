@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 LUA = lupa.LuaRuntime(unpack_returned_tuples=True)
-COMPARE, COMPARE_TABLES, BOUNDED = LUA.execute(
+COMPARE, COMPARE_TABLES, BOUNDED, COMPARE_SORT = LUA.execute(
     """
     local install = load((...), "=bounded")()
     local budget, spent = 0, 0
@@ -70,7 +70,25 @@ COMPARE, COMPARE_TABLES, BOUNDED = LUA.execute(
       budget, spent = left, 0
       return call(bounded[library], name, ...), spent
     end
-    return compare, compare_tables, bounded_only
+    -- table.sort of `values` (a table) in a table with __len, by a named comparator: results,
+    -- and the table after
+    local comparators = {
+      ["<"] = function(a, b) return a < b end, [">"] = function(a, b) return a > b end,
+      ["<="] = function(a, b) return a <= b end, always = function() return true end,
+      never = function() return false end,
+    }
+    local function compare_sort(values, comparator)
+      local function run(lib)
+        local t = setmetatable({}, {__len = function(t) return rawlen(t) end})
+        for i = 1, #values do t[i] = values[i] end
+        local got = call(lib, "sort", t, comparators[comparator])
+        local after = {}
+        for i = 1, rawlen(t) do after[i] = tostring(t[i]) end
+        return got .. " => " .. table.concat(after, ",")
+      end
+      return run(table), run(bounded.table)
+    end
+    return compare, compare_tables, bounded_only, compare_sort
     """,
     resources.files("luaq.runtime.lua").joinpath("bounded.lua").read_text(),
 )
@@ -149,6 +167,74 @@ def test_work_is_charged() -> None:
     assert charged("string", "find", "xxxx", "a%a")[1] == 5 * 3 + 4  # every start, in vain
     # a backtracking pattern runs on the Lua matcher: the count hook charges its steps
     assert charged("string", "find", "aaaa", "a*a*b") == ("boolean:true nil:nil", 0)
+    # a replacement's length per match: every possible match when it has escapes, else those made
+    assert charged("string", "gsub", "aaaa", "a", "%0%0")[1] == (5 + 4) + 4 * 5
+    assert charged("string", "gsub", "aaaa", "a", "bbbbbbbbbb")[1] == (5 + 4) + 10 + 10 * 4
+    assert charged("table", "unpack", LUA.table(), 1, 1000)[1] == 1000
+    # C asks no stack space for more than a million values: it refuses at once
+    assert charged("table", "unpack", LUA.table(), 1, 10**12)[1] == 10**6
+    # concat and format: one per element, one per 8 bytes they make
+    assert charged("table", "concat", LUA.table(*["ab"] * 100), "-")[1] == 100
+    assert charged("table", "concat", LUA.table("x" * 1000, "y"))[1] == 1001 / 8
+    assert charged("string", "format", "%s!", "x" * 799)[1] == 100
+    # work worth fewer instructions than a call to charge it is counted with the call
+    assert charged("table", "unpack", LUA.table(1, 2, 3), 2)[1] == 0
+    assert charged("table", "concat", LUA.table("ab", "cd", 7), "-")[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("library", "name", "args"),
+    [
+        ("table", "unpack", ("t",)),
+        ("table", "unpack", ("t", 2)),
+        ("table", "unpack", ("t", 2, 5)),
+        ("table", "unpack", ("t", -1, 1)),
+        ("table", "unpack", ("t", "2", 3.0)),
+        ("table", "unpack", ("t", "x")),
+        ("table", "unpack", ("t", 1, 2.5)),
+        ("table", "unpack", ("t", 1, 10**7)),
+        ("table", "unpack", ("abc",)),
+        ("table", "unpack", (None,)),
+        ("table", "concat", ("t",)),
+        ("table", "concat", ("t", ", ", 2)),
+        ("table", "concat", ("t", 1, 1, 2)),
+        ("table", "concat", ("t", ",", 1, 5)),
+        ("table", "concat", ("t", ",", 3, 2)),
+        ("table", "concat", ("t", {})),
+        ("table", "concat", ("abc",)),
+        ("table", "concat", (None,)),
+        ("string", "format", ("%d-%s|%5.2f", 5, "x", 3.14159)),
+        ("string", "format", ("%q", "a\nb\0")),
+        ("string", "format", ("%d", "x")),
+        ("string", "format", ("%d",)),
+        ("string", "format", ("%y", 1)),
+        ("string", "format", (None,)),
+    ],
+)
+def test_unpack_concat_and_format(library: str, name: str, args: tuple[Any, ...]) -> None:
+    """`t` stands for {"a", 2, "c", nil, "e"}."""
+    table = LUA.execute('return {"a", 2, "c", nil, "e"}')
+    values = [table if arg == "t" else LUA.table() if arg == {} else arg for arg in args]
+    for left in (NO_BUDGET, PLENTY):
+        same(left, library, name, *values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(-5, 5) | st.sampled_from(["a", "b"]), max_size=40),
+    st.sampled_from([None, "<", ">", "<=", "always", "never"]),
+)
+def test_sort_with_a_len_metamethod(values: list[Any], comparator: str | None) -> None:
+    """With __len, sort runs in Lua: the same order, errors and table as C's."""
+    expected, got = COMPARE_SORT(LUA.table(*values), comparator)
+    assert got == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.permutations(range(400)))
+def test_a_long_sort_with_a_len_metamethod(values: list[int]) -> None:
+    expected, got = COMPARE_SORT(LUA.table(*values), ">")
+    assert got == expected
 
 
 @pytest.mark.parametrize(
@@ -167,9 +253,16 @@ def test_work_is_charged() -> None:
         ("remove", (9,)),
         ("remove", ("1",)),
         ("remove", ("x",)),
+        ("sort", ()),
+        ("sort", (5,)),
+        ("unpack", ()),
+        ("unpack", (2,)),
+        ("concat", (",",)),
+        ("concat", (",", 2, 4)),
     ],
 )
-def test_insert_and_remove_with_a_len_metamethod(name: str, args: tuple[Any, ...]) -> None:
-    """With __len, insert and remove run in Lua: the same results, errors and tables as C's."""
+def test_table_functions_with_a_len_metamethod(name: str, args: tuple[Any, ...]) -> None:
+    """With __len, insert, remove and sort run in Lua, unpack and concat ask for the length once:
+    the same results, errors and tables as C's."""
     expected, got = COMPARE_TABLES(name, *args)
     assert got == expected

@@ -360,6 +360,30 @@ OUTSIDE_THE_BUDGET = {
     "__index of metric labels": (
         'metrics.counter("n", setmetatable({1, nil, 3}, {__index = forever}))'
     ),
+    # single C calls whose work grew with a size the budget did not see
+    "table.unpack of nils": "for i = 1, 1e9 do table.unpack({}, 1, 999000) end",
+    "table.sort with a lying __len": (
+        "table.sort(setmetatable({}, {__len = function() return (1 << 31) - 2 end}), rawequal)"
+    ),
+    "a long gsub replacement": (
+        'local s, r = ("a"):rep(1e5), ("%0"):rep(20000) for i = 1, 1e9 do s:gsub("", r) end'
+    ),
+    "table.concat of empty strings": (
+        'local t = {} for i = 1, 999000 do t[i] = "" end for i = 1, 1e9 do table.concat(t) end'
+    ),
+    "string.format of a long string": (
+        'local s = ("x"):rep(2^24) for i = 1, 1e9 do string.format("%s", s) end'
+    ),
+    "reading the shape of a big table": (
+        "local t = {type} for i = 2, 990000 do t[i] = true end for i = 1, 1e9 do json.encode(t) end"
+    ),
+    "UTF-8 checks of long texts": (
+        'local s = ("x"):rep(2^24) .. "\\xff" for i = 1, 1e9 do json.decode(s) end'
+    ),
+    "a long queue id": 'local id = ("x"):rep(2^24) for i = 1, 1e9 do queue.info(id) end',
+    "json.decode of integers beyond a float": (
+        'local text = "[" .. ("1"):rep(4000) .. "]" for i = 1, 1e9 do json.decode(text) end'
+    ),
 }
 
 
@@ -594,6 +618,57 @@ def test_json_decode_of_a_huge_array_is_refused_past_the_value_limit(arena: Any)
     victim_unharmed(attack)
     [decoded] = attack.logged("decoded")
     assert decoded["fields"] == {"decoded": False, "kind": "INVALID"}
+
+
+def test_json_integers_beyond_64_bits_are_floats_and_beyond_a_float_invalid(arena: Any) -> None:
+    """An integer of 400 digits raised an OverflowError: "internal error", charged nothing."""
+    attack = arena(
+        ATTACK
+        % """
+        local got = {}
+        for _, digits in ipairs({30, 400, 5000}) do
+          local value, err = json.decode("[" .. ("7"):rep(digits) .. "]")
+          got[#got + 1] = value and math.type(value[1]) or err:kind() .. ": " .. err:message()
+        end
+        logger:info("decoded", {got = got})
+        """
+    )
+    victim_unharmed(attack)
+    [decoded] = attack.logged("decoded")
+    floating, *refused = decoded["fields"]["got"]
+    assert floating == "float"
+    for problem in refused:
+        assert problem.startswith("INVALID: json.decode: "), problem
+        assert "beyond" in problem, problem
+
+
+def test_a_message_with_integers_beyond_a_float_is_poison_not_retried(tmp_path: Path) -> None:
+    """Such a message failed INTERNAL at every attempt: an error of luaq's, retried as such."""
+    app = hostile_app(tmp_path, "function handle(p) logger:info('got', {n = p.n}) end")
+    messages = tmp_path / "input.jsonl"
+    messages.write_text(
+        f'{{"queue": "attack", "data": {{"n": {"9" * 400}}}}}\n'
+        f'{{"queue": "attack", "data": {{"n": {"9" * 30}}}}}\n'
+    )
+    spawner = Spawner(tmp_path)
+    try:
+        process = spawner("run", app, "--input", messages, "--shutdown-timeout", str(SHUTDOWN))
+        arena = Arena(process)
+        arena.wait_for("got")
+
+        def poison() -> list[dict[str, Any]]:
+            return [line for line in process.logs() if line.get("reason") == "poison"]
+
+        wait_until(lambda: bool(poison()), what="the message given up as poison")
+        [given_up] = poison()
+        assert given_up["consumer"] == "app:attacker"
+        assert given_up["kind"] == "INVALID"
+        assert "beyond the range of a float" in given_up["error"], given_up
+        assert float(arena.logged("got")[0]["fields"]["n"]) == float("9" * 30)
+        arena.stop()
+    finally:
+        spawner.stop_all()
+    assert not [line for line in process.logs() if line.get("kind") == "INTERNAL"]
 
 
 def test_conversions_are_charged_to_the_budget(arena: Any) -> None:
