@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from luaq.runtime import logs
+
 from .resource import QUANTITY
 from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
 
@@ -48,6 +50,24 @@ def _quantity(text: str) -> str:
     if not QUANTITY.match(text):
         raise argparse.ArgumentTypeError(f"not a Kubernetes quantity: {text!r}")
     return text
+
+
+def _in_workers_schema(record: logging.LogRecord) -> bool:
+    """kopf's lines carry the object they are about as `k8s_ref` (with kopf's settings beside
+    it): in the workers' schema, the `namespace` and `queueconsumer` their metrics are labelled
+    with, or `object` (Kind/name) for another kind. kopf has posted its Event by then (its
+    handler sits on a logger below the root's)."""
+    fields = record.__dict__
+    fields.pop("settings", None)
+    fields.pop("k8s_skip", None)
+    ref = fields.pop("k8s_ref", None) or {}
+    if namespace := ref.get("namespace"):
+        fields.setdefault("namespace", namespace)
+    if ref.get("kind") == "QueueConsumer":
+        fields.setdefault("queueconsumer", ref.get("name"))
+    elif ref:
+        fields.setdefault("object", f"{ref.get('kind')}/{ref.get('name')}")
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,6 +213,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="(default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=_env("log_format", "auto"),
+        choices=["auto", "text", "json"],
+        help="the workers' log schema as text for a person, or json for a log collector; auto: "
+        "text on a terminal, else json (default: %(default)s)",
+    )
     return parser
 
 
@@ -242,12 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_NOT_INSTALLED
     settings = settings_from(args)
-    kopf.configure(
-        verbose=args.log_level == "debug",
-        quiet=args.log_level in ("warning", "error"),
-        log_format=kopf.LogFormat.JSON,
-    )
-    logging.getLogger().setLevel(args.log_level.upper())
+    logs.configure(args.log_level, args.log_format, service=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_in_workers_schema)
+    if args.log_level != "debug":  # a line per probe of the kubelet's says nothing
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     kopf.run(
         registry=registry(Operator(settings)),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import uvloop
 
-from . import check, dlq, entries, inputs, process
+from . import check, dlq, entries, inputs, logs, process
 from .codecs import decoder
 from .consumer import Consumer, Pace, Pool
 from .drivers import Drivers
@@ -111,6 +111,7 @@ def build(
         drivers,
         {entry.id: access_for(entry, config) for entry in config.consumers.values()},
         {consumer.entry.id: consumer.stats.denials for consumer in consumers},
+        {consumer.entry.id: consumer.log_budget for consumer in consumers},
         lifecycle.alive,
     )
     lua.serve(host, watch)
@@ -228,10 +229,9 @@ def _run(
     published first, once. Its exit code."""
     memory = [d.id for d in loaded.config.drivers.values() if d.kind == "queue.driver.memory"]
     if memory and processes > 1:
-        print(
+        logs.report(
             f"--processes: driver {memory[0]} is in-memory and cannot be shared between "
-            "processes; use a broker driver or --processes 1",
-            file=sys.stderr,
+            "processes; use a broker driver or --processes 1"
         )
         return EXIT_CONFIG
     server = None
@@ -299,5 +299,5 @@ def _server(address: str, port: int) -> Server | None:
     try:
         return Server(address, port)
     except OSError as exc:
-        print(f"luaq: --metrics-port {port}: {exc.strerror or exc}", file=sys.stderr)
+        logs.report(f"--metrics-port {port}: {exc.strerror or exc}")
         return None

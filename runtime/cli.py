@@ -190,13 +190,13 @@ SUMMARY = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level, args.log_format, service=args.command == "run")
     try:
         command = _prepare(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        print(f"luaq: {len(exc.problems)} problem(s), nothing was started", file=sys.stderr)
+            logs.report(problem, prefix="")
+        logs.report(f"{len(exc.problems)} problem(s), nothing was started")
         return EXIT_CONFIG
     with contextlib.suppress(KeyboardInterrupt):
         return command()

@@ -8,8 +8,9 @@ configuration that cannot run: nothing was started).
 
 from __future__ import annotations
 
-import sys
 from enum import StrEnum
+
+from .logs import report
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -42,7 +43,7 @@ class QueueError(Exception):
 
 def failed(exc: QueueError) -> int:
     """Say on stderr what stopped a command; its exit code."""
-    print(f"luaq: {exc.kind}: {exc.message}", file=sys.stderr)
+    report(f"{exc.kind}: {exc.message}")
     return EXIT_FAILURE
 
 

@@ -8,6 +8,7 @@ A line is at most MAX_LINE bytes whatever a handler logs or fails with: past tha
 are cut to MAX_FIELD characters (saying how much was left out), and what still does not fit
 is cut as a whole (a JSON line keeps its head and puts the rest in a cut `truncated` field).
 And a line that may repeat without end (a message failing forever) goes out within a LogBudget.
+A service (`luaq run`, the operator) writes nothing on stderr but such lines: see `configure`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, Literal
 
 MAX_LINE = 65536  # bytes, the newline excluded
@@ -136,27 +139,68 @@ class StderrHandler(logging.StreamHandler[Any]):
     where something swaps sys.stderr (a test's capture, an application embedding luaq), a
     handler bound to the old stream would write to a closed file."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: bool = False) -> None:
         logging.Handler.__init__(self)
+        self.service = service
 
     @property
     def stream(self) -> Any:
         return sys.stderr
 
 
-def configure(level: str, format: Format = "auto") -> None:
+_command = logging.getLogger("luaq")
+
+
+def configure(level: str, format: Format = "auto", *, service: bool = False) -> None:
+    """Log lines at `level` and up on stderr, in `format`. A `service` (`luaq run`, the
+    operator) writes nothing else there: its reports (see `report`), uncaught exceptions in any
+    thread and Python's warnings are log lines too, so that a JSON log pipeline keeps even the
+    line that says why a pod is crash-looping."""
     if format == "auto":
         format = "text" if sys.stderr.isatty() else "json"
-    handler = StderrHandler()
+    handler = StderrHandler(service)
     handler.setFormatter(TextFormatter() if format == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if service:
+        sys.excepthook = _uncaught
+        threading.excepthook = _uncaught_in_thread
+        logging.captureWarnings(True)
+
+
+def report(text: str, *, prefix: str = "luaq: ") -> None:
+    """Why a command stopped or will not start. A one-shot command (check, publish, dlq) says it
+    in plain text, `prefix` first, to the person or script that ran it; a service logs it as an
+    error of logger `luaq`, in the format of its other lines."""
+    if any(isinstance(h, StderrHandler) and h.service for h in logging.getLogger().handlers):
+        _command.error(text)
+    else:
+        print(f"{prefix}{text}", file=sys.stderr)
+
+
+def _uncaught(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+    else:
+        _command.critical("uncaught exception", exc_info=(kind, value, traceback))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None and not issubclass(args.exc_type, SystemExit):
+        thread = args.thread.name if args.thread is not None else "?"
+        _command.critical(
+            f"uncaught exception in thread {thread}",
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
 
 
 class LogBudget:
-    """At most `burst` lines per `interval` seconds for one kind of line; what is held back is
-    counted and reported with the next line that goes out."""
+    """At most `burst` lines per `interval` seconds of one kind (a consumer's per-message lines:
+    as many failures as messages would make log volume the failure rate). What is held back is
+    counted, and the count goes out with the next line as `suppressed`, or with `flush`."""
 
     def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
         self.burst = burst
@@ -176,3 +220,26 @@ class LogBudget:
         self._spent += 1
         suppressed, self._suppressed = self._suppressed, 0
         return suppressed
+
+    def log(
+        self,
+        logger: logging.Logger,
+        level: int,
+        msg: str,
+        extra: dict[str, Any],
+        exc_info: bool = False,
+    ) -> None:
+        suppressed = self.take()
+        if suppressed is None:
+            return
+        if suppressed:
+            extra = {**extra, "suppressed": suppressed}
+        logger.log(level, msg, extra=extra, exc_info=exc_info)
+
+    def flush(self, logger: logging.Logger, extra: dict[str, Any]) -> None:
+        """Say how many lines were held back since the last one (at shutdown: none follows)."""
+        if self._suppressed:
+            suppressed, self._suppressed = self._suppressed, 0
+            logger.warning(
+                "lines held back by the log budget", extra={**extra, "suppressed": suppressed}
+            )

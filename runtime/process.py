@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import uvloop
 
 from .errors import EXIT_FAILURE, EXIT_OK, QueueError, failed
+from .logs import report
 
 if TYPE_CHECKING:
     from .flight import FlightLog
@@ -81,10 +82,9 @@ async def _run(
             beating.cancel()
     _summary(worker, summary, sys.stdout)
     if until_idle and (left := sum(c.stats.unsettled for c in worker.consumers)):
-        print(
-            f"luaq: {left} message(s) left unsettled by an error in luaq (logged above): the "
-            "queues look empty, but the broker delivers these again",
-            file=sys.stderr,
+        report(
+            f"{left} message(s) left unsettled by an error in luaq (logged above): the queues "
+            "look empty, but the broker delivers these again"
         )
         return EXIT_FAILURE
     return EXIT_OK

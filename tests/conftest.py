@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,13 +149,16 @@ class AppFactory:
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    """`luaq.runtime.cli.main` points the root logger at capsys's stderr; put the previous
-    handlers back."""
+    """`luaq.runtime.cli.main` points the root logger at capsys's stderr, and `luaq run` takes
+    over reports, uncaught exceptions and warnings; put back what was there before."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    hooks = sys.excepthook, threading.excepthook
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    sys.excepthook, threading.excepthook = hooks
+    logging.captureWarnings(False)
 
 
 @pytest.fixture

@@ -128,7 +128,9 @@ class Consumer:
         self._held = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._log_budget = LogBudget()
+        # every line about one message (failures, dead letters, rejects, refused publishes)
+        # shares it: a flood of failing messages logs a few lines and how many it held back
+        self.log_budget = LogBudget()
 
     @property
     def busy(self) -> int:
@@ -176,16 +178,17 @@ class Consumer:
         every attempt it may have."""
         given = delivery.attempts
         delivery.attempts = min(max(given, 1), self._attempts_limit)
-        if self._log_budget.take() is not None:
-            _log.warning(
-                "attempt count out of range",
-                extra={
-                    "consumer": self.entry.id,
-                    "message_id": delivery.id,
-                    "given": given,
-                    "taken_as": delivery.attempts,
-                },
-            )
+        self.log_budget.log(
+            _log,
+            logging.WARNING,
+            "attempt count out of range",
+            {
+                "consumer": self.entry.id,
+                "message_id": delivery.id,
+                "given": given,
+                "taken_as": delivery.attempts,
+            },
+        )
 
     async def _work(self) -> None:
         buffer, waiting, pace = self._buffer, self._waiting, self._pace
@@ -210,13 +213,19 @@ class Consumer:
                 raise
             except Exception:
                 # A bug in luaq itself, not in the handler: keep the message and the worker.
-                _log.exception("handling failed", extra={"consumer": self.entry.id})
+                self.log_budget.log(
+                    _log, logging.ERROR, "handling failed", {"consumer": self.entry.id}, True
+                )
                 try:
                     await self._retry(delivery, self._backoff.delay_after(delivery.attempts))
                 except Exception:  # the broker redelivers it when its channel closes
                     self.stats.unsettled += 1
-                    _log.exception(
-                        "giving the message back failed", extra={"consumer": self.entry.id}
+                    self.log_budget.log(
+                        _log,
+                        logging.ERROR,
+                        "giving the message back failed",
+                        {"consumer": self.entry.id},
+                        True,
                     )
             finally:
                 self._held -= 1
@@ -287,8 +296,6 @@ class Consumer:
         return self._decode_body(delivery.body, delivery.content_type)
 
     def _log_failure(self, delivery: Delivery, outcome: Outcome, then: str) -> None:
-        """A message's first failure is always logged; its later ones within a budget, so a
-        message failing forever (or a flood of them) cannot flood the log."""
         extra: dict[str, Any] = {
             "consumer": self.entry.id,
             "message_id": delivery.id,
@@ -297,13 +304,7 @@ class Consumer:
             "error": outcome.error,
             "then": then,
         }
-        if delivery.attempts > 1:
-            suppressed = self._log_budget.take()
-            if suppressed is None:
-                return
-            if suppressed:
-                extra["suppressed"] = suppressed  # failure lines held back since the last one
-        _log.warning("handler failed", extra=extra)
+        self.log_budget.log(_log, logging.WARNING, "handler failed", extra)
 
     async def _settle_early(self, delivery: Delivery, ack: bool) -> None:
         """msg:ack() and msg:nack() from a handler: a nack is a retry, with its backoff."""
@@ -365,27 +366,29 @@ class Consumer:
             try:
                 await self._dead_letter_sink(delivery, reason, error)
             except QueueError as exc:
-                if (suppressed := self._log_budget.take()) is not None:
-                    _log.error(
-                        f"{what}, dead-lettering failed, retried in {delay:g}s",
-                        extra={**extra, "dlq": exc.message, "suppressed": suppressed},
-                    )
+                self.log_budget.log(
+                    _log,
+                    logging.ERROR,
+                    f"{what}, dead-lettering failed, retried in {delay:g}s",
+                    {**extra, "dlq": exc.message},
+                )
                 await self._retry(delivery, delay)
                 return
             await delivery.ack()
             self.stats.count(Settlement.DEAD_LETTER, delivery.reached)
-            _log.warning(f"{what}, dead-lettered", extra=extra)
+            self.log_budget.log(_log, logging.WARNING, f"{what}, dead-lettered", extra)
         elif self.queue.dead_letter is not None:
             await delivery.nack(requeue=False)
             self.stats.count(Settlement.REJECT, delivery.reached)
-            _log.warning(f"{what}, rejected", extra=extra)
+            self.log_budget.log(_log, logging.WARNING, f"{what}, rejected", extra)
         else:
-            if delivery.attempts == 1 or self._log_budget.take() is not None:
-                _log.warning(
-                    f"{what}, retried in {delay:g}s (set dead_letter on queue "
-                    f"{self.queue.id} to move such messages aside)",
-                    extra=extra,
-                )
+            self.log_budget.log(
+                _log,
+                logging.WARNING,
+                f"{what}, retried in {delay:g}s (set dead_letter on queue {self.queue.id} to "
+                "move such messages aside)",
+                extra,
+            )
             await self._retry(delivery, delay)
 
     async def stop(self, grace: float) -> None:
@@ -421,3 +424,4 @@ class Consumer:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self._subscription.close()
         self._held = 0
+        self.log_budget.flush(_log, {"consumer": self.entry.id})

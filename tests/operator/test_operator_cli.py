@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 from conftest import eventually
 from kube_fixtures import K8S_VERSION, Cluster, apply, namespace
-from processes import answers, free_port
+from processes import answers, free_port, json_lines
 
 OPERATOR = Path(sys.executable).with_name("luaq-operator")
 
@@ -46,7 +46,14 @@ async def test_the_console_script_runs_the_operator_on_its_namespace(
         process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), 60)
         log.close()
-    assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
+    said = (tmp_path / "operator.log").read_text()
+    assert code == 0, said[-3000:]
+    lines = json_lines(said)  # the workers' schema, every line of it
+    assert all(list(line)[:4] == ["ts", "level", "logger", "msg"] for line in lines), said
+    about = [line for line in lines if line.get("queueconsumer") == "email-worker"]
+    assert about, said[-3000:]
+    assert {line["namespace"] for line in about} == {ns}
+    assert not any({"k8s_ref", "settings", "message", "severity"} & set(line) for line in lines)
     released = cluster.get("leases", ns, "luaq-operator")
     assert released is not None
     assert released["spec"]["holderIdentity"] == ""  # handed over on the way out

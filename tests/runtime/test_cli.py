@@ -22,6 +22,7 @@ from processes import (
     Process,
     Spawner,
     json_lines,
+    reported,
     summary,
     wait_until,
     write_app,
@@ -30,7 +31,6 @@ from processes import (
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "email"
-SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -198,11 +198,9 @@ def assert_nothing_ran(result: Result) -> list[str]:
     assert result.out == "", "no summary: nothing ran"
     assert "worker started" not in result.err
     assert "HANDLED" not in result.err
-    lines = result.err.splitlines()
-    found = SUMMARY_RE.fullmatch(lines[-1])
-    assert found, result.err
-    assert int(found.group(1)) == len(lines) - 1
-    return lines[:-1]
+    *problems, summary = reported(result.err)  # JSON, as every line `luaq run` writes
+    assert summary == f"{len(problems)} problem(s), nothing was started", result.err
+    return problems
 
 
 @pytest.mark.parametrize(
@@ -313,9 +311,9 @@ def test_publishing_input_to_a_full_queue_is_a_runtime_failure(
     elapsed = time.monotonic() - started
 
     assert result.code == 1, f"exit {result.code}\n{result.out}\n{result.err}"
-    failure = [line for line in result.err.splitlines() if line.startswith("luaq: ")]
+    failure = reported(result.err)
     assert len(failure) == 1, result.err
-    assert re.fullmatch(r"luaq: INTERNAL: queue full is full .*", failure[0]), failure[0]
+    assert re.fullmatch(r"INTERNAL: queue full is full .*", failure[0]), failure[0]
     assert "Traceback" not in result.err
     assert "nothing was started" not in result.err
     assert elapsed < 5, "the publish timeout bounds the wait"
@@ -478,4 +476,7 @@ def test_run_until_idle_fails_when_a_message_was_left_unsettled(
 
     assert result.code == 1, result.err
     assert "giving the message back failed" in result.err
-    assert "luaq: 1 message(s) left unsettled by an error in luaq" in result.err
+    assert (
+        "1 message(s) left unsettled by an error in luaq (logged above): the queues look "
+        "empty, but the broker delivers these again" in reported(result.err)
+    )

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from luaq.runtime.cli import main
+from processes import reported
 
 SUMMARY_RE = re.compile(r"luaq: (\d+) problem\(s\), nothing was started")
 
@@ -874,6 +875,8 @@ def test_run_with_a_configuration_error_starts_nothing(
 
     result = luaq(capsys, "run", path, "--input", messages, "--until-idle")
 
-    problems = rejected(result)
+    assert (result.code, result.out) == (2, ""), result.err
+    *problems, summary = reported(result.err)  # JSON, as every line `luaq run` writes
+    assert summary == "1 problem(s), nothing was started"
     assert_problem(problems, path, "app:bad", "prefetch", "greater than or equal to 1")
     assert "HANDLER RAN" not in result.err

@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,15 @@ from conftest import AppFactory, eventually
 from luaq.runtime import logs
 from luaq.runtime.metrics import STALE_AFTER, Family, Server, Snapshots, Source, merge
 from luaq.runtime.supervisor import Pod
-from processes import Spawner, free_port, wait_until, write_app, write_jsonl
+from processes import (
+    Spawner,
+    free_port,
+    json_lines,
+    reported,
+    wait_until,
+    write_app,
+    write_jsonl,
+)
 from prometheus import binary
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -696,3 +706,70 @@ def test_log_lines_go_where_stderr_points_now(monkeypatch: pytest.MonkeyPatch) -
     logging.getLogger("luaq.test").info("still heard")
 
     assert json.loads(after.getvalue())["msg"] == "still heard"
+
+
+def stopping_runs(tmp_path: Path, busy: socket.socket) -> dict[str, tuple[list[Any], str]]:
+    """`luaq run`s that stop, or never start, and the last thing each says."""
+    memory = app_entries(tmp_path / "memory.yaml", {"kind": "queue.driver.memory"})
+    closed_port = free_port()
+    unreachable = write_app(tmp_path / "amqp.yaml", [
+        {"name": "broker", "kind": "queue.driver.amqp", "connection_timeout": "2s",
+         "url": f"amqp://guest:guest@127.0.0.1:{closed_port}/"},
+        {"name": "jobs", "kind": "queue.queue", "driver": "broker", "queue_name": "never"},
+        {"id": "worker", "kind": "queue.consumer", "queue": "jobs", "method": "handle",
+         "source": "function handle() end"},
+    ])  # fmt: skip
+    broken = write_app(tmp_path / "broken.yaml", [{"name": "broker", "kind": "queue.driver.x"}])
+    return {
+        "unreachable broker": (
+            [unreachable],
+            f"UNAVAILABLE: cannot connect to amqp://guest:***@127.0.0.1:{closed_port}/",
+        ),
+        "entries problem": ([broken], "1 problem(s), nothing was started"),
+        "busy metrics port": ([memory, "--metrics-port", busy.getsockname()[1]], "--metrics-port"),
+        "memory across processes": ([memory, "--processes", 2], "--processes: driver app:broker"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unreachable broker", "entries problem", "busy metrics port", "memory across processes"],
+)
+def test_json_logs_are_json_to_the_last_line(tmp_path: Path, spawn: Spawner, case: str) -> None:
+    """A log pipeline reading JSON keeps the line that says why a pod is crash-looping."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        args, last_words = stopping_runs(tmp_path, busy)[case]
+        process = spawn("--log-format", "json", "run", *args, "--until-idle")
+        assert process.wait(30) != 0, process.stderr
+    said = reported(process.stderr)  # (fails on a line that is not JSON)
+    assert said, process.stderr
+    assert said[-1].startswith(last_words), process.stderr
+
+
+def test_uncaught_exceptions_of_a_service_are_log_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    logs.configure("info", "json", service=True)
+
+    def fail() -> None:
+        raise RuntimeError("in a thread")
+
+    thread = threading.Thread(target=fail, name="helper")
+    thread.start()
+    thread.join()
+    try:
+        raise ValueError("in the main thread")
+    except ValueError:
+        sys.excepthook(*sys.exc_info())  # what the interpreter calls as it dies of it
+    warnings.warn("deprecated", DeprecationWarning, stacklevel=1)
+
+    lines = json_lines(capsys.readouterr().err)
+    assert [(line["level"], line["logger"], line["msg"]) for line in lines[:2]] == [
+        ("critical", "luaq", "uncaught exception in thread helper"),
+        ("critical", "luaq", "uncaught exception"),
+    ]
+    assert "RuntimeError: in a thread" in lines[0]["exception"]
+    assert "ValueError: in the main thread" in lines[1]["exception"]
+    assert (lines[2]["logger"], lines[2]["level"]) == ("py.warnings", "warning")
+    assert "deprecated" in lines[2]["msg"]

@@ -861,25 +861,42 @@ async def declare_conflicting(url: str, name: str) -> None:
         await channel.declare_queue(name, durable=True, arguments={"x-message-ttl": 999})
 
 
-async def test_failure_logs_are_budgeted_but_first_failures_and_outcomes_always_shown(
+async def test_per_message_lines_share_one_budget_per_consumer(
     apps: AppFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="luaq.consumer")
+    """4,000 messages failing twice each, with a refused publish at every attempt and a dead
+    letter at the end: 16,000 lines to say, a few said, and the rest counted as suppressed."""
+    caplog.set_level(logging.WARNING, logger="luaq")
+    may_publish = {"actions": "queue.publish", "effect": "allow", "resources": "*"}
+    may_out = {"actions": "queue.publish.queue", "effect": "allow", "resources": "app:out"}
     app = await apps.start(
-        'function handle(p) error("no") end',
-        in_queue={"dead_letter": {"queue": "other", "max_attempts": 40}},
+        'function handle(p) pcall(queue.publish, "other", p) error("no") end',
+        in_queue={"dead_letter": {"queue": "out", "max_attempts": 2}},
+        max_length=5000,
+        security={"policies": ["may_publish", "may_out"]},
+        extra_entries=[
+            {"name": "may_publish", "kind": "security.policy", "policy": may_publish},
+            {"name": "may_out", "kind": "security.policy", "policy": may_out},
+        ],
     )
-    for n in range(20):
-        await app.publish("in", {"n": n})
-    await app.idle(30)
+    started = time.monotonic()
+    for n in range(4000):
+        await app.publish("in", n)
+    await app.idle(60)
+    await app.worker.stop(5)
+    elapsed = time.monotonic() - started
 
-    lines = [r for r in caplog.records if r.getMessage() == "handler failed"]
-    first = [r for r in lines if r.attempt == 1]  # type: ignore[attr-defined]
-    assert len(first) == 20, "every message's first failure"
-    assert len(lines) - len(first) <= 10, "later failures: at most 10 per 10 s"
-    assert app.consumer.stats.failed == 20 * 40
-    outcomes = [r for r in caplog.records if r.getMessage() == "attempts exhausted, dead-lettered"]
-    assert len(outcomes) == 20
+    said = [r for r in caplog.records if getattr(r, "consumer", None) == "app:worker"]
+    assert app.consumer.stats.failed == 8000
+    assert app.consumer.stats.denied == 8000
+    windows = elapsed // app.consumer.log_budget.interval + 1
+    assert len(said) <= app.consumer.log_budget.burst * windows + 1, len(said)
+    counted = len(said) - 1 + sum(getattr(r, "suppressed", 0) for r in said)
+    assert counted == 16_000, "every line held back is counted"
+    assert said[-1].getMessage() == "lines held back by the log budget"
+    assert {r.getMessage() for r in said[:-1]} <= {
+        "handler failed", "publish denied", "attempts exhausted, dead-lettered"
+    }  # fmt: skip
 
 
 def test_a_log_budget_counts_what_it_holds_back() -> None:

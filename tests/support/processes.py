@@ -84,6 +84,12 @@ class Spawner:
             process.wait(10)
 
 
+def reported(err: str) -> list[str]:
+    """What `luaq run` reported (logs.report: why it stopped or would not start), from a stderr
+    that is JSON from its first line to its last."""
+    return [r["msg"] for r in json_lines(err) if r["logger"] == "luaq" and r["level"] == "error"]
+
+
 def json_lines(text: str) -> list[dict[str, Any]]:
     """Every complete line of `text` parsed as a JSON object (fails on a line that is not)."""
     complete = text[: text.rfind("\n") + 1] if "\n" in text else ""
