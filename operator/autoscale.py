@@ -58,6 +58,8 @@ class BacklogReader:
         self._driver: Driver | None = None
 
     async def backlog(self) -> int:
+        """The queue's ready messages: those waiting out a retry's delay are no work for a
+        replica yet; they are ready again (and count) when their delay is over."""
         if self._driver is None:
             driver = create(self.entry)
             await driver.start()
@@ -67,7 +69,8 @@ class BacklogReader:
                 await driver.close()
                 raise
             self._driver = driver
-        return (await self._driver.info(self.queue)).message_count
+        info = await self._driver.info(self.queue)
+        return info.message_count - info.delayed_count
 
     async def close(self) -> None:
         if self._driver is not None:

@@ -49,13 +49,15 @@ async def autoscaled(cluster: Cluster, ns: str, url: str) -> None:
     await eventually(lambda: replicas(cluster, ns) == 0, 20)  # declared, empty: no pods
 
 
-async def publish(channel: aiormq.abc.AbstractChannel, count: int) -> None:
-    """`count` receipts in one transaction: the backlog goes from 0 to `count` at once, so the
-    operator cannot read it half-way (and scale 0 -> 2 -> 3) on a busy machine."""
+async def publish(channel: aiormq.abc.AbstractChannel, count: int, **to: int) -> None:
+    """`count` receipts (and as many as `to` says to other queues) in one transaction: the
+    backlog goes from 0 to `count` at once, so the operator cannot read it half-way (and scale
+    0 -> 2 -> 3) on a busy machine."""
     await channel.tx_select()
-    for number in range(count):
-        body = json.dumps({"to": f"user{number}@example.com"}).encode()
-        await channel.basic_publish(body, routing_key="receipts")
+    for queue, number in [*to.items(), ("receipts", count)]:
+        for n in range(number):
+            body = json.dumps({"to": f"user{n}@example.com"}).encode()
+            await channel.basic_publish(body, routing_key=queue)
     await channel.tx_commit()
 
 
@@ -77,6 +79,26 @@ async def test_replicas_follow_the_backlog_up_and_down_to_zero(
         await connection.close()
     both = {"0 -> 3 replicas (backlog 25)", "3 -> 0 replicas (backlog 0)"}
     await eventually(lambda: cluster.messages(ns, "Scaled") >= both, 20)
+
+
+async def test_messages_waiting_out_a_retry_are_no_backlog_to_scale_for(
+    cluster: Cluster, operator: Operator, ns: str, vhost: str
+) -> None:
+    """What waits in a delay queue (the default retry's first, 1 s) is no work for a replica
+    yet: it comes back ready when its delay is over, and counts then."""
+    url = f"{AMQP_URL}{vhost}"
+    delay_queue = "receipts.delay.1000ms"
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.queue_declare(delay_queue, durable=True)  # (no TTL: they stay there)
+        await publish(channel, 0, **{delay_queue: 25})
+        await autoscaled(cluster, ns, url)  # at zero: nothing is ready
+        await publish(channel, 5)
+        await eventually(lambda: status(cluster, ns).get("backlog") == 5, 20)
+        assert status(cluster, ns)["desiredReplicas"] == 1  # ceil(5 / 10), not ceil(30 / 10)
+    finally:
+        await connection.close()
 
 
 def test_the_decision_stays_in_bounds_and_waits_out_the_cooldown() -> None:
