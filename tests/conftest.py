@@ -22,6 +22,7 @@ from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
+from rabbit_node import RabbitNode, rabbit_node
 
 pytest_plugins = ["kube_fixtures"]  # the operator tests' emulated cluster
 
@@ -162,21 +163,24 @@ def _restore_logging() -> Iterator[None]:
 
 
 class Vhosts:
-    """Fresh vhosts, guest allowed in, made BATCH at a time, and the ones tests are done with
+    """Fresh vhosts, guest allowed in, made `batch` at a time, and the ones tests are done with
     deleted (queues and all) in the same call: each rabbitmqctl boots an Erlang VM (0.5 s), and
     three per test (add, permit, delete) cost the suite 1.5 s for each test on the broker."""
 
-    BATCH = 8
-
-    def __init__(self) -> None:
+    def __init__(self, ctl: Callable[..., str] = rabbitmqctl, batch: int = 8) -> None:
+        self.ctl, self.batch = ctl, batch
         self.fresh: list[str] = []
         self.done: list[str] = []
 
     def take(self) -> str:
         if not self.fresh:
-            self.fresh = [f"luaq-test-{uuid4().hex[:12]}" for _ in range(self.BATCH)]
+            self.fresh = [f"luaq-test-{uuid4().hex[:12]}" for _ in range(self.batch)]
             self.settle(self.fresh)
         return self.fresh.pop()
+
+    def close(self) -> None:
+        self.done += self.fresh
+        self.settle([])
 
     def settle(self, add: list[str]) -> None:
         """Delete the vhosts tests are done with and add `add`, in one `rabbitmqctl eval`."""
@@ -188,15 +192,14 @@ class Vhosts:
             permit = ", ".join(f'<<"{arg}">>' for arg in ("guest", name, ".*", ".*", ".*", "tests"))
             steps.append(f"ok = rabbit_auth_backend_internal:set_permissions({permit})")
         if steps:
-            rabbitmqctl("eval", "".join(f"{step}, " for step in steps) + "ok.")
+            self.ctl("eval", "".join(f"{step}, " for step in steps) + "ok.")
 
 
 @pytest.fixture(scope="session")
 def _vhosts() -> Iterator[Vhosts]:
     vhosts = Vhosts()
     yield vhosts
-    vhosts.done += vhosts.fresh
-    vhosts.settle([])
+    vhosts.close()
 
 
 @pytest.fixture
@@ -208,6 +211,35 @@ def vhost(_vhosts: Vhosts) -> Iterator[str]:
         yield name
     finally:
         _vhosts.done.append(name)
+
+
+@pytest.fixture(scope="session")
+def own_node() -> Iterator[RabbitNode]:
+    """A RabbitMQ node of the suite's own (rabbit_node, default configuration), started once
+    rather than by each test (5 s or more a start): for tests that add users, set limits or
+    restart the broker, never on the shared node. Each works in a vhost of its own
+    (own_node_vhost) and puts back what is not the vhost's."""
+    with rabbit_node() as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
+def _own_node_vhosts(own_node: RabbitNode) -> Iterator[Vhosts]:
+    vhosts = Vhosts(own_node.ctl, batch=1)
+    yield vhosts
+    vhosts.close()
+
+
+@pytest.fixture
+def own_node_vhost(
+    own_node: RabbitNode, _own_node_vhosts: Vhosts
+) -> Iterator[tuple[RabbitNode, str]]:
+    """The suite's own node and a vhost of the test's own on it, guest allowed in."""
+    name = _own_node_vhosts.take()
+    try:
+        yield own_node, name
+    finally:
+        _own_node_vhosts.done.append(name)
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ attempt counts from other publishers are clamped; info() and --until-idle count 
 queues an earlier process left; and both copies keep the original's properties and header
 wire types, as an independent client (aio-pika) published and reads them.
 
-On the shared broker each test has a vhost of its own; the ones that need a policy or a
-setting of the broker's run their own node (rabbit_node). Waiting is polling, never a sleep.
+On the shared broker each test has a vhost of its own; the ones that need a user, a policy or
+a setting of the broker's run on a node of the tests' own (own_node, rabbit_node). Waiting is
+polling, never a sleep.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import datetime
 import decimal
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,7 +35,7 @@ from luaq.runtime.entries import Retry
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from processes import write_app
-from rabbit_node import rabbit_node
+from rabbit_node import RabbitNode, rabbit_node
 
 # RabbitMQ's dead-letter worker sends again what a full queue refused after this long (3 min
 # by default): short here, so a test sees the message arrive once there is room
@@ -241,17 +243,29 @@ SAME = ("content_type", "content_encoding", "delivery_mode", "priority", "correl
         "reply_to", "message_id", "timestamp", "type", "app_id")  # fmt: skip
 
 
+@contextmanager
+def user(node: RabbitNode, name: str) -> Iterator[None]:
+    """A user of the node's, its password its name, for as long as the test needs it."""
+    node.ctl("add_user", name, name)
+    try:
+        yield
+    finally:
+        node.ctl("delete_user", name)
+
+
 async def test_retries_and_dead_letters_keep_properties_and_header_types(
-    tmp_path: Path, wire_types: list[dict[str, str]]
+    tmp_path: Path, wire_types: list[dict[str, str]], own_node_vhost: tuple[RabbitNode, str]
 ) -> None:
     """aio-pika publishes with every property and typed headers: the retried copy (read from
     its delay queue) and the dead letter (read from the DLQ) have them all, of the same wire
     types, but never an expiration (x_original_expiration), nor a user_id RabbitMQ would
-    refuse from luaq's user (x_original_user_id); a user_id that is luaq's own stays."""
-    with rabbit_node() as node:
-        node.ctl("add_user", "luaq", "luaq")
-        node.ctl("set_permissions", "luaq", ".*", ".*", ".*")
-        luaq_url = node.url.replace("guest:guest", "luaq:luaq")
+    refuse from luaq's user (x_original_user_id); a user_id that is luaq's own stays. On the
+    suite's own node: a user is added."""
+    node, vhost = own_node_vhost
+    guest_url = node.vhost_url(vhost)
+    with user(node, "luaq"):
+        node.ctl("set_permissions", "-p", vhost, "luaq", ".*", ".*", ".*")
+        luaq_url = node.vhost_url(vhost, "luaq:luaq")
         config = app(tmp_path, luaq_url,
                      'function handle(p) error("no") end',
                      {"queue_name": "jobs", "retry": {"delay": "20s"},
@@ -260,7 +274,7 @@ async def test_retries_and_dead_letters_keep_properties_and_header_types(
         await worker.start()
         try:
             # a readable message fails, and waits 20 s in its delay queue: read it there
-            await publish_raw(node.url, "jobs", b"{}", headers=HEADERS, user_id="guest",
+            await publish_raw(guest_url, "jobs", b"{}", headers=HEADERS, user_id="guest",
                               **PROPERTIES)  # fmt: skip
             # a gzip body cannot be read: dead-lettered at once
             gzip = {**PROPERTIES, "content_encoding": "gzip", "message_id": "m-2"}
@@ -272,10 +286,10 @@ async def test_retries_and_dead_letters_keep_properties_and_header_types(
         finally:
             await worker.stop(1.0)
         wire_types.clear()
-        [retried] = await get_raw(node.url, "jobs.delay.20000ms", "jobs.retry.20000ms")
+        [retried] = await get_raw(guest_url, "jobs.delay.20000ms", "jobs.retry.20000ms")
         retried_types = wire_types[-1]
         wire_types.clear()
-        [dead] = await get_raw(node.url, "dlq")
+        [dead] = await get_raw(guest_url, "dlq")
         dead_types = wire_types[-1]
 
     for copy in (retried, dead):

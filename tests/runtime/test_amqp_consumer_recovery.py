@@ -1,8 +1,8 @@
 """A consumer kept consuming when the broker ends it but not its connection: a consume channel
 the broker closes (consumer_timeout), and a consumer cancelled with its queue while the queue
-cannot be declared again at once. Each on a RabbitMQ node of its own
-(rabbit_node), reconfigured as the fault needs; luaq runs as a child process, its readiness read
-from /readyz."""
+cannot be declared again at once. On RabbitMQ nodes of the tests' own (a consumer_timeout
+node, the suite's own_node for a vhost limit), reconfigured as the fault needs; luaq runs as
+a child process, its readiness read from /readyz."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from luaq.runtime.drivers import Delivery
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.entries import QueueEntry
 from processes import Spawner, free_port, summary, wait_until
-from rabbit_node import rabbit_node
+from rabbit_node import RabbitNode, rabbit_node
 from test_faults import depth, fill
 from test_metrics import get
 from test_reliability import Outputs, amqp_app, logged
@@ -95,40 +95,41 @@ FORWARD = 'function handle(p) return queue.publish("app:out", {n = p.n}) end'
 
 
 def test_a_cancelled_consumer_is_restored_once_its_queue_can_be_declared_again(
-    tmp_path: Path, spawn: Spawner
+    tmp_path: Path, spawn: Spawner, own_node_vhost: tuple[RabbitNode, str]
 ) -> None:
     """The consumed queue is deleted; its re-declaration is refused (a vhost queue limit)
     until the limit goes. luaq keeps trying with backoff and is not ready meanwhile, though
     the cancelled consumer's channel is still open; then the consumer is back."""
-    with rabbit_node() as node:
-        url = node.url
-        port = free_port()
-        broker = {"reconnect_delay": "100ms", "reconnect_max_delay": "400ms"}
-        app = amqp_app(tmp_path / "app.yaml", url, FORWARD, broker=broker)
-        process = spawn("run", app, "--metrics-port", str(port))
-        wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready")
-        queues = [name for name in node.ctl("list_queues", "name").split() if name != "name"]
-        assert "jobs" in queues, queues
-        # room for the queues there are, less the one deleted next: it cannot come back
-        node.ctl("set_vhost_limits", "-p", "/", json.dumps({"max-queues": len(queues) - 1}))
+    node, vhost = own_node_vhost
+    url = node.vhost_url(vhost)
+    port = free_port()
+    broker = {"reconnect_delay": "100ms", "reconnect_max_delay": "400ms"}
+    app = amqp_app(tmp_path / "app.yaml", url, FORWARD, broker=broker)
+    process = spawn("run", app, "--metrics-port", str(port))
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "ready")
+    listed = node.ctl("list_queues", "-p", vhost, "name").split()
+    queues = [name for name in listed if name != "name"]
+    assert "jobs" in queues, queues
+    # room for the queues there are, less the one deleted next: it cannot come back
+    node.ctl("set_vhost_limits", "-p", vhost, json.dumps({"max-queues": len(queues) - 1}))
 
-        asyncio.run(delete_queues("jobs", url=url))
-        wait_until(lambda: get(port, "/readyz")[0::2] == NOT_ATTACHED, 10,
-                   "not ready while the consumer is gone")  # fmt: skip
-        wait_until(lambda: len(logged(process, "consumer not restored, retrying")) >= 3, 10,
-                   "the re-declaration refused, and tried again")  # fmt: skip
-        assert get(port, "/readyz")[0::2] == NOT_ATTACHED
-        refused = logged(process, "consumer not restored, retrying")[0]
-        assert "queue limit in vhost" in refused["error"], refused
+    asyncio.run(delete_queues("jobs", url=url))
+    wait_until(lambda: get(port, "/readyz")[0::2] == NOT_ATTACHED, 10,
+               "not ready while the consumer is gone")  # fmt: skip
+    wait_until(lambda: len(logged(process, "consumer not restored, retrying")) >= 3, 10,
+               "the re-declaration refused, and tried again")  # fmt: skip
+    assert get(port, "/readyz")[0::2] == NOT_ATTACHED
+    refused = logged(process, "consumer not restored, retrying")[0]
+    assert "queue limit in vhost" in refused["error"], refused
 
-        node.ctl("clear_vhost_limits", "-p", "/")
-        wait_until(lambda: get(port, "/readyz")[0] == 200, 10, "ready again")
-        assert depth(url, "jobs") == (0, 1)
-        asyncio.run(fill(url, "jobs", 3))
-        outputs = Outputs(url)
-        wait_until(lambda: sorted(outputs()) == [0, 1, 2], 10, "messages handled again")
-        process.popen.send_signal(signal.SIGTERM)
-        assert process.wait(20) == 0, process.stderr
+    node.ctl("clear_vhost_limits", "-p", vhost)
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 10, "ready again")
+    assert depth(url, "jobs") == (0, 1)
+    asyncio.run(fill(url, "jobs", 3))
+    outputs = Outputs(url)
+    wait_until(lambda: sorted(outputs()) == [0, 1, 2], 10, "messages handled again")
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0, process.stderr
 
     assert logged(process, "consumer lost, restoring it")
     assert logged(process, "consumer restored")

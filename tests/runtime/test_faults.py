@@ -19,7 +19,7 @@ import aiormq
 from broker import queue_depth, queue_totals, rabbitmqctl
 from pamqp.commands import Basic
 from processes import Process, Spawner, summary, write_app
-from rabbit_node import RabbitNode, rabbit_node
+from rabbit_node import RabbitNode
 
 MESSAGES = 20_000
 HANDLER = 'function handle(p) return queue.publish("app:out", {n = p.n}) end'
@@ -77,14 +77,16 @@ async def drain(url: str, queue: str) -> list[int]:
     return seen
 
 
-def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(tmp_path: Path) -> None:
-    """On a node of its own: restarting the shared one would fail every other test's calls."""
-    with rabbit_node() as node:
-        restarted(tmp_path, node)
+def test_nothing_is_lost_when_connections_drop_and_the_broker_restarts(
+    tmp_path: Path, own_node_vhost: tuple[RabbitNode, str]
+) -> None:
+    """On the suite's own node, in a vhost of its own: restarting the shared one would fail
+    every other test's calls."""
+    restarted(tmp_path, *own_node_vhost)
 
 
-def restarted(tmp_path: Path, node: RabbitNode) -> None:
-    url = node.url
+def restarted(tmp_path: Path, node: RabbitNode, vhost: str) -> None:
+    url = node.vhost_url(vhost)
     asyncio.run(fill(url, "in"))
     app = write_app(
         tmp_path / "app.yaml",
@@ -103,14 +105,14 @@ def restarted(tmp_path: Path, node: RabbitNode) -> None:
         process = spawner("run", app, "--shutdown-timeout", "10")
 
         wait(lambda: depth(url, "out")[0] >= 3_000, 60, "3,000 outputs", process)
-        node.ctl("close_all_connections", "fault test: connections")
+        node.ctl("close_all_connections", "--vhost", vhost, "fault test: connections")
         wait(lambda: depth(url, "out")[0] >= 9_000, 60, "9,000 outputs", process)
         node.ctl("stop_app")
         node.ctl("start_app")
         node.ctl("await_startup")
         # drained: nothing left in `in` or waiting in its retry queues, ready or unacked, and
         # the worker consuming again
-        wait(lambda: depth(url, "in")[1] == 1 and drained("/", node.ctl), 120,
+        wait(lambda: depth(url, "in")[1] == 1 and drained(vhost, node.ctl), 120,
              "the input drained", process)  # fmt: skip
         wait(lambda: depth(url, "out")[0] >= MESSAGES, 60, "every output", process)
 

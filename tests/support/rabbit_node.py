@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from processes import free_port
 
@@ -29,6 +30,9 @@ class RabbitNode:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def vhost_url(self, vhost: str, user: str = "guest:guest") -> str:
+        return f"amqp://{user}@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
         """rabbitmqctl against this node; fails the test when it fails."""
