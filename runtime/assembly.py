@@ -111,7 +111,7 @@ def build(
         drivers,
         {entry.id: access_for(entry, config) for entry in config.consumers.values()},
         {consumer.entry.id: consumer.stats.denials for consumer in consumers},
-        {consumer.entry.id: consumer.log_budget for consumer in consumers},
+        {consumer.entry.id: consumer.log_budget.log for consumer in consumers},
         lifecycle.alive,
     )
     lua.serve(host, watch)

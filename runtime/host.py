@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from .entries import Config, QueueEntry, resolve_id
 from .errors import ErrorKind, QueueError
-from .logs import LogBudget
 from .metrics import DURATION_BUCKETS, Family, Histogram
 from .security import ACTIONS, Access, Denied
 
@@ -39,7 +38,8 @@ class PublishStats:
 class Host:
     """The lua.Host of a worker process. `denials` counts refused publishes by consumer and
     action; `alive` is told of every keepalive (a long handler's sign of life). A refused
-    publish is logged within its consumer's budget for per-message lines (`log_budgets`)."""
+    publish is logged within its consumer's budget for per-message lines (`log_within`: a
+    consumer's LogBudget.log)."""
 
     def __init__(
         self,
@@ -47,7 +47,7 @@ class Host:
         drivers: Drivers,
         access: Mapping[str, Access],
         denials: Mapping[str, dict[str, int]],
-        log_budgets: Mapping[str, LogBudget],
+        log_within: Mapping[str, Callable[[logging.Logger, int, str, dict[str, Any]], None]],
         alive: Callable[[], None],
     ) -> None:
         self.config = config
@@ -55,7 +55,7 @@ class Host:
         self.access = access
         self.publishes = {queue_id: PublishStats() for queue_id in config.queues}
         self._denials = denials
-        self._log_budgets = log_budgets
+        self._log_within = log_within
         self._alive = alive
 
     def keepalive(self) -> None:
@@ -108,7 +108,7 @@ class Host:
         except Denied as exc:
             denials = self._denials[consumer]
             denials[exc.action] = denials.get(exc.action, 0) + 1
-            self._log_budgets[consumer].log(
+            self._log_within[consumer](
                 _log,
                 logging.WARNING,
                 "publish denied",
