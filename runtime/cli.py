@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, assembly, logs
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError
@@ -43,9 +43,19 @@ def _at_least(least: float, kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="luaq", description="Run queue consumers written in Lua.")
-    parser.add_argument("--version", action="version", version=f"luaq {__version__}")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A usage error of `luaq run` is said as its other reports are: in JSON mode, a pod
+        whose flags are wrong says so in a line its log pipeline keeps."""
+        if not logs.reports_logged():
+            super().error(message)  # the usage, then the error, for a person
+        logs.report(f"{self.prog}: {message}")
+        self.exit(EXIT_CONFIG)
+
+
+def _logging(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """The logging options, also read on their own first: a usage error is logged their way."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=exit_on_error)
     parser.add_argument(
         "--log-level",
         default=_env("log_level", "info"),
@@ -58,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "text", "json"],
         help="text for a person, json for a log collector; auto: text on a terminal, else json",
     )
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="luaq", description="Run queue consumers written in Lua.", parents=[_logging()]
+    )
+    parser.add_argument("--version", action="version", version=f"luaq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate entries files and their Lua sources")
@@ -189,8 +207,11 @@ SUMMARY = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with contextlib.suppress(argparse.ArgumentError):  # (said below, with the usage)
+        logging, rest = _logging(exit_on_error=False).parse_known_args(argv)
+        logs.configure(logging.log_level, logging.log_format, service=rest[:1] == ["run"])
     args = _parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format, service=args.command == "run")
     try:
         command = _prepare(args)
     except ConfigError as exc:

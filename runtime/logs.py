@@ -173,10 +173,15 @@ def report(text: str, *, prefix: str = "luaq: ") -> None:
     """Why a command stopped or will not start. A one-shot command (check, publish, dlq) says it
     in plain text, `prefix` first, to the person or script that ran it; a service logs it as an
     error of logger `luaq`, in the format of its other lines."""
-    if any(isinstance(h, StderrHandler) and h.service for h in logging.getLogger().handlers):
+    if reports_logged():
         _command.error(text)
     else:
         print(f"{prefix}{text}", file=sys.stderr)
+
+
+def reports_logged() -> bool:
+    """Whether `report` logs (a service) or prints."""
+    return any(isinstance(h, StderrHandler) and h.service for h in logging.getLogger().handlers)
 
 
 def _uncaught(

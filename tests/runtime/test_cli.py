@@ -458,6 +458,34 @@ def test_no_command_is_a_usage_error() -> None:
     assert "usage: luaq" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "flag", ["--processes", "--shutdown-timeout", "--hard-timeout", "--max-instructions",
+             "--lua-max-memory"],
+)  # fmt: skip
+def test_a_limit_of_luaq_run_that_is_no_limit_is_a_usage_error_in_its_log_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """Refused (exit 2) rather than taken to mean unlimited; said in a JSON line, as the
+    reports of `luaq run` are, so that a pod whose flags are wrong says so to its log pipeline."""
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(app), f"{flag}=-1", "--until-idle"])
+
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (said,) = reported(captured.err)
+    assert re.fullmatch(rf"luaq run: argument {flag}: must be at least \S+, got -1", said), said
+
+
+def test_a_usage_error_of_another_command_shows_the_usage() -> None:
+    result = subprocess.run([*LUAQ, "check"], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: luaq check")
+    assert result.stderr.endswith("error: the following arguments are required: PATH\n")
+
+
 def test_run_until_idle_fails_when_a_message_was_left_unsettled(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
