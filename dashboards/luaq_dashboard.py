@@ -339,7 +339,7 @@ def latency_and_concurrency() -> list[timeseries.Panel]:
         graph(
             "Handler duration, by consumer",
             "How long handler invocations take: half finish within p50, 95% within p95, 99% "
-            "within p99. Interpolated within histogram buckets (5 µs to 60 s). The "
+            "within p99. Interpolated within histogram buckets (1 µs to 60 s). The "
             "LuaqHandlerLatencyHigh alert fires when p95 stays above 5 s.",
             units.Seconds,
             *(
