@@ -187,6 +187,9 @@ class Kind:
         return f"{group}/{version}" if group else str(version)
 
 
+_CLOSED = -1  # the resourceVersion close_watches puts in a watch's queue: the stream ends
+
+
 @dataclass
 class _Watchers:
     log: list[tuple[int, Body]] = field(default_factory=list)
@@ -650,10 +653,20 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
                     version, event = await asyncio.wait_for(queue.get(), remaining)
                 except TimeoutError:
                     return
+                if version == _CLOSED:
+                    return
                 if version > sent and self._watched(event, request):
                     yield event
         finally:
             watchers.queues.remove(queue)
+
+    def close_watches(self) -> None:
+        """End every watch stream, as an API server going away does: the server's shutdown
+        waits for the requests in progress, and a watch whose client went while the server did
+        not read (nothing to send) would otherwise last its timeoutSeconds (60 s)."""
+        for watchers in self._watchers.values():
+            for queue in watchers.queues:
+                queue.put_nowait((_CLOSED, {}))
 
     def _watched(self, event: Body, request: rendering.Request) -> bool:
         meta = event["object"]["metadata"]

@@ -174,6 +174,7 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
             yield Cluster(emulator, path, kube)
         finally:
             kube.close()
+            emulator.close_watches()
 
 
 async def kubectl(binary: Path, cluster: Cluster, *args: str, stdin: str | None = None) -> str:
