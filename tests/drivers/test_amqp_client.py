@@ -587,15 +587,21 @@ async def test_a_name_amqp_cannot_carry_is_invalid_and_the_driver_goes_on(
     await driver.declare(queue)
     try:
         got: list[Delivery] = []
-        subscription = await driver.consume(queue, consumer_entry(queue), got.append)
-        await driver.publish(queue, b"{}", {}, "application/json")
-        await eventually(lambda: len(got) == 1)
+        subscription = await driver.consume(queue, consumer_entry(queue, prefetch=30), got.append)
+        for _ in range(30):
+            await driver.publish(queue, b"{}", {}, "application/json")
+        await eventually(lambda: len(got) == 30)
         caplog.set_level(logging.WARNING, "luaq.amqp")
-        assert await got[0].retry(1.0) is False  # held: the consumer nacks it after its backoff
-        [failed] = [r for r in caplog.records if r.msg == "retry by republish failed"]
+        for delivery in got:  # held: the consumer nacks them after their backoff
+            assert await delivery.retry(1.0) is False
+        # one line per message would be the failure rate: 10 of them, the rest counted later
+        failed, *_ = said = [r for r in caplog.records if r.msg == "retry by republish failed"]
+        assert len(said) == subscription.log_budget.burst  # type: ignore[attr-defined]
         assert "cannot declare delay queue" in failed.error  # type: ignore[attr-defined]
         assert "Max length exceeded" in failed.error  # type: ignore[attr-defined]
         await subscription.close()
+        last = caplog.records[-1]
+        assert (last.msg, last.suppressed) == ("lines held back by the log budget", 20)  # type: ignore[attr-defined]
     finally:
         await delete_queues(queue.external_name)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...entries import ConsumerEntry, QueueEntry
 from ...errors import ErrorKind, QueueError
+from ...logs import LogBudget
 from ..base import Delivery, OnDelivery, Settlement, Subscription
 from .client import MALFORMED, Channel, ChannelClosed, Connection
 from .mapping import ATTEMPTS, headers_from, unreadable_encoding
@@ -67,10 +68,16 @@ class AmqpDelivery(Delivery):
         subscription = self._subscription
         try:
             await subscription.driver.republish(subscription.queue, self, delay)
-        except QueueError as exc:
-            _log.warning(
+        except QueueError as exc:  # (for every message, while the broker blocks publishes)
+            subscription.log_budget.log(
+                _log,
+                logging.WARNING,
                 "retry by republish failed",
-                extra={"queue": subscription.queue.external_name, "error": exc.message},
+                {
+                    "consumer": subscription.consumer.id,
+                    "queue": subscription.queue.external_name,
+                    "error": exc.message,
+                },
             )
             return False
         self.settled = Settlement.RETRY
@@ -106,6 +113,7 @@ class AmqpSubscription(Subscription):
         self.consuming = False  # the broker has this consumer, on self.channel
         self.tag = consumer.driver_options.amqp.consumer_tag or f"{consumer.id}.{uuid.uuid4().hex}"
         self.active = True
+        self.log_budget = LogBudget()  # for lines about one of its deliveries
         self._open: dict[int, bool] = {}  # delivery tag -> acked, in delivery order
         self._flush_scheduled = False
         self._unsent = 0  # acks coalesced and not yet sent
@@ -300,6 +308,7 @@ class AmqpSubscription(Subscription):
 
     async def close(self) -> None:
         await self.cancel()
+        self.log_budget.flush(_log, {"consumer": self.consumer.id})
         channel, self.channel = self.channel, None
         self.driver.subscriptions.discard(self)
         if channel is not None:
