@@ -22,7 +22,7 @@ from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
-from rabbit_node import RabbitNode, rabbit_node
+from rabbit_node import RESEND, RabbitNode, rabbit_node
 
 pytest_plugins = ["kube_fixtures"]  # the operator tests' emulated cluster
 
@@ -215,11 +215,12 @@ def vhost(_vhosts: Vhosts) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def own_node() -> Iterator[RabbitNode]:
-    """A RabbitMQ node of the suite's own (rabbit_node, default configuration), started once
-    rather than by each test (5 s or more a start): for tests that add users, set limits or
-    restart the broker, never on the shared node. Each works in a vhost of its own
-    (own_node_vhost) and puts back what is not the vhost's."""
-    with rabbit_node() as node:
+    """A RabbitMQ node of the suite's own (rabbit_node, the default configuration but for a
+    refused dead letter sent again after 1 s, RESEND), started once rather than by each test
+    (5 s or more a start): for tests that add users, set limits or policies or restart the
+    broker, never on the shared node. Each works in a vhost of its own (own_node_vhost) and
+    puts back what is not the vhost's."""
+    with rabbit_node(advanced=RESEND) as node:
         yield node
 
 

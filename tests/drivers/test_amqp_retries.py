@@ -8,8 +8,8 @@ queues an earlier process left; and both copies keep the original's properties a
 wire types, as an independent client (aio-pika) published and reads them.
 
 On the shared broker each test has a vhost of its own; the ones that need a user, a policy or
-a setting of the broker's run on a node of the tests' own (own_node, rabbit_node). Waiting is
-polling, never a sleep.
+a setting of the broker's run on the suite's own node (own_node). Waiting is polling, never a
+sleep.
 """
 
 from __future__ import annotations
@@ -35,11 +35,7 @@ from luaq.runtime.entries import Retry
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from processes import write_app
-from rabbit_node import RabbitNode, rabbit_node
-
-# RabbitMQ's dead-letter worker sends again what a full queue refused after this long (3 min
-# by default): short here, so a test sees the message arrive once there is room
-RESEND = "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 1000}]}].\n"
+from rabbit_node import RabbitNode
 
 
 def app(
@@ -344,33 +340,38 @@ end
 
 
 async def test_a_retry_waits_for_room_in_a_full_queue(
-    tmp_path: Path, workers: list[Worker], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    workers: list[Worker],
+    caplog: pytest.LogCaptureFixture,
+    own_node_vhost: tuple[RabbitNode, str],
 ) -> None:
     """max-length 1 with overflow reject-publish on `jobs` (a policy): message 1 fails and
     waits out its delay while `jobs` fills up. The broker's classic dead-lettering back into
-    `jobs` dropped it then; the quorum delay queue keeps it until there is room."""
+    `jobs` dropped it then; the quorum delay queue keeps it until there is room (the suite's
+    own node sends a refused dead letter again after 1 s, rabbit_node.RESEND)."""
     caplog.set_level(logging.INFO)
-    with rabbit_node(advanced=RESEND) as node:
-        full = '{"max-length": 1, "overflow": "reject-publish"}'
-        node.ctl("set_policy", "full", "^jobs$", full, "--apply-to", "queues")
-        config = app(tmp_path, node.url, SUCCEEDS_SECOND_TIME,
-                     {"queue_name": "jobs", "retry": {"delay": "300ms"}})  # fmt: skip
-        first = await started(workers, config)
-        await first.host.publish("app", "jobs", {"n": 1}, {})
-        await eventually(lambda: first.consumers[0].stats.retried == 1, timeout=10)
-        await first.stop(1.0)
-        workers.remove(first)
-        await publish_raw(node.url, "jobs", b'{"n": 2}')  # jobs is full now
-        delays = ("jobs.delay.300ms", "jobs.retry.300ms")
-        # message 1's delay ends while jobs is full
-        await eventually(lambda: _none_ready(node.url, *delays), timeout=10)
+    node, vhost = own_node_vhost
+    url = node.vhost_url(vhost)
+    full = '{"max-length": 1, "overflow": "reject-publish"}'
+    node.ctl("set_policy", "-p", vhost, "full", "^jobs$", full, "--apply-to", "queues")
+    config = app(tmp_path, url, SUCCEEDS_SECOND_TIME,
+                 {"queue_name": "jobs", "retry": {"delay": "300ms"}})  # fmt: skip
+    first = await started(workers, config)
+    await first.host.publish("app", "jobs", {"n": 1}, {})
+    await eventually(lambda: first.consumers[0].stats.retried == 1, timeout=10)
+    await first.stop(1.0)
+    workers.remove(first)
+    await publish_raw(url, "jobs", b'{"n": 2}')  # jobs is full now
+    delays = ("jobs.delay.300ms", "jobs.retry.300ms")
+    # message 1's delay ends while jobs is full
+    await eventually(lambda: _none_ready(url, *delays), timeout=10)
 
-        second = await started(workers, config)
-        stats = second.consumers[0].stats
-        await eventually(lambda: stats.acked == 2, timeout=20)
-        assert (await count(node.url, "jobs", *delays)) == 0
-        # message 1 fails once in each worker (each counts its own attempts): it is there
-        assert sorted(field(caplog, "n")) == [1, 1, 1, 2]
+    second = await started(workers, config)
+    stats = second.consumers[0].stats
+    await eventually(lambda: stats.acked == 2, timeout=20)
+    assert (await count(url, "jobs", *delays)) == 0
+    # message 1 fails once in each worker (each counts its own attempts): it is there
+    assert sorted(field(caplog, "n")) == [1, 1, 1, 2]
 
 
 async def _none_ready(url: str, *names: str) -> bool:

@@ -20,6 +20,11 @@ from urllib.parse import quote
 
 from processes import free_port
 
+# RabbitMQ's dead-letter worker sends again what a full queue refused after this long (3 min
+# by default): short on the suite's own node (conftest.own_node), so a test sees the message
+# arrive once there is room
+RESEND = "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 1000}]}].\n"
+
 
 @dataclass
 class RabbitNode:
