@@ -66,9 +66,12 @@ class Operator:
             self.metrics.follow()
 
     async def start(self) -> None:
-        await self.leadership.start()
-        if self.settings.metrics_port:
+        """The metrics first: a replica that cannot serve them (its port taken) fails its
+        start-up before it may take the Lease. kopf tries a failed start-up again a minute
+        later, and a leader that had failed would hold the Lease meanwhile, doing nothing."""
+        if self.settings.metrics_port and not self.metrics.serving:
             self.metrics.serve(self.settings.metrics_port)
+        await self.leadership.start()
 
     async def stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

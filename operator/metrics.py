@@ -119,6 +119,10 @@ class Metrics:
             with contextlib.suppress(KeyError):  # never reported
                 metric.remove(*labels)
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
     def serve(self, port: int) -> None:
         self._server, self._thread = start_http_server(port, registry=self.registry)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import kubernetes_validate
 import pytest
@@ -57,6 +59,43 @@ async def test_the_console_script_runs_the_operator_on_its_namespace(
     released = cluster.get("leases", ns, "luaq-operator")
     assert released is not None
     assert released["spec"]["holderIdentity"] == ""  # handed over on the way out
+
+
+async def start_replica(
+    cluster: Cluster, ns: str, identity: str, metrics_port: int, log: IO[bytes]
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        OPERATOR, "--namespace", ns, "--lease-namespace", ns, "--metrics-port", str(metrics_port),
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_NAME": identity},
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def test_a_replica_whose_start_up_fails_takes_no_lease(
+    cluster: Cluster, ns: str, tmp_path: Path
+) -> None:
+    """Its metrics port taken, a replica's start-up fails (kopf tries it again a minute later)
+    before it may lead: it holds no Lease meanwhile, doing nothing, and a healthy replica leads."""
+    failing, healthy = tmp_path / "failing.log", tmp_path / "healthy.log"
+    replicas = []
+    with socket.create_server(("127.0.0.1", 0)) as busy, failing.open("wb") as failing_log, \
+            healthy.open("wb") as healthy_log:  # fmt: skip
+        try:
+            replicas.append(
+                await start_replica(cluster, ns, "replica-1", busy.getsockname()[1], failing_log)
+            )
+            await eventually(lambda: "Address already in use" in failing.read_text(), 20)
+            replicas.append(await start_replica(cluster, ns, "replica-0", free_port(), healthy_log))
+
+            def holder() -> str | None:
+                lease = cluster.get("leases", ns, "luaq-operator")
+                return None if lease is None else lease["spec"].get("holderIdentity")
+
+            await eventually(lambda: holder() == "replica-0", 20)
+        finally:
+            for replica in replicas:
+                replica.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(replica.wait(), 60)
 
 
 def test_the_help_names_every_flag() -> None:
