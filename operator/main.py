@@ -71,11 +71,12 @@ def _in_workers_schema(record: logging.LogRecord) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = logs.Parser(
         prog="luaq-operator",
         description="Run the luaq operator: QueueConsumer resources become worker Deployments.",
         epilog="It needs the operator extra (pip install 'luaq[operator]'); without it, it "
-        f"exits with {EXIT_NOT_INSTALLED}.",
+        f"exits with {EXIT_NOT_INSTALLED}. It logs in the workers' schema.",
+        parents=[logs.options("LUAQ_OPERATOR_")],
     )
     namespaces = _env("namespace", "")
     parser.add_argument(
@@ -207,19 +208,6 @@ def _parser() -> argparse.ArgumentParser:
         help="QueueConsumers' Lua sources checked at once, each in a child process "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--log-level",
-        default=_env("log_level", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=_env("log_format", "auto"),
-        choices=["auto", "text", "json"],
-        help="the workers' log schema as text for a person, or json for a log collector; auto: "
-        "text on a terminal, else json (default: %(default)s)",
-    )
     return parser
 
 
@@ -252,6 +240,10 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logs.configure_from(argv, "LUAQ_OPERATOR_", service=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_in_workers_schema)
     args = _parser().parse_args(argv)
     try:
         import kopf
@@ -262,16 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in _OPERATOR_EXTRA:
             raise
-        print(
-            f"luaq-operator: {exc.name} is not installed; install the operator with "
-            "pip install 'luaq[operator]'",
-            file=sys.stderr,
+        logs.report(
+            f"{exc.name} is not installed; install the operator with pip install 'luaq[operator]'",
+            prefix="luaq-operator: ",
         )
         return EXIT_NOT_INSTALLED
     settings = settings_from(args)
-    logs.configure(args.log_level, args.log_format, service=True)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_in_workers_schema)
     if args.log_level != "debug":  # a line per probe of the kubelet's says nothing
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from . import __version__, assembly, logs
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError
@@ -24,10 +24,11 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"LUAQ_{name.upper()}", default)
 
 
-def _at_least(least: float, kind: type[int] | type[float]) -> Any:
-    """An argparse type: a number of `kind` no smaller than `least`. A limit of 0 or below is
-    no limit nor a meaningful one: refused (exit 2) rather than taken to mean unlimited. A
-    default from the environment (LUAQ_<FLAG>, a string) goes through it too."""
+def _at_least(least: float, kind: type[int] | type[float], most: float | None = None) -> Any:
+    """An argparse type: a number of `kind` no smaller than `least` (nor larger than `most`).
+    A limit of 0 or below is no limit nor a meaningful one: refused (exit 2) rather than taken
+    to mean unlimited. A default from the environment (LUAQ_<FLAG>, a string) goes through it
+    too."""
 
     def parse(text: str) -> int | float:
         try:
@@ -38,42 +39,23 @@ def _at_least(least: float, kind: type[int] | type[float]) -> Any:
             ) from None
         if not value >= least:  # (NaN too)
             raise argparse.ArgumentTypeError(f"must be at least {least:g}, got {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
         return value
 
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """A usage error of `luaq run` is said as its other reports are: in JSON mode, a pod
-        whose flags are wrong says so in a line its log pipeline keeps."""
-        if not logs.reports_logged():
-            super().error(message)  # the usage, then the error, for a person
-        logs.report(f"{self.prog}: {message}")
-        self.exit(EXIT_CONFIG)
-
-
-def _logging(exit_on_error: bool = True) -> argparse.ArgumentParser:
-    """The logging options, also read on their own first: a usage error is logged their way."""
-    parser = argparse.ArgumentParser(add_help=False, exit_on_error=exit_on_error)
-    parser.add_argument(
-        "--log-level",
-        default=_env("log_level", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="minimum level of the log lines on stderr (default: info)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=_env("log_format", "auto"),
-        choices=["auto", "text", "json"],
-        help="text for a person, json for a log collector; auto: text on a terminal, else json",
-    )
-    return parser
+# The commands; the first of them in the arguments says whether luaq runs as a service (`run`),
+# whose every line on stderr is a log line, usage errors included.
+COMMANDS = ("check", "run", "manifests", "dlq", "publish")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="luaq", description="Run queue consumers written in Lua.", parents=[_logging()]
+    parser = logs.Parser(
+        prog="luaq",
+        description="Run queue consumers written in Lua.",
+        parents=[logs.options("LUAQ_")],
     )
     parser.add_argument("--version", action="version", version=f"luaq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -127,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--metrics-port",
-        type=int,
+        type=_at_least(0, int, 65535),
         default=_env("metrics_port", None),
         metavar="PORT",
         help="serve /metrics (Prometheus), /healthz and /readyz on this port (default: off); "
@@ -141,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--lua-max-memory",
-        type=_at_least(1, int),
+        type=_at_least(1, int, 2**40),  # (a MiB count Lua's allocator can still add up)
         default=str(_env("lua_max_memory", Settings.lua_max_memory // 2**20)),
         metavar="MIB",
         help="memory limit of the process's Lua state in MiB (default: %(default)s)",
@@ -208,9 +190,8 @@ SUMMARY = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    with contextlib.suppress(argparse.ArgumentError):  # (said below, with the usage)
-        logging, rest = _logging(exit_on_error=False).parse_known_args(argv)
-        logs.configure(logging.log_level, logging.log_format, service=rest[:1] == ["run"])
+    named = next((arg for arg in argv if arg in COMMANDS), None)
+    logs.configure_from(argv, "LUAQ_", service=named == "run")
     args = _parser().parse_args(argv)
     try:
         command = _prepare(args)

@@ -13,15 +13,19 @@ A service (`luaq run`, the operator) writes nothing on stderr but such lines: se
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 MAX_LINE = 65536  # bytes, the newline excluded
 MAX_FIELD = 4096  # characters of one string in a line that had to be cut
@@ -147,8 +151,78 @@ class StderrHandler(logging.StreamHandler[Any]):
     def stream(self) -> Any:
         return sys.stderr
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A line that cannot be made or written (bad arguments, Python out of memory) becomes
+        a short line in the same format, not logging's plain traceback amid JSON lines."""
+        failure = sys.exc_info()[1]
+        with contextlib.suppress(Exception):
+            stand_in = logging.LogRecord(
+                "luaq", logging.ERROR, __file__, 0, "a line of %s could not be written: %.200r",
+                (record.name, failure), None,
+            )  # fmt: skip
+            self.stream.write(self.format(stand_in) + self.terminator)
+            self.flush()
+
 
 _command = logging.getLogger("luaq")
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("auto", "text", "json")
+
+
+def options(environ_prefix: str) -> argparse.ArgumentParser:
+    """--log-level and --log-format, as a parent parser, their defaults from the environment
+    (<prefix>LOG_LEVEL, <prefix>LOG_FORMAT) checked as the flags are."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name, choices, default, help in (
+        ("level", LEVELS, "info", "minimum level of the log lines on stderr"),
+        ("format", FORMATS, "auto", "text for a person, json for a log collector; auto: text on "
+         "a terminal, else json"),
+    ):  # fmt: skip
+        parser.add_argument(
+            f"--log-{name}",
+            default=os.environ.get(f"{environ_prefix}LOG_{name.upper()}", default),
+            type=_one_of(choices),
+            metavar="{" + ",".join(choices) + "}",
+            help=f"{help} (default: {default})",
+        )
+    return parser
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r} (choose from {', '.join(choices)})"
+            )
+        return text
+
+    return parse
+
+
+def configure_from(argv: Sequence[str], environ_prefix: str, *, service: bool) -> None:
+    """`configure` as argv's and the environment's logging options say, read before the rest
+    of argv: a usage error is then said in the log format (see Parser). Options that cannot be
+    read are taken as their defaults; the parser says what is wrong with them."""
+    parser = options(environ_prefix)
+    parser.exit_on_error = False
+    try:
+        known, _ = parser.parse_known_args(argv)
+        level, format = known.log_level, known.log_format
+    except argparse.ArgumentError:
+        level, format = "info", "auto"
+    configure(level, format, service=service)
+
+
+class Parser(argparse.ArgumentParser):
+    """A service's usage error is said as its other reports are: in JSON mode, a pod whose
+    flags are wrong says so in a line its log pipeline keeps. A one-shot command's is
+    argparse's own: the usage, then the error, for a person."""
+
+    def error(self, message: str) -> NoReturn:
+        if not reports_logged():
+            super().error(message)
+        report(f"{self.prog}: {message}")
+        self.exit(2)  # (a configuration error: nothing was started)
 
 
 def configure(level: str, format: Format = "auto", *, service: bool = False) -> None:

@@ -173,11 +173,14 @@ class Consumer:
                 break
 
     def _clamp_attempts(self, delivery: Delivery) -> None:
-        """An attempt count from another publisher (x-luaq-attempts, x-delivery-count) that no
-        retry of luaq's gives: below 1 it would dodge max_attempts, above it the message has had
-        every attempt it may have."""
+        """An attempt count below 1 (from another publisher: x-luaq-attempts, x-delivery-count)
+        would dodge max_attempts: it is taken as 1, and said. Above the limit the message has
+        had every attempt it may have: a message the dead-letter queue refused comes back so,
+        from luaq itself, and that is no news."""
         given = delivery.attempts
         delivery.attempts = min(max(given, 1), self._attempts_limit)
+        if given >= 1:
+            return
         self.log_budget.log(
             _log,
             logging.WARNING,

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 from conftest import eventually
 from kube_fixtures import K8S_VERSION, Cluster, apply, namespace
-from processes import answers, free_port, json_lines
+from processes import answers, free_port, json_lines, reported
 
 OPERATOR = Path(sys.executable).with_name("luaq-operator")
 
@@ -98,6 +98,25 @@ async def test_a_replica_whose_start_up_fails_takes_no_lease(
                 await asyncio.wait_for(replica.wait(), 60)
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    [
+        (["--bogus"], {}, "unrecognized arguments: --bogus"),
+        (["--log-format", "xml"], {}, "argument --log-format: invalid choice: 'xml'"),
+        ([], {"LUAQ_OPERATOR_LOG_LEVEL": "bogus"}, "argument --log-level: invalid choice"),
+    ],
+    ids=["unknown-option", "format-flag", "level-env"],
+)
+def test_a_usage_error_is_a_log_line(args: list[str], env: dict[str, str], error: str) -> None:
+    done = subprocess.run(
+        [str(OPERATOR), *args], env={**os.environ, **env}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    (said,) = reported(done.stderr)
+    assert said.startswith(f"luaq-operator: {error}"), said
+
+
 def test_the_help_names_every_flag() -> None:
     done = subprocess.run([str(OPERATOR), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
@@ -115,7 +134,6 @@ def test_without_the_operator_extra_it_says_what_to_install(tmp_path: Path, miss
     )
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.splitlines() == [
-        f"luaq-operator: {missing} is not installed; install the operator with "
-        "pip install 'luaq[operator]'"
+    assert reported(done.stderr) == [  # a log line, as every line it writes
+        f"{missing} is not installed; install the operator with pip install 'luaq[operator]'"
     ]

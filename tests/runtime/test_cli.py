@@ -478,6 +478,53 @@ def test_a_limit_of_luaq_run_that_is_no_limit_is_a_usage_error_in_its_log_format
     assert re.fullmatch(rf"luaq run: argument {flag}: must be at least \S+, got -1", said), said
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--metrics-port", "65536"), ("--lua-max-memory", str(2**40 + 1))]
+)
+def test_a_number_too_large_for_luaq_run_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """Not an OverflowError from bind() or lupa, after the start: exit 2, and why."""
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(app), f"{flag}={value}", "--until-idle"])
+
+    assert exited.value.code == 2
+    (said,) = reported(capsys.readouterr().err)
+    assert re.fullmatch(rf"luaq run: argument {flag}: must be at most \S+, got {value}", said)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    [
+        (["--log-level", "loud", "run"], {}, "argument --log-level: invalid choice: 'loud'"),
+        (["run"], {"LUAQ_LOG_LEVEL": "bogus"}, "argument --log-level: invalid choice: 'bogus'"),
+        (["run"], {"LUAQ_LOG_FORMAT": "xml"}, "argument --log-format: invalid choice: 'xml'"),
+        (["--bogus", "run"], {}, "unrecognized arguments: --bogus"),
+    ],
+    ids=["level-flag", "level-env", "format-env", "unknown-option"],
+)
+def test_wrong_logging_options_of_luaq_run_are_a_usage_error_in_a_log_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    error: str,
+) -> None:
+    """Even the options that say how to log: a bad one is one error line, logged as the
+    defaults say (JSON off a terminal), not a traceback or argparse's usage."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = write_app(tmp_path / "app.yaml", LOGGING_APP)
+    with pytest.raises(SystemExit) as exited:
+        main([*args, str(app), "--until-idle"])
+
+    assert exited.value.code == 2
+    (said,) = reported(capsys.readouterr().err)
+    assert said.startswith(f"luaq: {error}"), said
+
+
 def test_a_usage_error_of_another_command_shows_the_usage() -> None:
     result = subprocess.run([*LUAQ, "check"], capture_output=True, text=True, timeout=30)
 

@@ -710,6 +710,19 @@ def test_log_lines_go_where_stderr_points_now(monkeypatch: pytest.MonkeyPatch) -
     assert json.loads(after.getvalue())["msg"] == "still heard"
 
 
+def test_a_line_that_cannot_be_written_is_said_in_the_same_format(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    logs.configure("info", "json", service=True)
+
+    logging.getLogger("luaq.test").error("%d messages", "not a number")
+
+    (line,) = json_lines(capsys.readouterr().err)  # not logging's "--- Logging error ---"
+    assert (line["level"], line["logger"]) == ("error", "luaq")
+    assert line["msg"].startswith("a line of luaq.test could not be written: TypeError("), line
+
+
 def stopping_runs(tmp_path: Path, busy: socket.socket) -> dict[str, tuple[list[Any], str]]:
     """`luaq run`s that stop, or never start, and the last thing each says."""
     memory = app_entries(tmp_path / "memory.yaml", {"kind": "queue.driver.memory"})

@@ -901,6 +901,28 @@ async def test_per_message_lines_share_one_budget_per_consumer(
     }  # fmt: skip
 
 
+async def test_a_message_the_dead_letter_queue_refused_comes_back_without_a_warning(
+    apps: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given back with one attempt more than max_attempts allows, by luaq itself: that is no
+    attempt count 'out of range' from another publisher, and it must not use up the budget
+    the 'dead-lettering failed' lines need."""
+    caplog.set_level(logging.WARNING, logger="luaq.consumer")
+    app = await apps.start(
+        'function handle(p) error("no") end',
+        in_queue={"dead_letter": {"queue": "other", "max_attempts": 1}},
+        max_length=1,
+    )
+    await app.publish("other", "fills the dead-letter queue")
+    await app.publish("in", "fails")
+
+    def refused() -> int:
+        return sum("dead-lettering failed" in r.getMessage() for r in caplog.records)
+
+    await eventually(lambda: refused() >= 3, timeout=10)
+    assert not [r for r in caplog.records if r.getMessage() == "attempt count out of range"]
+
+
 def test_a_log_budget_counts_what_it_holds_back() -> None:
     budget = LogBudget(burst=2, interval=0.2)
     assert [budget.take() for _ in range(5)] == [0, 0, None, None, None]
