@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs.report(problem, prefix="")
         logs.report(f"{len(exc.problems)} problem(s), nothing was started")
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # (loading the Lua, say)
+        logs.report("interrupted, nothing was started")
+        return 128 + signal.SIGINT
     with contextlib.suppress(KeyboardInterrupt):
         return command()
     return EXIT_OK

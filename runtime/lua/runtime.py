@@ -16,13 +16,16 @@ checked to fit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -190,7 +193,10 @@ class LuaRuntime:
         if not self._room(len(source)):
             raise LuaLoadError(NO_MEMORY)
         try:
-            fn, problem = self._load(source, chunk, namespace, self._table_from(modules), method)
+            with _interrupts_after_lua():
+                fn, problem = self._load(
+                    source, chunk, namespace, self._table_from(modules), method
+                )
         except lupa.LuaError as exc:
             raise LuaLoadError(str(exc)) from exc
         if fn is None:
@@ -438,6 +444,28 @@ class LuaRuntime:
 
 def _nothing() -> None:
     return None
+
+
+@contextlib.contextmanager
+def _interrupts_after_lua() -> Iterator[None]:
+    """Ctrl-C while a module loads would raise KeyboardInterrupt in whatever Python function Lua
+    called then, where a pcall (the bridge's around keepalive, or the module's own) swallows it
+    and luaq starts anyway: the signal is noted instead, and raised once Lua has returned (a
+    load is bounded by its instruction budget). Only where Python's own handler would act."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    noted: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _: noted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if noted:
+        raise KeyboardInterrupt
 
 
 def _keepalive(host: Host) -> None:

@@ -4,6 +4,7 @@ runtime failures, graceful shutdown of a real process on SIGTERM/SIGINT, and --h
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -428,6 +429,30 @@ def test_handlers_cut_short_at_shutdown_count_as_requeued(
     assert code == 0, process.stderr
     worker = summary(process.stdout)["app:worker"]
     assert worker["requeued"] >= 2, f"two invocations were cut off and requeued: {worker}"
+
+
+def test_ctrl_c_while_the_lua_loads_stops_luaq_run(tmp_path: Path, spawn: Spawner) -> None:
+    """Python raised KeyboardInterrupt inside a function Lua called (the bridge's keepalive),
+    where a pcall swallowed it: the load went on, and the worker started as if nothing had
+    been asked. Now it stops once the module is loaded, having started nothing."""
+    app = write_app(tmp_path / "app.yaml", [
+        broker(), queue("in"),
+        {"id": "worker", "kind": "queue.consumer", "queue": "in", "method": "handle",
+         "source": "local n = 0 for i = 1, 2e8 do n = n + i end function handle() end"},
+    ])  # fmt: skip
+    process = spawn("run", app, "--max-instructions", "10000000000")
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:  # (user time: the module's loop)
+        stat = Path(f"/proc/{process.popen.pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[11]) / ticks
+
+    wait_until(lambda: cpu_seconds() >= 0.5, 30, "loading the module")
+    process.popen.send_signal(signal.SIGINT)
+
+    assert process.wait(60) == 130, process.stderr
+    assert reported(process.stderr) == ["interrupted, nothing was started"]
+    assert "worker started" not in process.stderr
 
 
 # -- help -----------------------------------------------------------------------------------------
