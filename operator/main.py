@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from luaq.runtime import logs
+from luaq.runtime.errors import EXIT_CONFIG, EXIT_FAILURE
 
 from .resource import QUANTITY
 from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
@@ -25,7 +26,6 @@ from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # What the `operator` extra installs, by import name.
 _OPERATOR_EXTRA = ("kopf", "kubernetes", "aiohttp")
-EXIT_NOT_INSTALLED = 2  # luaq's code for a configuration error: nothing ran
 
 
 def _env(name: str, default: Any) -> Any:
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="luaq-operator",
         description="Run the luaq operator: QueueConsumer resources become worker Deployments.",
         epilog="It needs the operator extra (pip install 'luaq[operator]'); without it, it "
-        f"exits with {EXIT_NOT_INSTALLED}. It logs in the workers' schema.",
+        f"exits with {EXIT_CONFIG}. It logs in the workers' schema.",
         parents=[logs.options("LUAQ_OPERATOR_")],
     )
     namespaces = _env("namespace", "")
@@ -258,13 +258,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{exc.name} is not installed; install the operator with pip install 'luaq[operator]'",
             prefix="luaq-operator: ",
         )
-        return EXIT_NOT_INSTALLED
+        return EXIT_CONFIG
     settings = settings_from(args)
     if args.log_level != "debug":  # a line per probe of the kubelet's says nothing
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    operator = Operator(settings)
+    if settings.metrics_port:  # before kopf, which would try a failed start-up again each minute
+        try:
+            operator.metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            logs.report(f"--metrics-port {settings.metrics_port}: {exc.strerror or exc}")
+            return EXIT_FAILURE
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     kopf.run(
-        registry=registry(Operator(settings)),
+        registry=registry(operator),
         standalone=True,  # one replica acts at a time through the leader Lease, not kopf peering
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,

@@ -66,9 +66,10 @@ class Operator:
             self.metrics.follow()
 
     async def start(self) -> None:
-        """The metrics first: a replica that cannot serve them (its port taken) fails its
-        start-up before it may take the Lease. kopf tries a failed start-up again a minute
-        later, and a leader that had failed would hold the Lease meanwhile, doing nothing."""
+        """The metrics first (unless `luaq-operator` serves them already): a replica that
+        cannot serve them fails its start-up before it may take the Lease. kopf tries a failed
+        start-up again a minute later, and a leader that had failed would hold the Lease
+        meanwhile, doing nothing."""
         if self.settings.metrics_port and not self.metrics.serving:
             self.metrics.serve(self.settings.metrics_port)
         await self.leadership.start()

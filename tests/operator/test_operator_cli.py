@@ -71,21 +71,23 @@ async def start_replica(
     )  # fmt: skip
 
 
-async def test_a_replica_whose_start_up_fails_takes_no_lease(
+async def test_a_replica_whose_metrics_port_is_taken_exits_before_it_may_lead(
     cluster: Cluster, ns: str, tmp_path: Path
 ) -> None:
-    """Its metrics port taken, a replica's start-up fails (kopf tries it again a minute later)
-    before it may lead: it holds no Lease meanwhile, doing nothing, and a healthy replica leads."""
+    """Its metrics port taken, a replica says so and exits (the kubelet restarts it, and its
+    pod shows why), before it touches the Lease: kopf would try its start-up again each
+    minute, a replica that serves nothing, and a healthy replica beside it leads."""
     failing, healthy = tmp_path / "failing.log", tmp_path / "healthy.log"
-    replicas = []
     with socket.create_server(("127.0.0.1", 0)) as busy, failing.open("wb") as failing_log, \
             healthy.open("wb") as healthy_log:  # fmt: skip
+        port = busy.getsockname()[1]
+        replica = await start_replica(cluster, ns, "replica-1", port, failing_log)
+        assert await asyncio.wait_for(replica.wait(), 60) == 1
+        (said,) = reported(failing.read_text())
+        assert said == f"--metrics-port {port}: Address already in use"
+        assert cluster.get("leases", ns, "luaq-operator") is None
+        replica = await start_replica(cluster, ns, "replica-0", free_port(), healthy_log)
         try:
-            replicas.append(
-                await start_replica(cluster, ns, "replica-1", busy.getsockname()[1], failing_log)
-            )
-            await eventually(lambda: "Address already in use" in failing.read_text(), 20)
-            replicas.append(await start_replica(cluster, ns, "replica-0", free_port(), healthy_log))
 
             def holder() -> str | None:
                 lease = cluster.get("leases", ns, "luaq-operator")
@@ -93,9 +95,8 @@ async def test_a_replica_whose_start_up_fails_takes_no_lease(
 
             await eventually(lambda: holder() == "replica-0", 20)
         finally:
-            for replica in replicas:
-                replica.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(replica.wait(), 60)
+            replica.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(replica.wait(), 60)
 
 
 @pytest.mark.parametrize(
