@@ -37,7 +37,7 @@ DeadLetterSink = Callable[[Delivery, str, str], Awaitable[None]]
 
 
 _GIVING_UP = {  # why a consumer gives up on a message, in words, by reason
-    "poison": "message body cannot be decoded",
+    "poison": "message cannot be handled",  # undecodable, too large, too deep for Lua
     "killed": "message kills worker processes",
     "max_attempts": "attempts exhausted",
 }

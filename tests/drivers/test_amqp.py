@@ -43,7 +43,7 @@ from processes import (
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "email"
 
-REJECTED_LOG = "message body cannot be decoded, rejected"
+REJECTED_LOG = "message cannot be handled, rejected"
 
 
 # -- the broker, seen from outside luaq -----------------------------------------------------------

@@ -114,7 +114,7 @@ async def test_each_bad_input_is_contained(
     assert stats.rejected == 4, "size, depth, encoding and content type: rejected, not retried"
     assert (stats.processed, stats.failed, stats.acked) == (5, 0, 5)
     rejected = [r.getMessage() for r in caplog.records if r.name == "luaq.consumer"]
-    assert rejected.count("message body cannot be decoded, rejected") == 4
+    assert rejected.count("message cannot be handled, rejected") == 4
     assert (await worker.host.info("app", "in"))[0] == 0
 
 

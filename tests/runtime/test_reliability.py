@@ -799,7 +799,7 @@ def test_poison_without_dead_letter_is_kept(tmp_path: Path, vhost: str, spawn: S
     asyncio.run(publish_raw(url, "jobs", b"{not json"))
 
     process = spawn("run", app)
-    wait_until(lambda: logged_prefix(process, "message body cannot be decoded, retried"), 30,
+    wait_until(lambda: logged_prefix(process, "message cannot be handled, retried"), 30,
                "the poison message seen")  # fmt: skip
     process.popen.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0, process.stderr
@@ -815,7 +815,7 @@ async def test_poison_without_dead_letter_is_kept_in_memory(
     app = await apps.start("function handle(p) end", in_queue={"retry": None})
     queue = app.worker.host.queue("app", "in")
     await app.worker.drivers["app:broker"].publish(queue, b"{not json", {}, "application/json")
-    await eventually(lambda: "message body cannot be decoded, retried in 1s" in caplog.text)
+    await eventually(lambda: "message cannot be handled, retried in 1s" in caplog.text)
     assert await app.info("in") == (1, 1), "waiting for its next attempt, still counted"
     assert app.consumer.stats.rejected == 0
 

@@ -357,7 +357,7 @@ async def test_a_body_nested_deeper_than_lua_data_may_be_is_poison(
     assert [r.data["n"] for r in await app.drain("out")] == [1, 2]
     stats = app.consumer.stats
     assert (stats.processed, stats.failed, stats.rejected, stats.retried) == (2, 0, 1, 0)
-    [rejected] = [r for r in caplog.records if r.msg == "message body cannot be decoded, rejected"]
+    [rejected] = [r for r in caplog.records if r.msg == "message cannot be handled, rejected"]
     assert rejected.__dict__["error"] == "the message's data is nested deeper than 100 levels"
     assert rejected.__dict__["attempt"] == 1
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
