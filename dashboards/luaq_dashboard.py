@@ -417,7 +417,7 @@ def dead_letters() -> list[timeseries.Panel]:
         graph(
             "Dead-lettered, by consumer",
             "Messages moved to a dead-letter queue per second: they failed max_attempts times, "
-            "or their body could not be decoded.",
+            "could not be handled at all (undecodable, too large) or killed worker processes.",
             units.MessagesPerSecond,
             query(
                 f"sum by ({per('consumer')}) ("
