@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from luaq.runtime import logs
-from luaq.runtime.errors import EXIT_CONFIG, EXIT_FAILURE
 
 from .resource import QUANTITY
 from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
@@ -26,6 +25,7 @@ from .settings import DEFAULT_IMAGE, OperatorSettings, Policy
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # What the `operator` extra installs, by import name.
 _OPERATOR_EXTRA = ("kopf", "kubernetes", "aiohttp")
+EXIT_FAILURE, EXIT_CONFIG = 1, 2  # as luaq's (luaq.runtime.errors): could not run, nothing ran
 
 
 def _env(name: str, default: Any) -> Any:
