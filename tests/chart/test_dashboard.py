@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import yaml
-from broker import AMQP_URL
-from dead_letters import put_dead_letters, vhost_url
+from broker import AMQP_URL, vhost_url
+from dead_letters import put_dead_letters
 from luaq.operator.metrics import Metrics
-from processes import Spawner, wait_until, write_app
-from prometheus import Prometheus, QueryError, answers, binary, free_port, running_prometheus
+from processes import Spawner, answers_now, free_port, wait_until, write_app
+from prometheus import Prometheus, QueryError, binary, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "dashboards" / "luaq_dashboard.py"
@@ -246,7 +246,7 @@ def started(spawn: Spawner, app: Path) -> str:
 
     def ready() -> bool:
         assert process.popen.poll() is None, f"the worker exited:\n{process.stderr}"
-        return answers(f"http://{address}/readyz")
+        return answers_now(f"http://{address}/readyz")
 
     wait_until(ready, 30, "the worker ready")
     return address

@@ -13,9 +13,9 @@ from typing import Any
 import aiormq
 import pytest
 import yaml
-from broker import queue_totals
+from broker import queue_totals, vhost_url
 from conftest import eventually
-from dead_letters import ready, vhost_url
+from dead_letters import ready
 from luaq.runtime import entries
 from luaq.runtime.assembly import build, load
 from luaq.runtime.settings import Settings

@@ -33,7 +33,7 @@ from kube_emulator import kubeconfig
 from kube_fixtures import TEST_SETTINGS, Cluster, apply, reconciles, running
 from luaq.operator.handlers import Operator
 from luaq.operator.kube import QUEUE_CONSUMERS
-from processes import free_port
+from processes import answers, free_port
 from tcp_proxy import TcpProxy
 
 OPERATOR = Path(sys.executable).with_name("luaq-operator")
@@ -186,7 +186,7 @@ async def two_replicas(
         async with running(settings) as leader:
             await eventually(lambda: leader.leading, 20)
             async with follower(cluster, ns, tmp_path) as other:
-                await eventually(lambda: answers(other.metrics), 20)
+                await eventually(lambda: answers(f"http://127.0.0.1:{other.metrics}/metrics"), 20)
                 await apply(cluster, ns, "broker-secret.yaml", "email-worker.yaml")
                 await eventually(lambda: total_reconciles(leader) > 0, 20)  # a first pass
                 leaders = Leaders({LEADER: _gauge(leader), FOLLOWER: other.leading})
@@ -211,17 +211,6 @@ def _gauge(operator: Operator) -> Callable[[], Awaitable[bool]]:
         return leader_gauge(operator)
 
     return gauge
-
-
-async def answers(port: int) -> bool:
-    def get() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
-                return True
-        except (OSError, http.client.HTTPException):
-            return False
-
-    return await asyncio.to_thread(get)
 
 
 def replicas(cluster: Cluster, ns: str) -> int:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import AMQP_URL, delete_queues, queue_depth
-from dead_letters import dead_letter_id, put_dead_letters, ready, taken_ids, vhost_url
+from broker import AMQP_URL, delete_queues, queue_depth, vhost_url
+from dead_letters import dead_letter_id, put_dead_letters, ready, taken_ids
 from luaq.runtime import dlq
 from luaq.runtime.cli import main
 from processes import write_app, write_jsonl

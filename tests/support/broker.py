@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from uuid import uuid4
 
 import aiormq
@@ -24,6 +25,10 @@ def rabbitmqctl(*args: str) -> str:
 
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def vhost_url(vhost: str) -> str:
+    return f"{AMQP_URL}{quote(vhost, safe='')}"
 
 
 def queue_totals(vhost: str, ctl: Callable[..., str] = rabbitmqctl) -> dict[str, tuple[int, int]]:

@@ -7,16 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
-from urllib.parse import quote
 
-from broker import AMQP_URL
 from luaq.runtime.drivers.amqp.client import Confirm, Connection, Endpoint
 
 BATCH = 500  # publishes awaiting their confirms at once
-
-
-def vhost_url(vhost: str, base: str = AMQP_URL) -> str:
-    return f"{base}{quote(vhost, safe='')}"
 
 
 def dead_letter_id(n: int) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,14 +156,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def answers(url: str) -> bool:
+def answers_now(url: str) -> bool:
     """Whether `url` answers 200 now (an HTTP probe, as the kubelet's)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, http.client.HTTPException):
+        return False
 
-    def get() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError):
-            return False
 
-    return await asyncio.to_thread(get)
+async def answers(url: str) -> bool:
+    """answers_now in a thread, so that a server on the test's own event loop can answer."""
+    return await asyncio.to_thread(answers_now, url)

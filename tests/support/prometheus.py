@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -17,28 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from processes import wait_until
+from processes import answers_now, free_port, wait_until
 
 
 def binary(name: str) -> str:
     path = shutil.which(name)
     assert path, f"`{name}` not found: install Debian's prometheus package (.ci/run does)"
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def answers(url: str) -> bool:
-    """Whether `url` answers 200 now."""
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 class QueryError(Exception):
@@ -106,7 +90,7 @@ def running_prometheus(
 
     def ready() -> bool:
         assert process.poll() is None, f"prometheus exited:\n{log.read_text()}"
-        return answers(f"{prometheus.url}/-/ready")
+        return answers_now(f"{prometheus.url}/-/ready")
 
     try:
         wait_until(ready, 30, "prometheus ready")
