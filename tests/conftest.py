@@ -15,13 +15,14 @@ from uuid import uuid4
 
 import pytest
 import yaml
-from broker import rabbitmqctl
+from broker import rabbitmqctl, vhost_url
 from luaq.runtime import entries
 from luaq.runtime.assembly import build, load
 from luaq.runtime.codecs import CODECS
 from luaq.runtime.drivers import Delivery
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
+from processes import Spawner
 from rabbit_node import RESEND, RabbitNode, rabbit_node
 
 pytest_plugins = ["kube_fixtures"]  # the operator tests' emulated cluster
@@ -211,6 +212,20 @@ def vhost(_vhosts: Vhosts) -> Iterator[str]:
         yield name
     finally:
         _vhosts.done.append(name)
+
+
+@pytest.fixture
+def url(vhost: str) -> str:
+    return vhost_url(vhost)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    """`luaq` as child processes of the test; what still runs at the end is killed, so that a
+    failed test leaves no worker behind."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
 
 
 @pytest.fixture(scope="session")

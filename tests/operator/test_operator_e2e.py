@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from broker import AMQP_URL, queue_depth
 from conftest import eventually
 from kube_fixtures import pod
 from luaq.operator import render
 from processes import Spawner, answers
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
 
 
 async def test_the_rendered_configmap_runs_with_the_pods_environment(

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -28,13 +27,6 @@ from test_metrics import get
 from test_reliability import Outputs, amqp_app, logged
 
 NOT_ATTACHED = (503, "consumer app:worker not attached\n")
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
 
 
 # how often a channel checks its consumer_timeout: every minute unless told otherwise

@@ -9,7 +9,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,6 @@ def luaq(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
     code = main([str(arg) for arg in args])
     captured = capsys.readouterr()
     return Result(code, captured.out, captured.err)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
 
 
 # -- luaq run --input --until-idle ----------------------------------------------------------------

@@ -15,14 +15,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiormq
 import pytest
-from broker import AMQP_URL
 from processes import Process, Spawner, wait_until, write_app
 from test_supervisor import alive, children, logged, publish
 
@@ -36,18 +33,6 @@ function handle(p)
   queue.publish("done", p)
 end
 """
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
-
-
-@pytest.fixture
-def url(vhost: str) -> str:
-    return f"{AMQP_URL}{quote(vhost, safe='')}"
 
 
 def app(tmp_path: Path, url: str) -> Path:

@@ -18,13 +18,12 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
-from broker import AMQP_URL, rabbitmqctl
+from broker import AMQP_URL, rabbitmqctl, vhost_url
 from conftest import AppFactory, eventually
 from luaq.runtime import logs
 from luaq.runtime.metrics import STALE_AFTER, Family, Server, Snapshots, Source, merge
@@ -129,13 +128,6 @@ def series(samples: Samples) -> set[tuple[str, frozenset[str]]]:
     return {(name, frozenset(k for k, _ in labels)) for name, labels in samples}
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
-
-
 def run_every_outcome(tmp_path: Path, spawn: Spawner, driver: dict[str, Any]) -> Samples:
     tmp_path.mkdir(exist_ok=True)
     port = free_port()
@@ -201,7 +193,7 @@ def test_every_outcome_is_counted_on_the_memory_driver(tmp_path: Path, spawn: Sp
 
 def test_amqp_exports_the_same_series_as_memory(tmp_path: Path, spawn: Spawner, vhost: str) -> None:
     memory = run_every_outcome(tmp_path / "m", spawn, {"kind": "queue.driver.memory"})
-    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    url = vhost_url(vhost)
     amqp = run_every_outcome(tmp_path / "a", spawn, {"kind": "queue.driver.amqp", "url": url})
     assert series(amqp) == series(memory)
     outcomes = ("ack", "retry", "dead_letter")
@@ -299,7 +291,7 @@ def test_not_ready_before_start_up_completes(tmp_path: Path, spawn: Spawner) -> 
 def test_readiness_follows_the_connection_and_shutdown(
     tmp_path: Path, spawn: Spawner, vhost: str
 ) -> None:
-    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    url = vhost_url(vhost)
     app = write_app(tmp_path / "app.yaml", [
         {"name": "broker", "kind": "queue.driver.amqp", "url": url, "reconnect_delay": "1s"},
         {"name": "jobs", "kind": "queue.queue", "driver": "broker"},
@@ -409,7 +401,7 @@ def test_a_busy_metrics_port_is_said_clearly(tmp_path: Path, spawn: Spawner) -> 
 
 
 def test_one_port_sums_every_process(tmp_path: Path, spawn: Spawner, vhost: str) -> None:
-    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    url = vhost_url(vhost)
     asyncio.run(fill(url, "jobs", 300))
     app = write_app(tmp_path / "app.yaml", [
         {"name": "broker", "kind": "queue.driver.amqp", "url": url},

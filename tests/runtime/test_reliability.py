@@ -29,12 +29,12 @@ import pamqp.decode
 import pamqp.encode
 import pytest
 from broker import (
-    AMQP_URL,
     consumer_entry,
     driver_entry,
     queue_entry,
     queue_totals,
     rabbitmqctl,
+    vhost_url,
 )
 from conftest import AppFactory, eventually
 from luaq.runtime import entries
@@ -48,10 +48,6 @@ from luaq.runtime.worker import Worker
 from processes import Process, Spawner, summary, wait_until, write_app, write_jsonl
 from rabbit_node import RabbitNode, rabbit_node
 from test_faults import depth, drain, fill
-
-
-def vhost_url(vhost: str) -> str:
-    return f"{AMQP_URL}{quote(vhost, safe='')}"
 
 
 def amqp_app(path: Path, url: str, source: str, *queues: dict[str, Any], **consumer: Any) -> Path:
@@ -71,13 +67,6 @@ def amqp_app(path: Path, url: str, source: str, *queues: dict[str, Any], **consu
               "source": source, "modules": ["queue", "logger", "json", "time"],
               **consumer}  # fmt: skip
     return write_app(path, [broker, *extra, *declared.values(), worker])
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
 
 
 def logged(process: Process, message: str) -> list[dict[str, Any]]:

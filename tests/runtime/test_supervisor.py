@@ -14,11 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiormq
 import pytest
-from broker import AMQP_URL, queue_depth
+from broker import queue_depth
 from luaq.runtime.metrics import Family, Server, Snapshots
 from luaq.runtime.supervisor import Pod
 from pamqp.commands import Basic
@@ -27,18 +26,6 @@ from test_metrics import Samples, get, scrape, value
 
 SLEEPER = "function handle(p) if p.sleep then time.sleep(p.sleep) end end"
 JOBS = {"consumer": "app:worker", "queue": "app:jobs"}
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.stop_all()
-
-
-@pytest.fixture
-def url(vhost: str) -> str:
-    return f"{AMQP_URL}{quote(vhost, safe='')}"
 
 
 @pytest.fixture
