@@ -41,12 +41,10 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +55,11 @@ import yaml
 from pamqp.commands import Basic
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+
+from broker import queue_totals  # noqa: E402
+from rabbit_node import RabbitNode, rabbit_node  # noqa: E402
+
 HANDLER = 'function handle(p) return queue.publish("app:out", {n = p.n}) end'
 SCENARIOS = ("baseline", "restart", "partition", "alarm", "kill")
 FAULT_AT = 0.25  # the fault comes once this share of the outputs is in `out`
@@ -84,122 +87,22 @@ def note(message: str) -> None:
     print(f"[{time.monotonic() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# --- a RabbitMQ node of the script's own (as tests/support/rabbit_node.py starts one) ---
-
-
-@dataclass
-class Node:
-    name: str  # as rabbitmqctl -n takes it
-    port: int
-    env: dict[str, str]
-    base: Path
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    async def ctl(self, *args: str, seconds: float = 120) -> str:
-        """rabbitmqctl against this node; raises when it fails."""
-        process = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "-q", "-n", self.name, *args, env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), seconds)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: no answer in {seconds}s") from None
-        if process.returncode:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {err.decode().strip()}")
-        return out.decode()
-
-    async def answers(self) -> bool:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 1)
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        return True
-
-    async def totals(self) -> dict[str, tuple[int, int]]:
-        """(ready, unacknowledged) by queue name, as the broker counts them."""
-        rows = await self.ctl("list_queues", "name", "messages_ready", "messages_unacknowledged")
-        totals = {}
-        for row in rows.splitlines():
-            name, ready, unacked = row.split("\t")
-            if name != "name":
-                totals[name] = (int(ready), int(unacked))
-        return totals
-
-    def keep_logs(self, directory: Path) -> None:
-        shutil.copytree(self.base / "log", directory / "rabbitmq-log", dirs_exist_ok=True)
-
-
-def prepare_node() -> Node:
-    """A node's files on free ports, with its own name, data and logs under /tmp, no plugins.
-    Debian's rabbitmq-server runs it as the rabbitmq user, whose directories they must be, and
-    HOME is that user's, for the Erlang cookie rabbitmqctl reads."""
-    base = Path(tempfile.mkdtemp(prefix="luaq-rmq-"))
-    port, dist = free_port(), free_port()
-    name = f"luaq-bench-{uuid.uuid4().hex[:8]}@localhost"
-    (base / "rabbitmq.conf").write_text(
-        f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"
-    )
-    (base / "enabled_plugins").write_text("[].\n")
-    (base / "advanced.config").write_text("[].\n")
-    (base / "rabbitmq-env.conf").write_text("")
-    env = {
-        **os.environ,
-        "RABBITMQ_NODENAME": name,
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(dist),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_PID_FILE": str(base / "pid"),
-        "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-        "HOME": "/var/lib/rabbitmq",
-    }
-    for directory in ("mnesia", "log"):
-        (base / directory).mkdir()
-    for path in (base, *base.rglob("*")):
-        shutil.chown(path, "rabbitmq", "rabbitmq")
-    return Node(name, port, env, base)
-
-
 @contextlib.asynccontextmanager
-async def rabbit_node() -> AsyncIterator[Node]:
-    """A started node (prepare_node), stopped and its files removed afterwards."""
-    node = prepare_node()
-    name, env, base = node.name, node.env, node.base
+async def private_node() -> AsyncIterator[RabbitNode]:
+    """rabbit_node, started and stopped in a thread: the event loop runs meanwhile, so what
+    was connected to the node sees it go and closes before asyncio.run ends."""
+    starting = rabbit_node()
+    node = await asyncio.to_thread(starting.__enter__)
     try:
-        starting = await asyncio.create_subprocess_exec(
-            "rabbitmq-server", "-detached", env=env, stdout=subprocess.DEVNULL
-        )
-        if await asyncio.wait_for(starting.wait(), 60):
-            raise RuntimeError("rabbitmq-server -detached failed")
-        # -detached returns at once, and await_startup fails until the node has registered
-        deadline = time.monotonic() + 90
-        while not await node.answers():
-            if time.monotonic() > deadline:
-                logs = "\n".join(p.read_text()[-2000:] for p in (base / "log").glob("*.log"))
-                raise RuntimeError(f"node {name} did not start:\n{logs}")
-            await asyncio.sleep(0.2)
-        await node.ctl("await_startup", "--timeout", "60", seconds=90)
         yield node
     finally:
-        with contextlib.suppress(Exception):
-            await node.ctl("stop", seconds=60)
-        shutil.rmtree(base, ignore_errors=True)
+        await asyncio.to_thread(starting.__exit__, None, None, None)
+
+
+async def ctl(node: RabbitNode, *args: str, seconds: float = 120) -> str:
+    """rabbitmqctl against the scenario's node, in a thread: the watch, the partition's proxy
+    and the workers go on meanwhile."""
+    return await asyncio.to_thread(node.ctl, *args, timeout=seconds)
 
 
 # --- a network partition ----------------------------------------------------------------------
@@ -469,7 +372,7 @@ def write_app(directory: Path, url: str, heartbeat: int | None) -> Path:
 class Run:
     name: str
     messages: int
-    node: Node
+    node: RabbitNode
     directory: Path
     app: Path
     watch: Watch
@@ -496,11 +399,11 @@ async def no_fault(run: Run) -> None:
 
 async def restart(run: Run) -> None:
     note("stop_app")
-    await run.node.ctl("stop_app")
+    await ctl(run.node, "stop_app")
     run.fault["stopped_at"] = time.monotonic()
     note("start_app")
-    await run.node.ctl("start_app")
-    await run.node.ctl("await_startup", "--timeout", "60", seconds=90)
+    await ctl(run.node, "start_app")
+    await ctl(run.node, "await_startup", "--timeout", "60", seconds=90)
 
 
 async def partition(run: Run) -> None:
@@ -517,12 +420,14 @@ async def partition(run: Run) -> None:
 async def alarm(run: Run) -> None:
     note(f"memory alarm for {ALARM:g}s")
     started = time.monotonic()
-    await run.node.ctl("set_vm_memory_high_watermark", "0.0001")
-    run.fault["alarm_raised"] = "memory" in await run.node.ctl("eval", "rabbit_alarm:get_alarms().")
+    await ctl(run.node, "set_vm_memory_high_watermark", "0.0001")
+    run.fault["alarm_raised"] = "memory" in await ctl(
+        run.node, "eval", "rabbit_alarm:get_alarms()."
+    )
     await asyncio.sleep(max(0.0, ALARM - (time.monotonic() - started)))
-    await run.node.ctl("set_vm_memory_high_watermark", "0.4")
-    run.fault["alarm_cleared"] = "memory" not in await run.node.ctl(
-        "eval", "rabbit_alarm:get_alarms()."
+    await ctl(run.node, "set_vm_memory_high_watermark", "0.4")
+    run.fault["alarm_cleared"] = "memory" not in await ctl(
+        run.node, "eval", "rabbit_alarm:get_alarms()."
     )
     note("memory alarm cleared")
 
@@ -561,7 +466,7 @@ async def drained(run: Run) -> bool:
         elif not until_idle:
             run.worker.check()
         if run.watch.outputs >= run.messages or run.watch.in_ready == 0:
-            totals = await run.node.totals()
+            totals = await asyncio.to_thread(queue_totals, "/", run.node.ctl)
             busy = {
                 name: counts for name, counts in totals.items() if name != "out" and any(counts)
             }
@@ -582,7 +487,7 @@ async def scenario(name: str, messages: int) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix=f"luaq-faults-{name}-"))
     result: dict[str, Any] = {}
     keep = False
-    async with rabbit_node() as node:
+    async with private_node() as node:
         note(f"{name}: node {node.name} on port {node.port}; filling `in` with {messages}")
         run: Run | None = None
         watching: asyncio.Task[None] | None = None
@@ -663,7 +568,8 @@ async def scenario(name: str, messages: int) -> dict[str, Any]:
                 if run.proxy is not None:
                     await run.proxy.close()
             if keep:
-                node.keep_logs(directory)
+                log = Path(node.env["RABBITMQ_LOG_BASE"])
+                shutil.copytree(log, directory / "rabbitmq-log", dirs_exist_ok=True)
     if keep:
         result["kept"] = str(directory)
         note(f"{name}: kept {directory}")
