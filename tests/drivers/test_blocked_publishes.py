@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from luaq.runtime.cli import main
 from luaq.runtime.drivers.amqp import AmqpDriver
 from luaq.runtime.errors import ErrorKind, MaybePublished, QueueError
 from processes import wait_until, write_app
-from rabbit_node import RabbitNode, rabbit_node
+from rabbit_node import RabbitNode, memory_alarm, rabbit_node
 
 PUBLISH_TIMEOUT = 2.0
 
@@ -28,21 +27,6 @@ PUBLISH_TIMEOUT = 2.0
 def node() -> Iterator[RabbitNode]:
     with rabbit_node() as started:
         yield started
-
-
-def alarms(node: RabbitNode) -> str:
-    return node.ctl("eval", "rabbit_alarm:get_alarms().")
-
-
-@contextmanager
-def memory_alarm(node: RabbitNode) -> Iterator[None]:
-    node.ctl("set_vm_memory_high_watermark", "0.0000001")
-    try:
-        wait_until(lambda: "memory" in alarms(node), 30, "the memory alarm")
-        yield
-    finally:
-        node.ctl("set_vm_memory_high_watermark", "0.4")
-        wait_until(lambda: "memory" not in alarms(node), 30, "the memory alarm to clear")
 
 
 def app(path: Path, node: RabbitNode, jobs: str, dead: str) -> Path:

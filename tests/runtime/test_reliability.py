@@ -7,7 +7,6 @@ in the middle of a call, and messages that fail forever. Each AMQP test has a vh
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import gzip
 import itertools
@@ -16,12 +15,10 @@ import logging
 import math
 import signal
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
 import msgpack
@@ -46,7 +43,7 @@ from luaq.runtime.logs import LogBudget
 from luaq.runtime.settings import Settings
 from luaq.runtime.worker import Worker
 from processes import Process, Spawner, summary, wait_until, write_app, write_jsonl
-from rabbit_node import RabbitNode, rabbit_node
+from rabbit_node import RabbitNode, memory_alarm
 from test_faults import depth, drain, fill
 
 
@@ -435,40 +432,6 @@ def queue_depth_sync(url: str, queue: str) -> int:
 # -- 5. a broker that blocks publishers ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def private_node() -> Iterator[RabbitNode]:
-    """A node of these tests' own: a memory alarm on the shared one would stop every publisher
-    of the machine."""
-    with rabbit_node() as node:
-        yield node
-
-
-@pytest.fixture
-def private_vhost(private_node: RabbitNode) -> Iterator[tuple[RabbitNode, str]]:
-    name = f"luaq-test-{uuid.uuid4().hex[:12]}"
-    private_node.ctl("add_vhost", name)
-    private_node.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield private_node, name
-    private_node.ctl("delete_vhost", name)
-
-
-@contextlib.contextmanager
-def memory_alarm(node: RabbitNode) -> Iterator[None]:
-    """RabbitMQ's memory alarm, for real: the high watermark set below what the node uses, and
-    put back."""
-    node.ctl("set_vm_memory_high_watermark", "0.0001")
-    try:
-        wait_until(lambda: "memory" in alarms(node), 30, "the memory alarm")
-        yield
-    finally:
-        node.ctl("set_vm_memory_high_watermark", "0.4")
-        wait_until(lambda: "memory" not in alarms(node), 30, "the memory alarm to clear")
-
-
-def alarms(node: RabbitNode) -> str:
-    return node.ctl("eval", "rabbit_alarm:get_alarms().")
-
-
 PUBLISH_ODD = """
 function handle(p)
   if p.n % 2 == 1 then
@@ -479,15 +442,15 @@ end
 
 
 def test_under_a_memory_alarm_acks_flow_publishes_fail_cleanly_and_nothing_is_lost(
-    tmp_path: Path, private_vhost: tuple[RabbitNode, str], spawn: Spawner
+    tmp_path: Path, own_node_vhost: tuple[RabbitNode, str], spawn: Spawner
 ) -> None:
     """Odd inputs publish, even ones do not. While the broker blocks publishers, the even ones
     are acked (acks travel on the consuming connection, which the alarm does not block), the
     odd ones fail with a retryable error that says why and come back after their backoff, and
     `luaq publish` gives up with the same message. Once the alarm clears, every odd input
     reaches `out`."""
-    node, vhost = private_vhost
-    url = f"{node.url}{quote(vhost, safe='')}"
+    node, vhost = own_node_vhost
+    url = node.vhost_url(vhost)
     asyncio.run(fill(url, "jobs", 40))
     app = amqp_app(
         tmp_path / "app.yaml", url, PUBLISH_ODD,
@@ -518,10 +481,10 @@ def test_under_a_memory_alarm_acks_flow_publishes_fail_cleanly_and_nothing_is_lo
 
 
 def test_shutdown_keeps_its_timeout_while_the_broker_blocks(
-    tmp_path: Path, private_vhost: tuple[RabbitNode, str], spawn: Spawner
+    tmp_path: Path, own_node_vhost: tuple[RabbitNode, str], spawn: Spawner
 ) -> None:
-    node, vhost = private_vhost
-    url = f"{node.url}{quote(vhost, safe='')}"
+    node, vhost = own_node_vhost
+    url = node.vhost_url(vhost)
     asyncio.run(fill(url, "jobs", 5))
     app = amqp_app(
         tmp_path / "app.yaml", url, 'function handle(p) return queue.publish("app:out", p) end',

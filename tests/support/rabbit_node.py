@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from processes import free_port
+from processes import free_port, wait_until
 
 # RabbitMQ's dead-letter worker sends again what a full queue refused after this long (3 min
 # by default): short on the suite's own node (conftest.own_node), so a test sees the message
@@ -106,3 +106,20 @@ def rabbit_node(config: str = "", advanced: str = "") -> Iterator[RabbitNode]:
             ["rabbitmqctl", "-q", "-n", name, "stop"], env=env, capture_output=True, timeout=60
         )
         shutil.rmtree(base, ignore_errors=True)
+
+
+def alarms(node: RabbitNode) -> str:
+    return node.ctl("eval", "rabbit_alarm:get_alarms().")
+
+
+@contextmanager
+def memory_alarm(node: RabbitNode) -> Iterator[None]:
+    """RabbitMQ's memory alarm, for real: the high watermark set below what the node uses, and
+    put back to the default (0.4), so that the node blocks no one after the test."""
+    node.ctl("set_vm_memory_high_watermark", "0.0000001")
+    try:
+        wait_until(lambda: "memory" in alarms(node), 30, "the memory alarm")
+        yield
+    finally:
+        node.ctl("set_vm_memory_high_watermark", "0.4")
+        wait_until(lambda: "memory" not in alarms(node), 30, "the memory alarm to clear")
