@@ -8,7 +8,6 @@ Every flag can also come from the environment as LUAQ_<FLAG> (the operator's way
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
@@ -204,9 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # (loading the Lua, say)
         logs.report("interrupted, nothing was started")
         return 128 + signal.SIGINT
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         return command()
-    return EXIT_OK
+    except KeyboardInterrupt:
+        if args.command == "run":  # a stop asked before the worker's own handlers: it took nothing
+            return EXIT_OK
+        logs.report("interrupted")  # a publish, a replay cut short: no script may take it as done
+        return 128 + signal.SIGINT
 
 
 def _prepare(args: argparse.Namespace) -> assembly.Command:

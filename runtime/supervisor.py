@@ -218,6 +218,8 @@ class Supervisor:
         if slot.stuck is not None:
             how = f"killed: {slot.stuck}"
         if self._stop_at is not None:
+            if -os.waitstatus_to_exitcode(status) in _STOP_SIGNALS:
+                code = EXIT_OK  # the stop it was passed on, before it had a handler: starting
             self.code = max(self.code, code)
         elif code == EXIT_OK and self.until_idle:
             how = "finished"
@@ -371,8 +373,8 @@ class Supervisor:
             code = self.target(self.flights.log(slot.index))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # Ctrl-C before the worker's own handlers: it ran nothing
+            code = EXIT_OK
         except BaseException:
             _log.exception("worker process failed")
         finally:

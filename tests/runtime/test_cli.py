@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -446,6 +447,24 @@ def test_ctrl_c_while_the_lua_loads_stops_luaq_run(tmp_path: Path, spawn: Spawne
     assert process.wait(60) == 130, process.stderr
     assert reported(process.stderr) == ["interrupted, nothing was started"]
     assert "worker started" not in process.stderr
+
+
+def test_ctrl_c_during_a_publish_is_no_success(tmp_path: Path, spawn: Spawner) -> None:
+    """`luaq publish` cut short by Ctrl-C (its broker not answering yet) exited 0, and a script
+    took the message as sent."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks AMQP
+        app = write_app(tmp_path / "app.yaml", [
+            {"name": "broker", "kind": "queue.driver.amqp",
+             "url": f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"},
+            queue("out"),
+        ])  # fmt: skip
+        process = spawn("publish", "--entries", app, "app:out", "{}")
+        silent.settimeout(30)
+        connection, _ = silent.accept()
+        with connection:
+            process.popen.send_signal(signal.SIGINT)
+            assert process.wait(30) == 128 + signal.SIGINT, process.stderr
+    assert process.stderr.strip().splitlines()[-1] == "luaq: interrupted"
 
 
 # -- help -----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`luaq run --processes N` under its supervisor, with real processes on the real RabbitMQ: a
 worker killed is replaced and leaves the pod's readiness and gauges at once, counters never go
 down; workers die with a supervisor killed hard; workers that keep dying make it give up;
-SIGTERM ends everything in time; workers that disagree on a metric do not break /metrics."""
+SIGTERM ends everything in time, and a stop while a worker starts is clean; workers that
+disagree on a metric do not break /metrics."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 import aiormq
 import pytest
 from broker import queue_depth
+from luaq.runtime.flight import FlightLog
 from luaq.runtime.metrics import Family, Server, Snapshots
-from luaq.runtime.supervisor import Pod
+from luaq.runtime.supervisor import Pod, Supervisor
 from pamqp.commands import Basic
 from processes import Process, Spawner, free_port, wait_until, write_app
 from test_metrics import Samples, get, scrape, value
@@ -230,6 +232,22 @@ def test_sigterm_ends_the_pod_within_the_grace_period_and_a_second(
     killed = logged(process, "worker process still running at the deadline: killed")
     assert [line["pid"] for line in killed] == [stuck]
     assert asyncio.run(queue_depth("jobs", url))[0] == 1, "the cut-short message is back"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_a_worker_starts_is_a_clean_stop(signum: signal.Signals) -> None:
+    """A worker takes its stop signals once its event loop runs; one passed on before (while
+    it builds, connects) killed it or raised KeyboardInterrupt in it, and the pod exited 1 for
+    a stop it was asked for, with nothing taken."""
+
+    def starting(_: FlightLog) -> int:  # (the forked worker) its pod is stopped as it starts
+        os.kill(os.getppid(), signum)
+        time.sleep(30)
+        return 0
+
+    begun = time.monotonic()
+    assert Supervisor(1, starting, grace=5, hard_timeout=60).run() == 0
+    assert time.monotonic() - begun < 5, "the worker did not wait for the deadline"
 
 
 def test_workers_that_disagree_on_a_metric_do_not_break_metrics(
