@@ -84,6 +84,7 @@ def build(
     `metrics_address` (where they are served, for the start-up line); `watch`: where a
     supervised worker process reports its handlers' runs to its supervisor."""
     config, lua = loaded.config, loaded.lua
+    lua.reseed()  # (in the process that runs it)
     drivers = Drivers(config)
     pace = Pace()  # one for every consumer of the process
     consumers = []

@@ -543,8 +543,11 @@ local function sandbox_xpcall(f, handler, ...)
 end
 
 -- A random generator of a function's own (xoshiro256**, as Lua's math.random), seeded from the
--- process's generator: one function's math.randomseed cannot make another's numbers known.
-local random_seed = math.random
+-- operating system's randomness (host.seed), never from a generator another function draws from:
+-- one function's numbers or seeds tell nothing of another's. Seeded again in each worker process
+-- (bridge.reseed), which would otherwise draw the numbers of every process forked from one load.
+local random_seed = host.seed
+local reseeds = setmetatable({}, { __mode = "k" }) -- each function's, while its sandbox lives
 
 local function random_generator()
   local s0, s1, s2, s3
@@ -568,9 +571,11 @@ local function random_generator()
     return math.tointeger(x) or error(("bad argument #%d to '%s' (number has no integer "
       .. "representation)"):format(position, name), 3)
   end
+  local chosen = false -- seeded by the function itself: its numbers are its to repeat
   local function randomseed(n1, n2)
+    chosen = n1 ~= nil
     if n1 == nil then
-      n1, n2 = random_seed(0), random_seed(0)
+      n1, n2 = random_seed(), random_seed()
     else
       n1, n2 = integer(n1, 1, "randomseed"), n2 == nil and 0 or integer(n2, 2, "randomseed")
     end
@@ -583,6 +588,7 @@ local function random_generator()
     local low, up
     if n == nil then
       low, up = 1, integer(m, 1, "random")
+      if up == 0 then return value end -- an integer of 64 random bits
     else
       low, up = integer(m, 1, "random"), integer(n, 2, "random")
     end
@@ -595,7 +601,11 @@ local function random_generator()
     while not math.ult(value, range) do value = next_integer() end
     return low + value
   end
-  seed(random_seed(0), random_seed(0))
+  local function reseed()
+    if not chosen then seed(random_seed(), random_seed()) end
+  end
+  reseed()
+  reseeds[random] = reseed
   return random, randomseed
 end
 
@@ -747,6 +757,11 @@ function bridge.cancel(id)
   local co = invocations[id]
   invocations[id] = nil
   if co then co_close(co) end
+end
+
+-- In a new worker process: every function's generator that it did not seed itself.
+function bridge.reseed()
+  for _, reseed in pairs(reseeds) do reseed() end
 end
 
 function bridge.array(t) return setmetatable(t, array_mt) end

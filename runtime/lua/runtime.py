@@ -21,6 +21,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -154,6 +155,7 @@ class LuaRuntime:
                 "now": time.time,
                 "keepalive": _nothing,
                 "metric": self._metric,
+                "seed": _seed,
             }
         )
         budget = settings.max_instructions
@@ -168,8 +170,15 @@ class LuaRuntime:
         self._starter = bridge.starter
         self._resume = bridge.resume
         self._cancel = bridge.cancel
+        self._reseed = bridge.reseed
         self._table_from = self._lua.table_from
         self.convert = Converter(self._table_from, bridge.array, bridge.shape)
+
+    def reseed(self) -> None:
+        """Fresh seeds for every function's generator that the function did not seed itself,
+        in a new worker process: forked from one load, every process would draw the same
+        numbers, and a restarted one the numbers of the first."""
+        self._reseed()
 
     def serve(self, host: Host, watch: Watch | None = None) -> None:
         """Answer the handlers' requests with `host` from now on. A runtime that only loads
@@ -466,6 +475,11 @@ def _interrupts_after_lua() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if noted:
         raise KeyboardInterrupt
+
+
+def _seed() -> int:
+    """64 bits of the operating system's randomness, as a Lua integer."""
+    return int.from_bytes(os.urandom(8), "little", signed=True)
 
 
 def _keepalive(host: Host) -> None:

@@ -234,6 +234,37 @@ def test_sigterm_ends_the_pod_within_the_grace_period_and_a_second(
     assert asyncio.run(queue_depth("jobs", url))[0] == 1, "the cut-short message is back"
 
 
+DRAWER = """
+local drawn
+function handle(p)
+  if not drawn then
+    drawn = math.random(1, 1 << 53)
+    logger:info("first draw", {value = drawn})
+  end
+  time.sleep(p.sleep)
+end
+"""
+
+
+def test_each_worker_process_draws_numbers_of_its_own(
+    tmp_path: Path, spawn: Spawner, url: str, workers: set[int]
+) -> None:
+    """Forked from one load, every worker process drew the same numbers from math.random, and
+    a restarted one the numbers of the first: ids or tokens made of them collided."""
+    entries = app(tmp_path, url, DRAWER, prefetch=1, modules=["time", "logger"])
+    process = spawn("run", entries, "--processes", "2")
+    wait_until(lambda: workers_up(process, 2), 20, "both workers consuming")
+    publish(url, *({"sleep": 0.2} for _ in range(10)))
+    wait_until(lambda: len(logged(process, "first draw")) == 2, 20, "a draw in each process")
+    victim, _ = children(process, workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: workers_up(process, 3), 20, "its replacement consuming")
+    publish(url, *({"sleep": 0.2} for _ in range(10)))
+    wait_until(lambda: len(logged(process, "first draw")) == 3, 20, "a draw in the replacement")
+    draws = [line["fields"]["value"] for line in logged(process, "first draw")]
+    assert len(set(draws)) == 3, draws
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_while_a_worker_starts_is_a_clean_stop(signum: signal.Signals) -> None:
     """A worker takes its stop signals once its event loop runs; one passed on before (while
