@@ -216,12 +216,28 @@ class _PodModel(_Model):
     model_config = ConfigDict(alias_generator=AliasGenerator(serialization_alias=camel))
 
 
+# The worker's own variables: `luaq run` reads every flag as LUAQ_<FLAG> (the operator sets some,
+# the admin's policy bounds others, `luaq check` validated the broker's), and Python and the
+# loader would run code the image does not hold. The logs' level and format are the tenant's.
+_WORKERS_ENV = re.compile(r"LUAQ_(?!LOG_LEVEL$|LOG_FORMAT$)|PYTHON|LD_")
+
+
 class EnvVar(_PodModel):
     """An environment variable of the worker container (`valueFrom` as in a pod)."""
 
     name: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
     value: str | None = Field(None, max_length=32768)
     value_from: dict[str, Any] | None = Field(None, max_length=4)
+
+    @field_validator("name")
+    @classmethod
+    def _not_the_workers(cls, name: str) -> str:
+        if _WORKERS_ENV.match(name):
+            raise ValueError(
+                "LUAQ_* (but LUAQ_LOG_LEVEL and LUAQ_LOG_FORMAT), PYTHON* and LD_* are the "
+                "worker's own: set what the spec's fields allow"
+            )
+        return name
 
 
 class Toleration(_PodModel):

@@ -91,6 +91,16 @@ async def test_nothing_a_queueconsumer_names_reaches_another_namespace(
             broker={"urlSecretRef": {**url, "name": "closed"}, "vhost": "${env:LUAQ_BROKER_URL}"},
             autoscaling={"maxReplicas": 2},
         ),
+        # the pods' flags (past the admin's policy, and another broker than the one checked)
+        "env-over-flags": consumer(
+            "env-over-flags",
+            env=[
+                {"name": "LUAQ_LOG_LEVEL", "value": "debug"},
+                {"name": "LUAQ_PROCESSES", "value": "64"},
+                {"name": "LUAQ_BROKER_URL", "value": closed},
+                {"name": "PYTHONPATH", "value": "/etc/tenant"},
+            ],
+        ),
     }
     for body in hostile.values():
         await cluster.create(QUEUE_CONSUMERS, ns, body)
@@ -100,6 +110,10 @@ async def test_nothing_a_queueconsumer_names_reaches_another_namespace(
         assert deployment(cluster, ns, name) is None
     assert "should match pattern" in condition(cluster, ns, "Degraded", "secret-path")["message"]
     assert "not expanded" in condition(cluster, ns, "Degraded", "env-in-vhost")["message"]
+    refused = condition(cluster, ns, "Degraded", "env-over-flags")["message"]
+    for index in (1, 2, 3):
+        assert f"spec.env[{index}].name: LUAQ_* (but LUAQ_LOG_LEVEL" in refused, refused
+    assert "spec.env[0]" not in refused
     assert operator_requests_in(cluster, victim) == set()
     assert cluster.events(ns, "BacklogUnavailable") == []  # it never connected
     told = str(cluster.events(ns)) + str(cluster.emulator.read_all("queueconsumers", ns))
