@@ -228,14 +228,18 @@ class AmqpDriverEntry(_DriverEntry):
         if not self.url.startswith(("amqp://", "amqps://")):
             raise ValueError("url: must start with amqp:// or amqps://")
         # The URL holds a password: no message quotes any part of it.
+        unreadable = ValueError(
+            "url: cannot be read as amqp://user:password@host:port/vhost (a '/', '?', '#' "
+            "or '@' in the user, password or vhost must be percent-encoded, as %2F, %3F, %23, %40)"
+        )
         try:
             parts = urlsplit(self.url)
             parts.port  # noqa: B018 - parsing it is the check
         except ValueError:
-            raise ValueError(
-                "url: cannot be read as amqp://user:password@host:port/vhost (a '/', '?', '#' "
-                "or '@' in the user or password must be percent-encoded, as %2F, %3F, %23, %40)"
-            ) from None
+            raise unreadable from None
+        # amqp://u:12/pw@host/ is host u, port 12 and a path: its password would be in the clear
+        if "@" in parts.path or parts.path.count("/") > 1:
+            raise unreadable
         if parts.query or parts.fragment:
             raise ValueError(
                 "url: query parameters are not read; use the entry's fields (heartbeat, "

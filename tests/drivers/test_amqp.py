@@ -635,7 +635,7 @@ async def test_amqp_entries_with_env_and_durations_are_valid(
 
 UNREADABLE_URL = (
     "url: cannot be read as amqp://user:password@host:port/vhost (a '/', '?', '#' or '@' in the "
-    "user or password must be percent-encoded, as %2F, %3F, %23, %40)"
+    "user, password or vhost must be percent-encoded, as %2F, %3F, %23, %40)"
 )
 QUERY_URL = (
     "url: query parameters are not read; use the entry's fields (heartbeat, connection_timeout, "
@@ -658,6 +658,9 @@ BAD_DRIVERS: dict[str, tuple[dict[str, Any], str]] = {
     # a password with a '/' or '?' puts part of it where the port or the query should be: no
     # message quotes any of it
     "slash-in-password": ({"url": "amqp://luaq:Zm9v/YmFy@rabbitmq:5672/"}, UNREADABLE_URL),
+    # ... and after digits, it reads as host `luaq`, port 12345 and a path that holds the rest
+    "slash-after-digits": ({"url": "amqp://luaq:12345/Sekr3t@rabbitmq:5672/"}, UNREADABLE_URL),
+    "slash-in-vhost": ({"url": "amqp://guest:guest@rabbitmq:5672/a/b"}, UNREADABLE_URL),
     "query": ({"url": "amqp://guest:guest@127.0.0.1:5672/?heartbeat=30"}, QUERY_URL),
     "question-mark-in-password": ({"url": "amqp://luaq:s3cr3t?tail@rabbitmq/"}, UNREADABLE_URL),
     "delays": (
