@@ -751,12 +751,18 @@ function bridge.resume(id, ...)
   return step(id, co, co_resume(co, ...))
 end
 
--- Stops an invocation that will not be resumed (cancelled on shutdown); runs its to-be-closed
--- variables.
+-- Stops an invocation that will not be resumed (cancelled on shutdown), its budget exhausted
+-- first: its to-be-closed variables' __close handlers each fail at their first instruction.
+-- Given what was left of the budget, they would run, one invocation after another, past the
+-- shutdown timeout.
 function bridge.cancel(id)
   local co = invocations[id]
   invocations[id] = nil
-  if co then co_close(co) end
+  if not co then return end
+  local ctx = contexts[co]
+  ctx.timeout = ctx.timeout or new_error("CANCELED", "the invocation was stopped")
+  sethook(co, exhausted, "", 1)
+  co_close(co)
 end
 
 -- In a new worker process: every function's generator that it did not seed itself.

@@ -221,19 +221,24 @@ class LuaRuntime:
         finally:
             self._lua.set_max_memory(self._max_memory)
 
-    def _abandon(self, invocation: int) -> None:
-        """Stops an invocation that will not be resumed, running its to-be-closed variables.
-        With MEMORY_MARGIN more memory: a full Lua state is often why, and closing the
-        coroutine is what gives its memory back (its __close handlers get no more than that)."""
+    def _abandon(self, invocation: int, key: bytes | None) -> None:
+        """Stops an invocation that will not be resumed, with its budget exhausted (bridge.lua:
+        at a stop, the __close handlers of every abandoned invocation would run one after the
+        other). With MEMORY_MARGIN more memory: a full Lua state is often why, and closing the
+        coroutine is what gives its memory back. Watched as the message's, since Lua runs."""
         lua, limit = self._lua, self._max_memory
-        if not limit:
-            self._cancel(invocation)
-            return
-        lua.set_max_memory(max(limit, lua.get_memory_used()) + MEMORY_MARGIN)
+        watch = self._watch if key is not None else None
+        if watch is not None:
+            watch.enter(key)  # type: ignore[arg-type]
+        if limit:
+            lua.set_max_memory(max(limit, lua.get_memory_used()) + MEMORY_MARGIN)
         try:
             self._cancel(invocation)
         finally:
-            lua.set_max_memory(limit)
+            if limit:
+                lua.set_max_memory(limit)
+            if watch is not None:
+                watch.leave()
 
     def _room(self, size: int = 0, collect: bool = True) -> bool:
         """Whether Lua has MEMORY_MARGIN bytes, plus `size` for a string pushed as an argument or
@@ -368,18 +373,18 @@ class LuaRuntime:
                 if type(result) is tuple and result[0] == _CALL:
                     result = await self._serve(invocation, delivery, settle, consumer, result, key)
             except asyncio.CancelledError:
-                self._abandon(invocation)
+                self._abandon(invocation, key)
                 raise
             except lupa.LuaMemoryError:
                 # the bridge's own code, after the handler's, found the state full
-                self._abandon(invocation)
+                self._abandon(invocation, key)
                 return OUT_OF_MEMORY
             except ConversionError as exc:  # (the payload: the handler did not start)
                 return Outcome(Verdict.POISON, ErrorKind.INVALID, f"the message's {exc.message}")
             except Exception as exc:
                 # lupa failing to convert a result, a bug in luaq: this invocation fails, the
                 # worker does not.
-                self._abandon(invocation)
+                self._abandon(invocation, key)
                 _log.exception("invocation failed in the bridge", extra={"consumer": consumer})
                 return Outcome(Verdict.FAIL, ErrorKind.INTERNAL, f"internal error: {exc}")
             if result == _ACK:
@@ -408,7 +413,7 @@ class LuaRuntime:
                 answer = (None, str(exc.kind), _cut(exc.message), exc.retryable)
             # only a failure's answer has strings (to make in Lua), and short ones: the margin
             if answer[0] is None and not self._room():
-                self._abandon(invocation)
+                self._abandon(invocation, key)
                 return (Verdict.FAIL, OUT_OF_MEMORY.kind, OUT_OF_MEMORY.error)
             if watch is not None:
                 watch.enter(key)  # type: ignore[arg-type]

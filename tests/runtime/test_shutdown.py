@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from conftest import App, AppFactory, eventually
+from luaq.runtime.settings import Settings
 
 N = 10
 
@@ -179,3 +180,38 @@ async def test_shutdown_stats_account_for_every_delivery(
     stats = app.consumer.stats
     assert (stats.acked, stats.requeued) == (acked, held - acked)
     assert await app.info("in") == (N - acked, 0)
+
+
+async def test_interrupted_handlers_to_be_closed_variables_do_not_hold_up_the_stop(
+    apps: AppFactory,
+) -> None:
+    """Handlers cut short at the stop are closed with their budgets exhausted: their __close
+    handlers, each able to run a budget of several seconds, fail at once instead of running
+    one after another past the grace period."""
+    app = await apps.start(
+        """
+        function handle(p)
+          local x <close> = setmetatable({}, {__close = function()
+            pcall(function() while true do end end)
+          end})
+          assert(queue.publish("other", {started = p.n}))
+          time.sleep(100)
+        end
+        """,
+        Settings(shutdown_timeout=5.0, max_instructions=500_000_000),
+        modules=["queue", "time"],
+        concurrency=4,
+        prefetch=4,
+    )
+    for n in range(4):
+        await app.publish("in", {"n": n})
+
+    async def all_running() -> bool:
+        return await app.info("other") == (4, 0)
+
+    await eventually(all_running)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await app.worker.stop(grace=0.5)
+    assert loop.time() - started < 0.5 + 1, "four budgets of __close handlers ran"
+    assert await app.info("in") == (4, 0)
