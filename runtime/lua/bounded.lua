@@ -16,15 +16,21 @@
 --   if that much is left of the budget. Any other pattern runs on a port of Lua's matcher to
 --   Lua (lstrlib.c, step for step, errors included), so does a search that is not affordable.
 --   gsub's replacement string costs its length per match.
+-- * string.pack, string.unpack and string.packsize cost FORMAT instructions per byte of their
+--   format (C reads it option by option; each may make a value); pack also one per byte of the
+--   sizes the format names (c200000000 pads 200 MB with zeros), before it runs, and one per 8
+--   bytes it makes. string.byte and utf8.codepoint cost one instruction per value they give,
+--   string.char one per value it takes, utf8.char FORMAT per value; os.date DATE per byte of its
+--   format (each conversion is a call to strftime).
 --
--- Returns install(spend, remaining, raw_getmetatable) -> string, table: copies of the library
--- tables with the bounded functions in. spend(n) charges n instructions to the running
--- invocation and raises TIMEOUT past its budget; remaining() says what is left of it. Loaded
+-- Returns install(spend, remaining, raw_getmetatable) -> string, table, utf8, date: copies of
+-- the library tables with the bounded functions in, and os.date bounded. spend(n) charges n
+-- instructions to the running invocation and raises TIMEOUT past its budget; remaining() says what is left of it. Loaded
 -- without line information, so that an error a C function raises for a handler's arguments
 -- carries no position in this file.
 
 local byte, char, sub, format = string.byte, string.char, string.sub, string.format
-local c_find, c_gsub = string.find, string.gsub
+local c_find, c_gsub, c_gmatch = string.find, string.gsub, string.gmatch
 local tointeger, ult = math.tointeger, math.ult
 local max, min, log = math.max, math.min, math.log
 local next, select, type, tostring, tonumber, error = next, select, type, tostring, tonumber, error
@@ -41,6 +47,9 @@ local WINDOW = 65536 -- steps of one C call of a plain search whose whole is not
 -- Work worth fewer instructions than this is not charged apart: less than the call to spend
 -- would cost, and about what the bounded function's own instructions are counted.
 local SMALL <const>, SMALL_TEXT <const> = 64, 512 -- (bytes of text worth SMALL instructions)
+-- what C spends per byte of a pack format (or per character utf8.char makes), and per byte of a
+-- date format, in instructions' time
+local FORMAT <const>, DATE <const> = 16, 32
 
 -- Character classes exactly as this process's C library sees them (its locale included): ask
 -- the C matcher once per class and byte.
@@ -563,15 +572,20 @@ local function sort_port(t, n, lt)
 end
 
 return function(spend, remaining, raw_getmetatable)
-  local bounded_string, bounded_table = {}, {}
+  local bounded_string, bounded_table, bounded_utf8 = {}, {}, {}
   for k, v in next, string do bounded_string[k] = v end
   for k, v in next, table do bounded_table[k] = v end
+  for k, v in next, utf8 do bounded_utf8[k] = v end
   -- called as fields, so that C's errors name them ("bad argument #1 to 'find'")
   local C = {
     find = string.find, match = string.match, gmatch = string.gmatch, gsub = string.gsub,
     rep = string.rep, format = string.format, move = table.move, insert = table.insert,
     remove = table.remove, sort = table.sort, unpack = table.unpack, concat = table.concat,
+    pack = string.pack, packsize = string.packsize, byte = string.byte, char = string.char,
+    date = os.date,
   }
+  local C_string = { unpack = string.unpack }
+  local C_utf8 = { char = utf8.char, codepoint = utf8.codepoint }
 
 
   function bounded_string.rep(...)
@@ -869,5 +883,80 @@ return function(spend, remaining, raw_getmetatable)
     return rethrow(pcall(lua_gsub, text, pat, repl, limit, kind, spend))
   end
 
-  return bounded_string, bounded_table
+  local function format_cost(fmt)
+    local text = text_arg(fmt)
+    return text and #text * FORMAT or 0
+  end
+
+  function bounded_string.pack(...)
+    local fmt = text_arg((...))
+    if fmt then
+      local sizes = 0
+      for digits in c_gmatch(fmt, "%d+") do sizes = sizes + tonumber(digits) end
+      local cost = #fmt * FORMAT + sizes
+      if cost >= SMALL then spend(cost) end
+    end
+    local text = C.pack(...)
+    if #text >= SMALL_TEXT then spend(#text / 8) end
+    return text
+  end
+
+  function bounded_string.packsize(...)
+    local cost = format_cost((...))
+    if cost >= SMALL then spend(cost) end
+    return C.packsize(...)
+  end
+
+  function bounded_string.unpack(...)
+    local cost = format_cost((...))
+    if cost >= SMALL then spend(cost) end
+    return C_string.unpack(...)
+  end
+
+  -- string.byte and utf8.codepoint: one per value they give at most, i and j as C takes them
+  -- (without j, one value; past a million values C raises at once, as unpack)
+  local function pay_for_values(s, i, j)
+    if j == nil then return end
+    local text, first, last = text_arg(s), i == nil and 1 or tointeger(i), tointeger(j)
+    if not (text and first and last) then return end
+    local len = #text
+    first = start_position(first, len)
+    if last > len then
+      last = len
+    elseif last < 0 then
+      last = last < -len and 0 or len + last + 1
+    end
+    local n = last * 1.0 - first + 1
+    if n >= SMALL then spend(min(n, 1e6)) end
+  end
+
+  function bounded_string.byte(...)
+    pay_for_values(...)
+    return C.byte(...)
+  end
+
+  function bounded_utf8.codepoint(...)
+    pay_for_values(...)
+    return C_utf8.codepoint(...)
+  end
+
+  function bounded_string.char(...)
+    local n = select("#", ...)
+    if n >= SMALL then spend(n) end
+    return C.char(...)
+  end
+
+  function bounded_utf8.char(...)
+    local n = select("#", ...) * FORMAT
+    if n >= SMALL then spend(n) end
+    return C_utf8.char(...)
+  end
+
+  local function date(...)
+    local fmt = text_arg((...))
+    if fmt and #fmt * DATE >= SMALL then spend(#fmt * DATE) end
+    return C.date(...)
+  end
+
+  return bounded_string, bounded_table, bounded_utf8, date
 end

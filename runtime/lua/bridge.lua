@@ -44,6 +44,7 @@ local REQ = function() end
 -- FAIL, kind, message, or CALL, op, args... for a host request.
 local ACK, NACK, FAIL, CALL = 0, 1, 2, 3
 local MAX_TEXT = 8192 -- bytes of an error or log message that leave Lua; the rest is cut
+local LOAD = 16 -- instructions charged per byte load compiles: about what compiling costs
 
 local array_mt = { __metatable = false, __name = "luaq.array" }
 local contexts = setmetatable({}, { __mode = "k" }) -- coroutine -> invocation context
@@ -245,10 +246,12 @@ local function scanned(text)
   if #text >= 512 then spend(#text / 8) end
 end
 
--- What sandboxes get of `string` and `table`: the C functions a single call of which could run
--- unbounded (string.rep of empty strings, table.move over nils, backtracking patterns...) are
--- replaced by versions that charge their work (bounded.lua). Strings' methods too.
-local bounded_string, bounded_table = bound_library(spend, remaining, raw_getmetatable)
+-- What sandboxes get of `string`, `table`, `utf8` and os.date: the C functions a single call of
+-- which could run unbounded (string.rep of empty strings, table.move over nils, backtracking
+-- patterns, string.pack of a huge size...) are replaced by versions that charge their work
+-- (bounded.lua). Strings' methods too.
+local bounded_string, bounded_table, bounded_utf8, bounded_date =
+  bound_library(spend, remaining, raw_getmetatable)
 raw_getmetatable("").__index = bounded_string
 
 local function unavailable(what)
@@ -618,8 +621,8 @@ local function sandbox(ns, modules)
   env.table = copy(bounded_table)
   env.math = copy(math)
   env.math.random, env.math.randomseed = random_generator()
-  env.utf8 = copy(utf8)
-  env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
+  env.utf8 = copy(bounded_utf8)
+  env.os = { time = os.time, clock = os.clock, date = bounded_date, difftime = os.difftime }
   env.coroutine = sandbox_coroutine()
   env.errors = errors_module()
   env._G = env
@@ -627,6 +630,7 @@ local function sandbox(ns, modules)
     if type(chunk) ~= "string" then
       return nil, "load accepts only source text"
     end
+    spend(LOAD * #chunk)
     return raw_load(chunk, name, "t", chunk_env or env)
   end
   local loaded = {}

@@ -21,9 +21,9 @@ COMPARE, COMPARE_TABLES, BOUNDED, COMPARE_SORT = LUA.execute(
     """
     local install = load((...), "=bounded")()
     local budget, spent = 0, 0
-    local bounded = {}
-    bounded.string, bounded.table = install(function(n) spent = spent + n end,
-      function() return budget end, debug.getmetatable)
+    local bounded = {os = {}}
+    bounded.string, bounded.table, bounded.utf8, bounded.os.date = install(
+      function(n) spent = spent + n end, function() return budget end, debug.getmetatable)
 
     -- what a call gave, as text: its results (a gmatch loop's, in full) or its error
     local function outcome(ok, ...)
@@ -32,7 +32,7 @@ COMPARE, COMPARE_TABLES, BOUNDED, COMPARE_SORT = LUA.execute(
       for i = 1, results.n do
         local v = results[i]
         if type(v) == "string" and not ok then -- positions and library prefixes vary with
-          v = v:gsub("^[^:]*:%d+: ", ""):gsub("'%a+%.(%a+)'", "'%1'") -- how C was called
+          v = v:gsub("^[^:]*:%d+: ", ""):gsub("'%w+%.(%a+)'", "'%1'") -- how C was called
         end
         parts[i] = (math.type(v) or type(v)) ..
           ((type(v) == "table" or type(v) == "function") and "" or ":" .. tostring(v))
@@ -177,6 +177,20 @@ def test_work_is_charged() -> None:
     assert charged("table", "concat", LUA.table(*["ab"] * 100), "-")[1] == 100
     assert charged("table", "concat", LUA.table("x" * 1000, "y"))[1] == 1001 / 8
     assert charged("string", "format", "%s!", "x" * 799)[1] == 100
+    # pack, packsize, unpack: 16 per byte of format; pack one per byte of the sizes it names,
+    # before it makes them, and one per 8 bytes it made
+    assert charged("string", "pack", "c200000000", "")[1] == 10 * 16 + 200_000_000 + 25_000_000
+    assert charged("string", "pack", "i4" * 8, *[7] * 8)[1] == 16 * 16 + 4 * 8
+    assert charged("string", "packsize", "b" * 100)[1] == 1600
+    assert charged("string", "unpack", "b" * 100, "x" * 100)[1] == 1600
+    # byte and codepoint one per value they give, char one per value, utf8.char 16
+    assert charged("string", "byte", "x" * 1000, 1, -1)[1] == 1000
+    assert charged("string", "byte", "x" * 1000, -100, 10**9)[1] == 100
+    assert charged("utf8", "codepoint", "x" * 1000, 901, 1000)[1] == 100
+    assert charged("string", "char", *[65] * 100)[1] == 100
+    assert charged("utf8", "char", *[65] * 100)[1] == 1600
+    # os.date 32 per byte of its format
+    assert charged("os", "date", "%Y" * 50, 0) == ("boolean:true string:" + "1970" * 50, 3200)
     # work worth fewer instructions than a call to charge it is counted with the call
     assert charged("table", "unpack", LUA.table(1, 2, 3), 2)[1] == 0
     assert charged("table", "concat", LUA.table("ab", "cd", 7), "-")[1] == 0
@@ -209,10 +223,35 @@ def test_work_is_charged() -> None:
         ("string", "format", ("%d",)),
         ("string", "format", ("%y", 1)),
         ("string", "format", (None,)),
+        ("string", "pack", ("<i4c3z", 7, "ab", "cd")),
+        ("string", "pack", ("c2", "abc")),
+        ("string", "pack", ("i17", 1)),
+        ("string", "pack", ("c", "x")),
+        ("string", "pack", (None,)),
+        ("string", "packsize", ("!8i3d",)),
+        ("string", "packsize", ("s",)),
+        ("string", "unpack", ("<i2c2", "\x01\x00ab")),
+        ("string", "unpack", ("i4", "ab")),
+        ("string", "byte", ("abc",)),
+        ("string", "byte", ("abc", -2, 10)),
+        ("string", "byte", ("abc", 0, -5)),
+        ("string", "byte", ("abc", 2.5)),
+        ("string", "char", (72, 105)),
+        ("string", "char", (256,)),
+        ("utf8", "char", (72, 0x10FFFF)),
+        ("utf8", "char", ("x",)),
+        ("utf8", "codepoint", ("héllo", 1, -1)),
+        ("utf8", "codepoint", ("abc", 0, 2)),
+        ("utf8", "codepoint", ("\xff", 1)),
+        ("os", "date", ("!%Y-%m-%d %H:%M:%S", 86400)),
+        ("os", "date", ("!*t", 0)),
+        ("os", "date", ("%Ez", 0)),
+        ("os", "date", ({},)),
     ],
 )
 def test_unpack_concat_and_format(library: str, name: str, args: tuple[Any, ...]) -> None:
-    """`t` stands for {"a", 2, "c", nil, "e"}."""
+    """And the other bounded functions of a single C call: the same results and errors as C's.
+    `t` stands for {"a", 2, "c", nil, "e"}."""
     table = LUA.execute('return {"a", 2, "c", nil, "e"}')
     values = [table if arg == "t" else LUA.table() if arg == {} else arg for arg in args]
     for left in (NO_BUDGET, PLENTY):

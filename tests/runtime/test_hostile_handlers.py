@@ -392,6 +392,43 @@ def test_no_handler_code_or_c_call_runs_outside_the_budget(arena: Any, attack: s
     victim_unharmed(arena(ATTACK % attack))
 
 
+# Single C calls whose work grows with a number or a format rather than with the size of their
+# operands (0.1 to 0.5 s each at most): a loop of them ran for weeks on one budget.
+BY_THEIR_WORK = {
+    "string.pack of a huge size": 'for i = 1, 1e9 do string.pack("c200000000", "") end',
+    "string.packsize of a long format": (
+        'local f = ("b"):rep(1e7) for i = 1, 1e9 do string.packsize(f) end'
+    ),
+    "string.unpack of a long format": (
+        'local f = ("b"):rep(999000) for i = 1, 1e9 do string.unpack(f, f) end'
+    ),
+    "load of a long chunk": 'local s = ("x=1 "):rep(5e6) for i = 1, 1e9 do load(s) end',
+    "os.date of a long format": 'local f = ("%c"):rep(1e6) for i = 1, 1e9 do os.date(f) end',
+    "string.byte of a long string": (
+        'local s = ("x"):rep(999000) for i = 1, 1e9 do s:byte(1, -1) end'
+    ),
+    "utf8.codepoint of a long string": (
+        'local s = ("x"):rep(999000) for i = 1, 1e9 do utf8.codepoint(s, 1, -1) end'
+    ),
+    "string.char of many values": (
+        "local function f(...) for i = 1, 1e9 do string.char(...) end end"
+        " f(string.byte(('x'):rep(300000), 1, -1))"
+    ),
+    "utf8.char of many values": (
+        "local function f(...) for i = 1, 1e9 do utf8.char(...) end end"
+        " f(string.byte(('x'):rep(300000), 1, -1))"
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(BY_THEIR_WORK.values()), ids=list(BY_THEIR_WORK))
+def test_c_calls_are_charged_by_their_work(arena: Any, attack: str) -> None:
+    running = arena(ATTACK % attack)
+    victim_unharmed(running)
+    [failure] = running.failures("app:attacker")
+    assert failure["kind"] == "TIMEOUT"
+
+
 @pytest.mark.parametrize(
     "module",
     [
