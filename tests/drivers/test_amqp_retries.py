@@ -339,6 +339,26 @@ end
 """
 
 
+async def test_a_message_that_once_expired_from_its_queue_comes_back_from_its_retry(
+    tmp_path: Path, vhost: str, workers: list[Worker], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its x-death named its own queue (it expired from it once and was moved back): the retry
+    went on with it, and when the delay queue dead-lettered it back, RabbitMQ saw a cycle and
+    dropped it, after luaq had acked the original (a review's find)."""
+    caplog.set_level(logging.INFO)
+    url = f"{AMQP_URL}{quote(vhost, safe='')}"
+    config = app(tmp_path, url, SUCCEEDS_SECOND_TIME, {"retry": {"delay": "100ms"}})
+    worker = await started(workers, config)
+    death = {"queue": "jobs", "reason": "expired", "count": 1, "exchange": "",
+             "routing-keys": ["jobs"], "time": datetime.datetime(2026, 1, 1)}  # fmt: skip
+    headers = {"x-death": [death], "x-first-death-queue": "jobs"}
+    await publish_raw(url, "jobs", b'{"n": 1}', headers=headers)
+
+    await eventually(lambda: field(caplog, "attempt") == [1, 2], timeout=10)
+    await eventually(lambda: worker.consumers[0].stats.acked == 1, timeout=10)
+    assert await count(url, "jobs", "jobs.delay.100ms") == 0
+
+
 async def test_a_retry_waits_for_room_in_a_full_queue(
     tmp_path: Path,
     workers: list[Worker],

@@ -157,7 +157,11 @@ def passed_on(
     Two properties cannot go on as they are. `expiration`: the copy would expire out of a
     delay queue before its backoff, and out of a dead-letter queue; it goes in the header
     x_original_expiration instead (as RabbitMQ's own dead-lettering drops it). And `user_id`,
-    unless it is the user luaq publishes as: RabbitMQ refuses any other (x_original_user_id)."""
+    unless it is the user luaq publishes as: RabbitMQ refuses any other (x_original_user_id).
+    Nor can one header: `x-death` (x_original_death). A message that once expired from its
+    queue, or overflowed it, and was moved back would name that queue there, and when its
+    retry's delay ends, RabbitMQ, taking the dead-lettering back to the queue for a cycle,
+    drops it; the x-first-death-* and x-last-death-* headers that sum it up go with it."""
     original: Mapping[str, Any] | None = getattr(delivery.headers, "properties", None)
     table: dict[str, Any] = {}
     if original is None:  # not from a broker (a test's delivery): as luaq would publish it
@@ -178,6 +182,11 @@ def passed_on(
     if user_id is not None and user_id != user:
         del properties["user_id"]
         table.setdefault("x_original_user_id", user_id)
+    death = table.pop("x-death", None)
+    if death is not None:
+        table.setdefault("x_original_death", death)
+    for key in [key for key in table if key.startswith(("x-first-death-", "x-last-death-"))]:
+        del table[key]
     table.update(extra)
     if table:
         properties["headers"] = table
