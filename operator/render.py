@@ -365,8 +365,10 @@ def deployment(
             toleration.model_dump(mode="json", by_alias=True, exclude_none=True)
             for toleration in spec.tolerations
         ]
-    if spec.affinity:
-        pod["affinity"] = dict(spec.affinity)
+    if spec.affinity and (
+        affinity := spec.affinity.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    ):
+        pod["affinity"] = affinity
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     if spread := topology_spread(name, spec):

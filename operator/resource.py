@@ -42,6 +42,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -334,6 +335,92 @@ class TopologySpreadConstraint(_PodModel):
     node_taints_policy: Literal["Honor", "Ignore"] | None = None
 
 
+class _Stored(_Model):
+    """A part of core/v1 Affinity, in the API's camelCase: the CRD keeps `affinity` free-form,
+    so it reaches the operator as the tenant wrote it. An API server stores a Deployment
+    without unknown fields, nulls, empty lists and empty maps (Go's omitempty): any of them
+    would make the stored Deployment differ from the rendered one, "restored" on every pass.
+    They are refused, and what is given is what is stored."""
+
+    model_config = ConfigDict(alias_generator=camel)
+
+    @field_validator("*")
+    @classmethod
+    def _not_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        """Run on the fields given only: a default is no null given."""
+        if value is None or value == () or (value == {} and info.field_name == "match_labels"):
+            raise ValueError(f"{json.dumps(value)}: an API server does not keep it; leave it out")
+        return value
+
+
+class AffinitySelectorRequirement(_Stored):
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[LabelValue, ...] = ()
+
+
+class AffinitySelector(_Stored):
+    """A label selector; an empty one (`{}`) selects every pod, none selects no pod."""
+
+    match_labels: Labels = Field(default_factory=dict)
+    match_expressions: tuple[AffinitySelectorRequirement, ...] = ()
+
+
+class NodeSelectorRequirement(_Stored):
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: tuple[LabelValue, ...] = ()
+
+
+class NodeSelectorTerm(_Stored):
+    match_expressions: tuple[NodeSelectorRequirement, ...] = ()
+    match_fields: tuple[NodeSelectorRequirement, ...] = ()
+
+
+class NodeSelector(_Stored):
+    node_selector_terms: tuple[NodeSelectorTerm, ...]
+
+
+class PreferredSchedulingTerm(_Stored):
+    weight: int = Field(ge=1, le=100)
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(_Stored):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    preferred_during_scheduling_ignored_during_execution: tuple[PreferredSchedulingTerm, ...] = ()
+
+
+class PodAffinityTerm(_Stored):
+    label_selector: AffinitySelector | None = None
+    namespace_selector: AffinitySelector | None = None
+    namespaces: tuple[ObjectName, ...] = ()
+    topology_key: LabelKey
+    match_label_keys: tuple[LabelKey, ...] = ()
+    mismatch_label_keys: tuple[LabelKey, ...] = ()
+
+
+class WeightedPodAffinityTerm(_Stored):
+    weight: int = Field(ge=1, le=100)
+    pod_affinity_term: PodAffinityTerm
+
+
+class PodAffinity(_Stored):
+    required_during_scheduling_ignored_during_execution: tuple[PodAffinityTerm, ...] = ()
+    preferred_during_scheduling_ignored_during_execution: tuple[WeightedPodAffinityTerm, ...] = ()
+
+
+class Affinity(_Stored):
+    node_affinity: NodeAffinity | None = None
+    pod_affinity: PodAffinity | None = None
+    pod_anti_affinity: PodAffinity | None = None
+
+
+# The CRD leaves `affinity` free-form, as it was: its full schema would add some hundred lines
+# to the CRD for what the operator checks anyway.
+_FREE_FORM = {"type": "object", "maxProperties": 3}
+
+
 class KeyToPath(_PodModel):
     key: DataKey
     path: RelativePath
@@ -566,7 +653,11 @@ class QueueConsumerSpec(_Model):
     env: tuple[EnvVar, ...] = Field((), max_length=128)
     node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
     tolerations: tuple[Toleration, ...] = Field((), max_length=64)
-    affinity: dict[str, Any] | None = Field(None, max_length=3)
+    affinity: Annotated[Affinity, WithJsonSchema(_FREE_FORM)] | None = Field(
+        None,
+        description="core/v1 Affinity, as a Deployment stores it: no unknown fields, nulls, "
+        "empty lists or empty maps",
+    )
     service_account_name: ObjectName | None = None
     image_pull_secrets: tuple[LocalObjectReference, ...] = Field(
         (), max_length=16, description="Secrets in this namespace to pull the image with"
@@ -710,10 +801,12 @@ def parse_spec(spec: Mapping[str, Any], schema: Mapping[str, Any]) -> QueueConsu
 
 
 def _problem(error: Mapping[str, Any]) -> str:
-    path = "spec"
-    for part in error["loc"]:
+    path, loc = "spec", error["loc"]
+    for n, part in enumerate(loc):
         if isinstance(part, int):
             path += f"[{part}]"
+        elif error["type"] == "extra_forbidden" and n == len(loc) - 1:
+            path += f".{part}"  # an unknown field, as it was written
         elif part != "function-after":
             path += f".{camel(str(part))}"
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -365,6 +365,85 @@ def test_what_a_schema_cannot_say_of_keys_and_lists_the_operator_refuses(
     assert listed["volumeMounts"]["x-kubernetes-list-map-keys"] == ["mountPath"]
 
 
+# An affinity of every common shape: a required and a preferred node affinity, a pod affinity
+# (an empty namespaceSelector: every namespace) and a pod anti-affinity.
+AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In",
+                                   "values": ["amd64", "arm64"]}]},
+        ]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 50, "preference": {"matchExpressions": [
+                {"key": "node-role.example.com/workers", "operator": "Exists"}]}},
+        ],
+    },
+    "podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 10, "podAffinityTerm": {"topologyKey": "topology.kubernetes.io/zone",
+                                           "labelSelector": {"matchLabels": {"app": "rabbitmq"}},
+                                           "namespaceSelector": {}}},
+    ]},
+    "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchExpressions": [
+            {"key": "app.kubernetes.io/name", "operator": "In", "values": [NAME]}]}},
+    ]},
+}  # fmt: skip
+ANTI = "spec.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+NOT_KEPT = "an API server does not keep it; leave it out"
+
+
+def anti(**term: Any) -> dict[str, Any]:
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+
+
+def test_an_affinity_reaches_the_pods_as_written() -> None:
+    found = rendered(changed(affinity=AFFINITY)).deployment
+    kubernetes_validate.validate(found, K8S_VERSION, strict=True)
+    assert pod_of(found)["affinity"] == AFFINITY
+    assert "affinity" not in pod_of(rendered(changed(affinity={})).deployment)
+
+
+@pytest.mark.parametrize(
+    ("affinity", "problem"),
+    [
+        ({"podAffinity": None}, f"spec.affinity.podAffinity: null: {NOT_KEPT}"),
+        ({"podAfinity": {}}, "spec.affinity.podAfinity: unknown field"),
+        ({"pod_affinity": {}}, "spec.affinity.pod_affinity: unknown field"),
+        (anti(topologyKey="zone", labelSelecter={}), f"{ANTI}[0].labelSelecter: unknown field"),
+        (anti(topologyKey="zone", namespaces=[]), f"{ANTI}[0].namespaces: []: {NOT_KEPT}"),
+        (anti(topologyKey="zone", labelSelector={"matchLabels": {}}),
+         f"{ANTI}[0].labelSelector.matchLabels: {{}}: {NOT_KEPT}"),
+        (anti(labelSelector={}), f"{ANTI}[0].topologyKey: Field required"),
+        ({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}},
+         f"{ANTI}: Input should be a valid array"),
+        ({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": []}}},
+         "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution."
+         f"nodeSelectorTerms: []: {NOT_KEPT}"),
+        ({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": "50", "preference": {}}]}}, "[0].weight: Input should be a valid integer"),
+        ({"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 0, "podAffinityTerm": {"topologyKey": "zone"}}]}},
+         "[0].weight: Input should be greater than or equal to 1"),
+        (anti(topologyKey="zone", labelSelector={"matchExpressions": [
+            {"key": "tier", "operator": "Gt", "values": ["1"]}]}),
+         "matchExpressions[0].operator: Input should be 'In', 'NotIn', 'Exists' or"),
+    ],
+    ids=["null", "misspelt", "snake-case", "misspelt-deep", "empty-list", "empty-map",
+         "no-topology-key", "object-for-list", "no-terms", "weight-string", "weight-zero",
+         "operator"],
+)  # fmt: skip
+def test_an_affinity_a_deployment_would_not_keep_as_written_is_refused(
+    affinity: dict[str, Any], problem: str
+) -> None:
+    """`affinity` is free-form in the CRD, so the API server takes it as it is; the Deployment
+    would not keep it so, and be restored on every pass: the operator refuses it."""
+    assert admit(changed(affinity=affinity)) == []
+    with pytest.raises(InvalidSpec) as raised:
+        parse_spec(changed(affinity=affinity)["spec"], SPEC)
+    assert problem in str(raised.value)
+
+
 def violations(spec: dict[str, Any], bounds: Policy) -> list[str]:
     return policy.violations(parse_spec(changed(**spec)["spec"], SPEC), "luaq:1", bounds)
 
@@ -493,6 +572,37 @@ async def test_the_pod_fields_run_as_stored_without_churn(
     assert restricted_violations(stored["spec"]["template"]) == []
     before = versions(cluster, ns)
     await passes(cluster, operator, ns, 3)
+    assert versions(cluster, ns) == before
+    assert cluster.events(ns, "Restored") == []
+
+
+async def test_an_affinity_runs_as_stored_and_one_that_would_not_be_kept_is_refused(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    """The emulator stores a Deployment's affinity as an API server does (no nulls, empty
+    lists or maps, or unknown fields): what the operator takes, it finds stored as rendered."""
+    await apply(cluster, ns, "broker-secret.yaml")
+    await cluster.create(
+        QUEUE_CONSUMERS, ns, consumer(NAME, affinity={**AFFINITY, "podAffinity": None})
+    )
+    found = await degraded(cluster, ns, NAME)
+    assert found["reason"] == "InvalidSpec"
+    assert found["message"] == f"spec.affinity.podAffinity: null: {NOT_KEPT}"
+    assert versions(cluster, ns) == {}
+    await edit(cluster, ns, {"affinity": AFFINITY})
+    await eventually(lambda: len(versions(cluster, ns)) == 3, 20)
+    await settled(cluster, ns)
+    stored = deployment(cluster, ns)
+    assert stored is not None
+    assert pod_of(stored)["affinity"] == AFFINITY
+    before = versions(cluster, ns)
+    await passes(cluster, operator, ns, 3)
+    assert versions(cluster, ns) == before
+    await edit(cluster, ns, {"affinity": anti(topologyKey="zone", labelSelecter={})})
+    await settled(cluster, ns)
+    assert condition(cluster, ns, "Degraded")["message"] == (
+        f"{ANTI}[0].labelSelecter: unknown field"
+    )
     assert versions(cluster, ns) == before
     assert cluster.events(ns, "Restored") == []
 

@@ -882,7 +882,50 @@ def canonical_quantity(value: str | int | float) -> str:
     return f"{milli}m"
 
 
+# core/v1 Affinity's fields, as a real API server decodes them into Go structs: an object's
+# own fields (a dict), a list of objects ([dict]), or a value (None: a string, a number, a
+# list of strings, a map of strings).
+_EXPRESSION = {"key": None, "operator": None, "values": None}
+_SELECTOR = {"matchLabels": None, "matchExpressions": [_EXPRESSION]}
+_NODE_TERM = {"matchExpressions": [_EXPRESSION], "matchFields": [_EXPRESSION]}
+_POD_TERM = {"labelSelector": _SELECTOR, "namespaceSelector": _SELECTOR, "namespaces": None,
+             "topologyKey": None, "matchLabelKeys": None, "mismatchLabelKeys": None}  # fmt: skip
+_POD_AFFINITY = {
+    "requiredDuringSchedulingIgnoredDuringExecution": [_POD_TERM],
+    "preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": None, "podAffinityTerm": _POD_TERM}
+    ],
+}
+_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [_NODE_TERM]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": None, "preference": _NODE_TERM}
+        ],
+    },
+    "podAffinity": _POD_AFFINITY,
+    "podAntiAffinity": _POD_AFFINITY,
+}
+
+
+def _as_stored(value: Any, fields: Any) -> Any:
+    """`value` as Go decodes it into `fields` and encodes it again: unknown fields dropped;
+    nulls, empty lists and empty maps left out (omitempty); an empty object kept (a pointer
+    to an empty struct is not empty)."""
+    if isinstance(fields, list):
+        return [_as_stored(item, fields[0]) for item in value]
+    if fields is None or not isinstance(value, dict):
+        return value
+    return {
+        key: _as_stored(item, fields[key])
+        for key, item in value.items()
+        if key in fields and item is not None and item != [] and (item != {} or fields[key])
+    }
+
+
 def _pod_defaults(pod: Body) -> None:
+    if "affinity" in pod:
+        pod["affinity"] = _as_stored(pod["affinity"], _AFFINITY)
     pod.setdefault("restartPolicy", "Always")
     pod.setdefault("terminationGracePeriodSeconds", 30)
     pod.setdefault("dnsPolicy", "ClusterFirst")
@@ -924,7 +967,8 @@ def _pod_defaults(pod: Body) -> None:
 def stored_form(kind: str, new: Body, current: Body | None) -> Body:
     """`new` as the API server would store it over `current` (None: a create), or the 422 it
     answers: defaults of the fields the operator tests look at, canonical quantities, empty env
-    values dropped, immutable ConfigMaps and Secrets, a Service's allocated cluster IP."""
+    values dropped, a pod's affinity as Go stores it, immutable ConfigMaps and Secrets, a
+    Service's allocated cluster IP."""
     new = copy.deepcopy(new)
     immutable = kind in ("ConfigMap", "Secret") and (current or {}).get("immutable")
     if immutable and any(new.get(k) != current.get(k) for k in ("data", "binaryData", "immutable")):
