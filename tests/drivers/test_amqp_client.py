@@ -339,6 +339,27 @@ async def test_a_return_goes_to_the_publish_with_its_routing_key() -> None:
     assert (await first, await again) == (Confirm.ACK, Confirm.RETURNED)
 
 
+async def test_a_return_goes_to_the_publish_its_ack_confirms() -> None:
+    """One message id published twice to one queue, deleted in between: the broker returns the
+    second and acks it at once, and acks the first once it is on disk. The return went to the
+    oldest publish alike: the first was told returned (and sent again), the second confirmed,
+    and its message lost (a review's find)."""
+    connection, channel, _ = await on_a_wire()
+    first = channel.publish(b"A", "out", {"message_id": "m"})
+    second = channel.publish(b"B", "out", {"message_id": "m"})
+
+    connection.data_received(
+        server(
+            spec.Basic.Return(312, "NO_ROUTE", "", "out"),
+            ContentHeader(0, 0, spec.Basic.Properties(message_id="m")),
+            spec.Basic.Ack(2),
+            spec.Basic.Ack(1),
+        )
+    )
+
+    assert (await first, await second) == (Confirm.ACK, Confirm.RETURNED)
+
+
 async def test_a_publish_past_its_deadline_fails_and_a_late_confirm_is_harmless() -> None:
     connection, channel, _ = await on_a_wire()
     loop = asyncio.get_running_loop()

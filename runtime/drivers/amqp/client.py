@@ -422,7 +422,7 @@ class Channel:
         self._lowest = 1  # no unconfirmed publish has a lower tag
         # tag -> (its future, its routing key and message id, when its publisher gives up)
         self._unconfirmed: dict[int, tuple[asyncio.Future[str], tuple[str, str | None], float]] = {}
-        self._returned: set[int] = set()
+        self._returns: list[tuple[str, Any]] = []  # returned publishes, their ack to come
         self._overdue: asyncio.TimerHandle | None = None  # the next deadline to check
         # told once, with the reason, when the channel closes (by the broker, by us, or with
         # its connection): a consumer's owner learns that its consumer is gone
@@ -627,30 +627,40 @@ class Channel:
     def _on_confirm(self, data: bytes, offset: int, outcome: str) -> None:
         tag, flags = _u64.unpack_from(data, offset)[0], data[offset + 8]
         if flags & 1:  # multiple: every tag up to this one
-            for number in range(self._lowest, tag + 1):
-                self._confirm(number, outcome)
+            tags = range(self._lowest, tag + 1)
             self._lowest = max(self._lowest, tag + 1)
         else:
-            self._confirm(tag, outcome)
+            tags = range(tag, tag + 1)
+        returned = self._returned(tags) if self._returns and outcome == Confirm.ACK else ()
+        for number in tags:
+            entry = self._unconfirmed.pop(number, None)
+            if entry is not None and not entry[0].done():  # not given up on by its publisher
+                entry[0].set_result(Confirm.RETURNED if number in returned else outcome)
+        if self._returns:  # (one no publish awaits any more is nobody's)
+            alike = {pending for _, pending, _ in self._unconfirmed.values()}
+            self._returns = [returned_as for returned_as in self._returns if returned_as in alike]
 
-    def _confirm(self, tag: int, outcome: str) -> None:
-        entry = self._unconfirmed.pop(tag, None)
-        if tag in self._returned:
-            self._returned.discard(tag)
-            outcome = Confirm.RETURNED
-        if entry is not None and not entry[0].done():  # not given up on by its publisher
-            entry[0].set_result(outcome)
+    def _returned(self, tags: range) -> set[int]:
+        """The publishes among `tags` that were returned. A return carries no tag: it names
+        its publish by routing key and message id, and comes just before the ack of that
+        publish (RabbitMQ acks one no queue took at once). Of two alike in one ack, the newer:
+        an older one may have waited for a disk. Not the oldest alike still unconfirmed: a
+        publish of one message id twice to a queue deleted between the two had the first
+        confirmed, the second returned and lost."""
+        returned: set[int] = set()
+        for returned_as in list(self._returns):
+            for number in reversed(tags):
+                entry = self._unconfirmed.get(number)
+                if entry is not None and entry[1] == returned_as and number not in returned:
+                    returned.add(number)
+                    self._returns.remove(returned_as)
+                    break
+        return returned
 
     def _on_returned(self, routing_key: str, properties: dict[str, Any]) -> None:
-        """A return comes before the confirm of its publish and carries no tag: it belongs to
-        the oldest unconfirmed publish with its routing key and message id not returned yet.
-        The key tells apart publishes of one message to two queues (a retry's republish to a
-        delay queue, while the first publish to the message's queue waits for its confirm)."""
-        returned_as = (routing_key, properties.get("message_id"))
-        for tag, (_, pending, _) in self._unconfirmed.items():
-            if pending == returned_as and tag not in self._returned:
-                self._returned.add(tag)
-                return
+        """The key tells apart publishes of one message to two queues (a retry's republish to
+        a delay queue, while the first publish to the message's queue waits for its confirm)."""
+        self._returns.append((routing_key, properties.get("message_id")))
 
     def _on_method(self, method: base.Frame) -> None:
         if isinstance(method, spec.Channel.Close):
@@ -696,6 +706,7 @@ class Channel:
             if not future.done():
                 future.set_exception(reason)
         self._unconfirmed.clear()
+        self._returns.clear()
         if self._overdue is not None:
             self._overdue.cancel()
             self._overdue = None
