@@ -1563,21 +1563,29 @@ async def operator_pods(
     cluster: Cluster, deployment: Manifest, replicas: int, logs: Path
 ) -> AsyncIterator[list[str]]:
     """The Deployment's operator container run as processes, as its pods would run it: the
-    same command and arguments, the downward API's environment, the cluster's API server."""
+    same command and arguments, the downward API's environment, the cluster's API server. Pods
+    have a network each: on this one host, a pod after the first listens on ports of its own
+    (else it exits: its metrics port is taken)."""
     operator = container(deployment)
     fields = {"metadata.namespace": NAMESPACE}
     names = [f"{RELEASE}-{index}" for index in range(replicas)]
     processes = []
-    for name in names:
+    for index, name in enumerate(names):
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
         for variable in operator["env"]:
             path = variable["valueFrom"]["fieldRef"]["fieldPath"]
             env[variable["name"]] = {**fields, "metadata.name": name}[path]
+        args = [
+            f"{arg.partition('=')[0]}={free_port()}"
+            if index and arg.startswith(("--metrics-port=", "--health-port="))
+            else arg
+            for arg in operator["args"]
+        ]
         processes.append(
             await asyncio.create_subprocess_exec(
                 *operator["command"],
-                *operator["args"],
+                *args,
                 env=env,
                 stdout=(logs / f"{name}.log").open("wb"),
                 stderr=subprocess.STDOUT,
