@@ -163,6 +163,11 @@ def _rollout_failure(deployment: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+# Characters of a condition's message (the CRD allows 32768): what is wrong with a spec may
+# quote as much as the tenant wrote, and an API server refuses a status over its schema's bound.
+MESSAGE_MOST = 4096
+
+
 def _condition(
     previous: Mapping[str, Mapping[str, Any]],
     kind: str,
@@ -171,6 +176,9 @@ def _condition(
     message: str,
     generation: int | None,
 ) -> dict[str, Any]:
+    if len(message) > MESSAGE_MOST:
+        cut = f"... ({len(message) - MESSAGE_MOST + 64} more characters)"
+        message = message[: MESSAGE_MOST - 64] + cut
     status = "True" if true else "False"
     before = previous.get(kind, {})
     since = before.get("lastTransitionTime")
@@ -327,7 +335,7 @@ class Reconciler:
         for kind, unwanted in desired.unwanted:
             await self._remove(body, kind, unwanted, state)
         if _rolled_out(deployment, replicas):
-            await self._collect(body, desired.config_map["metadata"]["name"])
+            await self._collect(body, desired.config_map["metadata"]["name"], state)
         await self._report(body, state, replicas, deployment, None)
         return "ok"
 
@@ -461,8 +469,12 @@ class Reconciler:
             self.post_event(body, "Normal", "Deleted", f"deleted {kind} {name}")
         state.stored.pop(f"{kind} {name}", None)
 
-    async def _collect(self, body: Mapping[str, Any], current: str) -> None:
-        """ConfigMaps of earlier configurations, once no pod mounts them (the rollout is done)."""
+    async def _collect(self, body: Mapping[str, Any], current: str, state: ConsumerState) -> None:
+        """ConfigMaps of earlier configurations, once no pod mounts them (the rollout is done),
+        and what the operator remembers of them: a tenant editing all day would grow it."""
+        for what in [w for w in state.stored if w.startswith("ConfigMap ")]:
+            if what != f"ConfigMap {current}":
+                del state.stored[what]
         meta = body["metadata"]
         names = render.Names(meta["name"])
         owned = await self._call(

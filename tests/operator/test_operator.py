@@ -5,6 +5,7 @@ goes. The emulator runs no controllers: tests play the Deployment controller whe
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from typing import Any
 
@@ -20,6 +21,7 @@ from luaq.operator.kube import (
     SECRETS,
     SERVICES,
 )
+from luaq.operator.reconcile import ConsumerState
 
 NAME = "email-worker"
 
@@ -319,6 +321,33 @@ async def test_deleting_a_queueconsumer_removes_its_objects(
     await cluster.delete(QUEUE_CONSUMERS, ns, NAME)
     await eventually(lambda: cluster.get("queueconsumers", ns, NAME) is None, 20)
     await eventually(lambda: versions(cluster, ns) == {}, 20)
+
+
+async def test_the_operator_forgets_the_configmaps_it_collected(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    """It remembered a fingerprint of every ConfigMap it ever wrote for a QueueConsumer: a
+    tenant editing all day grew the operator's memory without bound."""
+    await email_worker(cluster, ns)
+    written = []
+    for concurrency in (11, 12, 13):  # (none is the example's own)
+        written.append(str((mounted(cluster, ns) or {})["metadata"]["name"]))
+        await edit(cluster, ns, {"concurrency": concurrency})
+        await eventually(lambda: f"concurrency: {concurrency}" in str(mounted(cluster, ns)))  # noqa: B023
+        await rolled_out(cluster, ns)
+    for old in written:
+        await eventually(lambda: cluster.get("configmaps", ns, old) is None, 20)  # noqa: B023
+    current = (mounted(cluster, ns) or {})["metadata"]["name"]
+
+    def remembered() -> list[str]:
+        (state,) = (  # (its ConfigMap's name is its content's: no other test's)
+            o
+            for o in gc.get_objects()
+            if isinstance(o, ConsumerState) and f"ConfigMap {current}" in o.stored
+        )
+        return [what for what in state.stored if what.startswith("ConfigMap ")]
+
+    await eventually(lambda: remembered() == [f"ConfigMap {current}"], 20)
 
 
 async def test_the_operator_uses_exactly_the_permissions_it_declares(

@@ -26,6 +26,7 @@ from luaq.operator.kube import (
     SERVICES,
     ApiResource,
 )
+from luaq.operator.reconcile import MESSAGE_MOST
 from luaq.operator.settings import Policy
 from processes import answers, free_port
 from test_operator import (
@@ -198,6 +199,21 @@ async def test_what_the_api_server_refuses_is_degraded_at_once_and_runs_on_as_be
     assert "must have at most 1048576 bytes" in found["message"]
     assert resource(cluster, ns)["status"]["observedGeneration"] == generation
     assert versions(cluster, ns) == before
+
+
+async def test_a_condition_quotes_no_more_than_people_read(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    """Every bad podLabels key was quoted: 20 keys of 2,000 characters made a message of 40 KB,
+    and 60 of 12,000 one over the 32,768 the CRD allows, which an API server refuses: the
+    status would never have said why."""
+    keys = {f"Bad_{index}_" + "x" * 2000: "v" for index in range(20)}
+    await cluster.create(QUEUE_CONSUMERS, ns, consumer(NAME, podLabels=keys))
+    found = await degraded(cluster, ns, NAME)
+    assert found["reason"] == "InvalidSpec"
+    assert len(found["message"]) <= MESSAGE_MOST
+    assert found["message"].startswith("spec.podLabels: ")
+    assert found["message"].endswith(" more characters)")
 
 
 async def test_a_secret_that_is_not_text_is_said_so(
