@@ -137,7 +137,7 @@ async def test_attempt_counts_from_other_publishers_are_clamped(
 ) -> None:
     """x-luaq-attempts 1100 wedged the consumer (OverflowError twice, never settled); -50 gave
     a message 52 attempts where max_attempts allows 3. Now: 1100 is taken as 3 (dead-lettered
-    at its first failure), -50 as 1."""
+    at its first failure), -50 as 1; "9", no integer, is not counted, and said so."""
     caplog.set_level(logging.INFO)
     url = f"{AMQP_URL}{quote(vhost, safe='')}"
     dead_letter = {"queue": "dlq", "max_attempts": 3}
@@ -148,14 +148,17 @@ async def test_attempt_counts_from_other_publishers_are_clamped(
     name = config.queues["app:jobs"].external_name
     await publish_raw(url, name, b'{"n": 1}', headers={"x-luaq-attempts": 1100})
     await publish_raw(url, name, b'{"n": 2}', headers={"x-luaq-attempts": -50})
+    await publish_raw(url, name, b'{"n": 3}', headers={"x-luaq-attempts": "9"})
 
     stats = worker.consumers[0].stats
-    await eventually(lambda: stats.dead_lettered == 2, timeout=10)
+    await eventually(lambda: stats.dead_lettered == 3, timeout=10)
     dead = {m.headers["x_attempts"] for m in await get_raw(url, "dlq")}
     assert dead == {3}
-    assert sorted(field(caplog, "n")) == [1, 2, 2, 2]
+    assert sorted(field(caplog, "n")) == [1, 2, 2, 2, 3, 3, 3]
     assert stats.unsettled == 0
-    assert any(r.getMessage() == "attempt count out of range" for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    assert "attempt count out of range" in said
+    assert "x-luaq-attempts is no integer: not counted" in said
 
 
 async def test_a_huge_attempt_count_without_dead_letter_is_retried_at_max_delay(

@@ -232,7 +232,19 @@ class AmqpSubscription(Subscription):
         else:
             attempts = 2 if redelivered else 1
         earlier = headers.pop(ATTEMPTS, 0)  # attempts before it was republished for a retry
-        attempts += earlier if isinstance(earlier, int) else 0
+        if isinstance(earlier, int) and not isinstance(earlier, bool):
+            attempts += earlier
+        else:  # (luaq writes an integer: another publisher's, and not counted)
+            self.log_budget.log(
+                _log,
+                logging.WARNING,
+                f"{ATTEMPTS} is no integer: not counted",
+                {
+                    "consumer": self.consumer.id,
+                    "queue": self.queue.external_name,
+                    "given": repr(earlier)[:40],
+                },
+            )
         self._open[tag] = False
         self.on_delivery(
             AmqpDelivery(
