@@ -354,7 +354,15 @@ class Reconciler:
             source = await self._config_map_text(namespace, ref.config_map_name, ref.key)
         environ = {env.name: env.value for env in spec.env if env.value is not None}
         for variable, secret in render.secret_refs(spec).items():
-            environ[variable] = await self._secret_text(namespace, secret.name, secret.key)
+            value = await self._secret_text(namespace, secret.name, secret.key)
+            # a path would name a file of the operator's as it checks and reads the backlog
+            if variable != render.URL_ENV and not value.lstrip().startswith("-----BEGIN"):
+                raise Invalid(
+                    "BrokerSecretInvalid",
+                    f"Secret {secret.name} key {secret.key} is not PEM (-----BEGIN ...): TLS "
+                    "material from a Secret is given inline, never as a path",
+                )
+            environ[variable] = value
         return Inputs(body, spec, source, environ)
 
     async def _config_map_text(self, namespace: str, name: str, key: str) -> str:

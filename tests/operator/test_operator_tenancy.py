@@ -230,6 +230,26 @@ async def test_a_secret_that_is_not_text_is_said_so(
     assert found["message"] == "Secret rabbitmq key url is not UTF-8 text"
 
 
+async def test_tls_material_from_a_secret_is_never_a_path_of_the_operators(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    """A TLS Secret value that is no PEM was taken as a path: the operator loaded a file of
+    its own (its service account's token, say) as the CA or client key of a tenant's broker,
+    as it checked the entries and read the backlog."""
+    await apply(cluster, ns, "broker-secret.yaml")
+    token = "file:///var/run/secrets/kubernetes.io/serviceaccount/token"
+    await cluster.create(SECRETS, ns, {"metadata": {"name": "tls"}, "stringData": {"ca": token}})
+    tls = {"enabled": True, "caSecretRef": {"name": "tls", "key": "ca"}}
+    await cluster.create(
+        QUEUE_CONSUMERS, ns, consumer(NAME, broker={**EMAIL["spec"]["broker"], "tls": tls})
+    )
+    found = await degraded(cluster, ns, NAME)
+    assert found["reason"] == "BrokerSecretInvalid"
+    assert found["message"].startswith("Secret tls key ca is not PEM")
+    assert "serviceaccount" not in found["message"]
+    assert deployment(cluster, ns) is None
+
+
 async def test_conditions_follow_the_deployment_a_stuck_rollout_is_degraded(
     cluster: Cluster, operator: Operator, ns: str
 ) -> None:
