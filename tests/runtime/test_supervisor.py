@@ -276,8 +276,15 @@ def test_a_stop_while_a_worker_starts_is_a_clean_stop(signum: signal.Signals) ->
         time.sleep(30)
         return 0
 
+    # as `luaq run` has them when it starts its supervisor (an earlier test may have left others)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     begun = time.monotonic()
-    assert Supervisor(1, starting, grace=5, hard_timeout=60).run() == 0
+    try:
+        assert Supervisor(1, starting, grace=5, hard_timeout=60).run() == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     assert time.monotonic() - begun < 5, "the worker did not wait for the deadline"
 
 
