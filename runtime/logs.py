@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
+import math
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +51,21 @@ def _time(record: logging.LogRecord) -> str:
 
 
 def _dumps(entry: Any) -> str:
-    return _UNPRINTABLE.sub(_json_escape, json.dumps(entry, ensure_ascii=False, default=str))
+    try:
+        text = json.dumps(entry, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:  # NaN or an infinity (a handler's 0/0): no JSON number, so text
+        text = json.dumps(_finite(entry), ensure_ascii=False, default=str)
+    return _UNPRINTABLE.sub(_json_escape, text)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_escape(match: re.Match[str]) -> str:
@@ -146,10 +163,26 @@ class StderrHandler(logging.StreamHandler[Any]):
     def __init__(self, service: bool = False) -> None:
         logging.Handler.__init__(self)
         self.service = service
+        # A service's worker processes share its stderr, a pipe in a container, which keeps a
+        # write whole only up to 4 KiB: longer lines cut into each other's. Each line is
+        # written holding a lock on a file every process forked from this one shares (a POSIX
+        # lock, one per process; the kernel drops a dead process's).
+        self._pod_lock = tempfile.TemporaryFile() if service else None  # noqa: SIM115 - for good
 
     @property
     def stream(self) -> Any:
         return sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pod_lock is None:
+            super().emit(record)
+            return
+        locked = _lock(self._pod_lock.fileno())
+        try:
+            super().emit(record)
+        finally:
+            if locked:
+                fcntl.lockf(self._pod_lock.fileno(), fcntl.LOCK_UN)
 
     def handleError(self, record: logging.LogRecord) -> None:
         """A line that cannot be made or written (bad arguments, Python out of memory) becomes
@@ -164,6 +197,21 @@ class StderrHandler(logging.StreamHandler[Any]):
             self.flush()
 
 
+def _lock(fd: int) -> bool:
+    """Whether the line's lock was had within LOCK_WAIT seconds: a process stopped (SIGSTOP)
+    while it held it must not stop every other one's logging with it."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+
+
+LOCK_WAIT = 1.0
 _command = logging.getLogger("luaq")
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "text", "json")

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from luaq.runtime.flight import FlightLog
 from luaq.runtime.metrics import Family, Server, Snapshots
 from luaq.runtime.supervisor import Pod, Supervisor
 from pamqp.commands import Basic
-from processes import Process, Spawner, free_port, wait_until, write_app
+from processes import LUAQ, Process, Spawner, free_port, json_lines, wait_until, write_app
 from test_metrics import Samples, get, scrape, value
 
 SLEEPER = "function handle(p) if p.sleep then time.sleep(p.sleep) end end"
@@ -232,6 +233,29 @@ def test_sigterm_ends_the_pod_within_the_grace_period_and_a_second(
     killed = logged(process, "worker process still running at the deadline: killed")
     assert [line["pid"] for line in killed] == [stuck]
     assert asyncio.run(queue_depth("jobs", url))[0] == 1, "the cut-short message is back"
+
+
+LOUD = """
+function handle(p)
+  logger:info("loud", {n = p.n, text = string.rep("x", 8000), nan = 0/0, inf = -1/0})
+end
+"""
+
+
+def test_the_json_lines_of_every_worker_process_stay_whole(tmp_path: Path, url: str) -> None:
+    """Four processes writing lines over a pipe's 4 KiB at once (a container's stderr is a
+    pipe) cut into each other's: a review found 853 of 20,012 lines no JSON. And a handler's
+    0/0 was written as NaN, which no strict JSON reader takes."""
+    publish(url, *({"n": n} for n in range(1000)))
+    entries = app(tmp_path, url, LOUD, concurrency=4, prefetch=50, modules=["logger"])
+    done = subprocess.run(
+        [*LUAQ, "--log-format", "json", "run", str(entries), "--processes", "4", "--until-idle"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    loud = [line for line in json_lines(done.stderr) if line["msg"] == "loud"]
+    assert sorted(line["fields"]["n"] for line in loud) == list(range(1000))
+    assert {(line["fields"]["nan"], line["fields"]["inf"]) for line in loud} == {("nan", "-inf")}
 
 
 DRAWER = """

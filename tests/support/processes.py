@@ -91,17 +91,22 @@ def reported(err: str) -> list[str]:
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
-    """Every complete line of `text` parsed as a JSON object (fails on a line that is not)."""
+    """Every complete line of `text` parsed as a JSON object (fails on a line that is not, NaN
+    and Infinity included: Python writes them, strict readers refuse them)."""
     complete = text[: text.rfind("\n") + 1] if "\n" in text else ""
     parsed = []
     for line in complete.splitlines():
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise AssertionError(f"a line that is not a JSON log record in:\n{text}") from None
+            item = json.loads(line, parse_constant=_no_constant)
+        except ValueError:
+            raise AssertionError(f"a line that is not a JSON log record:\n{line[:2000]}") from None
         assert isinstance(item, dict), line
         parsed.append(item)
     return parsed
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def summaries(out: str) -> list[dict[str, dict[str, float]]]:
