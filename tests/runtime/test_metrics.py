@@ -543,6 +543,8 @@ def test_user_metrics_are_scoped_by_function_and_never_clash(
       try(metrics.gauge("l", {quantile = "1"}, 1))
       try(metrics.gauge("l", {["function"] = "f"}, 1))
       try(metrics.gauge("l", {["a\\n"] = "v"}, 1))
+      try(metrics.gauge("l", {namespace = "team-b"}, 1))
+      try(metrics.gauge("l", {queueconsumer = "payments"}, 1))
       try(metrics.gauge("escaped", {v = "a\\nb\\"c\\\\"}, 1))
       logger.info("tried", {results = results})
     end
@@ -563,6 +565,8 @@ def test_user_metrics_are_scoped_by_function_and_never_clash(
             "metric l: 'quantile' is not a label name",
             "metric l: 'function' is not a label name",
             "metric l: 'a\\n' is not a label name",
+            "metric l: 'namespace' is not a label name",
+            "metric l: 'queueconsumer' is not a label name",
             "ok",
         ],
     ]
