@@ -50,8 +50,8 @@ from typing import Any, NoReturn
 
 from .flight import BEAT_EVERY, FlightLog, Flights
 from .metrics import (
-    MAX_USER_METRICS,
     MAX_USER_SERIES,
+    MAX_USER_TOTAL_SERIES,
     STALE_AFTER,
     USER_PREFIX,
     Family,
@@ -67,7 +67,7 @@ KILL_MARGIN = 0.7  # seconds past the grace period before the workers still runn
 REAP_MARGIN = 0.25  # and then for them to be gone, before the supervisor leaves anyway (< 1 s)
 TICK = 1.0  # the longest the loop sleeps (it wakes at once on a signal or a worker's end)
 READY = "luaq_worker_ready"
-RETIRED_USER_SERIES = MAX_USER_METRICS * MAX_USER_SERIES  # kept of dead workers' user metrics
+RETIRED_USER_SERIES = MAX_USER_TOTAL_SERIES  # kept of dead workers' user metrics
 MAX_SAID = 1000  # distinct problems logged once each, then no more
 POISON_AFTER = 2  # deaths a message is blamed for before it is poison
 BLAMES_KEPT = 10_000  # messages blamed once, remembered (the oldest forgotten first)
@@ -483,7 +483,8 @@ class Pod:
 
     def _retire(self, families: list[Family]) -> None:
         """Counters and histograms only go up: a dead worker's last ones stay in the sums.
-        Handlers' own are bounded as a process's are (past that, new series are dropped)."""
+        Handlers' own are bounded as a process's are, per metric and in all (past that, new
+        series are dropped): else each worker killed with new label sets added its own."""
         retired = {family.name: family for family in self._retired}
         room = RETIRED_USER_SERIES - sum(
             len(family.series) for family in self._retired if family.name.startswith(USER_PREFIX)
@@ -494,12 +495,13 @@ class Pod:
                 continue
             if family.name.startswith(USER_PREFIX):
                 old = retired[family.name].series if family.name in retired else {}
-                series = {}
+                series, added = {}, 0
                 for key, value in family.series.items():
                     if key not in old:
-                        if room <= 0:
+                        if room <= 0 or len(old) + added >= MAX_USER_SERIES:
                             continue
                         room -= 1
+                        added += 1
                     series[key] = value
                 family = dataclasses.replace(family, series=series)
             kept.append(family)

@@ -21,7 +21,7 @@ import aiormq
 import pytest
 from broker import queue_depth
 from luaq.runtime.flight import FlightLog
-from luaq.runtime.metrics import Family, Server, Snapshots
+from luaq.runtime.metrics import MAX_USER_SERIES, Family, Server, Snapshots
 from luaq.runtime.supervisor import Pod, Supervisor
 from pamqp.commands import Basic
 from processes import LUAQ, Process, Spawner, free_port, json_lines, wait_until, write_app
@@ -356,6 +356,25 @@ def test_workers_that_disagree_on_a_metric_do_not_break_metrics(
 def snapshot(directory: Path, pid: int, families: list[Any], unready: str | None = None) -> None:
     data = {"pid": pid, "beat": time.monotonic(), "unready": unready, "families": families}
     (directory / f"{pid}.json").write_text(json.dumps(data))
+
+
+def test_dead_workers_handler_metrics_keep_a_processs_bounds(tmp_path: Path) -> None:
+    """Each worker killed with new label sets of a handler's metric added them to the pod's
+    sums, up to 10,000 series in all: a review's kills made 1,462 label sets of one metric and
+    a /metrics of 3.9 MB. A metric keeps at most MAX_USER_SERIES of them, as in a process."""
+    pod = Pod(1, Snapshots(tmp_path))
+    for death, pid in enumerate((101, 102, 103)):
+        keys = [("app:f#handler", f"tag-{death}-{n}") for n in range(MAX_USER_SERIES)]
+        family = Family("luaq_user_tagged", "counter", "c", ("function", "tag"),
+                        series=dict.fromkeys(keys, 1))  # fmt: skip
+        pod.started(0, pid)
+        snapshot(tmp_path, pid, [family.to_json()])
+        pod.source().families()  # (read, as a scrape would)
+        pod.ended(0, pid, "killed by SIGKILL")
+    families = {family.name: family for family in pod.source().families()}
+    tagged = families["luaq_user_tagged"].series
+    assert len(tagged) == MAX_USER_SERIES
+    assert all(tag.startswith("tag-0-") for _, tag in tagged)  # the first kept, as a process does
 
 
 def test_a_bad_snapshot_never_breaks_a_scrape_and_dead_counters_stay(tmp_path: Path) -> None:
