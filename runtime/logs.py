@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -163,26 +162,23 @@ class StderrHandler(logging.StreamHandler[Any]):
     def __init__(self, service: bool = False) -> None:
         logging.Handler.__init__(self)
         self.service = service
-        # A service's worker processes share its stderr, a pipe in a container, which keeps a
-        # write whole only up to 4 KiB: longer lines cut into each other's. Each line is
-        # written holding a lock on a file every process forked from this one shares (a POSIX
-        # lock, one per process; the kernel drops a dead process's).
-        self._pod_lock = tempfile.TemporaryFile() if service else None  # noqa: SIM115 - for good
+        self.shared_lock: int | None = None  # see share_lines
 
     @property
     def stream(self) -> Any:
         return sys.stderr
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._pod_lock is None:
+        lock = self.shared_lock
+        if lock is None:
             super().emit(record)
             return
-        locked = _lock(self._pod_lock.fileno())
+        locked = _lock(lock)
         try:
             super().emit(record)
         finally:
             if locked:
-                fcntl.lockf(self._pod_lock.fileno(), fcntl.LOCK_UN)
+                fcntl.lockf(lock, fcntl.LOCK_UN)
 
     def handleError(self, record: logging.LogRecord) -> None:
         """A line that cannot be made or written (bad arguments, Python out of memory) becomes
@@ -195,6 +191,19 @@ class StderrHandler(logging.StreamHandler[Any]):
             )  # fmt: skip
             self.stream.write(self.format(stand_in) + self.terminator)
             self.flush()
+
+
+def share_lines() -> None:
+    """Before forking processes that log to one stderr. A container's is a pipe, which keeps a
+    write whole only up to 4 KiB: longer lines of two processes cut into each other's. From now
+    on each line is written holding a POSIX lock (one per process; the kernel drops a dead
+    process's) on an anonymous file all of them share: no directory is needed for it, the root
+    filesystem may be read-only. (Linux's memfd; elsewhere lines go unlocked.)"""
+    if not hasattr(os, "memfd_create"):
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, StderrHandler) and handler.shared_lock is None:
+            handler.shared_lock = os.memfd_create("luaq-log-lines", os.MFD_CLOEXEC)
 
 
 def _lock(fd: int) -> bool:

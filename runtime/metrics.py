@@ -63,9 +63,9 @@ MAX_USER_TOTAL_SERIES = 2000
 MAX_USER_BYTES = 256 * 1024  # of exposition, as _exposed counts it
 # the label every user series carries: the function that recorded it
 USER_SCOPE = "function"
-# the label names Prometheus gives a meaning (a histogram's buckets, a summary's quantiles)
-# Prometheus's own, the function's, and the target labels a scrape adds (the chart's monitors
-# honor a series' labels): a handler's metric may not pass for another namespace's or pod's.
+# the label names Prometheus gives a meaning (a histogram's buckets, a summary's quantiles), the
+# function's, and the target labels a scrape adds (the chart's monitors honor a series' labels):
+# a handler's metric may not pass for another namespace's or pod's
 _RESERVED_LABELS = frozenset(
     ("le", "quantile", USER_SCOPE, "job", "instance", "namespace", "pod", "container",
      "service", "endpoint", "queueconsumer")

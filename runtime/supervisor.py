@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
+from . import logs
 from .flight import BEAT_EVERY, FlightLog, Flights
 from .metrics import (
     MAX_USER_SERIES,
@@ -157,6 +158,7 @@ class Supervisor:
         be killed, or the supervisor gave up). `server` serves `source()` meanwhile."""
         assert threading.current_thread() is threading.main_thread(), "see the module's doc"
         self._server = server
+        logs.share_lines()
         self._catch_signals()
         try:
             for slot in self.slots:

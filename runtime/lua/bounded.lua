@@ -25,9 +25,9 @@
 --
 -- Returns install(spend, remaining, raw_getmetatable) -> string, table, utf8, date: copies of
 -- the library tables with the bounded functions in, and os.date bounded. spend(n) charges n
--- instructions to the running invocation and raises TIMEOUT past its budget; remaining() says what is left of it. Loaded
--- without line information, so that an error a C function raises for a handler's arguments
--- carries no position in this file.
+-- instructions to the running invocation and raises TIMEOUT past its budget; remaining() says
+-- what is left of it. Loaded without line information, so that an error a C function raises
+-- for a handler's arguments carries no position in this file.
 
 local byte, char, sub, format = string.byte, string.char, string.sub, string.format
 local c_find, c_gsub, c_gmatch = string.find, string.gsub, string.gmatch

@@ -319,38 +319,21 @@ async def test_confirms_multiple_acks_nacks_and_returns() -> None:
         channel.publish(b"{}", "q", {})
 
 
-async def test_a_return_goes_to_the_publish_with_its_routing_key() -> None:
-    """A retry republishes a message, with its id, to a delay queue while its first publish
-    waits for its confirm (a persistent message's waits for the disk): a return of the
-    republish (its delay queue was deleted) is not the first publish's."""
+@pytest.mark.parametrize("again", ["jobs.retry.50ms", "jobs"], ids=["delay-queue", "same-queue"])
+async def test_a_return_goes_to_the_publish_its_ack_confirms(again: str) -> None:
+    """Two publishes of one message id, the second returned and acked at once, the first acked
+    once on disk. A retry republishes a message to a delay queue while its first publish waits
+    for its confirm: a return of the republish (its delay queue deleted) is not the first
+    publish's. And one id published twice to one queue deleted in between: the return went to
+    the oldest publish alike, the first was told returned (and sent again), the second
+    confirmed, and its message lost (a review's find)."""
     connection, channel, _ = await on_a_wire()
-    first = channel.publish(b"{}", "jobs", {"message_id": "m"})
-    again = channel.publish(b"{}", "jobs.retry.50ms", {"message_id": "m"})
+    first = channel.publish(b"A", "jobs", {"message_id": "m"})
+    second = channel.publish(b"B", again, {"message_id": "m"})
 
     connection.data_received(
         server(
-            spec.Basic.Return(312, "NO_ROUTE", "", "jobs.retry.50ms"),
-            ContentHeader(0, 0, spec.Basic.Properties(message_id="m")),
-            spec.Basic.Ack(2),
-            spec.Basic.Ack(1),
-        )
-    )
-
-    assert (await first, await again) == (Confirm.ACK, Confirm.RETURNED)
-
-
-async def test_a_return_goes_to_the_publish_its_ack_confirms() -> None:
-    """One message id published twice to one queue, deleted in between: the broker returns the
-    second and acks it at once, and acks the first once it is on disk. The return went to the
-    oldest publish alike: the first was told returned (and sent again), the second confirmed,
-    and its message lost (a review's find)."""
-    connection, channel, _ = await on_a_wire()
-    first = channel.publish(b"A", "out", {"message_id": "m"})
-    second = channel.publish(b"B", "out", {"message_id": "m"})
-
-    connection.data_received(
-        server(
-            spec.Basic.Return(312, "NO_ROUTE", "", "out"),
+            spec.Basic.Return(312, "NO_ROUTE", "", again),
             ContentHeader(0, 0, spec.Basic.Properties(message_id="m")),
             spec.Basic.Ack(2),
             spec.Basic.Ack(1),
